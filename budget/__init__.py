@@ -1,0 +1,1 @@
+"""burst_jupyter.budget: caps, reservations and the append-only ledger."""

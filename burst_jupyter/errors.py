@@ -1,0 +1,99 @@
+"""The one error tree of burst-jupyter.
+
+Providers translate httpx/paramiko errors into these at their boundary (``raise ... from exc``); the magic
+turns every :class:`BurstError` into one IPython ``UsageError`` line, except :class:`RemoteError`, which shows
+the remote traceback. The Python API raises these as they are.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthFailed",
+    "BudgetExceededError",
+    "BurstError",
+    "ConfigError",
+    "ConnectFailed",
+    "HostKeyError",
+    "JobCancelled",
+    "NoCapacity",
+    "ProviderError",
+    "ProvisioningFailed",
+    "RateLimited",
+    "RemoteError",
+    "RemoteSetupError",
+    "SyncError",
+    "VariableError",
+]
+
+
+class BurstError(Exception):
+    """Base of every error burst-jupyter raises on purpose. ``str(err)`` is one line a user can act on."""
+
+
+class ConfigError(BurstError):
+    """Bad input: an option, a JobSpec field, a config file entry. Raised before anything is rented."""
+
+
+class VariableError(ConfigError):
+    """A ``--push``/``--pull`` variable is missing or cannot be pickled; the message names it."""
+
+
+class BudgetExceededError(BurstError):
+    """The job's worst case would push today's or this week's spend past its cap. Nothing was rented."""
+
+
+class ProviderError(BurstError):
+    """A provider could not do what was asked."""
+
+
+class NoCapacity(ProviderError):
+    """No offer fits the request (or the one chosen was taken)."""
+
+
+class RateLimited(ProviderError):
+    """The provider kept answering 429 past the retry budget."""
+
+
+class AuthFailed(ProviderError):
+    """Credentials were refused (API key, SSH key)."""
+
+
+class ConnectFailed(ProviderError):
+    """A host could not be reached (DNS, refused, timeout)."""
+
+
+class HostKeyError(ProviderError):
+    """A host key is unknown (and trust-on-first-use is off) or has changed."""
+
+
+class ProvisioningFailed(ProviderError):
+    """An instance was created but never became usable."""
+
+
+class RemoteSetupError(ProviderError):
+    """The remote side cannot run the job (no Python 3, unwritable mount target, missing GPU)."""
+
+
+class SyncError(BurstError):
+    """Files or variables could not be moved between the notebook and the instance."""
+
+
+class JobCancelled(BurstError):
+    """The job was cancelled (Ctrl-C, ``job.cancel()``, kernel shutdown) before it finished."""
+
+
+class RemoteError(BurstError):
+    """The cell raised on the remote side. Carries the remote traceback as text.
+
+    IPython calls ``_render_traceback_`` instead of printing the local frames (ipyparallel does the same), so
+    the notebook shows the remote traceback and the cell fails.
+    """
+
+    def __init__(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        super().__init__(f"{ename}: {evalue}" if evalue else ename)
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = traceback
+
+    def _render_traceback_(self) -> list[str]:
+        return ["Remote traceback (most recent call last):", *self.traceback]

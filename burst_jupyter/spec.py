@@ -1,0 +1,207 @@
+"""JobSpec: what a user asks for. Strict in (``extra="forbid"``); every check here runs before anything is rented.
+
+Example:
+    >>> spec = JobSpec(name="sweep", cell="print(1)", max_cost_usd=1,
+    ...                mount_local=[("./configs", "/data/configs:ro")])
+    >>> spec.mounts[0].mode
+    'ro'
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .errors import ConfigError
+
+__all__ = ["HARD_MAX_MINUTES", "JobSpec", "Mount", "parse_mount", "parse_money"]
+
+#: No job runs longer than this, whatever it asks (architecture: "hard max 12 h").
+HARD_MAX_MINUTES = 12 * 60
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_money(value: object, *, what: str = "cost") -> Decimal:
+    """A non-negative, finite amount of USD as ``Decimal``. Floats go through ``str`` (10.1 stays 10.1)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a number of USD, not {value!r}")
+    try:
+        amount = Decimal(str(value).strip().lstrip("$")) if isinstance(value, (str, float)) else Decimal(value)  # type: ignore[arg-type]
+    except (InvalidOperation, TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number of USD, not {value!r}") from None
+    if not amount.is_finite():
+        raise ConfigError(f"{what} must be a finite number of USD, not {value!r}")
+    if amount < 0:
+        raise ConfigError(f"{what} cannot be negative (got {amount})")
+    return amount
+
+
+class Mount(BaseModel):
+    """A local folder placed at ``remote`` on the instance. ``ro``: uploaded. ``rw``: uploaded and synced back.
+
+    ``remote`` is absolute (used as is on the machine the cell runs on), starts with ``~`` (the remote home) or
+    is relative (inside the job's working directory, which is the cell's current directory).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    local: Path
+    remote: str
+    mode: Literal["ro", "rw"] = "ro"
+
+    @field_validator("remote")
+    @classmethod
+    def _remote_ok(cls, v: str) -> str:
+        v = v.strip()
+        if not v or v in {"/", "~", "."}:
+            raise ValueError(f"remote path {v!r} would cover the whole machine; name a folder")
+        if ".." in Path(v).parts:
+            raise ValueError(f"remote path {v!r} may not contain '..'")
+        return v.rstrip("/")
+
+    def __str__(self) -> str:
+        return f"{self.local}:{self.remote}:{self.mode}"
+
+
+def parse_mount(text: str | tuple[Any, ...] | Mount) -> Mount:
+    """``LOCAL:REMOTE[:ro|:rw]`` or the seed's tuple form ``("./configs", "/data/configs:ro")``."""
+    if isinstance(text, Mount):
+        return text
+    if isinstance(text, tuple):
+        if len(text) != 2:
+            raise ConfigError(f"mount {text!r} must be (local, 'remote[:ro|:rw]')")
+        local, rest = str(text[0]), str(text[1])
+    else:
+        local, sep, rest = str(text).partition(":")
+        if not sep:
+            raise ConfigError(f"mount {text!r} must look like LOCAL:REMOTE[:ro|:rw], e.g. ./data:/work/data:ro")
+    mode = "ro"
+    remote = rest
+    if rest.endswith((":ro", ":rw")):
+        remote, mode = rest[:-3], rest[-2:]
+    elif ":" in rest:
+        raise ConfigError(f"mount {text!r}: mode must be ro or rw, not {rest.rsplit(':', 1)[1]!r}")
+    if not local or not remote:
+        raise ConfigError(f"mount {text!r} must look like LOCAL:REMOTE[:ro|:rw], e.g. ./data:/work/data:ro")
+    try:
+        return Mount(local=Path(local).expanduser(), remote=remote, mode=mode)  # type: ignore[arg-type]
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise ConfigError(f"mount {text!r}: {_first_error(exc)}") from None
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        return str(first.get("msg", exc)).removeprefix("Value error, ")
+    return str(exc)
+
+
+class JobSpec(BaseModel):
+    """One job: a notebook cell (``cell``) or a command (``command``), where it runs, and what it may cost.
+
+    The fields follow the cloud-burst worker spec (seeds/000): name, image, gpus, gpu_model, memory_gb,
+    max_duration_minutes, max_cost_usd, command or cell source, mount_local, provider, ssh_hosts, result_sink.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: str = Field("job", description="A label shown in views and the ledger.")
+    cell: str | None = Field(None, description="Python source to run remotely (exactly one of cell/command).")
+    command: list[str] | None = Field(None, description="A program and its arguments to run remotely.")
+    image: str | None = Field(None, description="Container image (marketplace providers only).")
+    gpus: int = Field(1, ge=0, le=16, description="Number of GPUs.")
+    gpu_model: str | None = Field(
+        None, description="Canonical GPU name (RTX_4090, H100, A100_80GB, ANY); None: no GPU required."
+    )
+    memory_gb: int | None = Field(None, ge=1, description="Minimum GPU memory per GPU, GB.")
+    max_duration_minutes: int | None = Field(
+        None, ge=1, le=HARD_MAX_MINUTES, description=f"Wall-clock limit (hard max {HARD_MAX_MINUTES} min)."
+    )
+    max_cost_usd: Decimal | None = Field(None, description="Hard cap for this job's bill, USD.")
+    max_price_usd_per_hour: Decimal | None = Field(None, description="Ceiling on the offer's $/h.")
+    rate_usd_per_hour: Decimal | None = Field(None, description="Declared $/h for local and ssh (default 0).")
+    mount_local: list[Mount] = Field(default_factory=list, description="LOCAL:REMOTE[:ro|:rw] mounts.")
+    push: list[str] = Field(default_factory=list, description="Notebook variables sent to the cell.")
+    pull: list[str] = Field(default_factory=list, description="Variables brought back after the run.")
+    provider: str = Field("auto", description="auto, local, ssh (marketplaces arrive in later releases).")
+    ssh_hosts: list[str] = Field(default_factory=list, description="Hosts for provider ssh, round-robin.")
+    ssh_trust_on_first_use: bool = Field(False, description="Accept and remember unknown SSH host keys.")
+    remote_python: str | None = Field(None, description="Python on the instance (default python3).")
+    lease_seconds: int = Field(600, ge=0, description="The agent stops a job whose client is silent this long.")
+    result_sink: str | None = Field(None, description="Folder (or file:// URL) also receiving rw results.")
+
+    @field_validator("max_cost_usd", "max_price_usd_per_hour", "rate_usd_per_hour", mode="before")
+    @classmethod
+    def _money(cls, v: object, info: Any) -> Decimal | None:
+        if v is None:
+            return None
+        try:
+            return parse_money(v, what=info.field_name)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("mount_local", mode="before")
+    @classmethod
+    def _mounts(cls, v: object) -> list[Mount]:
+        if not isinstance(v, (list, tuple)):
+            raise ValueError("mount_local must be a list of mounts")
+        try:
+            return [parse_mount(m) for m in v]
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("push", "pull")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a Python variable name")
+        return v
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("command must name a program")
+        return v
+
+    @model_validator(mode="after")
+    def _one_body(self) -> JobSpec:
+        if (self.cell is None) == (self.command is None):
+            raise ValueError("give exactly one of cell= or command=")
+        if self.command is not None and (self.push or self.pull):
+            raise ValueError("push/pull need a cell, not a command")
+        remotes = [m.remote for m in self.mount_local]
+        if len(set(remotes)) != len(remotes):
+            raise ValueError(f"two mounts share a remote path: {remotes}")
+        return self
+
+    @property
+    def mounts(self) -> list[Mount]:
+        return self.mount_local
+
+    @classmethod
+    def build(cls, **fields: Any) -> JobSpec:
+        """Like ``JobSpec(...)`` but raises one :class:`ConfigError` line instead of a ValidationError."""
+        try:
+            return cls(**fields)
+        except ValueError as exc:
+            raise ConfigError(_describe_validation(exc)) from None
+
+
+def _describe_validation(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    first = errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int))
+    msg = str(first.get("msg", "")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    return f"{where}: {msg}" if where else msg

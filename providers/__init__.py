@@ -1,0 +1,1 @@
+"""burst_jupyter.providers: one module per provider, a protocol, a GPU catalog."""

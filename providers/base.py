@@ -1,0 +1,134 @@
+"""The one abstraction every provider implements, and the plain data that crosses it.
+
+Providers only speak to their cloud (or box): they list offers, launch, look up, list what this install owns,
+and terminate. They never touch the budget, the ledger or the notebook. Capabilities are declared, not found out
+by catching ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..spec import JobSpec
+
+__all__ = [
+    "Capability",
+    "Endpoint",
+    "Instance",
+    "InstanceState",
+    "Offer",
+    "OfferQuery",
+    "Provider",
+]
+
+
+class Capability(str, enum.Enum):
+    SPOT = "spot"  # interruptible capacity at a lower price
+    STOP = "stop"  # can stop without destroying
+    LABELS = "labels"  # instances carry our owner tag at the provider
+    SELF_DESTRUCT = "self_destruct"  # the agent can end its own instance with provider-scoped means
+    LOCAL_FILES = "local_files"  # the instance shares this machine's filesystem
+
+
+class InstanceState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """How to reach an instance. ``host is None`` means this machine, through a subprocess."""
+
+    host: str | None = None
+    port: int = 22
+    user: str | None = None
+    key_path: str | None = None  # an ephemeral per-job key; None: the user's keys, agent and ~/.ssh/config
+    trust_on_first_use: bool = False
+
+    @property
+    def is_local(self) -> bool:
+        return self.host is None
+
+    def __str__(self) -> str:
+        if self.host is None:
+            return "local"
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port != 22 else ""
+        return f"{user}{self.host}{port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OfferQuery:
+    gpu_model: str | None = None  # canonical name, ANY, or None (no GPU needed)
+    gpus: int = 1
+    memory_gb: int | None = None
+    max_price_usd_per_hour: Decimal | None = None
+    spot: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Offer:
+    """Something a provider would rent right now, at this price."""
+
+    provider: str
+    offer_id: str
+    gpu_model: str | None
+    gpus: int
+    price_usd_per_hour: Decimal
+    memory_gb: int | None = None
+    reliability: float = 1.0
+    spot: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Instance:
+    """A machine (or, for local and ssh, a private job directory on one) that this install owns."""
+
+    provider: str
+    instance_id: str
+    state: InstanceState
+    endpoint: Endpoint
+    workdir: str  # the directory the job owns on the instance
+    price_usd_per_hour: Decimal
+    tag: str
+    gpu_model: str | None = None
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What every provider module implements. All calls are async and may raise :class:`ProviderError`.
+
+    Contracts:
+      - ``offers`` returns live offers that fit ``query``, cheapest first; an empty list means none fit.
+      - ``launch`` creates one instance labelled with ``tag`` (the owner tag of this install) and returns it
+        once the provider has accepted it; the caller waits for SSH separately.
+      - ``get`` returns the current state, or ``None`` once the instance is gone.
+      - ``list_owned`` asks the provider (not memory) for every instance carrying ``tag``.
+      - ``terminate`` is idempotent: an unknown or gone id returns quietly. It returns once the provider has
+        accepted the request; callers confirm with ``get`` returning ``None``.
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[frozenset[Capability]]
+    #: Seconds a terminate usually takes to be confirmed; budgets keep this much money back for teardown.
+    teardown_seconds: ClassVar[float]
+
+    async def offers(self, query: OfferQuery) -> list[Offer]: ...
+
+    async def launch(
+        self, offer: Offer, spec: JobSpec, *, job_id: str, tag: str, ssh_public_key: str | None
+    ) -> Instance: ...
+
+    async def get(self, instance_id: str) -> Instance | None: ...
+
+    async def list_owned(self, tag: str) -> list[Instance]: ...
+
+    async def terminate(self, instance_id: str) -> None: ...
