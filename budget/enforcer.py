@@ -1,0 +1,444 @@
+"""Caps per day and per week, and reservations that hold each job's worst case before anything is rented.
+
+A job reserves its cap before launch; the check "spent + reserved + this job <= cap" and the insert happen
+under one ``BEGIN IMMEDIATE``, so kernels racing for the last dollars cannot both win. Settling writes the
+ledger row and drops the reservation in one transaction.
+
+Periods are calendar periods in local time: "today" runs from local midnight, "this week" from Monday 00:00.
+A ledger row counts in the period of its ``started_at``, a reservation in the period of its ``created_at``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import KW_ONLY, dataclass, replace
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Literal
+
+from ..db import connect, write_transaction
+from ..errors import BudgetExceededError
+from .ledger import (
+    LedgerRow,
+    check_usd,
+    ensure_schema,
+    find_row,
+    format_usd,
+    from_db_time,
+    insert_row,
+    require_aware,
+    select_rows,
+    to_db_time,
+)
+from .table import LedgerTable
+
+__all__ = ["PERIODS", "Budget", "BudgetSnapshot", "CapUsage", "Period", "Reservation", "period_bounds"]
+
+Period = Literal["day", "week"]
+PERIODS: tuple[Period, ...] = ("day", "week")
+
+_WARN_AT = Decimal("0.8")
+_LABEL = {"day": "Today", "week": "This week"}
+_ADJECTIVE = {"day": "daily", "week": "weekly"}
+
+
+# --- periods ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Clock:
+    """One moment and the zone whose calendar the periods follow: ``moment``'s own, or the system's."""
+
+    moment: dt.datetime
+    system_local: bool
+
+    @classmethod
+    def at(cls, now: dt.datetime | None) -> _Clock:
+        if now is None:
+            return cls(dt.datetime.now().astimezone(), system_local=True)
+        return cls(require_aware(now, "now"), system_local=False)
+
+    def bounds(self, period: Period) -> tuple[dt.datetime, dt.datetime]:
+        first = self.moment.date()
+        if period == "week":
+            first -= dt.timedelta(days=first.weekday())  # Monday
+        after = first + dt.timedelta(days=1 if period == "day" else 7)
+        return self._midnight(first), self._midnight(after)
+
+    def _midnight(self, day: dt.date) -> dt.datetime:
+        naive = dt.datetime.combine(day, dt.time.min)
+        if self.system_local:
+            # astimezone() on a naive time takes the system offset in force at that midnight, not now's: a week
+            # can span a daylight-saving change, and now() only carries a fixed offset.
+            return naive.astimezone()
+        return naive.replace(tzinfo=self.moment.tzinfo)
+
+
+def period_bounds(period: Period, now: dt.datetime | None = None) -> tuple[dt.datetime, dt.datetime]:
+    """``[start, end)`` of the day or week (from Monday 00:00) that holds ``now``.
+
+    The calendar is that of ``now``'s own time zone; without ``now``, the system's local time now.
+
+    Example:
+        >>> period_bounds("week", dt.datetime(2024, 3, 13, 9, tzinfo=dt.timezone.utc))[0].isoformat()
+        '2024-03-11T00:00:00+00:00'
+    """
+    return _Clock.at(now).bounds(period)
+
+
+# --- values ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CapUsage:
+    """Spend against one cap in the current period. ``spent`` counts settled rows (a row of unknown cost counts
+    its reservation, the most it was allowed to cost); ``reserved`` counts open reservations."""
+
+    period: Period
+    spent: Decimal
+    reserved: Decimal
+    cap: Decimal | None
+
+    @property
+    def used(self) -> Decimal:
+        return self.spent + self.reserved
+
+    @property
+    def remaining(self) -> Decimal | None:
+        """What a new job may still reserve (never below 0); ``None`` without a cap."""
+        return None if self.cap is None else max(Decimal(0), self.cap - self.used)
+
+    @property
+    def fraction(self) -> float | None:
+        """``(spent + reserved) / cap``; ``None`` without a cap. A $0 cap counts as full."""
+        if self.cap is None:
+            return None
+        return 1.0 if self.cap == 0 else float(self.used / self.cap)
+
+    @property
+    def warning(self) -> bool:
+        """At or past 80% of the cap (compared exactly, in Decimal)."""
+        return self.cap is not None and (self.cap == 0 or self.used >= self.cap * _WARN_AT)
+
+    @property
+    def warning_line(self) -> str | None:
+        """``"daily budget at 85% ($17.00 of $20.00)"`` when :attr:`warning`, else ``None``."""
+        if self.cap is None or not self.warning:
+            return None
+        return (
+            f"{_ADJECTIVE[self.period]} budget at {self._percent()}% "
+            f"({format_usd(self.used)} of {format_usd(self.cap)})"
+        )
+
+    @property
+    def label(self) -> str:
+        """``"Today: $12.50 / $50.00 (25%)"``; open reservations show as ``"+ $3.00 reserved"``."""
+        amount = format_usd(self.spent)
+        if self.reserved:
+            amount += f" + {format_usd(self.reserved)} reserved"
+        if self.cap is None:
+            return f"{_LABEL[self.period]}: {amount} (no cap)"
+        return f"{_LABEL[self.period]}: {amount} / {format_usd(self.cap)} ({self._percent()}%)"
+
+    def _percent(self) -> int:
+        if not self.cap:
+            return 100
+        return int((self.used * 100 / self.cap).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSnapshot:
+    """Usage of both caps at one moment. ``str()`` is the two labels, one per line."""
+
+    day: CapUsage
+    week: CapUsage
+
+    def __iter__(self) -> Iterator[CapUsage]:
+        return iter((self.day, self.week))
+
+    def __str__(self) -> str:
+        return "\n".join(usage.label for usage in self)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Money held for a job that has not settled. ``warnings`` is filled only by :meth:`Budget.reserve`."""
+
+    job_id: str
+    amount: Decimal
+    created_at: dt.datetime
+    warnings: tuple[str, ...] = ()
+    _: KW_ONLY
+    name: str | None = None
+    provider: str | None = None
+    gpu: str | None = None
+
+
+# --- the enforcer ----------------------------------------------------------------------------------------
+
+
+class Budget:
+    """Caps, reservations and the ledger in one SQLite file (shared with the state store).
+
+    Safe to construct in many processes at once (schema creation is serialized), and to share between the
+    threads of one process (one connection, used under a lock).
+
+    Example:
+        >>> budget = Budget(paths.db_path())  # doctest: +SKIP
+        >>> budget.set_cap("day", Decimal("20"))  # doctest: +SKIP
+        >>> budget.reserve(job_id="j1", name=None, provider="local", gpu="H100", amount=Decimal(17)).warnings
+        ... # doctest: +SKIP
+        ('daily budget at 85% ($17.00 of $20.00)',)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._conn = connect(self.path)
+        try:
+            ensure_schema(self._conn)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"Budget({str(self.path)!r})"
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Budget:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        # One read transaction: a snapshot's several SELECTs see one state of the file, so a job settling in
+        # between is not counted both as reserved and as spent.
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, write_transaction(self._conn) as conn:
+            yield conn
+
+    # --- reservations ---
+
+    def reserve(
+        self,
+        *,
+        job_id: str,
+        name: str | None,
+        provider: str,
+        gpu: str,
+        amount: Decimal,
+        now: dt.datetime | None = None,
+    ) -> Reservation:
+        """Hold ``amount`` (the job's worst case) against today's and this week's caps, atomically.
+
+        Raises :class:`BudgetExceededError` (one line naming the cap) when spent + reserved + ``amount`` would
+        pass a cap, and then holds nothing. Raises ``ValueError`` when ``job_id`` already has a reservation
+        or a ledger row. The returned ``warnings`` hold one line per cap at or past 80% with this job counted.
+        """
+        amount = check_usd(amount, "amount")
+        clock = _Clock.at(now)
+        with self._write() as conn:
+            if _reservation_row(conn, job_id) is not None:
+                raise ValueError(f"job {job_id!r} already has a reservation")
+            if find_row(conn, job_id) is not None:
+                raise ValueError(f"job {job_id!r} is already settled in the ledger")
+            usage = _usage(conn, clock)
+            for cap_usage in usage:
+                if cap_usage.cap is not None and cap_usage.used + amount > cap_usage.cap:
+                    raise BudgetExceededError(
+                        f"{_ADJECTIVE[cap_usage.period]} budget: {format_usd(cap_usage.spent)} spent"
+                        f" + {format_usd(cap_usage.reserved)} reserved + {format_usd(amount)} for this job"
+                        f" > {format_usd(cap_usage.cap)} cap"
+                    )
+            conn.execute(
+                "INSERT INTO budget_reservations (job_id, name, provider, gpu, amount_usd, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, name, provider, gpu, f"{amount:f}", to_db_time(clock.moment)),
+            )
+        after = (replace(cap_usage, reserved=cap_usage.reserved + amount) for cap_usage in usage)
+        return Reservation(
+            job_id,
+            amount,
+            clock.moment.astimezone(dt.timezone.utc),
+            tuple(line for cap_usage in after if (line := cap_usage.warning_line) is not None),
+            name=name,
+            provider=provider,
+            gpu=gpu,
+        )
+
+    def release(self, job_id: str) -> None:
+        """Drop ``job_id``'s reservation without a ledger row (nothing was rented). Idempotent."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM budget_reservations WHERE job_id = ?", (job_id,))
+
+    def open_reservations(self) -> list[Reservation]:
+        """Reservations not yet settled or released, oldest first (``warnings`` empty)."""
+        with self._read() as conn:
+            found = conn.execute(
+                "SELECT job_id, name, provider, gpu, amount_usd, created_at FROM budget_reservations"
+                " ORDER BY created_at, job_id"
+            ).fetchall()
+        return [_reservation(row) for row in found]
+
+    # --- the ledger ---
+
+    def settle(
+        self,
+        job_id: str,
+        *,
+        provider: str,
+        instance_id: str | None,
+        gpu: str,
+        rate_usd_per_hour: Decimal,
+        started_at: dt.datetime,
+        ended_at: dt.datetime | None,
+        actual_usd: Decimal | None,
+        status: str,
+        name: str | None = None,
+        message: str | None = None,
+        now: dt.datetime | None = None,
+    ) -> LedgerRow:
+        """Append the job's one ledger row and drop its reservation, in one transaction.
+
+        Idempotent: when ``job_id`` already has a row, that row is returned unchanged and the arguments are
+        ignored (the kernel and a detached reaper may both settle; the first one wins). ``actual_usd=None``
+        records an unknown cost. ``reserved_usd`` is the reservation's amount, ``Decimal(0)`` without one;
+        ``name`` defaults to the reservation's. ``now`` is the ``recorded_at`` time.
+        """
+        if not status:
+            raise ValueError("status must be a non-empty string")
+        row = LedgerRow(
+            job_id=job_id,
+            name=name,
+            provider=provider,
+            instance_id=instance_id,
+            gpu=gpu,
+            rate_usd_per_hour=check_usd(rate_usd_per_hour, "rate_usd_per_hour"),
+            started_at=require_aware(started_at, "started_at"),
+            ended_at=None if ended_at is None else require_aware(ended_at, "ended_at"),
+            reserved_usd=Decimal(0),
+            actual_usd=None if actual_usd is None else check_usd(actual_usd, "actual_usd"),
+            status=status,
+            message=message,
+            recorded_at=_Clock.at(now).moment,
+        )
+        with self._write() as conn:
+            existing = find_row(conn, job_id)
+            if existing is not None:
+                return existing
+            held = _reservation_row(conn, job_id)
+            if held is not None:
+                row = replace(
+                    row,
+                    reserved_usd=Decimal(held["amount_usd"]),
+                    name=row.name if row.name is not None else held["name"],
+                )
+            insert_row(conn, row)
+            conn.execute("DELETE FROM budget_reservations WHERE job_id = ?", (job_id,))
+            # Read back: the first and every later settle then return equal rows (UTC times, stored Decimals).
+            stored = find_row(conn, job_id)
+        assert stored is not None
+        return stored
+
+    def rows(self, *, since: dt.datetime | None = None) -> list[LedgerRow]:
+        """Ledger rows, oldest ``started_at`` first; with ``since``, those that started at or after it."""
+        with self._read() as conn:
+            return select_rows(conn, since=since)
+
+    def table(self, *, tz: dt.tzinfo | None = None) -> LedgerTable:
+        """All rows as a :class:`LedgerTable` (times shown in ``tz``, the system's local zone by default)."""
+        return LedgerTable(self.rows(), tz=tz)
+
+    # --- caps ---
+
+    def set_cap(self, period: Period, usd: Decimal | None) -> None:
+        """Set (``None``: remove) the cap for ``"day"`` or ``"week"``, for every process using this file."""
+        if period not in PERIODS:
+            raise ValueError(f"period must be one of {PERIODS}, got {period!r}")
+        cap = None if usd is None else check_usd(usd, f"{period} cap")
+        with self._write() as conn:
+            if cap is None:
+                conn.execute("DELETE FROM budget_caps WHERE period = ?", (period,))
+            else:
+                conn.execute(
+                    "INSERT INTO budget_caps (period, amount_usd) VALUES (?, ?)"
+                    " ON CONFLICT (period) DO UPDATE SET amount_usd = excluded.amount_usd",
+                    (period, f"{cap:f}"),
+                )
+
+    def caps(self) -> dict[Period, Decimal | None]:
+        """``{"day": ..., "week": ...}``; ``None`` where no cap is set."""
+        with self._read() as conn:
+            return _caps(conn)
+
+    def snapshot(self, now: dt.datetime | None = None) -> BudgetSnapshot:
+        """Spent and reserved against each cap in the day and week holding ``now``."""
+        with self._read() as conn:
+            return _usage(conn, _Clock.at(now))
+
+
+# --- queries (the caller holds the lock, and the write transaction where it must be atomic) -----------------
+
+
+def _caps(conn: sqlite3.Connection) -> dict[Period, Decimal | None]:
+    found = dict(conn.execute("SELECT period, amount_usd FROM budget_caps").fetchall())
+    return {period: (Decimal(found[period]) if period in found else None) for period in PERIODS}
+
+
+def _usage(conn: sqlite3.Connection, clock: _Clock) -> BudgetSnapshot:
+    caps = _caps(conn)
+
+    def one(period: Period) -> CapUsage:
+        start, end = clock.bounds(period)
+        # A row of unknown cost counts what was reserved for it: under-counting would let the cap be passed.
+        spent = sum(
+            (
+                row.actual_usd if row.actual_usd is not None else row.reserved_usd
+                for row in select_rows(conn, since=start, until=end)
+            ),
+            Decimal(0),
+        )
+        amounts = conn.execute(
+            "SELECT amount_usd FROM budget_reservations WHERE created_at >= ? AND created_at < ?",
+            (to_db_time(start), to_db_time(end)),
+        )
+        reserved = sum((Decimal(amount) for (amount,) in amounts), Decimal(0))
+        return CapUsage(period, spent, reserved, caps[period])
+
+    return BudgetSnapshot(day=one("day"), week=one("week"))
+
+
+def _reservation_row(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:
+    found: sqlite3.Row | None = conn.execute(
+        "SELECT job_id, name, provider, gpu, amount_usd, created_at FROM budget_reservations WHERE job_id = ?",
+        (job_id,),
+    ).fetchone()
+    return found
+
+
+def _reservation(row: sqlite3.Row) -> Reservation:
+    return Reservation(
+        row["job_id"],
+        Decimal(row["amount_usd"]),
+        from_db_time(row["created_at"]),
+        name=row["name"],
+        provider=row["provider"],
+        gpu=row["gpu"],
+    )

@@ -1,0 +1,242 @@
+"""LedgerTable: the ledger as something to look at, in a notebook (HTML) or a terminal (aligned text).
+
+One class, two shapes sharing one renderer: a detail table (one line per job) and, after ``.by(key)``, a grouped
+table (key, jobs, actual, reserved). Both keep the underlying rows, so ``.since()`` and ``.by()`` chain in any
+order. Unknown costs are shown as "unknown" and counted apart; they are never summed as $0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import html
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING, Literal
+
+from .ledger import LedgerRow, format_usd, require_aware
+
+if TYPE_CHECKING:
+    import pandas
+
+__all__ = ["GROUP_KEYS", "GroupKey", "LedgerGroup", "LedgerTable"]
+
+GroupKey = Literal["day", "provider", "gpu", "status"]
+GROUP_KEYS: tuple[GroupKey, ...] = ("day", "provider", "gpu", "status")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerGroup:
+    """One line of a grouped table. ``actual`` sums the known costs; ``unknown`` counts jobs without one."""
+
+    key: str
+    jobs: int
+    actual: Decimal
+    reserved: Decimal
+    unknown: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    title: str
+    numeric: bool = False  # right-aligned
+
+
+_RIGHT = ' style="text-align:right"'
+
+_DETAIL_COLUMNS = (
+    _Column("started"),
+    _Column("job"),
+    _Column("name"),
+    _Column("provider"),
+    _Column("gpu"),
+    _Column("$/h", numeric=True),
+    _Column("time", numeric=True),
+    _Column("reserved", numeric=True),
+    _Column("actual", numeric=True),
+    _Column("status"),
+)
+
+
+class LedgerTable:
+    """Ledger rows, shown as a table with a totals line. A plain object: ``repr()`` for terminals,
+    ``_repr_html_()`` for notebooks.
+
+    ``tz`` is the zone for shown times and for ``by("day")``; ``None`` means the system's local zone.
+
+    Example:
+        >>> table = budget.table()  # doctest: +SKIP
+        >>> table.by("provider").total, table.unknown  # doctest: +SKIP
+        (Decimal('12.50'), 1)
+    """
+
+    def __init__(
+        self, rows: Iterable[LedgerRow], *, group_by: GroupKey | None = None, tz: dt.tzinfo | None = None
+    ) -> None:
+        if group_by is not None and group_by not in GROUP_KEYS:
+            raise ValueError(f"group by one of {GROUP_KEYS}, not {group_by!r}")
+        self.rows: list[LedgerRow] = list(rows)
+        self.group_by = group_by
+        self.tz = tz
+
+    # --- numbers ---
+
+    @property
+    def total(self) -> Decimal:
+        """Sum of the known actual costs (see :attr:`unknown` for the rest)."""
+        return sum((row.actual_usd for row in self.rows if row.actual_usd is not None), Decimal(0))
+
+    @property
+    def unknown(self) -> int:
+        """How many rows have an unknown cost."""
+        return sum(1 for row in self.rows if row.actual_usd is None)
+
+    @property
+    def reserved(self) -> Decimal:
+        """Sum of what was reserved for these jobs before they ran."""
+        return sum((row.reserved_usd for row in self.rows), Decimal(0))
+
+    @property
+    def groups(self) -> list[LedgerGroup] | None:
+        """The grouped lines, sorted by key; ``None`` for a detail table."""
+        if self.group_by is None:
+            return None
+        key_of = self._key_function(self.group_by)
+        members: dict[str, list[LedgerRow]] = {}
+        for row in self.rows:
+            members.setdefault(key_of(row), []).append(row)
+        return [LedgerTable._group(key, rows) for key, rows in sorted(members.items())]
+
+    @staticmethod
+    def _group(key: str, rows: list[LedgerRow]) -> LedgerGroup:
+        part = LedgerTable(rows)
+        return LedgerGroup(key=key, jobs=len(rows), actual=part.total, reserved=part.reserved, unknown=part.unknown)
+
+    def _key_function(self, key: GroupKey) -> Callable[[LedgerRow], str]:
+        if key == "day":
+            return lambda row: row.started_at.astimezone(self.tz).date().isoformat()
+        return lambda row: str(getattr(row, key))
+
+    # --- derived tables ---
+
+    def by(self, key: GroupKey) -> LedgerTable:
+        """The same rows grouped by ``"day"`` (of ``started_at``, in :attr:`tz`), provider, gpu or status."""
+        return LedgerTable(self.rows, group_by=key, tz=self.tz)
+
+    def since(self, moment: dt.datetime) -> LedgerTable:
+        """Only the rows that started at or after ``moment`` (timezone-aware), keeping the grouping."""
+        require_aware(moment, "since")
+        return LedgerTable([row for row in self.rows if row.started_at >= moment], group_by=self.group_by, tz=self.tz)
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """A DataFrame of the rows (or of the groups); money stays ``Decimal``. Needs pandas, imported here."""
+        try:
+            import pandas
+        except ImportError as exc:
+            raise ImportError(
+                "LedgerTable.to_pandas() needs pandas, which is not installed: pip install pandas"
+            ) from exc
+        groups = self.groups
+        if groups is None:
+            names = [field.name for field in dataclasses.fields(LedgerRow)]
+            return pandas.DataFrame([dataclasses.asdict(row) for row in self.rows], columns=names)
+        records = [(group.key, group.jobs, group.actual, group.reserved, group.unknown) for group in groups]
+        return pandas.DataFrame.from_records(records, columns=[self.group_by, "jobs", "actual", "reserved", "unknown"])
+
+    # --- rendering ---
+
+    def __repr__(self) -> str:
+        columns, body, totals = self._grid()
+        widths = [
+            max(len(column.title), len(totals[i]), *(len(line[i]) for line in body)) for i, column in enumerate(columns)
+        ]
+
+        def text_line(cells: list[str]) -> str:
+            padded = (
+                cell.rjust(width) if column.numeric else cell.ljust(width)
+                for cell, width, column in zip(cells, widths, columns, strict=True)
+            )
+            return "  ".join(padded).rstrip()
+
+        rule = "  ".join("-" * width for width in widths)
+        titles = [column.title for column in columns]
+        return "\n".join([text_line(titles), rule, *(text_line(line) for line in body), rule, text_line(totals)])
+
+    def _repr_html_(self) -> str:
+        columns, body, totals = self._grid()
+
+        def html_line(cells: list[str], tag: str) -> str:
+            return (
+                "<tr>"
+                + "".join(
+                    f"<{tag}{_RIGHT if column.numeric else ''}>{html.escape(cell)}</{tag}>"
+                    for cell, column in zip(cells, columns, strict=True)
+                )
+                + "</tr>"
+            )
+
+        return (
+            '<table class="burst-ledger">'
+            f"<thead>{html_line([column.title for column in columns], 'th')}</thead>"
+            f"<tbody>{''.join(html_line(line, 'td') for line in body)}</tbody>"
+            f'<tfoot style="font-weight:bold">{html_line(totals, "td")}</tfoot>'
+            "</table>"
+        )
+
+    def _grid(self) -> tuple[tuple[_Column, ...], list[list[str]], list[str]]:
+        """Column specs, body cells and totals cells: everything both renderers need, as text."""
+        jobs = f"{len(self.rows)} job{'' if len(self.rows) == 1 else 's'}"
+        actual = _cost_text(self.total, self.unknown, len(self.rows))
+        groups = self.groups
+        if groups is None:
+            body = [self._detail_cells(row) for row in self.rows]
+            totals = ["total", jobs, "", "", "", "", "", format_usd(self.reserved), actual, ""]
+            return _DETAIL_COLUMNS, body, totals
+        columns = (
+            _Column(str(self.group_by)),
+            _Column("jobs", True),
+            _Column("actual", True),
+            _Column("reserved", True),
+        )
+        body = [
+            [
+                group.key,
+                str(group.jobs),
+                _cost_text(group.actual, group.unknown, group.jobs),
+                format_usd(group.reserved),
+            ]
+            for group in groups
+        ]
+        return columns, body, ["total", str(len(self.rows)), actual, format_usd(self.reserved)]
+
+    def _detail_cells(self, row: LedgerRow) -> list[str]:
+        return [
+            row.started_at.astimezone(self.tz).strftime("%Y-%m-%d %H:%M"),
+            row.job_id,
+            row.name or "",
+            row.provider,
+            row.gpu,
+            format_usd(row.rate_usd_per_hour),
+            _duration_text(row.duration),
+            format_usd(row.reserved_usd),
+            format_usd(row.actual_usd),
+            row.status,
+        ]
+
+
+def _cost_text(known: Decimal, unknown: int, jobs: int) -> str:
+    """``$4.20``, ``$4.20 + 1 unknown``, or ``unknown`` when no job's cost is known."""
+    if unknown == 0:
+        return format_usd(known)
+    if unknown == jobs:
+        return "unknown"
+    return f"{format_usd(known)} + {unknown} unknown"
+
+
+def _duration_text(duration: dt.timedelta | None) -> str:
+    if duration is None:
+        return "unknown"
+    minutes, seconds = divmod(max(0, round(duration.total_seconds())), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s"
