@@ -1,0 +1,196 @@
+"""User defaults for ``%%burst`` and the Python API, read from TOML.
+
+Lowest to highest precedence:
+
+1. the defaults on :class:`Settings`;
+2. the user file (``paths.user_config_path()``: ``$BURST_CONFIG`` or the platform's config dir), keys at the
+   top level;
+3. the ``[tool.burst]`` table of the nearest ``pyproject.toml`` that has one, walking up from the current
+   directory (like mypy and ruff, a ``pyproject.toml`` without the table is passed over);
+4. explicit options, applied with :meth:`Settings.merged`.
+
+A key set at a higher level replaces the lower value whole (``hosts`` lists are not concatenated). Keys may be
+spelled with hyphens (``max-cost`` is ``max_cost``). Every problem is one :class:`ConfigError` line naming the
+file and the key.
+
+Example:
+    ``pyproject.toml``::
+
+        [tool.burst]
+        provider = "ssh"
+        hosts = ["gpu1.lab", "gpu2.lab"]
+        max-cost = 2.50
+
+    >>> load_settings().max_cost  # doctest: +SKIP
+    Decimal('2.5')
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from .errors import ConfigError
+from .paths import user_config_path
+from .spec import HARD_MAX_MINUTES, parse_money
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+__all__ = ["Settings", "load_settings"]
+
+
+class Settings(BaseModel):
+    """Defaults for every job. Strict: an unknown key or a value of the wrong type is an error, not a guess."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    provider: str = Field(default="auto", description="Where jobs run: auto, local, ssh, or a marketplace.")
+    max_cost: Decimal | None = Field(default=None, description="Default cap on one job's bill, USD.")
+    max_duration_minutes: int | None = Field(
+        default=None, ge=1, le=HARD_MAX_MINUTES, description=f"Default wall-clock limit (at most {HARD_MAX_MINUTES})."
+    )
+    rate: Decimal | None = Field(default=None, description="Declared $/h for local and ssh machines.")
+    hosts: list[str] = Field(default_factory=list, description="SSH hosts for provider ssh, round-robin.")
+    trust_new_hosts: bool = Field(default=False, description="Accept and remember unknown SSH host keys.")
+    remote_python: str | None = Field(default=None, description="Python on the instance (default python3).")
+    lease_seconds: int = Field(default=600, ge=0, description="The agent stops a job whose client is silent this long.")
+    result_sink: str | None = Field(default=None, description="Folder (or file:// URL) also receiving rw results.")
+    daily_budget: Decimal | None = Field(default=None, description="Initial daily cap, until the ledger has one.")
+    weekly_budget: Decimal | None = Field(default=None, description="Initial weekly cap, until the ledger has one.")
+
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("max_cost", "rate", "daily_budget", "weekly_budget", mode="before")
+    @classmethod
+    def _money(cls, value: object) -> Decimal | None:
+        if value is None:
+            return None
+        try:
+            return parse_money(value, what="amount")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Where each value that is not a default came from: a file (with its table) or ``"override"``."""
+        return dict(self._sources)
+
+    def merged(self, **overrides: object) -> Settings:
+        """A copy with every override that is not None applied, validated like a file (``%%burst`` options).
+
+        Example:
+            >>> Settings().merged(max_cost="1.5", hosts=None).max_cost
+            Decimal('1.5')
+        """
+        given = _normalise({key: value for key, value in overrides.items() if value is not None}, label="override")
+        result = _validate(self._explicit() | given, label="override")
+        result._sources = self._sources | dict.fromkeys(given, "override")
+        return result
+
+    def _explicit(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.model_fields_set}
+
+
+def load_settings(*, cwd: Path | None = None, user_file: Path | None = None) -> Settings:
+    """Merge the defaults, the user file and the nearest ``[tool.burst]``; missing files are skipped.
+
+    ``cwd`` (default: the current directory) is where the walk up for ``pyproject.toml`` starts; ``user_file``
+    defaults to ``paths.user_config_path()``. Raises :class:`ConfigError` for unreadable or invalid TOML, an
+    unknown key or a bad value.
+    """
+    user_path = user_config_path() if user_file is None else user_file
+    layers: list[tuple[str, dict[str, Any]]] = []
+    user_table = _read_toml(user_path)
+    if user_table is not None:
+        layers.append((str(user_path), user_table))
+    project = _find_project_table((Path.cwd() if cwd is None else cwd).resolve())
+    if project is not None:
+        layers.append(project)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for label, table in layers:
+        # Validate each file on its own so that an error names the file it is in.
+        explicit = _validate(table, label=label)._explicit()
+        values |= explicit
+        sources |= dict.fromkeys(explicit, label)
+    settings = _validate(values, label="settings")
+    settings._sources = sources
+    return settings
+
+
+def _find_project_table(start: Path) -> tuple[str, dict[str, Any]] | None:
+    for folder in (start, *start.parents):
+        candidate = folder / "pyproject.toml"
+        if not candidate.is_file():
+            continue
+        tool = (_read_toml(candidate) or {}).get("tool")
+        table = tool.get("burst") if isinstance(tool, dict) else None
+        if table is None:
+            continue
+        label = f"{candidate} [tool.burst]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{label}: must be a table, not {type(table).__name__}")
+        return label, table
+    return None
+
+
+def _read_toml(path: Path) -> dict[str, Any] | None:
+    """The parsed file, or None if it does not exist."""
+    try:
+        with path.open("rb") as file:
+            data: dict[str, Any] = tomllib.load(file)  # annotated: tomli is untyped where mypy checks 3.10
+            return data
+    except FileNotFoundError:
+        return None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _validate(table: dict[str, Any], *, label: str) -> Settings:
+    values = _normalise(table, label=label)
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(f"{label}: {_describe(exc)}") from None
+
+
+def _normalise(table: dict[str, Any], *, label: str) -> dict[str, Any]:
+    """Keys with ``_`` for ``-``; an unknown or repeated key is a :class:`ConfigError`."""
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in Settings.model_fields:
+            raise ConfigError(f"{label}: unknown key {key!r}; {_suggest(key)}")
+        if name in values:
+            raise ConfigError(f"{label}: {name} is given twice (with - and with _)")
+        values[name] = value
+    return values
+
+
+def _suggest(key: str) -> str:
+    known = list(Settings.model_fields)
+    close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+    if not close:
+        return "known keys: " + ", ".join(known)
+    # Answer in the spelling the user chose.
+    return f"did you mean {close[0].replace('_', '-') if '-' in key else close[0]}?"
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = "".join(f"[{part}]" if isinstance(part, int) else str(part) for part in first["loc"])
+    if first["type"] == "value_error":  # our own validators already quote the value
+        return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+    return f"{where}: {first['msg']} (got {first['input']!r})"
