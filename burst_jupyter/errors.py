@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AuthFailed",
     "BudgetExceededError",
+    "BudgetKilled",
     "BurstError",
     "ConfigError",
     "ConnectFailed",
@@ -76,6 +77,10 @@ class RemoteSetupError(ProviderError):
 
 class SyncError(BurstError):
     """Files or variables could not be moved between the notebook and the instance."""
+
+
+class BudgetKilled(BurstError):
+    """The job was stopped at its cost cap; what it wrote until then was synced back."""
 
 
 class JobCancelled(BurstError):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 __all__ = ["Completed", "LocalRunner", "RemoteProcess", "Runner"]
 

@@ -99,6 +99,7 @@ class Instance:
     price_usd_per_hour: Decimal
     tag: str
     gpu_model: str | None = None
+    python: str = "python3"  # the interpreter the agent runs under on the instance
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
 
 
@@ -120,6 +121,9 @@ class Provider(Protocol):
     capabilities: ClassVar[frozenset[Capability]]
     #: Seconds a terminate usually takes to be confirmed; budgets keep this much money back for teardown.
     teardown_seconds: ClassVar[float]
+    #: Whether an instance bills from its create request even if the job never starts (marketplaces), or only
+    #: once the job runs (the user's own machines: a job that never started costs nothing and leaves no row).
+    bills_from_launch: ClassVar[bool]
 
     async def offers(self, query: OfferQuery) -> list[Offer]: ...
 

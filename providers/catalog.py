@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-__all__ = ["ANY", "GpuModel", "CATALOG", "canonical_gpu", "gpu_model"]
+__all__ = ["ANY", "CATALOG", "GpuModel", "canonical_gpu", "gpu_model"]
 
 ANY = "ANY"
 

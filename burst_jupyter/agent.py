@@ -1,0 +1,888 @@
+"""The remote agent: one stdlib-only file shipped with every job (Python >= 3.8 on the instance).
+
+The client starts it through :data:`BOOT`, feeding this file's source on stdin, so nothing has to be installed
+on the instance and client and agent never disagree on versions. Commands (``BOOT N CMD JOBDIR [ARG]``):
+
+``run``       read a manifest and a tar bundle from stdin, stage mounts, start the job detached, then ``attach``
+``attach``    stream event-log lines from a byte offset, then the results (rw changes + variables) as a tar
+``results``   only the results tar
+``stop``      ask the job to stop (reason in ARG)
+``destroy``   stop everything, remove the links it made and the job directory; prints ``gone``
+``status``    one JSON line: exists, running, exit record
+``list``      JSON lines for every job directory under JOBDIR (a root) carrying tag ARG
+
+Internal: ``supervise`` (the detached parent of the cell; owns the event log, lease and deadline) and ``cell``
+(runs the Python source with a ``burst`` helper). Files in the job directory:
+
+    agent.py job.json values.pkl cell.py   what the client sent
+    m/<i>/                                   the content of mount i; its remote path is a symlink to it
+    work/                                    the cell's current directory
+    events.jsonl                             the append-only event log (one JSON object per line)
+    exit.json  values.out.pkl                written when the cell ends
+    lease  stop  supervisor.pid  links.json  control files
+
+The event log is the single source of truth: a client that lost its connection re-attaches at the byte offset
+it had reached, so no output is lost or doubled, and the exit status survives any disconnect.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import pickle
+import re
+import selectors
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import traceback
+
+# Read N bytes of agent source from stdin and run them as __main__: no file needs to exist on the instance.
+BOOT = (
+    "import sys;sys.version_info>=(3,8) or sys.exit('burst-agent: needs Python >= 3.8, found '"
+    "+sys.version.split()[0]);s=sys.stdin.buffer.read(int(sys.argv[1]));"
+    "exec(compile(s,'burst-agent','exec'),{'__name__':'__main__','__burst_source__':s})"
+)
+
+CELL_FILENAME = "<burst-cell>"
+EXIT_KIND = "exit"
+# Exit reasons written in the exit record.
+OK, ERROR, CANCELLED, DEADLINE, LEASE, BUDGET, AGENT_DIED = (
+    "ok", "error", "cancelled", "deadline", "lease", "budget", "agent-died"
+)
+_STOP_REASONS = {CANCELLED, DEADLINE, LEASE, BUDGET}
+_MAX_RECORD = 64 * 1024  # split huge writes so one log line stays small
+_GRACE_SIGINT = 3.0  # seconds a stopped cell gets to handle KeyboardInterrupt before SIGTERM
+_GRACE_SIGTERM = 3.0
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _write_json_atomic(path: str, obj: object) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: str, default: object = None) -> object:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- event log
+
+
+class EventLog:
+    """Append-only JSON lines. One ``os.write`` per batch on an O_APPEND descriptor, so readers only ever see
+    whole lines followed, at worst, by a line still being written (they stop at the last newline)."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def append(self, records: list[dict[str, object]]) -> None:
+        if records:
+            data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+            os.write(self.fd, data)
+
+
+def _out_records(stream: str, text: str, t: float) -> list[dict[str, object]]:
+    return [
+        {"k": "out", "s": stream, "d": text[i : i + _MAX_RECORD], "t": t}
+        for i in range(0, len(text), _MAX_RECORD)
+    ]
+
+
+# ------------------------------------------------------------------------------------- cell -> supervisor
+# Python-level writes of the cell (print, tracebacks, burst.progress) go through one framed pipe so stdout,
+# stderr and progress keep their exact order. Frame: kind (1 byte) + length (4 bytes, big endian) + payload.
+
+_FRAME = struct.Struct(">cI")
+
+
+class FrameWriter:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = threading.Lock()
+
+    def send(self, kind: bytes, payload: bytes) -> None:
+        data = _FRAME.pack(kind, len(payload)) + payload
+        with self.lock:
+            view = memoryview(data)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+
+
+class FrameReader:
+    def __init__(self) -> None:
+        self.buf = b""
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        self.buf += data
+        frames = []
+        while len(self.buf) >= _FRAME.size:
+            kind, n = _FRAME.unpack_from(self.buf)
+            if len(self.buf) < _FRAME.size + n:
+                break
+            frames.append((kind, self.buf[_FRAME.size : _FRAME.size + n]))
+            self.buf = self.buf[_FRAME.size + n :]
+        return frames
+
+
+class _CellStream:
+    """``sys.stdout``/``sys.stderr`` inside the cell: every write goes straight to the framed pipe."""
+
+    def __init__(self, writer: FrameWriter, kind: bytes, name: str) -> None:
+        self._writer, self._kind, self.name = writer, kind, name
+        self.encoding, self.errors = "utf-8", "replace"
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError("write() argument must be str, not %s" % type(text).__name__)
+        if text:
+            self._writer.send(self._kind, text.encode("utf-8", "surrogateescape"))
+        return len(text)
+
+    def writelines(self, lines: list[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 1 if self._kind == b"o" else 2
+
+
+# ------------------------------------------------------------------------------------------------- cell
+
+
+class BurstHelper:
+    """The ``burst`` object a cell sees without importing anything."""
+
+    def __init__(self, writer: FrameWriter, job_id: str, jobdir: str) -> None:
+        self._writer = writer
+        self.job_id = job_id
+        self.jobdir = jobdir
+
+    def progress(self, percent: float, message: str | None = None) -> None:
+        """Report progress (0-100); it shows in the notebook's job view."""
+        pct = max(0.0, min(100.0, float(percent)))
+        payload = {"p": pct, "m": None if message is None else str(message)}
+        self._writer.send(b"p", json.dumps(payload).encode())
+
+    def __repr__(self) -> str:
+        return "<burst helper for job %s>" % self.job_id
+
+
+class RemoteShell:
+    """Enough of ``get_ipython()`` for what IPython's transform_cell produces (``!cmd``, ``%pip``)."""
+
+    def __init__(self, user_ns: dict[str, object]) -> None:
+        self.user_ns = user_ns
+
+    def system(self, cmd: str) -> int:
+        proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
+            chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+            if not chunk:
+                break
+            sys.stdout.write(decoder.decode(chunk))
+        sys.stdout.write(decoder.decode(b"", final=True))
+        rc = proc.wait()
+        self.user_ns["_exit_code"] = rc
+        return rc
+
+    def getoutput(self, cmd: str, split: bool = True, depth: int = 0) -> object:
+        out = subprocess.run(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout
+        text = out.decode("utf-8", "replace")
+        return text.splitlines() if split else text
+
+    def run_line_magic(self, name: str, line: str, _stack_depth: int = 1) -> object:
+        if name == "pip":
+            return self.system("%s -m pip %s" % (sys.executable, line))
+        raise NotImplementedError("%%%s is not available inside a remote burst cell" % name)
+
+    def run_cell_magic(self, name: str, line: str, cell: str) -> object:
+        raise NotImplementedError("%%%%%s is not available inside a remote burst cell" % name)
+
+
+def _load_values(path: str) -> dict[str, bytes]:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        return {}
+
+
+def _dump_value(value: object) -> bytes:
+    try:
+        return pickle.dumps(value, protocol=4)
+    except Exception:
+        try:
+            import cloudpickle  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            raise
+        return cloudpickle.dumps(value, protocol=4)  # type: ignore[no-any-return]
+
+
+def _remote_traceback(exc: BaseException) -> list[str]:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILENAME:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n").split("\n")
+
+
+def cell_main(jobdir: str) -> int:
+    import ast
+    import builtins
+    import linecache
+
+    manifest = _read_json(os.path.join(jobdir, "job.json"), {})
+    assert isinstance(manifest, dict)
+    writer = FrameWriter(int(os.environ["BURST_EVENT_FD"]))
+    sys.stdout = _CellStream(writer, b"o", "<stdout>")  # type: ignore[assignment]
+    sys.stderr = _CellStream(writer, b"e", "<stderr>")  # type: ignore[assignment]
+    ns: dict[str, object] = {"__name__": "__main__", "__builtins__": builtins}
+    ns["burst"] = BurstHelper(writer, str(manifest.get("job_id")), jobdir)
+    shell = RemoteShell(ns)
+    ns["get_ipython"] = lambda: shell
+    sys.path.insert(0, os.getcwd())
+
+    def report(exc: BaseException) -> None:
+        err = {"ename": type(exc).__name__, "evalue": str(exc), "tb": _remote_traceback(exc)}
+        writer.send(b"x", json.dumps(err).encode())
+
+    rc = 0
+    try:
+        for name, blob in _load_values(os.path.join(jobdir, "values.pkl")).items():
+            try:
+                ns[name] = pickle.loads(blob)
+            except Exception as exc:
+                raise RuntimeError("pushed variable %r cannot be unpickled here: %s: %s"
+                                   % (name, type(exc).__name__, exc)) from None
+        with open(os.path.join(jobdir, "cell.py"), encoding="utf-8") as f:
+            source = f.read()
+        linecache.cache[CELL_FILENAME] = (len(source), None, source.splitlines(True), CELL_FILENAME)
+        tree = ast.parse(source, CELL_FILENAME)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, CELL_FILENAME, "exec"), ns)
+        if last is not None:
+            value = eval(compile(ast.Expression(last.value), CELL_FILENAME, "eval"), ns)
+            if value is not None:
+                ns["__burst_result__"] = value
+    except SystemExit as exc:
+        code = exc.code
+        rc = code if isinstance(code, int) else (0 if code is None else 1)
+        if rc:
+            report(exc)
+    except KeyboardInterrupt as exc:
+        report(exc)
+        rc = 130
+    except BaseException as exc:
+        report(exc)
+        rc = 1
+    _save_pulls(jobdir, manifest.get("pull") or [], ns)
+    return rc
+
+
+def _save_pulls(jobdir: str, names: list[str], ns: dict[str, object]) -> None:
+    """Pickle each pulled variable on its own so one bad value does not hide the others."""
+    out: dict[str, tuple[str, object]] = {}
+    for name in [*names, "__burst_result__"]:
+        if name not in ns:
+            out[name] = ("missing", None)
+            continue
+        try:
+            out[name] = ("ok", _dump_value(ns[name]))
+        except Exception as exc:
+            out[name] = ("error", "%s: %s" % (type(exc).__name__, exc))
+    if "__burst_result__" in ns and out["__burst_result__"][0] == "error":
+        out["__burst_result__"] = ("repr", _safe_repr(ns["__burst_result__"]))
+    tmp = os.path.join(jobdir, "values.out.pkl.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(out, f, protocol=4)
+    os.replace(tmp, os.path.join(jobdir, "values.out.pkl"))
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception as exc:
+        return "<unrepresentable %s: %s>" % (type(value).__name__, exc)
+
+
+# ------------------------------------------------------------------------------------------- supervisor
+
+
+class Supervisor:
+    def __init__(self, jobdir: str) -> None:
+        self.jobdir = jobdir
+        manifest = _read_json(self.path("job.json"), {})
+        assert isinstance(manifest, dict)
+        self.manifest = manifest
+        self.log = EventLog(self.path("events.jsonl"))
+        self.stop_reason: str | None = None
+        self.stop_at: float | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.error_seen = False
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.jobdir, *parts)
+
+    def run(self) -> int:
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop(CANCELLED))
+        signal.signal(signal.SIGUSR1, lambda *_: None)  # `stop` wakes the select; the stop file says why
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Written only once the handlers are in place: a `stop` that finds the pid must not kill us.
+        with open(self.path("supervisor.pid"), "w") as f:
+            f.write(str(os.getpid()))
+        frame_r, frame_w = os.pipe()
+        env = dict(os.environ)
+        env.update(self.manifest.get("env") or {})
+        env.update(BURST_JOB_ID=str(self.manifest.get("job_id")), BURST_JOBDIR=self.jobdir,
+                   BURST_EVENT_FD=str(frame_w), PYTHONUNBUFFERED="1")
+        env.setdefault("MPLBACKEND", "Agg")  # no display on an instance
+        command = self.manifest.get("command")
+        argv = list(command) if command else [sys.executable, self.path("agent.py"), "cell", self.jobdir]
+        try:
+            self.proc = subprocess.Popen(
+                argv, cwd=self.path("work"), env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(frame_w,),
+                start_new_session=True,  # its own group: stop signals reach the cell and its children only
+            )
+        except OSError as exc:
+            self.log.append([{"k": "error", "ename": type(exc).__name__, "evalue": str(exc), "tb": []}])
+            return self.finish(127, ERROR)
+        finally:
+            os.close(frame_w)
+        self.log.append([{"k": "started", "pid": self.proc.pid, "t": _now()}])
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        sel = selectors.DefaultSelector()
+        decoders = {"stdout": codecs.getincrementaldecoder("utf-8")("replace"),
+                    "stderr": codecs.getincrementaldecoder("utf-8")("replace")}
+        frames = FrameReader()
+        sel.register(frame_r, selectors.EVENT_READ, "frames")
+        sel.register(self.proc.stdout.fileno(), selectors.EVENT_READ, "stdout")
+        sel.register(self.proc.stderr.fileno(), selectors.EVENT_READ, "stderr")
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        open_fds = 3
+        started = time.monotonic()
+        deadline = self.manifest.get("deadline_seconds")
+        lease = int(self.manifest.get("lease_seconds") or 0)
+        exited_at: float | None = None
+        while open_fds:
+            timeout = 0.5 if exited_at is None else max(0.0, exited_at + 1.0 - time.monotonic())
+            ready = sel.select(timeout)
+            records: list[dict[str, object]] = []
+            t = _now()
+            for key, _ in ready:
+                fd = key.fd
+                if key.data == "wake":
+                    os.read(fd, 512)
+                    continue
+                data = os.read(fd, 65536)
+                if not data:
+                    sel.unregister(fd)
+                    open_fds -= 1
+                    if key.data in decoders:
+                        records.extend(_out_records(key.data, decoders[key.data].decode(b"", final=True), t))
+                    continue
+                if key.data == "frames":
+                    records.extend(self.frame_records(frames.feed(data), t))
+                else:
+                    records.extend(_out_records(key.data, decoders[key.data].decode(data), t))
+            self.log.append(_coalesce(records))
+            if exited_at is None and self.proc.poll() is not None:
+                exited_at = time.monotonic()
+            if exited_at is not None and time.monotonic() > exited_at + 1.0:
+                break  # a background child of the cell keeps the pipes open: stop waiting for it
+            if self.stop_reason is None:
+                if os.path.exists(self.path("stop")):
+                    with open(self.path("stop")) as f:
+                        self.request_stop(f.read().strip() or CANCELLED)
+                elif deadline and time.monotonic() - started > float(deadline):
+                    self.request_stop(DEADLINE)
+                elif lease and _now() - _mtime(self.path("lease")) > lease:
+                    self.request_stop(LEASE)
+            self.escalate()
+        rc = self.proc.wait()
+        _kill_group(self.proc.pid, signal.SIGKILL)  # leftovers of the cell die with the job
+        reason = self.stop_reason or (OK if rc == 0 else ERROR)
+        return self.finish(rc, reason)
+
+    def frame_records(self, frames: list[tuple[bytes, bytes]], t: float) -> list[dict[str, object]]:
+        records: list[dict[str, object]] = []
+        for kind, payload in frames:
+            if kind in (b"o", b"e"):
+                records.extend(_out_records("stdout" if kind == b"o" else "stderr",
+                                            payload.decode("utf-8", "replace"), t))
+            elif kind == b"p":
+                info = json.loads(payload)
+                records.append({"k": "progress", "p": info.get("p"), "m": info.get("m"), "t": t})
+            elif kind == b"x":
+                err = json.loads(payload)
+                err.update(k="error", t=t)
+                records.append(err)
+                self.error_seen = True
+        return records
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.stop_at = time.monotonic()
+            self.log.append([{"k": "note", "m": "stopping: %s" % reason, "t": _now()}])
+            if self.proc is not None and self.proc.poll() is None:
+                _kill_group(self.proc.pid, signal.SIGINT)
+
+    def escalate(self) -> None:
+        if self.stop_at is None or self.proc is None or self.proc.poll() is not None:
+            return
+        waited = time.monotonic() - self.stop_at
+        if waited > _GRACE_SIGINT + _GRACE_SIGTERM:
+            _kill_group(self.proc.pid, signal.SIGKILL)
+        elif waited > _GRACE_SIGINT:
+            _kill_group(self.proc.pid, signal.SIGTERM)
+
+    def finish(self, rc: int, reason: str) -> int:
+        _write_exit(self.jobdir, {"k": EXIT_KIND, "rc": rc, "reason": reason, "t": _now()})
+        return 0
+
+
+def _coalesce(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Merge neighbouring output records of the same stream (print writes text and newline separately)."""
+    merged: list[dict[str, object]] = []
+    for r in records:
+        prev = merged[-1] if merged else None
+        if (prev is not None and r["k"] == "out" and prev["k"] == "out" and prev["s"] == r["s"]
+                and len(str(prev["d"])) + len(str(r["d"])) <= _MAX_RECORD):
+            prev["d"] = str(prev["d"]) + str(r["d"])
+        else:
+            merged.append(dict(r))
+    return merged
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# --------------------------------------------------------------------------------------------- staging
+
+
+def _safe_members(tar: tarfile.TarFile, root: str) -> object:
+    """Refuse absolute paths, ``..`` and links that point out of ``root`` (a bundle is data, not a script)."""
+    real_root = os.path.realpath(root)
+    for member in tar:
+        name = member.name
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ValueError("unsafe path in bundle: %r" % name)
+        if member.issym() or member.islnk():
+            target = os.path.realpath(os.path.join(root, os.path.dirname(name), member.linkname))
+            if member.linkname.startswith("/") or not (target == real_root or target.startswith(real_root + os.sep)):
+                raise ValueError("link in bundle points outside: %r -> %r" % (name, member.linkname))
+        elif not (member.isfile() or member.isdir()):
+            continue
+        yield member
+
+
+def _extract(tar: tarfile.TarFile, root: str) -> None:
+    for member in _safe_members(tar, root):  # type: ignore[attr-defined]
+        tar.extract(member, root, set_attrs=not member.isdir())
+
+
+def _snapshot(root: str) -> dict[str, list[int]]:
+    """Signature of every file under root, to send back only what the cell changed."""
+    sig: dict[str, list[int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            sig[os.path.relpath(full, root)] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        for d in dirnames:
+            sig[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = [0, 0, 0]
+    return sig
+
+
+class SetupError(Exception):
+    pass
+
+
+def _place_mounts(jobdir: str, mounts: list[dict[str, object]]) -> list[str]:
+    """Make each mount's remote path a symlink to its staged content. Never overwrite what is already there."""
+    links = []
+    for i, m in enumerate(mounts):
+        staged = os.path.join(jobdir, "m", str(i))
+        os.makedirs(staged, exist_ok=True)
+        if m.get("file"):
+            staged = os.path.join(staged, str(m["file"]))
+        remote = str(m["remote"])
+        target = os.path.expanduser(remote) if remote.startswith("~") else remote
+        if not os.path.isabs(target):
+            target = os.path.join(jobdir, "work", target)
+        if os.path.islink(target) and _is_stale_link(target):
+            os.unlink(target)
+        if os.path.lexists(target):
+            raise SetupError("remote path %s already exists on this machine; burst will not overwrite it "
+                             "(choose another remote path)" % remote)
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.symlink(staged, target)
+        except OSError as exc:
+            raise SetupError("cannot create %s here: %s; use a relative remote path (inside the job's folder) "
+                             "or one you can write" % (remote, exc.strerror or exc)) from None
+        links.append(target)
+        _write_json_atomic(os.path.join(jobdir, "links.json"), links)
+    return links
+
+
+_JOB_ID = re.compile(r"-[0-9a-f]{8}$")
+
+
+def _is_stale_link(path: str) -> bool:
+    """A link made by an earlier burst job (``<jobdir>/m/<i>[/file]``) whose job has ended or is gone."""
+    parts = os.readlink(path).rstrip("/").split("/")
+    for idx in range(len(parts) - 2, 0, -1):
+        if parts[idx] == "m" and parts[idx + 1].isdigit() and _JOB_ID.search(parts[idx - 1]):
+            jobdir = "/".join(parts[:idx])
+            return not os.path.isdir(jobdir) or os.path.exists(os.path.join(jobdir, "exit.json"))
+    return False
+
+
+class ChunkedReader:
+    """The upload arrives as length-prefixed chunks ending with an empty one, so tar (which reads ahead in
+    10 KiB records) can never swallow the control lines that follow on the same stdin."""
+
+    def __init__(self, stream: object) -> None:
+        self.stream = stream
+        self.buf = b""
+        self.done = False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self.done and (n < 0 or len(self.buf) < n):
+            head = self.stream.read(4)  # type: ignore[attr-defined]
+            if len(head) < 4:
+                raise EOFError("upload cut short")
+            (size,) = struct.unpack(">I", head)
+            if size == 0:
+                self.done = True
+                break
+            self.buf += self.stream.read(size)  # type: ignore[attr-defined]
+        if n < 0:
+            data, self.buf = self.buf, b""
+        else:
+            data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+
+def _write_exit(jobdir: str, record: dict[str, object], before: list[dict[str, object]] = ()) -> None:  # type: ignore[assignment]
+    """The exit line goes into the log *before* exit.json exists: a reader that sees exit.json and reaches the
+    end of the log has therefore read the exit line."""
+    EventLog(os.path.join(jobdir, "events.jsonl")).append([*before, record])
+    _write_json_atomic(os.path.join(jobdir, "exit.json"), record)
+
+
+def _fail_setup(jobdir: str, message: str) -> None:
+    _write_exit(jobdir, {"k": EXIT_KIND, "rc": 2, "reason": ERROR, "t": _now()},
+                [{"k": "setup-error", "m": message, "t": _now()}])
+
+
+def run_main(jobdir: str, stdin: object, source: bytes | None) -> int:
+    (n,) = struct.unpack(">I", stdin.read(4))  # type: ignore[attr-defined]
+    manifest = json.loads(stdin.read(n))  # type: ignore[attr-defined]
+    os.makedirs(os.path.join(jobdir, "work"), exist_ok=True)
+    os.chmod(jobdir, 0o700)
+    if source is not None:
+        with open(os.path.join(jobdir, "agent.py"), "wb") as f:
+            f.write(source)
+    upload = ChunkedReader(stdin)
+    with tarfile.open(fileobj=upload, mode="r|*") as tar:  # type: ignore[call-overload]  # gzip or plain
+        _extract(tar, jobdir)
+    upload.read()  # the rest of the upload, up to its end marker
+    _write_json_atomic(os.path.join(jobdir, "job.json"), manifest)
+    mounts = manifest.get("mounts") or []
+    with open(os.path.join(jobdir, "lease"), "w"):
+        pass
+    try:
+        _place_mounts(jobdir, mounts)
+    except SetupError as exc:
+        _fail_setup(jobdir, str(exc))
+        return attach_main(jobdir, 0, stdin)
+    snapshots = {str(i): _snapshot(os.path.join(jobdir, "m", str(i)))
+                 for i, m in enumerate(mounts) if m.get("mode") == "rw"}
+    _write_json_atomic(os.path.join(jobdir, "snapshot.json"), snapshots)
+    if manifest.get("require_gpu") is not None:
+        problem = _check_gpu(manifest["require_gpu"], int(manifest.get("gpus") or 1))
+        if problem:
+            _fail_setup(jobdir, problem)
+            return attach_main(jobdir, 0, stdin)
+    errlog = open(os.path.join(jobdir, "agent.log"), "ab")
+    subprocess.Popen(
+        [sys.executable, os.path.join(jobdir, "agent.py"), "supervise", jobdir],
+        stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, cwd=jobdir,
+        start_new_session=True,  # outlives the SSH session and the client's signals
+    )
+    errlog.close()
+    return attach_main(jobdir, 0, stdin)
+
+
+def _check_gpu(names: list[str], count: int) -> str | None:
+    """None if nvidia-smi shows ``count`` GPUs whose name is one of ``names`` (empty names: any GPU)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30).stdout.decode()
+    except (OSError, subprocess.TimeoutExpired):
+        return "this machine has no NVIDIA GPU (nvidia-smi not found)"
+    found = [line.strip() for line in out.splitlines() if line.strip()]
+    fit = [g for g in found if not names or g in names]
+    if len(fit) < count:
+        return "this machine has %s; the job asks for %d x %s" % (
+            ", ".join(found) or "no GPU", count, " or ".join(names) or "any GPU")
+    return None
+
+
+# --------------------------------------------------------------------------------------- attach / results
+
+
+def _control_loop(jobdir: str, stdin: object) -> None:
+    """Lines from the client: ``lease`` renews the lease, ``stop REASON`` ends the job early."""
+    while True:
+        line = stdin.readline()  # type: ignore[attr-defined]
+        if not line:
+            return
+        word, _, arg = line.decode("utf-8", "replace").strip().partition(" ")
+        if word == "lease":
+            os.utime(os.path.join(jobdir, "lease"))
+        elif word == "stop":
+            stop_main(jobdir, arg or CANCELLED)
+
+
+def _supervisor_alive(jobdir: str) -> bool:
+    try:
+        with open(os.path.join(jobdir, "supervisor.pid")) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return True  # not written yet: it is starting
+    if not _pid_alive(pid):
+        return False
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return b"supervise" in f.read()
+    except OSError:
+        return True  # no /proc (macOS): trust the pid
+
+
+def attach_main(jobdir: str, offset: int, stdin: object) -> int:
+    if not os.path.isdir(jobdir):
+        sys.stderr.write("burst-agent: no job at %s\n" % jobdir)
+        return 3
+    out = sys.stdout.buffer
+    threading.Thread(target=_control_loop, args=(jobdir, stdin), daemon=True).start()
+    path = os.path.join(jobdir, "events.jsonl")
+    exit_path = os.path.join(jobdir, "exit.json")
+    while not os.path.exists(path):
+        time.sleep(0.002)
+    f = open(path, "rb")
+    f.seek(offset)
+    pending = b""
+    idle = 0.0
+    polls = 0
+    while True:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            # exit.json is written after the exit line: if it existed before this read, the read reaches the end.
+            complete = os.path.exists(exit_path)
+            chunk = f.read(1 << 20)
+            if not chunk:
+                if complete:
+                    break
+                # Poll the log: 2 ms while output is flowing, backing off to 50 ms when idle.
+                idle = min(0.05, idle * 2 or 0.002)
+                time.sleep(idle)
+                polls += 1
+                if polls % 40 == 0 and not _supervisor_alive(jobdir) and not os.path.exists(exit_path):
+                    _write_exit(jobdir, {"k": EXIT_KIND, "rc": -1, "reason": AGENT_DIED, "t": _now()})
+                continue
+        idle = 0.0
+        pending += chunk
+        cut = pending.rfind(b"\n") + 1
+        if cut:
+            out.write(pending[:cut])
+            out.flush()
+            pending = pending[cut:]
+    return results_main(jobdir)
+
+
+def results_main(jobdir: str) -> int:
+    """The results tar on stdout: changed files of rw mounts as ``m/<i>/...`` and ``values.out.pkl``."""
+    out = sys.stdout.buffer
+    out.write(b'{"k":"results"}\n')
+    out.flush()
+    snapshots = _read_json(os.path.join(jobdir, "snapshot.json"), {})
+    assert isinstance(snapshots, dict)
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for i, before in sorted(snapshots.items()):
+            root = os.path.join(jobdir, "m", i)
+            for rel, sig in sorted(_snapshot(root).items()):
+                if before.get(rel) != sig:
+                    tar.add(os.path.join(root, rel.rstrip("/")), arcname="m/%s/%s" % (i, rel.rstrip("/")),
+                            recursive=False)
+        values = os.path.join(jobdir, "values.out.pkl")
+        if os.path.exists(values):
+            tar.add(values, arcname="values.out.pkl")
+    out.flush()
+    return 0
+
+
+# ------------------------------------------------------------------------------------ stop / destroy / list
+
+
+def stop_main(jobdir: str, reason: str) -> int:
+    if not os.path.isdir(jobdir) or os.path.exists(os.path.join(jobdir, "exit.json")):
+        return 0
+    with open(os.path.join(jobdir, "stop"), "w") as f:
+        f.write(reason if reason in _STOP_REASONS else CANCELLED)
+    try:
+        with open(os.path.join(jobdir, "supervisor.pid")) as f:
+            os.kill(int(f.read().strip()), signal.SIGUSR1)  # wake its select; it reads the stop file
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def destroy_main(jobdir: str) -> int:
+    if os.path.isdir(jobdir):
+        pids = []
+        for name in ("supervisor.pid",):
+            try:
+                with open(os.path.join(jobdir, name)) as f:
+                    pids.append(int(f.read().strip()))
+            except (OSError, ValueError):
+                pass
+        started = _started_pid(jobdir)
+        if started:
+            _kill_group(started, signal.SIGKILL)
+        for pid in pids:
+            if _pid_alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        links = _read_json(os.path.join(jobdir, "links.json"), [])
+        for link in links if isinstance(links, list) else []:
+            if os.path.islink(link) and os.readlink(link).startswith(os.path.join(jobdir, "m")):
+                os.unlink(link)
+        shutil.rmtree(jobdir, ignore_errors=True)
+    sys.stdout.write("gone\n" if not os.path.exists(jobdir) else "still there\n")
+    return 0 if not os.path.exists(jobdir) else 1
+
+
+def _started_pid(jobdir: str) -> int | None:
+    try:
+        with open(os.path.join(jobdir, "events.jsonl"), "rb") as f:
+            for line in f:
+                if b'"k":"started"' in line:
+                    return int(json.loads(line)["pid"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def status_main(jobdir: str) -> int:
+    info: dict[str, object] = {"exists": os.path.isdir(jobdir)}
+    if info["exists"]:
+        info["exit"] = _read_json(os.path.join(jobdir, "exit.json"))
+        info["running"] = info["exit"] is None and _supervisor_alive(jobdir)
+    sys.stdout.write(json.dumps(info) + "\n")
+    return 0
+
+
+def list_main(root: str, tag: str) -> int:
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        names = []
+    for name in names:
+        manifest = _read_json(os.path.join(root, name, "job.json"))
+        if isinstance(manifest, dict) and manifest.get("tag") == tag:
+            jobdir = os.path.join(root, name)
+            info = {"job_id": name, "created": manifest.get("created"),
+                    "exit": _read_json(os.path.join(jobdir, "exit.json"))}
+            sys.stdout.write(json.dumps(info) + "\n")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    cmd, jobdir = argv[0], os.path.abspath(os.path.expanduser(argv[1]))
+    arg = argv[2] if len(argv) > 2 else ""
+    if cmd == "supervise":
+        return Supervisor(jobdir).run()
+    if cmd == "cell":
+        return cell_main(jobdir)
+    stdin = sys.stdin.buffer
+    if cmd == "run":
+        return run_main(jobdir, stdin, globals().get("__burst_source__"))
+    if cmd == "attach":
+        return attach_main(jobdir, int(arg or 0), stdin)
+    if cmd == "results":
+        return results_main(jobdir)
+    if cmd == "stop":
+        return stop_main(jobdir, arg)
+    if cmd == "destroy":
+        return destroy_main(jobdir)
+    if cmd == "status":
+        return status_main(jobdir)
+    if cmd == "list":
+        return list_main(jobdir, arg)
+    sys.stderr.write("burst-agent: unknown command %r\n" % cmd)
+    return 2
+
+
+if __name__ == "__main__":
+    # Through BOOT argv is ['-c', N, CMD, JOBDIR, ...]; as a file it is [agent.py, CMD, JOBDIR, ...].
+    sys.exit(main(sys.argv[2:] if sys.argv[0] == "-c" else sys.argv[1:]))
