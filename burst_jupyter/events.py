@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 
-__all__ = ["EventType", "FINAL_EVENTS", "JobEvent"]
+__all__ = ["FINAL_EVENTS", "EventType", "JobEvent"]
 
 
 class EventType(str, enum.Enum):

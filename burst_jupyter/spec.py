@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .errors import ConfigError
 
-__all__ = ["HARD_MAX_MINUTES", "JobSpec", "Mount", "parse_mount", "parse_money"]
+__all__ = ["HARD_MAX_MINUTES", "JobSpec", "Mount", "parse_money", "parse_mount"]
 
 #: No job runs longer than this, whatever it asks (architecture: "hard max 12 h").
 HARD_MAX_MINUTES = 12 * 60
