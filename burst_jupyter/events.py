@@ -13,6 +13,8 @@ import enum
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 
+from .money import format_usd
+
 __all__ = ["FINAL_EVENTS", "EventType", "JobEvent"]
 
 
@@ -110,11 +112,11 @@ class JobEvent:
         if self.instance_id:
             bits.append(f"instance {self.instance_id}")
         if self.cost_per_hour_usd is not None:
-            bits.append(f"${self.cost_per_hour_usd}/h")
+            bits.append(f"{format_usd(self.cost_per_hour_usd)}/h")
         if self.total_cost_usd is not None:
-            bits.append(f"total ${self.total_cost_usd}")
+            bits.append(f"total {format_usd(self.total_cost_usd)}")
         if self.max_cost_usd is not None and self.total_cost_usd is None:
-            bits.append(f"cap ${self.max_cost_usd}")
+            bits.append(f"cap {format_usd(self.max_cost_usd)}")
         if self.message:
             bits.append(self.message)
         if self.error:

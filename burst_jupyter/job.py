@@ -33,7 +33,7 @@ from .errors import (
     VariableError,
 )
 from .events import EventType, JobEvent
-from .providers.base import Instance, Offer, OfferQuery, Provider
+from .providers.base import Instance, Offer, OfferQuery, Provider, terminate_confirmed
 from .providers.catalog import ANY, CATALOG
 from .remote import AgentClient, AgentStream, Record
 from .sync import MountPlan, Received, receive_results, write_bundle
@@ -310,7 +310,7 @@ class Lifecycle:
     # -- steps ----------------------------------------------------------------------------------------------
 
     def _check_cancel(self) -> None:
-        if self.job.cancel_requested.is_set():
+        if self.job.cancel_requested.is_set() or self.job.handed_off.is_set():
             raise _StopRequested("cancelled")
 
     async def _select_offer(self) -> Offer:
@@ -334,6 +334,7 @@ class Lifecycle:
                                                    ssh_public_key=None)
         self.rate = self.instance.price_usd_per_hour
         handoff = {**plan.handoff, **_instance_handoff(self.instance), "rate": str(self.rate),
+                   "gpu": self.instance.gpu_model,
                    "launched_at": self.launched_wall.isoformat()}
         await asyncio.to_thread(self.state.record_launched, job.id, self.instance.instance_id, handoff)
         job.emit(EventType.PROVISIONED, provider=self.provider.name, instance_id=self.instance.instance_id,
@@ -377,6 +378,7 @@ class Lifecycle:
         def bundle(sink: Any) -> None:
             notes.extend(write_bundle(sink, plan.mounts, cell=plan.cell, pushed=plan.pushed, compress=compress))
 
+        self._check_cancel()
         stream = await asyncio.to_thread(client.start, self._manifest(), bundle)
         self.sync_up_seconds = time.monotonic() - t0
         for note in notes:
@@ -414,6 +416,8 @@ class Lifecycle:
                 continue
             elif kind == "error":
                 raise payload
+            if self.job.handed_off.is_set():
+                raise _StopRequested("cancelled")  # a reaper owns the instance now: hands off
             if self.exit_record is not None:
                 continue  # the cell is over: only the results remain
             now = time.monotonic()
@@ -541,26 +545,14 @@ class Lifecycle:
         return result
 
     async def _terminate(self) -> bool:
-        """Terminate and confirm gone, retrying until the provider agrees or the timeout passes."""
         assert self.instance is not None
-        deadline = time.monotonic() + self.terminate_timeout
-        delay = 0.5
-        while True:
-            try:
-                await self.provider.terminate(self.instance.instance_id)
-                if await self.provider.get(self.instance.instance_id) is None:
-                    await asyncio.to_thread(self.state.mark_terminated, self.job.id)
-                    return True
-            except (ProviderError, OSError) as exc:
-                last: BaseException = exc
-            else:
-                last = ProviderError("still there after terminate")
-            if time.monotonic() + delay > deadline:
-                self.job.emit(EventType.OUTPUT, stream="stderr",
-                              text=f"burst: could not confirm that {self.instance.instance_id} is gone: {last}\n")
-                return False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        problem = await terminate_confirmed(self.provider, self.instance.instance_id, timeout=self.terminate_timeout)
+        if problem is None:
+            await asyncio.to_thread(self.state.mark_terminated, self.job.id)
+            return True
+        self.job.emit(EventType.OUTPUT, stream="stderr",
+                      text=f"burst: could not confirm that {self.instance.instance_id} is gone: {problem}\n")
+        return False
 
     def _result(self, error: BaseException | None, total: Decimal | None) -> JobResult:
         job = self.job

@@ -155,6 +155,10 @@ class AgentClient:
             raise SyncError(f"upload to {self.runner.description} failed: {exc}") from exc
         return AgentStream(proc, 0, self.runner.description)
 
+    def results(self) -> AgentStream:
+        """Only the results of an ended job (its ``records()`` yields nothing, then ``results()``)."""
+        return AgentStream(self._start("results"), 0, self.runner.description)
+
     def attach(self, offset: int) -> AgentStream:
         proc = self._start("attach", str(offset))
         return AgentStream(proc, offset, self.runner.description)

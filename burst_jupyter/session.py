@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import re
 import secrets
-import sys
 import threading
 from collections.abc import Mapping
 from decimal import Decimal
@@ -23,6 +22,7 @@ from .config import Settings, load_settings
 from .errors import ConfigError
 from .job import Job, JobPlan, Lifecycle, cost_of
 from .paths import burst_home, db_path
+from .providers import REGISTRY, ProviderConfig, build_provider
 from .providers.catalog import canonical_gpu
 from .spec import HARD_MAX_MINUTES, JobSpec
 from .sync import plan_mounts
@@ -31,13 +31,12 @@ from .variables import check_pulls, pack_push
 if TYPE_CHECKING:
     from .budget import Budget
     from .connections import Connections
-    from .providers.base import Provider
     from .state import Owner, StateStore
 
 __all__ = ["PROVIDER_NAMES", "Session"]
 
-#: The registry of provider names a user can ask for. ``auto`` picks among the configured ones.
-PROVIDER_NAMES = ("auto", "local", "ssh")
+#: The provider names a user can ask for. ``auto`` picks among the configured ones.
+PROVIDER_NAMES = ("auto", *REGISTRY)
 
 # What a job needs beyond its own run time to start and stop: the cap must buy at least this much.
 _MIN_BILLABLE_SECONDS = 10.0
@@ -146,14 +145,15 @@ class Session:
     def plan(self, spec: JobSpec, *, namespace: Mapping[str, Any]) -> JobPlan:
         """Every check that needs no provider call: bad input fails here, with one clear line."""
         spec = self._with_defaults(spec)
-        provider = self._provider(spec)
+        config = self._provider_config(spec)
+        provider = build_provider(config, connections=self.connections, home=self.home, rotations=self._rotations)
         if spec.image is not None and provider.name in ("local", "ssh"):
             raise ConfigError(f"--image needs a marketplace provider; {provider.name} runs the machine's own Python")
         if spec.cell is not None:
             check_pulls(spec.pull, _parse_cell(spec.cell), spec.push)
         mounts = plan_mounts(spec.mounts)
         pushed = pack_push(spec.push, namespace)
-        rate = getattr(provider, "rate", Decimal(0))
+        rate = config.rate
         minutes = spec.max_duration_minutes or HARD_MAX_MINUTES
         cap = spec.max_cost_usd if spec.max_cost_usd is not None else rate * minutes / 60
         if rate > 0 and cap < cost_of(rate, _MIN_BILLABLE_SECONDS + provider.teardown_seconds):
@@ -162,10 +162,9 @@ class Session:
         job_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
         handoff = {
             "name": spec.name,
-            "provider_config": {"name": provider.name, "rate": str(rate), "hosts": list(spec.ssh_hosts),
-                                "trust_on_first_use": spec.ssh_trust_on_first_use,
-                                "python": spec.remote_python},
-            "mounts": [{"index": m.index, "local": str(m.local), "rw": m.rw, "is_file": m.is_file} for m in mounts],
+            "tag": self.tag,
+            "provider_config": config.to_json(),
+            "mounts": [m.to_json() for m in mounts],
             "max_cost_usd": str(cap),
         }
         return JobPlan(job_id=job_id, spec=spec, provider=provider, cap_usd=cap, max_seconds=minutes * 60.0,
@@ -190,26 +189,19 @@ class Session:
             close = difflib.get_close_matches(provider, PROVIDER_NAMES, n=2)
             hint = f"; did you mean {' or '.join(close)}?" if close else f"; choose from {', '.join(PROVIDER_NAMES)}"
             raise ConfigError(f"unknown provider {provider!r}{hint}")
+        if "ssh_hosts" in given and spec.ssh_hosts and provider not in ("ssh", "auto"):
+            raise ConfigError(f"--host is for provider ssh, not {provider}")
         if spec.gpu_model is not None:
             update["gpu_model"] = canonical_gpu(spec.gpu_model)
         return spec.model_copy(update=update) if update else spec
 
-    def _provider(self, spec: JobSpec) -> Provider:
-        from .providers.local import LocalProvider
-        from .providers.ssh import SSHProvider
-
-        rate = spec.rate_usd_per_hour or Decimal(0)
+    @staticmethod
+    def _provider_config(spec: JobSpec) -> ProviderConfig:
         name = spec.provider
         if name == "auto":
             name = "ssh" if spec.ssh_hosts else "local"  # marketplaces join `auto` once configured (issue 3)
-        if name == "local":
-            return LocalProvider(connections=self.connections, rate=rate, root=self.home / "local",
-                                 python=spec.remote_python or sys.executable)
-        hosts = tuple(spec.ssh_hosts)
-        rotation = self._rotations.setdefault(hosts, itertools.count())
-        return SSHProvider(hosts=list(hosts), connections=self.connections, rate=rate,
-                           trust_on_first_use=spec.ssh_trust_on_first_use,
-                           python=spec.remote_python or "python3", rotation=rotation)
+        return ProviderConfig(name=name, rate=spec.rate_usd_per_hour or Decimal(0), hosts=tuple(spec.ssh_hosts),
+                              trust_on_first_use=spec.ssh_trust_on_first_use, python=spec.remote_python)
 
 
 def _parse_cell(cell: str) -> ast.Module:

@@ -37,6 +37,14 @@ class MountPlan:
     def rw(self) -> bool:
         return self.mount.mode == "rw"
 
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "mount": self.mount.model_dump(mode="json"), "local": str(self.local),
+                "is_file": self.is_file}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MountPlan:
+        return cls(data["index"], Mount.model_validate(data["mount"]), Path(data["local"]), data["is_file"])
+
     def manifest(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"remote": self.mount.remote, "mode": self.mount.mode}
         if self.is_file:

@@ -7,8 +7,10 @@ by catching ``NotImplementedError``.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import enum
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
@@ -24,6 +26,7 @@ __all__ = [
     "Offer",
     "OfferQuery",
     "Provider",
+    "terminate_confirmed",
 ]
 
 
@@ -136,3 +139,26 @@ class Provider(Protocol):
     async def list_owned(self, tag: str) -> list[Instance]: ...
 
     async def terminate(self, instance_id: str) -> None: ...
+
+
+async def terminate_confirmed(provider: Provider, instance_id: str, *, timeout: float) -> BaseException | None:
+    """Terminate, then ask until the provider says the instance is gone; retry with backoff until ``timeout``.
+
+    Returns None once confirmed, else the last problem. A destroy counts only when the provider confirms it.
+    """
+    from ..errors import ProviderError
+
+    deadline = time.monotonic() + timeout
+    delay = 0.5
+    while True:
+        try:
+            await provider.terminate(instance_id)
+            if await provider.get(instance_id) is None:
+                return None
+            last: BaseException = ProviderError(f"{instance_id} is still there after terminate")
+        except (ProviderError, OSError) as exc:
+            last = exc
+        if time.monotonic() + delay > deadline:
+            return last
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)

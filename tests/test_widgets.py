@@ -194,11 +194,13 @@ def test_text_lines_for_terminal_mode() -> None:
     start(view, clock)
     assert view.text_line(ev(E.OUTPUT, text="hi\n")) is None
     assert view.text_line(ev(E.PROGRESS, percent=5.0)) is None
+    queued = view.text_line(ev(E.QUEUED, provider="local", max_cost_usd=Decimal(1)))
+    assert queued == f"job 'sweep' ({view.state.job_id}) · queued · local · cap $1.00"
     line = view.text_line(ev(E.PROVISIONED, provider="local", cost_per_hour_usd=Decimal("0.40")))
-    assert line == "burst job 'sweep' · provisioned · local · $0.40/h"
+    assert line == "provisioned · local · $0.40/h"
     clock.now = 65.0
     final = ev(E.FAILED, total_cost_usd=Decimal("0.00694"), error="\x1b[2Jboom")
-    assert view.text_line(final) == "burst job 'sweep' · failed · total $0.0069 · 0:01:05 · error: boom"
+    assert view.text_line(final) == f"job 'sweep' ({view.state.job_id}) · failed · total $0.0069 · 0:01:05 · error: boom"
 
 
 @pytest.mark.parametrize(

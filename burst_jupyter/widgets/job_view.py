@@ -216,9 +216,11 @@ class JobView(LiveView):
         """The line a terminal should print for ``event``, or None for output and progress (shown elsewhere)."""
         if event.type in _QUIET_EVENTS:
             return None
-        title = f"burst job {self._state.name!r}"
+        title = f"job {self._state.name!r} ({self._state.job_id})"
         if not event.is_final:
-            return clean_text(f"{title} · {event.describe()}")
+            # The first line names the job; the rest are short (the [burst] prefix already says whose they are).
+            text = f"{title} · {event.describe()}" if event.type is EventType.QUEUED else event.describe()
+            return clean_text(text)
         with self._lock:
             elapsed = self._state.elapsed_at(self._clock())
         bits = [title, event.type.value.replace("_", " ")]

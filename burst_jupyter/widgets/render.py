@@ -140,6 +140,10 @@ class LiveView(abc.ABC):
                     widget.close()
                 self._widget = None
 
+    def __repr__(self) -> str:
+        # print(view) and terminal IPython read the same text as the text/plain snapshot (tqdm does this too).
+        return self.snapshot_text()
+
     def _repr_mimebundle_(
         self, include: Collection[str] | None = None, exclude: Collection[str] | None = None
     ) -> dict[str, Any]:

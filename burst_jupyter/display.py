@@ -1,0 +1,169 @@
+"""Showing a job in the cell that started it: the JobView, and the remote stdout/stderr as the cell's own streams.
+
+Two modes:
+
+- **blocking** (``%%burst``, ``burst.run``): the main thread pumps the job's events from a queue, writes output
+  with ``sys.stdout``/``sys.stderr`` and updates the view, so ordering and routing are exactly those of a local
+  cell, and Ctrl-C lands where it can cancel the job.
+- **background** (``--background``): the session loop thread is the view's single writer; output goes out as
+  IOPub stream messages carrying the parent header captured when the job started, so it reaches that cell even
+  from another thread (ipykernel 7 otherwise sends thread output to the latest cell).
+
+Without a kernel (terminal IPython) the view's text lines are printed instead of a widget.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import RemoteError
+from .events import EventType, JobEvent
+
+if TYPE_CHECKING:
+    from .job import Job, JobResult
+    from .widgets import JobView
+
+__all__ = ["CellDisplay"]
+
+_TICK = 1.0  # seconds between elapsed/cost refreshes
+_SNAPSHOT_EVERY = 2.0  # seconds between text/html snapshot refreshes of the displayed view
+
+
+class CellDisplay:
+    def __init__(self, job: Job, shell: Any | None) -> None:
+        from .widgets import JobView
+
+        self.job = job
+        self.kernel = getattr(shell, "kernel", None)
+        self.parent = shell.get_parent() if self.kernel is not None and hasattr(shell, "get_parent") else None
+        self.view: JobView = JobView(job_id=job.id, name=job.spec.name, max_cost_usd=job.plan.cap_usd)
+        self._handle: Any = None
+        self._last_stream: str | None = None
+        self._last_snapshot = 0.0
+
+    @property
+    def text_mode(self) -> bool:
+        return self.kernel is None
+
+    def show(self) -> None:
+        if self.text_mode:
+            return
+        from IPython.display import display
+
+        self._handle = display(self.view, display_id=True)
+
+    # -- blocking ---------------------------------------------------------------------------------------------
+
+    def run_blocking(self) -> JobResult:
+        """Pump events on this (main) thread until the job ends. Ctrl-C cancels the job, waits for its clean-up
+        (sync back, terminate, settle), then raises KeyboardInterrupt."""
+        events: queue.SimpleQueue[JobEvent] = queue.SimpleQueue()
+        remove = self.job.add_listener(events.put)
+        interrupted = False
+        last_tick = time.monotonic()
+        try:
+            while True:
+                try:
+                    try:
+                        event = events.get(timeout=0.1)
+                    except queue.Empty:
+                        event = None
+                    if event is not None:
+                        self._on_event(event, blocking=True)
+                        if event.is_final:
+                            break
+                    if time.monotonic() - last_tick >= _TICK:
+                        last_tick = time.monotonic()
+                        self.view.tick()
+                        self._refresh_snapshot()
+                except KeyboardInterrupt:
+                    if interrupted:
+                        # A second Ctrl-C: stop waiting; the clean-up goes on in the session loop regardless.
+                        sys.stderr.write(f"burst: job {self.job.id} is still being cleaned up in the background\n")
+                        raise
+                    interrupted = True
+                    sys.stderr.write("burst: cancelling: syncing back, terminating, settling the bill "
+                                     "(Ctrl-C again to leave that to the background)\n")
+                    self.job.cancel()
+        finally:
+            remove()
+        result = self.job.result()
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
+
+    # -- background -------------------------------------------------------------------------------------------
+
+    def follow_in_background(self) -> None:
+        """Render from the session loop thread from now on (the view's single writer)."""
+        self.job.add_listener(lambda e: self._on_event(e, blocking=False))
+        self._schedule_tick()
+
+    def _schedule_tick(self) -> None:
+        loop = self.job._loop
+
+        def tick() -> None:
+            if self.job.done():
+                return
+            self.view.tick()
+            loop.call_later(_TICK, tick)
+
+        loop.call_soon_threadsafe(tick)
+
+    # -- shared ---------------------------------------------------------------------------------------------
+
+    def _on_event(self, event: JobEvent, *, blocking: bool) -> None:
+        if event.type is EventType.OUTPUT:
+            self._write(event.stream or "stdout", event.text or "", blocking=blocking)
+            self.view.handle(event)
+            return
+        self.view.handle(event)
+        if self.text_mode:
+            line = self.view.text_line(event)
+            if line:
+                self._write("stdout", f"[burst] {line}\n", blocking=blocking)
+        if event.is_final:
+            self._refresh_snapshot(force=True)
+            if not blocking:
+                self._report_background_end()
+        elif event.type in (EventType.PROVISIONED, EventType.STARTED, EventType.SYNCING_DOWN):
+            self._refresh_snapshot(force=True)
+
+    def _report_background_end(self) -> None:
+        """A background job has nobody waiting to raise its error: show its traceback in its cell."""
+        result = self.job.result(timeout=5)
+        if isinstance(result.error, RemoteError):
+            self._write("stderr", "\n".join(result.error._render_traceback_()) + "\n", blocking=False)
+        elif result.error is not None:
+            self._write("stderr", f"burst: job {self.job.id}: {result.error}\n", blocking=False)
+
+    def _refresh_snapshot(self, *, force: bool = False) -> None:
+        """Re-publish the displayed view so the text/plain and text/html kept in the notebook stay current
+        (nbconvert and nbclient keep the last update; a live widget updates itself over its comm)."""
+        if self._handle is None or threading.current_thread() is not threading.main_thread():
+            return
+        now = time.monotonic()
+        if force or now - self._last_snapshot >= _SNAPSHOT_EVERY:
+            self._last_snapshot = now
+            self._handle.update(self.view)
+
+    def _write(self, stream: str, text: str, *, blocking: bool) -> None:
+        if not text:
+            return
+        if blocking or self.kernel is None:
+            out = sys.stderr if stream == "stderr" else sys.stdout
+            if self._last_stream not in (None, stream):
+                # Keep stdout/stderr interleaving: push out what the other stream buffered first.
+                (sys.stdout if stream == "stderr" else sys.stderr).flush()
+            out.write(text)
+            out.flush()
+            self._last_stream = stream
+            return
+        # Background, in a kernel: an IOPub stream message with the starting cell's parent header.
+        session, socket = self.kernel.session, self.kernel.iopub_socket
+        session.send(socket, "stream", content={"name": stream, "text": text}, parent=self.parent,
+                     ident=f"stream.{stream}".encode())

@@ -1,0 +1,156 @@
+"""The reaper: finishes jobs whose kernel is going away, from a process of its own.
+
+A kernel's exit hooks have about 2.5 s before SIGTERM and SIGKILL, far too little to sync results and confirm a
+terminate. So they only start ``python -m burst_jupyter.reaper JOB_ID...`` in a new session (the kernel's
+process-group signals miss it), and the reaper does the slow part: stop the job, sync rw mounts back, terminate,
+confirm gone, settle the ledger. ``%burst cleanup`` runs the same code in-process for leftovers of dead kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from .budget import Budget
+from .connections import Connections
+from .errors import BurstError
+from .job import cost_of
+from .paths import burst_home, db_path, logs_dir
+from .providers import ProviderConfig, build_provider
+from .providers.base import Endpoint, terminate_confirmed
+from .remote import AgentClient
+from .state import OwnedInstance, StateStore
+from .sync import MountPlan, receive_results
+
+__all__ = ["Outcome", "reap", "spawn_reaper"]
+
+log = logging.getLogger("burst_jupyter.reaper")
+
+_STOP_WAIT = 10.0  # seconds a stopped cell gets to finish before its results are fetched anyway
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job_id: str
+    synced: int  # files brought back
+    terminated: bool
+    cost_usd: Decimal | None
+    problem: str | None = None
+
+
+def spawn_reaper(job_ids: list[str], *, reason: str) -> int:
+    """Start a detached reaper for ``job_ids`` and return its pid. Fast: the kernel may be seconds from death."""
+    log_path = logs_dir() / f"reaper-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "burst_jupyter.reaper", "--reason", reason, *job_ids],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True,
+            start_new_session=True,  # out of the kernel's process group: its SIGTERM/SIGKILL miss us
+            env={**os.environ, "BURST_HOME": str(burst_home())},
+        )
+    return proc.pid
+
+
+def reap(owned: list[OwnedInstance], *, state: StateStore, budget: Budget, connections: Connections, home: Path,
+         reason: str) -> list[Outcome]:
+    """Finish each job (blocking): stop, sync back, terminate, confirm, settle. Never raises for one job."""
+    return asyncio.run(_reap_all(owned, state=state, budget=budget, connections=connections, home=home,
+                                 reason=reason))
+
+
+async def _reap_all(owned: list[OwnedInstance], **kw: object) -> list[Outcome]:
+    return list(await asyncio.gather(*(_reap_one(o, **kw) for o in owned)))  # type: ignore[arg-type]
+
+
+async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, connections: Connections,
+                    home: Path, reason: str) -> Outcome:
+    h = owned.handoff
+    provider = build_provider(ProviderConfig.from_json(h["provider_config"]), connections=connections, home=home)
+    instance_id = owned.instance_id
+    if instance_id is None:
+        # Handed over between "intent" and "launched": look for it at the provider by this install's tag.
+        found = [i for i in await provider.list_owned(h.get("tag", "")) if i.instance_id.startswith(owned.job_id)]
+        if not found:
+            await asyncio.to_thread(state.mark_abandoned, owned.job_id)
+            await asyncio.to_thread(budget.release, owned.job_id)
+            return Outcome(owned.job_id, 0, True, None)
+        instance_id = found[0].instance_id
+    synced, problem = 0, None
+    if "endpoint" in h:
+        try:
+            synced = await asyncio.to_thread(_stop_and_sync, owned, connections)
+        except (BurstError, OSError, EOFError) as exc:
+            problem = f"sync back failed: {exc}"
+            log.warning("%s: %s", owned.job_id, problem)
+    gone = await terminate_confirmed(provider, instance_id, timeout=120)
+    if gone is not None:
+        problem = f"terminate not confirmed: {gone}"
+        log.error("%s: %s", owned.job_id, problem)
+        return Outcome(owned.job_id, synced, False, None, problem)
+    await asyncio.to_thread(state.mark_terminated, owned.job_id)
+    rate = Decimal(h.get("rate") or 0)
+    launched = dt.datetime.fromisoformat(h["launched_at"]) if "launched_at" in h else owned.created_at
+    now = dt.datetime.now(dt.timezone.utc)
+    cost = cost_of(rate, (now - launched).total_seconds())
+    await asyncio.to_thread(
+        budget.settle, owned.job_id, provider=owned.provider, instance_id=instance_id,
+        gpu=h.get("gpu") or "", rate_usd_per_hour=rate, started_at=launched, ended_at=now, actual_usd=cost,
+        status="cancelled", name=h.get("name"), message=f"{reason}; finished by the reaper")
+    log.info("%s: synced %d file(s), terminated, settled %s", owned.job_id, synced, cost)
+    return Outcome(owned.job_id, synced, True, cost, problem)
+
+
+def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> int:
+    h = owned.handoff
+    e = h["endpoint"]
+    endpoint = Endpoint(host=e["host"], port=e["port"], user=e["user"], key_path=e["key_path"],
+                        trust_on_first_use=e["trust_on_first_use"])
+    client = AgentClient(connections.get(endpoint), h["python"], h["workdir"])
+    status = client.status()
+    if not status.get("exists"):
+        return 0
+    if status.get("running"):
+        client.stop("cancelled")
+        deadline = time.monotonic() + _STOP_WAIT
+        while time.monotonic() < deadline and client.status().get("running"):
+            time.sleep(0.2)
+    stream = client.results()
+    try:
+        for _ in stream.records():
+            pass
+        plans = [MountPlan.from_json(m) for m in h.get("mounts", [])]
+        return len(receive_results(stream.results(), plans).files)  # type: ignore[arg-type]
+    finally:
+        stream.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m burst_jupyter.reaper")
+    parser.add_argument("--reason", default="kernel exit")
+    parser.add_argument("job_ids", nargs="+")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    state = StateStore(db_path())
+    owned = [o for o in (state.get(j) for j in args.job_ids) if o is not None and o.state in ("intent", "launched")]
+    log.info("reaping %s (%s)", ", ".join(o.job_id for o in owned) or "nothing", args.reason)
+    connections = Connections()
+    try:
+        outcomes = reap(owned, state=state, budget=Budget(db_path()), connections=connections, home=burst_home(),
+                        reason=args.reason)
+    finally:
+        connections.close_all()
+    return 0 if all(o.terminated for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Fixtures every test shares: an isolated burst home, a fresh Session, and a real IPython shell.
+
+No test touches the user's real ledger or config: BURST_HOME and BURST_CONFIG point into tmp_path, and
+HOME too (so ~/.ssh and ~/.cache/burst belong to the test).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def burst_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    home = tmp_path / "burst-home"
+    monkeypatch.setenv("BURST_HOME", str(home))
+    monkeypatch.setenv("BURST_CONFIG", str(tmp_path / "no-user-config.toml"))
+    monkeypatch.chdir(tmp_path)
+    yield home
+    from burst_jupyter.session import Session
+
+    Session.reset_current()
+
+
+@pytest.fixture
+def ip() -> Iterator[object]:
+    """A real IPython InteractiveShell with the extension loaded (jupysql's TestingShell idea, with IPython's
+    own globalipapp). History is off to avoid its SQLite thread and 'too many open files'."""
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    assert shell is not None
+    shell.history_manager.enabled = False
+    shell.run_line_magic("load_ext", "burst_jupyter")
+    yield shell
+    shell.run_line_magic("unload_ext", "burst_jupyter")
+    shell.user_ns.clear()
+    shell.user_ns.update({"__name__": "__main__"})
+    os.environ.pop("BURST_TEST_MARK", None)
