@@ -25,3 +25,4 @@ __all__ = [
     "format_usd",
     "period_bounds",
 ]
+

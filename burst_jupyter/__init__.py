@@ -17,7 +17,7 @@ from .extension import load_ipython_extension, unload_ipython_extension
 
 if TYPE_CHECKING:
     from .api import (
-        budget,
+        budget_bars,
         burst,
         cleanup,
         jobs,
@@ -47,7 +47,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     **dict.fromkeys(
-        ["budget", "burst", "cleanup", "jobs", "ledger", "orphans", "run", "set_daily_budget",
+        ["budget_bars", "burst", "cleanup", "jobs", "ledger", "orphans", "run", "set_daily_budget",
          "set_weekly_budget", "shutdown", "submit"], "api"),
     **dict.fromkeys(
         ["BudgetExceededError", "BudgetKilled", "BurstError", "ConfigError", "ProviderError", "RemoteError",
@@ -62,7 +62,7 @@ _LAZY = {
 
 __all__ = [
     "BudgetExceededError", "BudgetKilled", "BurstError", "ConfigError", "EventType", "Job", "JobEvent",
-    "JobResult", "JobSpec", "JobStatus", "ProviderError", "RemoteError", "SyncError", "VariableError", "budget",
+    "JobResult", "JobSpec", "JobStatus", "ProviderError", "RemoteError", "SyncError", "VariableError", "budget_bars",
     "burst", "cleanup", "jobs", "ledger", "load_ipython_extension", "orphans", "run", "set_daily_budget",
     "set_weekly_budget", "shutdown", "submit", "unload_ipython_extension",
 ]

@@ -386,6 +386,9 @@ class Supervisor:
                 argv, cwd=self.path("work"), env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(frame_w,),
                 start_new_session=True,  # its own group: stop signals reach the cell and its children only
+                # We ignore SIGINT and the child would inherit that (Python then installs no KeyboardInterrupt
+                # handler): give it back the default so a stop reaches the cell as KeyboardInterrupt.
+                preexec_fn=_default_sigint,
             )
         except OSError as exc:
             self.log.append([{"k": "error", "ename": type(exc).__name__, "evalue": str(exc), "tb": []}])
@@ -503,6 +506,10 @@ def _mtime(path: str) -> float:
         return os.stat(path).st_mtime
     except OSError:
         return 0.0
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _kill_group(pid: int, sig: int) -> None:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .widgets import BudgetBars
 
 __all__ = [
-    "budget",
+    "budget_bars",
     "burst",
     "cleanup",
     "jobs",
@@ -80,7 +80,7 @@ def ledger() -> LedgerTable:
     return Session.current().budget.table()
 
 
-def budget() -> BudgetBars:
+def budget_bars() -> BudgetBars:
     """Today's and this week's spend against the caps."""
     from .widgets import BudgetBars
 

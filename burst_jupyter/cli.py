@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             for value, setter in ((args.daily, api.set_daily_budget), (args.weekly, api.set_weekly_budget)):
                 if value is not None:
                     setter(None if value.lower() == "none" else value)
-        print(repr(api.budget()))
+        print(repr(api.budget_bars()))
         return 0
     if args.cmd == "ledger":
         table = api.ledger()

@@ -134,12 +134,19 @@ class CellDisplay:
             self._refresh_snapshot(force=True)
 
     def _report_background_end(self) -> None:
-        """A background job has nobody waiting to raise its error: show its traceback in its cell."""
-        result = self.job.result(timeout=5)
-        if isinstance(result.error, RemoteError):
-            self._write("stderr", "\n".join(result.error._render_traceback_()) + "\n", blocking=False)
-        elif result.error is not None:
-            self._write("stderr", f"burst: job {self.job.id}: {result.error}\n", blocking=False)
+        """A background job has nobody waiting to raise its error: show its traceback in its cell.
+
+        The final event is emitted before the job's result is set, so report once it is (waiting for it here, on
+        the loop thread that is about to set it, would only stall the job)."""
+
+        def report(future: Any) -> None:
+            error = future.result().error
+            if isinstance(error, RemoteError):
+                self._write("stderr", "\n".join(error._render_traceback_()) + "\n", blocking=False)
+            elif error is not None:
+                self._write("stderr", f"burst: job {self.job.id}: {error}\n", blocking=False)
+
+        self.job._future.add_done_callback(report)
 
     def _refresh_snapshot(self, *, force: bool = False) -> None:
         """Re-publish the displayed view so the text/plain and text/html kept in the notebook stay current

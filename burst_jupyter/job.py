@@ -524,8 +524,9 @@ class Lifecycle:
         if isinstance(error, (asyncio.CancelledError, KeyboardInterrupt)):
             self.stop_reason, error = "cancelled", None
         total: Decimal | None = None
-        confirmed = False
+        confirmed = terminated_here = False
         if self.instance is not None and not job.handed_off.is_set():
+            terminated_here = True
             confirmed = await self._terminate()
             total = cost_of(self.rate, time.monotonic() - (self.launched_at or time.monotonic()))
             job.emit(EventType.TERMINATED, instance_id=self.instance.instance_id,
@@ -536,8 +537,14 @@ class Lifecycle:
             # finds it by tag. Local/ssh create nothing before launch returns.
             await asyncio.to_thread(self.state.mark_abandoned, job.id)
         result = self._result(error, total if confirmed else None)
-        if not job.handed_off.is_set():
-            await self._settle(result, reserved, confirmed)
+        if self.instance is None:
+            if reserved:  # nothing was rented; a reaper knows nothing of this reservation, so release it here
+                await asyncio.to_thread(self.budget.release, job.id)
+        elif terminated_here and confirmed:
+            # Settle even if the exit hooks handed the job off meanwhile: the reaper skips terminated rows.
+            await self._settle(result)
+        # Otherwise a reaper owns the instance, or the terminate is unconfirmed: the reservation stays counted
+        # and the state row stays live until `%burst cleanup` (or the reaper) ends and settles it.
         final = {JobStatus.COMPLETED: EventType.COMPLETED, JobStatus.CANCELLED: EventType.CANCELLED,
                  JobStatus.BUDGET_KILLED: EventType.BUDGET_KILLED}.get(result.status, EventType.FAILED)
         job.emit(final, total_cost_usd=result.total_cost_usd, max_cost_usd=self.plan.cap_usd,
@@ -585,19 +592,18 @@ class Lifecycle:
             result.status, result.error = JobStatus.FAILED, SyncError("the job ended without an exit status")
         return result
 
-    async def _settle(self, result: JobResult, reserved: bool, confirmed: bool) -> None:
+    async def _settle(self, result: JobResult) -> None:
         job = self.job
-        billable = self.instance is not None and (self.started or self.provider.bills_from_launch)
-        if not billable:
-            if reserved:
-                await asyncio.to_thread(self.budget.release, job.id)
-            return
         assert self.instance is not None and self.launched_wall is not None
+        if not (self.started or self.provider.bills_from_launch):
+            # The user's own machine, and the job never ran: nothing to bill, no ledger row.
+            await asyncio.to_thread(self.budget.release, job.id)
+            return
         await asyncio.to_thread(
             self.budget.settle, job.id, provider=self.provider.name, instance_id=self.instance.instance_id,
             gpu=self.instance.gpu_model or "", rate_usd_per_hour=self.rate, started_at=self.launched_wall,
-            ended_at=dt.datetime.now(dt.timezone.utc) if confirmed else None,
-            actual_usd=result.total_cost_usd, status=result.status.value, name=job.spec.name,
+            ended_at=dt.datetime.now(dt.timezone.utc), actual_usd=result.total_cost_usd,
+            status=result.status.value, name=job.spec.name,
             message=None if result.error is None else _one_line(result.error))
 
 

@@ -78,6 +78,7 @@ class BurstMagics(Magics):
               "taken round-robin; implies --provider ssh.")
     @argument("--trust-new-host", action="store_true", default=None,
               help="Accept and remember an unknown SSH host key (a changed key is always refused).")
+    @argument("--image", metavar="IMAGE", help="Container image (marketplace providers only).")
     @argument("--python", metavar="PATH", help="Python on the instance (default python3; local: this kernel's).")
     @argument("--lease", type=int, metavar="SECONDS", help="Stop the job if this kernel is silent this long.")
     @argument("--name", "-n", help="A name for the job in views and the ledger.")
@@ -129,6 +130,7 @@ class BurstMagics(Magics):
         put("ssh_hosts", hosts or None)
         put("ssh_trust_on_first_use", args.trust_new_host or self.trust_new_hosts)
         put("remote_python", args.python or self.remote_python)
+        put("image", args.image)
         put("lease_seconds", args.lease if args.lease is not None else self.lease)
         put("name", args.name)
         put("result_sink", args.sink)
@@ -202,7 +204,7 @@ class BurstMagics(Magics):
                 raise ConfigError(f"%burst budget {word} needs an amount in USD (or none)")
             usd = None if value.lower() == "none" else value
             (api.set_daily_budget if word == "--daily" else api.set_weekly_budget)(usd=usd)
-        return api.budget()
+        return api.budget_bars()
 
 
 def _money(value: object, what: str) -> Any:

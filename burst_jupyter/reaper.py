@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import datetime as dt
 import logging
 import os
@@ -63,8 +64,18 @@ def spawn_reaper(job_ids: list[str], *, reason: str) -> int:
 def reap(owned: list[OwnedInstance], *, state: StateStore, budget: Budget, connections: Connections, home: Path,
          reason: str) -> list[Outcome]:
     """Finish each job (blocking): stop, sync back, terminate, confirm, settle. Never raises for one job."""
-    return asyncio.run(_reap_all(owned, state=state, budget=budget, connections=connections, home=home,
-                                 reason=reason))
+
+    def run() -> list[Outcome]:
+        return asyncio.run(_reap_all(owned, state=state, budget=budget, connections=connections, home=home,
+                                     reason=reason))
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return run()
+    # Called on a thread whose loop is running (`%burst cleanup` in a kernel cell): asyncio.run refuses there.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="burst-cleanup") as pool:
+        return pool.submit(run).result()
 
 
 async def _reap_all(owned: list[OwnedInstance], **kw: object) -> list[Outcome]:

@@ -38,6 +38,8 @@ def parse_money(value: object, *, what: str = "cost") -> Decimal:
         raise ConfigError(f"{what} must be a finite number of USD, not {value!r}")
     if amount < 0:
         raise ConfigError(f"{what} cannot be negative (got {amount})")
+    if amount.adjusted() >= 12:  # past a trillion: a typo, and beyond what the ledger and views can show
+        raise ConfigError(f"{what} is too large: {value!r} (under $1,000,000,000,000)")
     return amount
 
 

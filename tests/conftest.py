@@ -29,14 +29,15 @@ def burst_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 def ip() -> Iterator[object]:
     """A real IPython InteractiveShell with the extension loaded (jupysql's TestingShell idea, with IPython's
     own globalipapp). History is off to avoid its SQLite thread and 'too many open files'."""
-    from IPython.testing.globalipapp import start_ipython
+    from IPython.testing import globalipapp
 
-    shell = start_ipython()
+    # start_ipython() builds the shell once per process and returns None on later calls.
+    shell = globalipapp.start_ipython() or globalipapp.get_ipython()
     assert shell is not None
     shell.history_manager.enabled = False
     shell.run_line_magic("load_ext", "burst_jupyter")
     yield shell
     shell.run_line_magic("unload_ext", "burst_jupyter")
-    shell.user_ns.clear()
-    shell.user_ns.update({"__name__": "__main__"})
+    # reset(), not user_ns.clear(): the next test needs the shell's own names (_oh, _ih, In, Out) back.
+    shell.reset(new_session=False)
     os.environ.pop("BURST_TEST_MARK", None)

@@ -200,7 +200,8 @@ def test_text_lines_for_terminal_mode() -> None:
     assert line == "provisioned · local · $0.40/h"
     clock.now = 65.0
     final = ev(E.FAILED, total_cost_usd=Decimal("0.00694"), error="\x1b[2Jboom")
-    assert view.text_line(final) == f"job 'sweep' ({view.state.job_id}) · failed · total $0.0069 · 0:01:05 · error: boom"
+    expected = f"job 'sweep' ({view.state.job_id}) · failed · total $0.0069 · 0:01:05 · error: boom"
+    assert view.text_line(final) == expected
 
 
 @pytest.mark.parametrize(

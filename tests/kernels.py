@@ -1,0 +1,285 @@
+"""Real ipykernels for the tests: a kernelspec for this very interpreter, kernels with their own BURST_HOME,
+IOPub collection, and checks that a job left nothing behind.
+
+Everything here reads real state: IOPub and shell messages, ``/proc``, the local provider's job folders under
+``BURST_HOME/local``, the state store and the ledger. Waits poll with generous deadlines; nothing asserts a
+duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from queue import Empty
+from typing import Any, TypeVar
+
+from burst_jupyter.budget import Budget, LedgerRow
+from jupyter_client.blocking import BlockingKernelClient
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+
+from burst_jupyter.state import OwnedInstance, StateStore
+
+T = TypeVar("T")
+
+KERNEL_NAME = "python3"  # the name the notebooks ask for; resolved to this interpreter by kernel_specs()
+
+
+def kernel_specs(root: Path) -> KernelSpecManager:
+    """A kernelspec named ``python3`` that starts ``sys.executable`` (the venv running the tests), and a spec
+    manager that looks nowhere else, so no other Python on PATH or in ~/.local can answer."""
+    spec_dir = root / "kernels" / KERNEL_NAME
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (burst tests)",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    return KernelSpecManager(kernel_dirs=[str(root / "kernels")], ensure_native_kernel=False)
+
+
+def kernel_env(burst_home: Path, tmp: Path) -> dict[str, str]:
+    """The kernel's environment: this one, plus its own BURST_HOME and an IPython dir of its own."""
+    ipython_dir = tmp / "ipython"
+    ipython_dir.mkdir(exist_ok=True)
+    return {**os.environ, "BURST_HOME": str(burst_home), "IPYTHONDIR": str(ipython_dir),
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+
+
+def kernel_manager(tmp: Path) -> KernelManager:
+    """A manager for the test kernelspec, with its connection file in ``tmp`` (not the user's runtime dir)."""
+    runtime = tmp / "runtime"
+    runtime.mkdir(exist_ok=True)
+    n = len(list(runtime.iterdir()))
+    return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=kernel_specs(tmp),
+                         connection_file=str(runtime / f"kernel-{os.getpid()}-{n}.json"))
+
+
+@dataclass
+class Execution:
+    """One execute_request: its msg_id, the IOPub messages whose parent it is, and the reply."""
+
+    msg_id: str
+    iopub: list[dict[str, Any]] = field(default_factory=list)
+    reply: dict[str, Any] | None = None
+
+    def streams(self, name: str | None = None) -> list[tuple[str, str]]:
+        return [(m["content"]["name"], m["content"]["text"]) for m in self.iopub
+                if m["msg_type"] == "stream" and name in (None, m["content"]["name"])]
+
+    def text(self, name: str | None = None) -> str:
+        return "".join(t for _, t in self.streams(name))
+
+    def of_type(self, *types: str) -> list[dict[str, Any]]:
+        return [m for m in self.iopub if m["msg_type"] in types]
+
+    @property
+    def status(self) -> str | None:
+        return None if self.reply is None else str(self.reply["content"]["status"])
+
+
+class Kernel:
+    """A started kernel and a blocking client; IOPub messages are read by whoever asks and filed by parent."""
+
+    def __init__(self, tmp: Path, *, burst_home: Path, cwd: Path) -> None:
+        self.km = kernel_manager(tmp)
+        self.km.start_kernel(env=kernel_env(burst_home, tmp), cwd=str(cwd))
+        self.kc: BlockingKernelClient = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+        self.all_iopub: list[dict[str, Any]] = []  # every IOPub message, in arrival order
+        self._executions: dict[str, Execution] = {}
+
+    # -- messages --------------------------------------------------------------------------------------------
+
+    def submit(self, code: str) -> Execution:
+        """Send an execute_request and return at once."""
+        execution = Execution(self.kc.execute(code, allow_stdin=False))
+        self._executions[execution.msg_id] = execution
+        return execution
+
+    def pump(self, timeout: float = 0.1) -> bool:
+        """Read what has arrived on IOPub and shell; False if nothing came within ``timeout``."""
+        got = False
+        with contextlib.suppress(Empty):
+            while True:
+                msg = self.kc.get_iopub_msg(timeout=timeout if not got else 0)
+                got = True
+                self.all_iopub.append(msg)
+                execution = self._executions.get(msg["parent_header"].get("msg_id"))
+                if execution is not None:
+                    execution.iopub.append(msg)
+        with contextlib.suppress(Empty):
+            while True:
+                reply = self.kc.get_shell_msg(timeout=0)
+                got = True
+                execution = self._executions.get(reply["parent_header"].get("msg_id"))
+                if execution is not None:
+                    execution.reply = reply
+        return got
+
+    def pump_until(self, predicate: Callable[[], T], *, timeout: float, what: str) -> T:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            self.pump()
+
+    def finish(self, execution: Execution, *, timeout: float = 60) -> Execution:
+        """Wait for the reply and the idle status of ``execution``."""
+
+        def done() -> bool:
+            idle = any(m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
+                       for m in execution.iopub)
+            return execution.reply is not None and idle
+
+        self.pump_until(done, timeout=timeout, what=f"execute_reply of {execution.msg_id}")
+        return execution
+
+    def run(self, code: str, *, timeout: float = 60) -> Execution:
+        return self.finish(self.submit(code), timeout=timeout)
+
+    def run_ok(self, code: str, *, timeout: float = 60) -> Execution:
+        execution = self.run(code, timeout=timeout)
+        errors = execution.of_type("error")
+        assert execution.status == "ok", "\n".join("\n".join(m["content"]["traceback"]) for m in errors)
+        return execution
+
+    # -- ending ----------------------------------------------------------------------------------------------
+
+    def wait_dead(self, timeout: float = 30) -> None:
+        """Until the kernel process is gone and reaped (a zombie would still look alive to the state store)."""
+        wait_for(lambda: not self.km.is_alive(), timeout=timeout, what="the kernel process to exit")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.kc.stop_channels()
+        with contextlib.suppress(Exception):
+            if self.km.has_kernel:
+                self.km.shutdown_kernel(now=True)
+        with contextlib.suppress(Exception):
+            self.km.cleanup_resources()
+
+
+def wait_for(predicate: Callable[[], T], *, timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll ``predicate`` until it returns something truthy (returned), failing after a generous ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- what a job leaves behind ----------------------------------------------------------------------------------
+
+
+def db_file(burst_home: Path) -> Path:
+    return burst_home / "burst.sqlite3"
+
+
+def live_instances(burst_home: Path) -> list[OwnedInstance]:
+    if not db_file(burst_home).exists():
+        return []
+    store = StateStore(db_file(burst_home))
+    try:
+        return store.live()
+    finally:
+        store.close()
+
+
+def instance_state(burst_home: Path, job_id: str) -> str | None:
+    store = StateStore(db_file(burst_home))
+    try:
+        found = store.get(job_id)
+        return None if found is None else found.state
+    finally:
+        store.close()
+
+
+def ledger_rows(burst_home: Path) -> list[LedgerRow]:
+    with Budget(db_file(burst_home)) as budget:
+        return budget.rows()
+
+
+def ledger_row(burst_home: Path, job_id: str) -> LedgerRow | None:
+    return next((r for r in ledger_rows(burst_home) if r.job_id == job_id), None)
+
+
+def local_job_dirs(burst_home: Path) -> list[Path]:
+    root = burst_home / "local"
+    return sorted(root.iterdir()) if root.is_dir() else []
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process (zombies excluded) whose command line contains ``text``: the
+    agent's ``supervise JOBDIR`` and ``cell JOBDIR``, its ``attach``/``run`` front commands."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append((int(entry.name), cmdline.strip()))
+    return found
+
+
+def kill_processes_mentioning(text: str) -> None:
+    """Test clean-up only: make sure nothing a failed test started keeps running."""
+    for pid, _ in processes_mentioning(text):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    job_dirs: list[Path]
+    processes: list[tuple[int, str]]
+    state: str | None
+    ledger: LedgerRow | None
+
+    @property
+    def clean(self) -> bool:
+        return not self.job_dirs and not self.processes and self.state == "terminated" and self.ledger is not None
+
+
+def leftovers(burst_home: Path, job_id: str) -> Leftovers:
+    jobdir = burst_home / "local" / job_id
+    return Leftovers(
+        job_dirs=local_job_dirs(burst_home),
+        processes=processes_mentioning(str(jobdir)),
+        state=instance_state(burst_home, job_id),
+        ledger=ledger_row(burst_home, job_id),
+    )
+
+
+def wait_until_clean(burst_home: Path, job_id: str, *, timeout: float = 45) -> Leftovers:
+    """Poll until the job's folder is gone, none of its processes runs, its state row says terminated and the
+    ledger has its row; on timeout, fail showing what is still there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = leftovers(burst_home, job_id)
+        if found.clean:
+            return found
+        if time.monotonic() > deadline:
+            logs = "".join(f"\n--- {p.name}\n{p.read_text()}" for p in sorted((burst_home / "logs").glob("*.log"))) \
+                if (burst_home / "logs").is_dir() else ""
+            raise AssertionError(f"job {job_id} not cleaned up after {timeout:.0f} s: {found}{logs}")
+        time.sleep(0.2)

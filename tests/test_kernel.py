@@ -1,0 +1,260 @@
+"""%%burst in real ipykernels (jupyter_client, this venv's interpreter, BURST_HOME per test): what reaches IOPub
+and in which order, which cell background output lands in, and what happens to a running job when its kernel
+goes away (graceful shutdown, SIGTERM, SIGKILL and the next kernel's ``%burst cleanup``).
+
+Jobs run on the real ``local`` provider. Where a test needs the remote cell to be at a known point it waits on a
+gate file the test creates, so ordering is proven by cause and effect, never by timing.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from burst_jupyter.budget import Budget
+from kernels import (
+    Execution,
+    Kernel,
+    db_file,
+    kill_processes_mentioning,
+    leftovers,
+    live_instances,
+    local_job_dirs,
+    wait_for,
+    wait_until_clean,
+)
+
+pytestmark = pytest.mark.kernel
+
+LOCAL = "%%burst --provider local --max-cost 1"
+
+# Wait in the remote cell until the test creates the file named by the pushed variable `gate` (bounded, so a
+# failed test never leaves a cell waiting for ever).
+WAIT_FOR_GATE = """\
+_deadline = time.time() + 30
+while not os.path.exists(gate):
+    if time.time() > _deadline:
+        raise TimeoutError("the test never opened the gate")
+    time.sleep(0.02)
+"""
+
+# Writes one file per step into the rw mount and says so; ends by itself after ~15 s if nobody stops it. A stop
+# must reach it as KeyboardInterrupt (not as a kill), which it records in the mount too.
+WRITER = """\
+import time
+try:
+    for i in range(150):
+        with open(f"out/f{i}.txt", "w") as f:
+            f.write(str(i))
+        print("wrote", i, flush=True)
+        time.sleep(0.1)
+except KeyboardInterrupt:
+    with open("out/stopped.txt", "w") as f:
+        f.write("KeyboardInterrupt")
+    raise
+"""
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    folder = tmp_path / "work"
+    (folder / "out").mkdir(parents=True)
+    return folder
+
+
+@pytest.fixture
+def start_kernel(tmp_path: Path, burst_home: Path, work: Path) -> Iterator[Callable[[], Kernel]]:
+    started: list[Kernel] = []
+
+    def start() -> Kernel:
+        kernel = Kernel(tmp_path, burst_home=burst_home, cwd=work)
+        started.append(kernel)
+        kernel.run_ok("%load_ext burst_jupyter")
+        return kernel
+
+    yield start
+    for kernel in started:
+        kernel.close()
+    kill_processes_mentioning(str(burst_home))  # only what a failed test left running
+
+
+def merged(streams: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Neighbouring chunks of one stream joined: IOPub may split a line, never reorder."""
+    out: list[tuple[str, str]] = []
+    for name, text in streams:
+        if out and out[-1][0] == name:
+            out[-1] = (name, out[-1][1] + text)
+        else:
+            out.append((name, text))
+    return out
+
+
+def progress_updates(execution: Execution, value: float) -> list[dict[str, object]]:
+    return [m for m in execution.of_type("comm_msg")
+            if m["content"]["data"].get("method") == "update"
+            and m["content"]["data"].get("state", {}).get("value") == value]
+
+
+# -- IOPub while a blocking %%burst runs ------------------------------------------------------------------------
+
+
+def test_blocking_output_and_widget_updates_stream_before_the_reply(start_kernel: Callable[[], Kernel],
+                                                                     tmp_path: Path) -> None:
+    kernel = start_kernel()
+    assert kernel.run_ok("import sys; print(sys.executable)").text() == sys.executable + "\n"
+    gate = tmp_path / "gate"
+    kernel.run_ok(f"gate = {str(gate)!r}")
+    cell = kernel.submit(f"""{LOCAL} --push gate
+import os, sys, time
+print("line 0")
+burst.progress(50)
+{WAIT_FOR_GATE}
+print("line 1")
+print("warn 2", file=sys.stderr)
+print("line 3")
+""")
+    # The remote cell is now blocked on the gate, so whatever arrives here was streamed while it ran.
+    kernel.pump_until(lambda: "line 0\n" in cell.text("stdout"), timeout=30, what="the first remote line")
+    kernel.pump_until(lambda: progress_updates(cell, 50.0), timeout=30, what="the progress bar at 50%")
+    assert cell.reply is None, "the cell replied while its remote cell was still waiting"
+    assert cell.of_type("display_data"), "the job view is displayed as soon as the job starts"
+    gate.touch()
+    kernel.finish(cell)
+
+    assert cell.status == "ok"
+    assert merged(cell.streams()) == [("stdout", "line 0\nline 1\n"), ("stderr", "warn 2\n"), ("stdout", "line 3\n")]
+    # Nothing of this cell arrives after it went idle.
+    kinds = [m["msg_type"] for m in cell.iopub]
+    idle = kinds.index("status", kinds.index("execute_input"))
+    assert [k for k in kinds[idle + 1:] if k in ("stream", "comm_msg", "display_data", "update_display_data")] == []
+    # The view ends showing success (the final state is sent before the reply).
+    assert any(m["content"]["data"].get("state", {}).get("bar_style") == "success" for m in cell.of_type("comm_msg"))
+
+
+# -- background output goes to the cell that started the job ---------------------------------------------------
+
+
+def test_background_output_keeps_the_parent_header_of_its_cell(start_kernel: Callable[[], Kernel],
+                                                                tmp_path: Path) -> None:
+    kernel = start_kernel()
+    gate = tmp_path / "gate"
+    kernel.run_ok(f"gate = {str(gate)!r}")
+    first = kernel.run_ok(f"""{LOCAL} --background --push gate
+import os, time
+print("bg 0")
+{WAIT_FOR_GATE}
+for i in range(1, 4):
+    print(f"bg {{i}}")
+    time.sleep(0.2)
+""")
+    assert "<Job " in first.of_type("execute_result")[0]["content"]["data"]["text/plain"]
+    kernel.pump_until(lambda: "bg 0\n" in first.text(), timeout=30, what="the background job's first line")
+    second = kernel.run_ok("job = _")
+    # The rest of the output is printed while this later cell is the one running.
+    third = kernel.run_ok(f"open({str(gate)!r}, 'w').close()\nprint('cell 3:', job.wait(timeout=60).status)")
+    kernel.pump_until(lambda: "bg 3\n" in first.text(), timeout=30, what="the background job's last line")
+
+    assert first.text("stdout") == "bg 0\nbg 1\nbg 2\nbg 3\n"
+    assert third.text() == "cell 3: completed\n"
+    assert second.streams() == []
+    strays = [m for m in kernel.all_iopub if m["msg_type"] == "stream" and "bg " in m["content"]["text"]
+              and m["parent_header"].get("msg_id") != first.msg_id]
+    assert strays == [], "background output went to another cell"
+
+
+def test_background_error_shows_its_traceback_in_its_cell(start_kernel: Callable[[], Kernel]) -> None:
+    kernel = start_kernel()
+    first = kernel.run_ok(f"""{LOCAL} --background
+def train():
+    raise ValueError("boom in the background")
+train()
+""")
+    second = kernel.run_ok("print('wait:', _.wait(timeout=60).status)")
+    kernel.pump_until(lambda: "boom in the background" in first.text("stderr"), timeout=30,
+                      what="the remote traceback in the starting cell")
+    assert "ValueError" in first.text("stderr") and "train()" in first.text("stderr")
+    assert second.text() == "wait: failed\n"
+
+
+# -- a kernel going away mid-job ---------------------------------------------------------------------------------
+
+
+def start_writer(kernel: Kernel, burst_home: Path, *, background: bool) -> tuple[str, int]:
+    """Start the file-writing job; return its id and how many files it reported written (at least 3)."""
+    cell = kernel.submit(f"{LOCAL} --mount ./out:out:rw{' --background' if background else ''}\n{WRITER}")
+    kernel.pump_until(lambda: "wrote 2\n" in cell.text("stdout"), timeout=30, what="the job's first files")
+    if background:
+        kernel.finish(cell)
+    (job,) = wait_for(lambda: live_instances(burst_home), timeout=10, what="the job's state row")
+    return job.job_id, cell.text("stdout").count("wrote ")
+
+
+def check_synced(work: Path, written: int) -> None:
+    """Every file the cell reported before the kernel went away came back into the local rw folder, and so did
+    the note the cell wrote when the stop reached it as KeyboardInterrupt."""
+    for i in range(written):
+        assert (work / "out" / f"f{i}.txt").read_text() == str(i)
+    assert (work / "out" / "stopped.txt").read_text() == "KeyboardInterrupt"
+
+
+def check_settled(burst_home: Path, job_id: str, *, message: str | None) -> None:
+    found = wait_until_clean(burst_home, job_id)
+    assert found.ledger is not None and found.ledger.status == "cancelled"
+    if message is not None:
+        assert message in (found.ledger.message or "")
+    with Budget(db_file(burst_home)) as budget:
+        assert budget.open_reservations() == []
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background", "blocking"])
+def test_graceful_shutdown_mid_job_syncs_back_and_ends_the_job(start_kernel: Callable[[], Kernel], burst_home: Path,
+                                                               work: Path, background: bool) -> None:
+    kernel = start_kernel()
+    job_id, written = start_writer(kernel, burst_home, background=background)
+    # jupyter_client's graceful path: SIGINT, shutdown_request, SIGTERM after 2.5 s, SIGKILL after 5 s.
+    kernel.km.shutdown_kernel(now=False)
+    kernel.wait_dead()
+    # A background job is the detached reaper's (the kernel's atexit hook hands it over); a blocking one is
+    # cancelled in the cell by the SIGINT, or handed over by the SIGTERM if that were too slow.
+    check_settled(burst_home, job_id, message="kernel exit; finished by the reaper" if background else None)
+    check_synced(work, written)
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background", "blocking"])
+def test_sigterm_mid_job_hands_the_job_to_the_reaper(start_kernel: Callable[[], Kernel], burst_home: Path,
+                                                     work: Path, background: bool) -> None:
+    kernel = start_kernel()
+    job_id, written = start_writer(kernel, burst_home, background=background)
+    kernel.km.signal_kernel(signal.SIGTERM)
+    kernel.wait_dead()
+    check_settled(burst_home, job_id, message="signal SIGTERM; finished by the reaper")
+    check_synced(work, written)
+
+
+def test_sigkill_leftover_is_reported_by_the_next_kernel_and_cleaned_up(start_kernel: Callable[[], Kernel],
+                                                                         burst_home: Path, work: Path) -> None:
+    kernel = start_kernel()
+    job_id, written = start_writer(kernel, burst_home, background=False)
+    kernel.km.signal_kernel(signal.SIGKILL)
+    kernel.wait_dead()
+    # Nothing ran in the dead kernel: the job is still there, running, owned by nobody.
+    found = leftovers(burst_home, job_id)
+    assert found.state == "launched" and local_job_dirs(burst_home) == [burst_home / "local" / job_id]
+    assert found.processes and found.ledger is None
+
+    successor = start_kernel()  # runs %load_ext burst_jupyter
+    report = successor.all_iopub
+    loaded = "".join(m["content"]["text"] for m in report if m["msg_type"] == "stream")
+    assert job_id in loaded and "left by a kernel that is gone" in loaded and "%burst cleanup" in loaded
+
+    cleanup = successor.run_ok("%burst cleanup")
+    (result,) = cleanup.of_type("execute_result")
+    assert job_id in result["content"]["data"]["text/plain"] and "terminated=True" in result["content"]["data"][
+        "text/plain"]
+    check_settled(burst_home, job_id, message="burst cleanup")
+    check_synced(work, written)
+    (nothing,) = successor.run_ok("%burst cleanup --dry-run").of_type("execute_result")
+    assert nothing["content"]["data"]["text/plain"] == "[]"
