@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# tests/sshd.py: a real OpenSSH sshd on loopback (fixtures sshd_server and friends), for every SSH test.
+pytest_plugins = ("sshd",)
+
 
 @pytest.fixture(autouse=True)
 def burst_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:

@@ -1,0 +1,633 @@
+"""SSH transport: a :class:`~burst_jupyter.runner.Runner` over one paramiko connection.
+
+Every ``start`` opens a new exec channel on the same connection, so a whole job (agent, files, variables, the
+event stream, lease renewals) costs one TCP connection and one handshake. The connection behaves like the
+user's ``ssh``: it reads ``~/.ssh/config``, offers the same keys (key files, then ssh-agent) and checks host keys
+against ``known_hosts``, with trust-on-first-use only when the endpoint asks for it.
+
+Import this module only when an SSH endpoint is used: it imports paramiko (and with it cryptography), which
+would slow ``%load_ext`` down.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import getpass
+import hashlib
+import hmac
+import os
+import re
+import shlex
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import paramiko
+
+from .errors import AuthFailed, ConfigError, ConnectFailed, HostKeyError, ProviderError
+from .runner import RemoteProcess
+
+if TYPE_CHECKING:
+    from .providers.base import Endpoint
+
+__all__ = ["SSHRunner"]
+
+# The window is how much the server may send before we acknowledge. Paramiko's (and OpenSSH's) 2 MiB caps one
+# channel at 20 MiB/s on a 100 ms link to a far-away GPU; 8 MiB allows 80 MiB/s, about what paramiko decrypts
+# (~145 MiB/s on loopback, 2026-05), and costs memory only while a reader falls behind.
+_WINDOW_SIZE = 8 * 1024 * 1024
+# OpenSSH's ServerAliveInterval/ServerAliveCountMax defaults are "off"; a job needs to notice a dead network
+# (lost Wi-Fi, a suspended laptop) within a minute rather than TCP's ~15 minutes, and NAT boxes drop idle flows.
+_ALIVE_INTERVAL = 15
+_ALIVE_COUNT_MAX = 3
+# The keys ssh tries when neither -i nor IdentityFile names one, in OpenSSH's order (those paramiko can use).
+_DEFAULT_KEYS = ("id_rsa", "id_ecdsa", "id_ed25519")
+# Bound on how long a channel that ended oddly waits to learn whether its connection is dying.
+_SETTLE_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """An endpoint after ~/.ssh/config: everything needed to connect."""
+
+    alias: str  # the host as the user wrote it; may be a config alias
+    hostname: str
+    port: int
+    user: str
+    key_files: tuple[Path, ...]  # the endpoint's key first, then IdentityFile lines, else the default keys
+    explicit_key: Path | None
+    identities_only: bool
+    proxy_command: str | None
+    known_hosts: Path
+    alive_interval: int
+    alive_count_max: int
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.alias}:{self.port}"
+
+    @property
+    def known_hosts_name(self) -> str:
+        # How OpenSSH names a host in known_hosts: the real host name, with the port only when it is not 22.
+        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class _KnownKey:
+    path: Path
+    line: int
+    key_type: str
+    blob: bytes
+    revoked: bool
+
+
+class _ProxyCommand:
+    """ProxyCommand as OpenSSH runs it: through /bin/sh, its stdin and stdout being the connection.
+
+    A socketpair rather than paramiko.ProxyCommand's pipes: paramiko never notices that command's EOF and spins
+    until its banner timeout, and a socket gives the transport real timeouts without select loops."""
+
+    def __init__(self, command: str) -> None:
+        self.sock, theirs = socket.socketpair()
+        # A file, not a pipe, for its stderr: a chatty command can never block on it. Lives as long as the command.
+        self._errors = tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            self._process = subprocess.Popen(
+                ["/bin/sh", "-c", f"exec {command}"],
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                stderr=self._errors,
+                start_new_session=True,  # like the job's own commands: the kernel's Ctrl-C must not cut the link
+            )
+        finally:
+            theirs.close()
+
+    def last_error(self) -> str:
+        self._errors.seek(0)
+        lines = self._errors.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"it exited with status {self._process.poll()}"
+
+    def close(self) -> None:
+        self.sock.close()  # ssh -W and nc exit at EOF; terminate covers commands that do not
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._errors.close()
+
+
+class _SSHProcess:
+    """One exec channel. stderr is drained by a thread of its own: it shares the channel's window with stdout, so
+    an unread stderr would stall stdout once the window fills."""
+
+    def __init__(self, runner: SSHRunner, channel: Any) -> None:
+        self._runner = runner
+        self._chan = channel
+        self._closed_here = False
+        self._err: list[bytes] = []
+        self._err_thread = threading.Thread(target=self._drain_stderr, name="burst-ssh-stderr", daemon=True)
+        self._err_thread.start()
+
+    def _drain_stderr(self) -> None:
+        while chunk := self._chan.recv_stderr(65536):
+            self._err.append(chunk)
+
+    def _check_connection(self) -> None:
+        # The channel ended without the remote's EOF and not by our close(): most likely the connection died.
+        if not self._chan.eof_received and not self._closed_here:
+            self._runner._raise_if_lost()
+
+    def write(self, data: bytes) -> None:
+        # Not Channel.sendall: it re-slices the remaining bytes after every 32 KiB packet, which copies quadratically
+        # (50 MiB took 18 s instead of 0.6 s). Slicing a memoryview copies nothing.
+        view = memoryview(data)
+        while view:
+            try:
+                sent: int = self._chan.send(view)  # as much as fits in one packet and the window
+            except OSError as exc:  # paramiko: "Socket is closed", once the command or the connection has gone
+                self._check_connection()
+                raise BrokenPipeError(f"the command on {self._runner.description} no longer reads stdin") from exc
+            if sent == 0:  # paramiko's answer once close_stdin() has sent EOF
+                raise BrokenPipeError(f"stdin of the command on {self._runner.description} is already closed")
+            view = view[sent:]
+
+    def close_stdin(self) -> None:
+        try:
+            self._chan.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # the channel or the connection is gone: stdin is closed either way
+
+    def read(self, n: int = 65536) -> bytes:
+        data: bytes = self._chan.recv(n)
+        if not data:
+            self._check_connection()
+        return data
+
+    def stderr(self) -> bytes:
+        self._err_thread.join(timeout=5)
+        return b"".join(self._err)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit status; -1 when the command was killed by a signal (paramiko drops the signal's name)."""
+        if not self._chan.status_event.wait(timeout):
+            return None
+        status: int = self._chan.exit_status
+        if status == -1:
+            self._check_connection()
+        return status
+
+    def close(self) -> None:
+        self._closed_here = True
+        self._chan.close()
+
+
+class SSHRunner:
+    """Runs commands on one host through one SSH connection.
+
+    Build it with :meth:`connect`. ``start`` is thread-safe; each process it returns may be used by one reader
+    and one writer thread at once. A connection that drops (or stops answering keepalives) makes blocked reads
+    and waits raise :class:`ConnectFailed`; it is not re-established here.
+
+    Example:
+        runner = SSHRunner.connect(Endpoint(host="gpu1", user="alice"))
+        try:
+            print(run(runner, ["nvidia-smi", "-L"]).stdout)
+        finally:
+            runner.close()
+    """
+
+    description: str
+
+    def __init__(
+        self,
+        transport: Any,
+        *,
+        description: str,
+        timeout: float,
+        alive: tuple[int, int],
+        proxy: _ProxyCommand | None,
+    ) -> None:
+        self.description = description
+        self._transport = transport
+        self._proxy = proxy
+        self._timeout = timeout
+        self._closed = threading.Event()
+        self._lost_reason: str | None = None
+        interval, count_max = alive
+        if interval > 0:
+            threading.Thread(
+                target=self._keep_alive, args=(interval, count_max), name="burst-ssh-keepalive", daemon=True
+            ).start()
+
+    @classmethod
+    def connect(
+        cls,
+        endpoint: Endpoint,
+        *,
+        timeout: float = 20.0,
+        known_hosts: Path | None = None,
+        ssh_config: Path | None = None,
+    ) -> SSHRunner:
+        """Connect, check the host key, log in.
+
+        ``ssh_config`` defaults to ``$BURST_SSH_CONFIG``, else ``~/.ssh/config``; ``known_hosts`` to the config's
+        first UserKnownHostsFile, else ``~/.ssh/known_hosts``. ``timeout`` bounds each step (TCP connect, SSH
+        handshake, each login attempt).
+
+        Raises :class:`ConnectFailed` (unreachable), :class:`HostKeyError` (unknown or changed host key),
+        :class:`AuthFailed` (no key accepted, or a key file that cannot be used), :class:`ConfigError` (a broken
+        ssh config).
+        """
+        if endpoint.host is None:
+            raise ConfigError("the local endpoint needs no SSH connection; use LocalRunner")
+        target = _resolve(endpoint, ssh_config, known_hosts)
+        known = _read_known_hosts(target)
+        proxy = _ProxyCommand(target.proxy_command) if target.proxy_command else None
+        try:
+            sock = proxy.sock if proxy else _open_socket(target, timeout)
+            transport = paramiko.Transport(sock, default_window_size=_WINDOW_SIZE)
+        except BaseException:
+            if proxy:
+                proxy.close()
+            raise
+        try:
+            _prefer_known_key_types(transport, known)
+            transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = timeout
+            try:
+                transport.start_client(timeout=timeout)
+                # start_client returns quietly when its timeout runs out; then there is no host key yet.
+                host_key = transport.get_remote_server_key()
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                if transport.is_active():
+                    detail = f"no answer within {timeout:g}s"
+                else:
+                    detail = f"proxy command: {proxy.last_error()}" if proxy else _one_line(exc)
+                raise ConnectFailed(f"cannot reach {target}: SSH handshake failed ({detail})") from exc
+            _check_host_key(host_key, target, known, endpoint.trust_on_first_use)
+            _authenticate(transport, target)
+        except BaseException:
+            transport.close()
+            if proxy:
+                proxy.close()
+            raise
+        return cls(
+            transport,
+            description=str(target),
+            timeout=timeout,
+            alive=(target.alive_interval, target.alive_count_max),
+            proxy=proxy,
+        )
+
+    def start(self, argv: Sequence[str]) -> RemoteProcess:
+        """Run ``argv`` through the remote login shell on a new channel of this connection."""
+        try:
+            channel = self._transport.open_session(timeout=self._timeout)
+        except paramiko.ChannelException as exc:
+            # sshd allows MaxSessions (default 10) open channels per connection.
+            raise ProviderError(f"{self.description} refused a new SSH channel: {exc.text}") from exc
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self._raise_if_lost()
+            raise ConnectFailed(f"cannot open an SSH channel to {self.description}: {_one_line(exc)}") from exc
+        try:
+            channel.exec_command(shlex.join(argv))
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            channel.close()
+            self._raise_if_lost()
+            raise ProviderError(f"{self.description} refused to run {argv[0]!r}: {_one_line(exc)}") from exc
+        return _SSHProcess(self, channel)
+
+    def is_active(self) -> bool:
+        """False once the connection has dropped, timed out on keepalives, or been closed."""
+        return bool(self._transport.is_active())
+
+    def _raise_if_lost(self) -> None:
+        if self._transport.is_active():
+            # paramiko closes a dying connection's channels a moment before it marks the connection inactive.
+            self._transport.join(_SETTLE_SECONDS)
+        if self._transport.is_active():
+            return
+        if self._lost_reason is None:
+            cause = self._transport.saved_exception  # what ended paramiko's reader thread, None after close()
+            if cause is None:
+                self._lost_reason = "the runner was closed"
+            elif isinstance(cause, EOFError):
+                self._lost_reason = "closed by the remote end"
+            else:
+                self._lost_reason = _one_line(cause)
+        raise ConnectFailed(f"lost the SSH connection to {self.description}: {self._lost_reason}")
+
+    def close(self) -> None:
+        """Close the connection and every channel on it. Idempotent."""
+        self._closed.set()
+        self._transport.close()
+        if self._proxy:
+            self._proxy.close()
+
+    def _keep_alive(self, interval: int, count_max: int) -> None:
+        # paramiko's own set_keepalive sends without asking for a reply, so it keeps NAT mappings open but never
+        # notices a dead network. This is OpenSSH's ServerAlive*: ask for a reply (sshd answers every global
+        # request, if only with a failure) and give up when none came within interval * count_max.
+        while not self._closed.wait(interval):
+            give_up = threading.Timer(interval * count_max, self._give_up, args=(interval * count_max,))
+            give_up.daemon = True
+            give_up.start()
+            try:
+                self._transport.global_request("keepalive@openssh.com", wait=True)
+            except (paramiko.SSHException, OSError, EOFError):
+                return  # the connection broke while sending; its readers learn that from paramiko
+            finally:
+                give_up.cancel()
+            if not self._transport.is_active():
+                return
+
+    def _give_up(self, seconds: int) -> None:
+        self._lost_reason = f"no answer to keepalives for {seconds}s"
+        self._transport.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _resolve(endpoint: Endpoint, ssh_config: Path | None, known_hosts: Path | None) -> _Target:
+    assert endpoint.host is not None
+    default_path = Path.home() / ".ssh" / "config"
+    path = ssh_config or Path(os.environ.get("BURST_SSH_CONFIG") or default_path)
+    try:
+        config = paramiko.SSHConfig.from_path(str(path)) if path.exists() else paramiko.SSHConfig()
+        options = config.lookup(endpoint.host)
+    except (OSError, paramiko.SSHException) as exc:
+        raise ConfigError(f"cannot read the ssh config {path}: {_one_line(exc)}") from exc
+
+    hostname: str = options.get("hostname", endpoint.host)
+    try:
+        # Endpoint.port cannot tell an explicit 22 from the default, so 22 lets the config's Port through.
+        port = endpoint.port if endpoint.port != 22 else int(options.get("port", 22))
+        alive_interval = int(options.get("serveraliveinterval", _ALIVE_INTERVAL))
+        alive_count_max = int(options.get("serveralivecountmax", _ALIVE_COUNT_MAX))
+    except ValueError as exc:
+        raise ConfigError(f"{path}, Host {endpoint.host}: {exc}") from exc
+    user: str = endpoint.user or options.get("user") or getpass.getuser()
+
+    explicit = Path(endpoint.key_path).expanduser() if endpoint.key_path else None
+    configured = [Path(p).expanduser() for p in options.get("identityfile", [])]
+    # Like ssh: the default keys only when neither -i (the endpoint's key) nor IdentityFile names one.
+    key_files = [explicit, *configured] if explicit else configured
+    if not key_files:
+        key_files = [Path.home() / ".ssh" / name for name in _DEFAULT_KEYS]
+
+    proxy: str | None = options.get("proxycommand")
+    jump: str | None = options.get("proxyjump")
+    if proxy is None and jump and jump.lower() != "none":
+        # paramiko has no ProxyJump; ssh itself does it this way (-W through the last hop, -J for the ones before).
+        *before, last = jump.split(",")
+        # The hops must resolve the same aliases; but -F also drops /etc/ssh/ssh_config, so only when needed.
+        config_arg = ["-F", str(path)] if path != default_path and path.exists() else []
+        hops = ["-J", ",".join(before)] if before else []
+        proxy = shlex.join(["ssh", *config_arg, *hops, "-W", f"[{hostname}]:{port}", f"ssh://{last}"])
+    if proxy is not None and proxy.lower() == "none":
+        proxy = None
+
+    if known_hosts is None:
+        configured_known = options.get("userknownhostsfile", "").split()
+        known_hosts = Path(configured_known[0] if configured_known else "~/.ssh/known_hosts").expanduser()
+
+    return _Target(
+        alias=endpoint.host,
+        hostname=hostname,
+        port=port,
+        user=user,
+        key_files=tuple(key_files),
+        explicit_key=explicit,
+        identities_only=options.get("identitiesonly", "no").lower() == "yes",
+        proxy_command=proxy,
+        known_hosts=known_hosts,
+        alive_interval=alive_interval,
+        alive_count_max=alive_count_max,
+    )
+
+
+def _open_socket(target: _Target, timeout: float) -> socket.socket:
+    try:
+        sock = socket.create_connection((target.hostname, target.port), timeout=timeout)
+    except socket.gaierror as exc:
+        raise ConnectFailed(f"cannot reach {target}: cannot resolve {target.hostname} ({exc.strerror})") from exc
+    except TimeoutError as exc:
+        raise ConnectFailed(f"cannot reach {target}: no answer within {timeout:g}s") from exc
+    except ConnectionRefusedError as exc:
+        raise ConnectFailed(f"cannot reach {target}: connection refused") from exc
+    except OSError as exc:
+        raise ConnectFailed(f"cannot reach {target}: {exc.strerror or _one_line(exc)}") from exc
+    # Commands and replies are small writes; Nagle would hold each one back for the previous one's ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+# --- host keys -------------------------------------------------------------------------------------------------
+
+
+def _read_known_hosts(target: _Target) -> list[_KnownKey]:
+    """The known_hosts entries for this host, plain or hashed, wildcards and @revoked included."""
+    try:
+        text = target.known_hosts.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise HostKeyError(f"cannot read {target.known_hosts}: {exc.strerror}") from exc
+    name = target.known_hosts_name.lower()
+    known = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        marker = fields.pop(0) if fields[0].startswith("@") else None
+        # @cert-authority lines vouch for host certificates, which burst does not check.
+        if marker == "@cert-authority" or len(fields) < 3 or not _host_matches(fields[0], name):
+            continue
+        try:
+            blob = base64.b64decode(fields[2], validate=True)
+        except binascii.Error:
+            continue  # ssh skips a corrupt line too
+        known.append(_KnownKey(target.known_hosts, number, fields[1], blob, marker == "@revoked"))
+    return known
+
+
+def _host_matches(patterns: str, name: str) -> bool:
+    matched = False
+    for pattern in patterns.split(","):
+        negated = pattern.startswith("!")
+        pattern = pattern.removeprefix("!")
+        if pattern.startswith("|1|"):  # HashKnownHosts: |1|base64(salt)|base64(HMAC-SHA1(salt, name))
+            try:
+                salt, digest = (base64.b64decode(part) for part in pattern[3:].split("|"))
+            except (ValueError, binascii.Error):
+                continue
+            hit = hmac.compare_digest(hmac.new(salt, name.encode(), hashlib.sha1).digest(), digest)
+        else:
+            # ssh patterns know only * and ?; fnmatch would read the [ ] of "[host]:port" as a character class.
+            regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower())
+            hit = re.fullmatch(regex, name) is not None
+        if hit and negated:
+            return False
+        matched = matched or hit
+    return matched
+
+
+def _prefer_known_key_types(transport: Any, known: list[_KnownKey]) -> None:
+    # Like ssh, ask first for a key type already known for this host: a server with an ed25519 and an RSA key
+    # whose RSA key is in known_hosts would otherwise present the ed25519 one, which would look new.
+    known_types = {k.key_type for k in known if not k.revoked}
+    options = transport.get_security_options()
+    offered: tuple[str, ...] = options.key_types
+    first = [t for t in offered if ("ssh-rsa" if t.startswith("rsa-sha2-") else t) in known_types]
+    options.key_types = (*first, *(t for t in offered if t not in first))
+
+
+def _check_host_key(key: Any, target: _Target, known: list[_KnownKey], trust_new: bool) -> None:
+    blob: bytes = key.asbytes()
+    where = f"{target.hostname}:{target.port}"
+    offered = f"{key.get_name()} {key.fingerprint}"
+    same = [k for k in known if k.blob == blob]
+    for entry in same:
+        if entry.revoked:  # wherever it stands in the file, a revocation beats a plain entry
+            raise HostKeyError(f"host key of {where} ({offered}) is marked @revoked in {entry.path} line {entry.line}")
+    if same:
+        return
+    others = sorted((k for k in known if not k.revoked), key=lambda k: k.key_type != key.get_name())
+    if others:
+        # Any other key on record means this one is not the host we knew, whatever its type; TOFU never applies.
+        old = others[0]
+        raise HostKeyError(
+            f"host key for {where} has CHANGED: it now shows {offered}, but {old.path} line {old.line} holds "
+            f"another key; this can be a man-in-the-middle attack. If the host was reinstalled, remove the old "
+            f"key with `ssh-keygen -R '{target.known_hosts_name}' -f {old.path}` and connect again"
+        )
+    if not trust_new:
+        port = f"-p {target.port} " if target.port != 22 else ""
+        raise HostKeyError(
+            f"host key of {where} is unknown ({offered}); if that fingerprint is the host's, add it with "
+            f"`ssh-keyscan {port}{target.hostname} >> {target.known_hosts}`, or allow trust-on-first-use "
+            f"(--trust-new-host, JobSpec ssh_trust_on_first_use=True)"
+        )
+    _remember_host_key(key, target)
+
+
+def _remember_host_key(key: Any, target: _Target) -> None:
+    """Append the key to known_hosts, as ssh's StrictHostKeyChecking=accept-new does."""
+    path = target.known_hosts
+    line = f"{target.known_hosts_name} {key.get_name()} {key.get_base64()}\n".encode()
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        existing = path.read_bytes() if path.exists() else b""
+        if existing and not existing.endswith(b"\n"):
+            line = b"\n" + line
+        # One O_APPEND write per line, so kernels connecting at the same time do not interleave.
+        with path.open("ab") as f:
+            f.write(line)
+    except OSError as exc:
+        raise HostKeyError(f"cannot add the host key of {target.hostname} to {path}: {exc.strerror}") from exc
+
+
+# --- login -----------------------------------------------------------------------------------------------------
+
+
+def _authenticate(transport: Any, target: _Target) -> None:
+    try:
+        agent = paramiko.Agent()  # no SSH_AUTH_SOCK, or a stale one: an agent without keys
+    except paramiko.SSHException:  # something on SSH_AUTH_SOCK that does not speak the agent protocol
+        agent = None
+    try:
+        keys, skipped = _candidate_keys(target, agent.get_keys() if agent else ())
+        tried: list[str] = []
+        for label, key in keys:
+            try:
+                remaining: list[str] = transport.auth_publickey(target.user, key)
+            except paramiko.BadAuthenticationType as exc:
+                offers = ", ".join(exc.allowed_types)
+                raise AuthFailed(f"{target} does not take SSH keys (it offers: {offers})") from exc
+            except paramiko.AuthenticationException:
+                tried.append(label)
+                continue
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                # sshd hangs up after MaxAuthTries (default 6) refused keys.
+                tried.append(label)
+                raise AuthFailed(_refused(target, tried, skipped, f"; then it hung up ({_one_line(exc)})")) from exc
+            if not transport.is_authenticated():
+                raise AuthFailed(f"{target} wants more than a key ({', '.join(remaining)}); burst logs in with keys")
+            return
+        if not keys:
+            raise AuthFailed(
+                f"no SSH key to offer {target}: give the endpoint a key_path, set IdentityFile in ~/.ssh/config, "
+                f"add a key to ssh-agent or create ~/.ssh/id_ed25519" + "".join(f"; {s}" for s in skipped)
+            )
+        raise AuthFailed(_refused(target, tried, skipped))
+    finally:
+        if agent:
+            agent.close()
+
+
+def _refused(target: _Target, tried: list[str], skipped: list[str], tail: str = "") -> str:
+    return f"{target} refused the login of user {target.user} with {', '.join(tried)}{tail}" + "".join(
+        f"; {s}" for s in skipped
+    )
+
+
+def _candidate_keys(target: _Target, agent_keys: tuple[Any, ...]) -> tuple[list[tuple[str, Any]], list[str]]:
+    """The keys to offer, in ssh's order: key files (through the agent when a file is encrypted but the agent
+    holds it), then the agent's other keys unless IdentitiesOnly. Also says which key files could not be used."""
+    by_blob = {k.asbytes(): k for k in agent_keys}
+    keys: list[tuple[str, Any]] = []
+    skipped: list[str] = []
+    seen: set[bytes] = set()
+    for path in target.key_files:
+        try:
+            key = paramiko.PKey.from_path(path)
+            label = str(path)
+        except FileNotFoundError as exc:
+            if path == target.explicit_key:
+                raise AuthFailed(f"cannot use key {path}: no such file") from exc
+            if path not in (Path.home() / ".ssh" / name for name in _DEFAULT_KEYS):
+                skipped.append(f"no key file {path}")
+            continue
+        except Exception as exc:  # cryptography and paramiko raise ValueError, TypeError, SSHException, ...
+            reason = _key_problem(exc)
+            key = by_blob.get(_public_blob(path))
+            label = f"{path} (through ssh-agent)"
+            if key is None and path == target.explicit_key:
+                raise AuthFailed(f"cannot use key {path}: {reason}") from exc
+            if key is None:
+                skipped.append(f"cannot use key {path}: {reason}")
+                continue
+        if key.asbytes() not in seen:
+            seen.add(key.asbytes())
+            keys.append((f"{label} ({key.fingerprint})", key))
+    if not target.identities_only:
+        for key in agent_keys:
+            if key.asbytes() not in seen:
+                seen.add(key.asbytes())
+                comment = f" {key.comment}" if key.comment else ""
+                keys.append((f"agent key {key.fingerprint}{comment}", key))
+    return keys, skipped
+
+
+def _key_problem(exc: BaseException) -> str:
+    if isinstance(exc, TypeError):  # cryptography: "Key is password-protected, but password was not provided"
+        return "it is encrypted and burst cannot ask for a passphrase; load it into ssh-agent with ssh-add"
+    if isinstance(exc, OSError):
+        return exc.strerror or _one_line(exc)
+    return "not a private key in a format paramiko reads (OpenSSH, or PEM RSA/ECDSA)"
+
+
+def _public_blob(private_key_path: Path) -> bytes | None:
+    """The key blob from ``<path>.pub``, so an encrypted key file can be matched with an agent key."""
+    try:
+        return base64.b64decode(Path(f"{private_key_path}.pub").read_text().split()[1], validate=True)
+    except (OSError, IndexError, ValueError):
+        return None
