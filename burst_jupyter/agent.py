@@ -4,17 +4,18 @@ The client starts it through :data:`BOOT`, feeding this file's source on stdin, 
 on the instance and client and agent never disagree on versions. Commands (``BOOT N CMD JOBDIR [ARG]``):
 
 ``run``       read a manifest and a tar bundle from stdin, stage mounts, start the job detached, then ``attach``
-``attach``    stream event-log lines from a byte offset, then the results (rw changes + variables) as a tar
-``results``   only the results tar
+``attach``    stream event-log lines from a byte offset, then the results (rw changes + variables) as a
+              chunk-framed tar; then wait for ``destroy`` on stdin (answered with a ``gone`` line) or hang-up
+``results``   only the results
 ``stop``      ask the job to stop (reason in ARG)
 ``destroy``   stop everything, remove the links it made and the job directory; prints ``gone``
 ``status``    one JSON line: exists, running, exit record
 ``list``      JSON lines for every job directory under JOBDIR (a root) carrying tag ARG
 
-Internal: ``supervise`` (the detached parent of the cell; owns the event log, lease and deadline) and ``cell``
-(runs the Python source with a ``burst`` helper). Files in the job directory:
+``run`` forks (no new interpreter) a detached supervisor, which owns the event log, the lease and the deadline,
+and which forks the cell (run with a ``burst`` helper) or execs the command. Files in the job directory:
 
-    agent.py job.json values.pkl cell.py   what the client sent
+    job.json values.pkl cell.py              what the client sent
     m/<i>/                                   the content of mount i; its remote path is a symlink to it
     work/                                    the cell's current directory
     events.jsonl                             the append-only event log (one JSON object per line)
@@ -46,8 +47,8 @@ import traceback
 # Read N bytes of agent source from stdin and run them as __main__: no file needs to exist on the instance.
 BOOT = (
     "import sys;sys.version_info>=(3,8) or sys.exit('burst-agent: needs Python >= 3.8, found '"
-    "+sys.version.split()[0]);s=sys.stdin.buffer.read(int(sys.argv[1]));"
-    "exec(compile(s,'burst-agent','exec'),{'__name__':'__main__','__burst_source__':s})"
+    "+sys.version.split()[0]);exec(compile(sys.stdin.buffer.read(int(sys.argv[1])),'burst-agent','exec'),"
+    "{'__name__':'__main__'})"
 )
 
 CELL_FILENAME = "<burst-cell>"
@@ -356,7 +357,7 @@ class Supervisor:
         self.log = EventLog(self.path("events.jsonl"))
         self.stop_reason: str | None = None
         self.stop_at: float | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: _Child | None = None
         self.error_seen = False
 
     def path(self, *parts: str) -> str:
@@ -379,31 +380,16 @@ class Supervisor:
         env.update(BURST_JOB_ID=str(self.manifest.get("job_id")), BURST_JOBDIR=self.jobdir,
                    BURST_EVENT_FD=str(frame_w), PYTHONUNBUFFERED="1")
         env.setdefault("MPLBACKEND", "Agg")  # no display on an instance
-        command = self.manifest.get("command")
-        argv = list(command) if command else [sys.executable, self.path("agent.py"), "cell", self.jobdir]
-        try:
-            self.proc = subprocess.Popen(
-                argv, cwd=self.path("work"), env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(frame_w,),
-                start_new_session=True,  # its own group: stop signals reach the cell and its children only
-                # We ignore SIGINT and the child would inherit that (Python then installs no KeyboardInterrupt
-                # handler): give it back the default so a stop reaches the cell as KeyboardInterrupt.
-                preexec_fn=_default_sigint,
-            )
-        except OSError as exc:
-            self.log.append([{"k": "error", "ename": type(exc).__name__, "evalue": str(exc), "tb": []}])
-            return self.finish(127, ERROR)
-        finally:
-            os.close(frame_w)
+        self.proc = self.spawn(env, frame_w)
+        os.close(frame_w)
         self.log.append([{"k": "started", "pid": self.proc.pid, "t": _now()}])
-        assert self.proc.stdout is not None and self.proc.stderr is not None
         sel = selectors.DefaultSelector()
         decoders = {"stdout": codecs.getincrementaldecoder("utf-8")("replace"),
                     "stderr": codecs.getincrementaldecoder("utf-8")("replace")}
         frames = FrameReader()
         sel.register(frame_r, selectors.EVENT_READ, "frames")
-        sel.register(self.proc.stdout.fileno(), selectors.EVENT_READ, "stdout")
-        sel.register(self.proc.stderr.fileno(), selectors.EVENT_READ, "stderr")
+        sel.register(self.proc.stdout_fd, selectors.EVENT_READ, "stdout")
+        sel.register(self.proc.stderr_fd, selectors.EVENT_READ, "stderr")
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         open_fds = 3
         started = time.monotonic()
@@ -449,6 +435,48 @@ class Supervisor:
         _kill_group(self.proc.pid, signal.SIGKILL)  # leftovers of the cell die with the job
         reason = self.stop_reason or (OK if rc == 0 else ERROR)
         return self.finish(rc, reason)
+
+    def spawn(self, env: dict[str, str], frame_w: int) -> _Child:
+        """Fork the cell (no new interpreter to start: this one already has the agent loaded), or fork and exec
+        the command. Its own session, so a stop signal reaches it and its children and nothing else."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid:
+            os.close(out_w)
+            os.close(err_w)
+            return _Child(pid, out_r, err_r)
+        rc = 1
+        try:
+            os.setsid()
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            # We ignore SIGINT; give the cell Python's default back, so a stop reaches it as KeyboardInterrupt.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.closerange(3, frame_w)
+            os.closerange(frame_w + 1, 1 << 16)
+            os.chdir(self.path("work"))
+            os.environ.clear()
+            os.environ.update(env)
+            command = self.manifest.get("command")
+            if command:
+                try:
+                    os.execvpe(command[0], list(command), env)
+                except OSError as exc:
+                    os.write(2, ("burst: cannot run %r: %s\n" % (command[0], exc.strerror)).encode())
+                    rc = 127
+            else:
+                sys.argv = [CELL_FILENAME]
+                rc = cell_main(self.jobdir)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(rc)
 
     def frame_records(self, frames: list[tuple[bytes, bytes]], t: float) -> list[dict[str, object]]:
         records: list[dict[str, object]] = []
@@ -508,8 +536,24 @@ def _mtime(path: str) -> float:
         return 0.0
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+class _Child:
+    """The cell's process as the supervisor sees it: pid, the read ends of its stdout and stderr, its status."""
+
+    def __init__(self, pid: int, stdout_fd: int, stderr_fd: int) -> None:
+        self.pid, self.stdout_fd, self.stderr_fd = pid, stdout_fd, stderr_fd
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
 
 
 def _kill_group(pid: int, sig: int) -> None:
@@ -601,9 +645,37 @@ def _is_stale_link(path: str) -> bool:
     return False
 
 
+_CHUNK = 1 << 20
+
+
+class ChunkWriter:
+    """Frames a byte stream as length-prefixed chunks ending with an empty one (read by :class:`ChunkedReader`).
+
+    Both directions use it (the upload and the results): tar reads ahead in 10 KiB records, and framing keeps it
+    from ever swallowing what follows on the same pipe (control lines up, the destroy reply down)."""
+
+    def __init__(self, write: object) -> None:
+        self._write = write
+        self._buf = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        if len(self._buf) >= _CHUNK:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self._buf:
+            self._write(struct.pack(">I", len(self._buf)) + bytes(self._buf))  # type: ignore[operator]
+            self._buf = bytearray()
+
+    def close(self) -> None:
+        self.flush()
+        self._write(struct.pack(">I", 0))  # type: ignore[operator]
+
+
 class ChunkedReader:
-    """The upload arrives as length-prefixed chunks ending with an empty one, so tar (which reads ahead in
-    10 KiB records) can never swallow the control lines that follow on the same stdin."""
+    """Reads what :class:`ChunkWriter` framed, up to its end marker, as a plain file object."""
 
     def __init__(self, stream: object) -> None:
         self.stream = stream
@@ -614,7 +686,7 @@ class ChunkedReader:
         while not self.done and (n < 0 or len(self.buf) < n):
             head = self.stream.read(4)  # type: ignore[attr-defined]
             if len(head) < 4:
-                raise EOFError("upload cut short")
+                raise EOFError("transfer cut short")
             (size,) = struct.unpack(">I", head)
             if size == 0:
                 self.done = True
@@ -639,14 +711,11 @@ def _fail_setup(jobdir: str, message: str) -> None:
                 [{"k": "setup-error", "m": message, "t": _now()}])
 
 
-def run_main(jobdir: str, stdin: object, source: bytes | None) -> int:
+def run_main(jobdir: str, stdin: object) -> int:
     (n,) = struct.unpack(">I", stdin.read(4))  # type: ignore[attr-defined]
     manifest = json.loads(stdin.read(n))  # type: ignore[attr-defined]
     os.makedirs(os.path.join(jobdir, "work"), exist_ok=True)
     os.chmod(jobdir, 0o700)
-    if source is not None:
-        with open(os.path.join(jobdir, "agent.py"), "wb") as f:
-            f.write(source)
     upload = ChunkedReader(stdin)
     with tarfile.open(fileobj=upload, mode="r|*") as tar:  # type: ignore[call-overload]  # gzip or plain
         _extract(tar, jobdir)
@@ -668,14 +737,36 @@ def run_main(jobdir: str, stdin: object, source: bytes | None) -> int:
         if problem:
             _fail_setup(jobdir, problem)
             return attach_main(jobdir, 0, stdin)
-    errlog = open(os.path.join(jobdir, "agent.log"), "ab")
-    subprocess.Popen(
-        [sys.executable, os.path.join(jobdir, "agent.py"), "supervise", jobdir],
-        stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, cwd=jobdir,
-        start_new_session=True,  # outlives the SSH session and the client's signals
-    )
-    errlog.close()
+    _daemonize(jobdir, lambda: Supervisor(jobdir).run())
     return attach_main(jobdir, 0, stdin)
+
+
+def _daemonize(jobdir: str, target: object) -> None:
+    """Run ``target()`` in a detached grandchild (new session, stdio to agent.log) and return at once.
+
+    A fork, not a new interpreter: the agent is already loaded here. The double fork leaves the supervisor
+    reparented to init, so neither this SSH session ending nor the client's signals can reach it."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)  # the middle process exits at once
+        return
+    rc = 1
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        log = os.open(os.path.join(jobdir, "agent.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.closerange(3, 1 << 16)  # the SSH channel's pipes must close when the front exits, not with us
+        os.chdir(jobdir)
+        rc = target()  # type: ignore[operator]
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(rc)
 
 
 def _check_gpu(names: list[str], count: int) -> str | None:
@@ -696,17 +787,26 @@ def _check_gpu(names: list[str], count: int) -> str | None:
 # --------------------------------------------------------------------------------------- attach / results
 
 
-def _control_loop(jobdir: str, stdin: object) -> None:
-    """Lines from the client: ``lease`` renews the lease, ``stop REASON`` ends the job early."""
-    while True:
-        line = stdin.readline()  # type: ignore[attr-defined]
-        if not line:
-            return
-        word, _, arg = line.decode("utf-8", "replace").strip().partition(" ")
-        if word == "lease":
-            os.utime(os.path.join(jobdir, "lease"))
-        elif word == "stop":
-            stop_main(jobdir, arg or CANCELLED)
+def _control_loop(jobdir: str, stdin: object, out: object, finished: threading.Event) -> None:
+    """Lines from the client: ``lease`` renews the lease, ``stop REASON`` ends the job early, and, once the
+    results are delivered, ``destroy`` removes the job on this same channel (no second connection or Python)."""
+    try:
+        while True:
+            line = stdin.readline()  # type: ignore[attr-defined]
+            if not line:
+                return
+            word, _, arg = line.decode("utf-8", "replace").strip().partition(" ")
+            if word == "lease":
+                os.utime(os.path.join(jobdir, "lease"))
+            elif word == "stop":
+                stop_main(jobdir, arg or CANCELLED)
+            elif word == "destroy":
+                gone = destroy(jobdir)
+                out.write(b'{"k":"gone"}\n' if gone else b'{"k":"still-there"}\n')  # type: ignore[attr-defined]
+                out.flush()  # type: ignore[attr-defined]
+                return
+    finally:
+        finished.set()
 
 
 def _supervisor_alive(jobdir: str) -> bool:
@@ -719,7 +819,8 @@ def _supervisor_alive(jobdir: str) -> bool:
         return False
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return b"supervise" in f.read()
+            # The supervisor is a fork of the `run` front, whose command line names the job: not a reused pid.
+            return os.path.basename(jobdir).encode() in f.read()
     except OSError:
         return True  # no /proc (macOS): trust the pid
 
@@ -729,7 +830,8 @@ def attach_main(jobdir: str, offset: int, stdin: object) -> int:
         sys.stderr.write("burst-agent: no job at %s\n" % jobdir)
         return 3
     out = sys.stdout.buffer
-    threading.Thread(target=_control_loop, args=(jobdir, stdin), daemon=True).start()
+    finished = threading.Event()
+    threading.Thread(target=_control_loop, args=(jobdir, stdin, out, finished), daemon=True).start()
     path = os.path.join(jobdir, "events.jsonl")
     exit_path = os.path.join(jobdir, "exit.json")
     while not os.path.exists(path):
@@ -762,17 +864,21 @@ def attach_main(jobdir: str, offset: int, stdin: object) -> int:
             out.write(pending[:cut])
             out.flush()
             pending = pending[cut:]
-    return results_main(jobdir)
+    results_main(jobdir)
+    finished.wait()  # for the client's `destroy`, or until it hangs up
+    return 0
 
 
 def results_main(jobdir: str) -> int:
-    """The results tar on stdout: changed files of rw mounts as ``m/<i>/...`` and ``values.out.pkl``."""
+    """The results on stdout after a ``results`` line: a chunk-framed tar of the files the cell changed in rw
+    mounts (``m/<i>/...``) and ``values.out.pkl``."""
     out = sys.stdout.buffer
     out.write(b'{"k":"results"}\n')
     out.flush()
     snapshots = _read_json(os.path.join(jobdir, "snapshot.json"), {})
     assert isinstance(snapshots, dict)
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    framed = ChunkWriter(out.write)
+    with tarfile.open(fileobj=framed, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         for i, before in sorted(snapshots.items()):
             root = os.path.join(jobdir, "m", i)
             for rel, sig in sorted(_snapshot(root).items()):
@@ -782,6 +888,7 @@ def results_main(jobdir: str) -> int:
         values = os.path.join(jobdir, "values.out.pkl")
         if os.path.exists(values):
             tar.add(values, arcname="values.out.pkl")
+    framed.close()
     out.flush()
     return 0
 
@@ -803,6 +910,13 @@ def stop_main(jobdir: str, reason: str) -> int:
 
 
 def destroy_main(jobdir: str) -> int:
+    gone = destroy(jobdir)
+    sys.stdout.write("gone\n" if gone else "still there\n")
+    return 0 if gone else 1
+
+
+def destroy(jobdir: str) -> bool:
+    """Kill the job's processes, remove the links it made and its directory. True once nothing is left."""
     if os.path.isdir(jobdir):
         pids = []
         for name in ("supervisor.pid",):
@@ -825,8 +939,7 @@ def destroy_main(jobdir: str) -> int:
             if os.path.islink(link) and os.readlink(link).startswith(os.path.join(jobdir, "m")):
                 os.unlink(link)
         shutil.rmtree(jobdir, ignore_errors=True)
-    sys.stdout.write("gone\n" if not os.path.exists(jobdir) else "still there\n")
-    return 0 if not os.path.exists(jobdir) else 1
+    return not os.path.exists(jobdir)
 
 
 def _started_pid(jobdir: str) -> int | None:
@@ -867,13 +980,9 @@ def list_main(root: str, tag: str) -> int:
 def main(argv: list[str]) -> int:
     cmd, jobdir = argv[0], os.path.abspath(os.path.expanduser(argv[1]))
     arg = argv[2] if len(argv) > 2 else ""
-    if cmd == "supervise":
-        return Supervisor(jobdir).run()
-    if cmd == "cell":
-        return cell_main(jobdir)
     stdin = sys.stdin.buffer
     if cmd == "run":
-        return run_main(jobdir, stdin, globals().get("__burst_source__"))
+        return run_main(jobdir, stdin)
     if cmd == "attach":
         return attach_main(jobdir, int(arg or 0), stdin)
     if cmd == "results":

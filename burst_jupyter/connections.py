@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from .providers.base import Endpoint
+from .remote import AgentClient
 from .runner import LocalRunner, Runner
 
 __all__ = ["Connections"]
@@ -20,6 +21,7 @@ class Connections:
         self._known_hosts = known_hosts
         self._timeout = timeout
         self._runners: dict[Endpoint, Runner] = {}
+        self._agents: dict[tuple[Endpoint, str], AgentClient] = {}
         self._lock = threading.Lock()
         self._local = LocalRunner()
 
@@ -40,6 +42,14 @@ class Connections:
         if old is not None:
             old.close()
         return fresh
+
+    def agent(self, endpoint: Endpoint, python: str, jobdir: str) -> AgentClient:
+        """The one client for a job directory: the lifecycle and the provider share it (and its open front)."""
+        with self._lock:
+            client = self._agents.get((endpoint, jobdir))
+            if client is None:
+                client = self._agents[(endpoint, jobdir)] = AgentClient(self, endpoint, python, jobdir)
+            return client
 
     def reset(self, endpoint: Endpoint) -> None:
         """Forget a connection that dropped; the next ``get`` reconnects."""

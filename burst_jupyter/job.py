@@ -342,8 +342,7 @@ class Lifecycle:
 
     def _client(self) -> AgentClient:
         assert self.instance is not None
-        runner = self.connections.get(self.instance.endpoint)
-        return AgentClient(runner, self.instance.python, self.instance.workdir)
+        return self.connections.agent(self.instance.endpoint, self.instance.python, self.instance.workdir)
 
     def _manifest(self) -> dict[str, Any]:
         plan, spec = self.plan, self.plan.spec
@@ -465,13 +464,13 @@ class Lifecycle:
                 if stream.exit is None:
                     post("eof", None)
                     return
-                post("results", receive_results(stream.results(), plans, sink_dir=sink))  # type: ignore[arg-type]
+                post("results", stream.read_results(lambda f: receive_results(f, plans, sink_dir=sink)))
             except RemoteSetupError as exc:
                 post("error", exc)
-            except Exception as exc:
-                post("eof" if stream.exit is None else "results-failed", exc)
-            finally:
+            except Exception as exc:  # a transport failure: re-attach, or fetch the results again
                 stream.close()
+                post("eof" if stream.exit is None else "results-failed", exc)
+            # On success the front stays open: the provider's terminate ends the job over it.
 
         threading.Thread(target=read, name=f"burst-{self.job.id}-reader", daemon=True).start()
 
@@ -545,6 +544,8 @@ class Lifecycle:
             await self._settle(result)
         # Otherwise a reaper owns the instance, or the terminate is unconfirmed: the reservation stays counted
         # and the state row stays live until `%burst cleanup` (or the reaper) ends and settles it.
+        if self.instance is not None:
+            await asyncio.to_thread(self._client().release)
         final = {JobStatus.COMPLETED: EventType.COMPLETED, JobStatus.CANCELLED: EventType.CANCELLED,
                  JobStatus.BUDGET_KILLED: EventType.BUDGET_KILLED}.get(result.status, EventType.FAILED)
         job.emit(final, total_cost_usd=result.total_cost_usd, max_cost_usd=self.plan.cap_usd,

@@ -28,7 +28,6 @@ from .job import cost_of
 from .paths import burst_home, db_path, logs_dir
 from .providers import ProviderConfig, build_provider
 from .providers.base import Endpoint, terminate_confirmed
-from .remote import AgentClient
 from .state import OwnedInstance, StateStore
 from .sync import MountPlan, receive_results
 
@@ -125,7 +124,7 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> int:
     e = h["endpoint"]
     endpoint = Endpoint(host=e["host"], port=e["port"], user=e["user"], key_path=e["key_path"],
                         trust_on_first_use=e["trust_on_first_use"])
-    client = AgentClient(connections.get(endpoint), h["python"], h["workdir"])
+    client = connections.agent(endpoint, h["python"], h["workdir"])
     status = client.status()
     if not status.get("exists"):
         return 0
@@ -139,7 +138,7 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> int:
         for _ in stream.records():
             pass
         plans = [MountPlan.from_json(m) for m in h.get("mounts", [])]
-        return len(receive_results(stream.results(), plans).files)  # type: ignore[arg-type]
+        return len(stream.read_results(lambda f: receive_results(f, plans)).files)
     finally:
         stream.close()
 

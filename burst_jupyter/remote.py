@@ -1,6 +1,8 @@
-"""The client side of the agent protocol (see agent.py): start a job, follow its event log, fetch results.
+"""The client side of the agent protocol (see agent.py): start a job, follow its event log, fetch results, end it.
 
-Blocking, used from worker threads. One :class:`AgentClient` per (runner, job directory).
+Blocking, used from worker threads. There is one :class:`AgentClient` per job directory (``Connections.agent``),
+shared by the job's lifecycle and its provider: on the happy path a whole job (upload, stream, results and
+destroy) is one command on one connection, because the provider's terminate reuses the job's open front.
 """
 
 from __future__ import annotations
@@ -9,47 +11,53 @@ import json
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from . import agent
-from .errors import RemoteSetupError, SyncError
+from .errors import ProviderError, RemoteSetupError, SyncError
 from .runner import RemoteProcess, Runner, run
+
+if TYPE_CHECKING:
+    from .connections import Connections
+    from .providers.base import Endpoint
 
 __all__ = ["AGENT_SOURCE", "AgentClient", "AgentStream", "Record"]
 
 AGENT_SOURCE: bytes = Path(agent.__file__).read_bytes()
 
 Record = dict[str, Any]
-_CHUNK = 1 << 20
+T = TypeVar("T")
 
 
-class _ChunkWriter:
-    """File-like sink that frames what tar writes as length-prefixed chunks (agent.ChunkedReader)."""
+class _Exact:
+    """``read(n)`` returns exactly n bytes (fewer only at EOF), as agent.ChunkedReader expects."""
 
-    def __init__(self, proc: RemoteProcess) -> None:
-        self._proc = proc
-        self._buf = bytearray()
+    def __init__(self, head: bytes, proc: RemoteProcess) -> None:
+        self.buf = head
+        self.proc = proc
 
-    def write(self, data: bytes) -> int:
-        self._buf += data
-        if len(self._buf) >= _CHUNK:
-            self.flush()
-        return len(data)
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.proc.read(max(n - len(self.buf), 65536))
+            if not chunk:
+                break
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
 
-    def flush(self) -> None:
-        if self._buf:
-            self._proc.write(struct.pack(">I", len(self._buf)) + bytes(self._buf))
-            self._buf.clear()
-
-    def close(self) -> None:
-        self.flush()
-        self._proc.write(struct.pack(">I", 0))
+    def readline(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.proc.read()
+            if not chunk:
+                break
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
 
 
 class AgentStream:
-    """A running ``run``/``attach``: event-log records, then the results tar.
+    """A running ``run``/``attach``: event-log records, then the results, then (optionally) ``destroy``.
 
     ``offset`` is the byte offset of the event log this client has fully received; re-attaching there loses
     and repeats nothing.
@@ -61,7 +69,9 @@ class AgentStream:
         self._where = where
         self._buf = b""
         self._lock = threading.Lock()
+        self._rest: _Exact | None = None
         self.exit: Record | None = None
+        self.results_read = False
 
     def send(self, line: str) -> None:
         """A control line to the agent (``lease`` or ``stop REASON``). Safe beside a reading thread."""
@@ -69,19 +79,21 @@ class AgentStream:
             self._proc.write(line.encode() + b"\n")
 
     def records(self) -> Iterator[Record]:
-        """Yield log records until the results marker (the stream then holds the results tar) or EOF."""
+        """Yield log records until the results marker or EOF (a dropped connection, or the agent died)."""
         while True:
             nl = self._buf.find(b"\n")
             if nl < 0:
                 chunk = self._proc.read(65536)
                 if not chunk:
                     self._check_startup_failure()
-                    return  # connection dropped (or agent died): the caller re-attaches at self.offset
+                    return  # the caller re-attaches at self.offset
                 self._buf += chunk
                 continue
             line, self._buf = self._buf[: nl + 1], self._buf[nl + 1 :]
             record: Record = json.loads(line)
             if record.get("k") == "results":
+                self._rest = _Exact(self._buf, self._proc)
+                self._buf = b""
                 return
             self.offset += len(line)
             if record.get("k") == agent.EXIT_KIND:
@@ -96,90 +108,129 @@ class AgentStream:
         if rc == 127:
             raise RemoteSetupError(f"no Python 3 on {self._where} ({err.splitlines()[-1] if err else 'not found'})")
         if rc not in (None, 0) and err:
-            last = err.splitlines()[-1]
-            raise RemoteSetupError(f"the burst agent could not start on {self._where}: {last}")
+            raise RemoteSetupError(f"the burst agent could not start on {self._where}: {err.splitlines()[-1]}")
 
-    def results(self) -> _ResultsReader:
-        return _ResultsReader(self._buf, self._proc)
+    def read_results(self, consume: Callable[[IO[bytes]], T]) -> T:
+        """Hand the results tar to ``consume`` (after ``records()`` ended at the results marker)."""
+        if self._rest is None:
+            raise SyncError(f"no results came from {self._where}")
+        framed = agent.ChunkedReader(self._rest)
+        value = consume(framed)  # type: ignore[arg-type]
+        framed.read()  # up to the end marker, whatever tar left unread
+        self.results_read = True
+        return value
+
+    def destroy(self) -> bool:
+        """On the same channel, once the results are read: end the job and remove its directory."""
+        assert self._rest is not None
+        self.send("destroy")
+        reply = self._rest.readline()
+        return reply.strip() == b'{"k":"gone"}'
 
     def close(self) -> None:
         self._proc.close()
 
 
-class _ResultsReader:
-    """What is left of the stream after the results marker, as a file for ``tarfile.open(mode='r|')``."""
-
-    def __init__(self, head: bytes, proc: RemoteProcess) -> None:
-        self._head = head
-        self._proc = proc
-
-    def read(self, n: int = -1) -> bytes:
-        if self._head:
-            data = self._head if n < 0 else self._head[:n]
-            self._head = self._head[len(data) :]
-            return data
-        if n < 0:
-            chunks = []
-            while chunk := self._proc.read():
-                chunks.append(chunk)
-            return b"".join(chunks)
-        return self._proc.read(n)
-
-
-@dataclass
 class AgentClient:
-    runner: Runner
-    python: str
-    jobdir: str
+    """Talks to the agent about one job directory (or, for ``list``, a root) on one endpoint."""
+
+    def __init__(self, connections: Connections, endpoint: Endpoint, python: str, jobdir: str) -> None:
+        self.connections = connections
+        self.endpoint = endpoint
+        self.python = python
+        self.jobdir = jobdir
+        self.front: AgentStream | None = None  # the job's run/attach command, while it is open
+        self.gone = False  # the agent confirmed the directory removed (job directories are never reused)
+        self._lock = threading.Lock()
+
+    @property
+    def runner(self) -> Runner:
+        return self.connections.get(self.endpoint)
 
     def _argv(self, command: str, *args: str) -> list[str]:
         return [self.python, "-c", agent.BOOT, str(len(AGENT_SOURCE)), command, self.jobdir, *args]
 
-    def _start(self, command: str, *args: str) -> RemoteProcess:
-        proc = self.runner.start(self._argv(command, *args))
+    def _start(self, command: str, *args: str) -> tuple[RemoteProcess, str]:
+        runner = self.runner
+        proc = runner.start(self._argv(command, *args))
         proc.write(AGENT_SOURCE)
-        return proc
+        return proc, runner.description
 
     def start(self, manifest: Record, write_bundle: Callable[[IO[bytes]], None]) -> AgentStream:
         """Create the job directory, upload the bundle, start the job detached; stream from offset 0."""
-        proc = self._start("run")
+        proc, where = self._start("run")
         payload = json.dumps(manifest).encode()
         proc.write(struct.pack(">I", len(payload)) + payload)
-        sink = _ChunkWriter(proc)
+        framed = agent.ChunkWriter(proc.write)
+        stream = AgentStream(proc, 0, where)
         try:
-            write_bundle(sink)  # type: ignore[arg-type]
-            sink.close()
+            write_bundle(framed)  # type: ignore[arg-type]
+            framed.close()
         except OSError as exc:
-            stream = AgentStream(proc, 0, self.runner.description)
             stream._check_startup_failure()
-            raise SyncError(f"upload to {self.runner.description} failed: {exc}") from exc
-        return AgentStream(proc, 0, self.runner.description)
-
-    def results(self) -> AgentStream:
-        """Only the results of an ended job (its ``records()`` yields nothing, then ``results()``)."""
-        return AgentStream(self._start("results"), 0, self.runner.description)
+            raise SyncError(f"upload to {where} failed: {exc}") from exc
+        self._set_front(stream)
+        return stream
 
     def attach(self, offset: int) -> AgentStream:
-        proc = self._start("attach", str(offset))
-        return AgentStream(proc, offset, self.runner.description)
+        proc, where = self._start("attach", str(offset))
+        stream = AgentStream(proc, offset, where)
+        self._set_front(stream)
+        return stream
+
+    def results(self) -> AgentStream:
+        """Only the results of an ended job (its ``records()`` yields nothing, then ``read_results``)."""
+        proc, where = self._start("results")
+        return AgentStream(proc, 0, where)
+
+    def _set_front(self, stream: AgentStream) -> None:
+        with self._lock:
+            old, self.front = self.front, stream
+        if old is not None and old is not stream:
+            old.close()
+
+    def release(self) -> None:
+        """Close the job's front command (the job itself, detached, is not touched)."""
+        with self._lock:
+            old, self.front = self.front, None
+        if old is not None:
+            old.close()
 
     def _call(self, command: str, *args: str, timeout: float = 60.0) -> str:
-        result = run(self.runner, self._argv(command, *args), input=AGENT_SOURCE, timeout=timeout)
+        runner = self.runner
+        result = run(runner, self._argv(command, *args), input=AGENT_SOURCE, timeout=timeout)
         if result.returncode == 127:
-            raise RemoteSetupError(f"no Python 3 on {self.runner.description}")
+            raise RemoteSetupError(f"no Python 3 on {runner.description}")
         if result.returncode not in (0, 1):
             err = result.stderr.decode("utf-8", "replace").strip()
-            raise RemoteSetupError(f"burst agent {command} failed on {self.runner.description}: {err}")
+            raise RemoteSetupError(f"burst agent {command} failed on {runner.description}: {err}")
         return result.stdout.decode("utf-8", "replace")
 
     def stop(self, reason: str) -> None:
         self._call("stop", reason)
 
     def destroy(self) -> bool:
-        """Stop the job, remove its directory and links. True once nothing is left."""
-        return self._call("destroy").strip() == "gone"
+        """Stop the job, remove its directory and links. True once nothing is left.
+
+        Uses the job's own front when its results have been read (no second command), else a new command."""
+        if self.gone:
+            return True
+        front = self.front
+        gone = False
+        if front is not None and front.results_read:
+            try:
+                gone = front.destroy()
+            except (OSError, EOFError, ProviderError):
+                gone = False  # the front broke: ask again on a new command below
+            self.release()
+        if not gone:
+            gone = self._call("destroy").strip() == "gone"
+        self.gone = gone
+        return gone
 
     def status(self) -> Record:
+        if self.gone:
+            return {"exists": False}
         out = self._call("status")
         return json.loads(out.strip().splitlines()[-1]) if out.strip() else {"exists": False}
 

@@ -26,7 +26,7 @@ class AgentHost:
         return f"{self.root}/{job_id}"
 
     def _client(self, path: str) -> AgentClient:
-        return AgentClient(self.connections.get(self.endpoint), self.python, path)
+        return self.connections.agent(self.endpoint, self.python, path)
 
     async def exists(self, job_id: str) -> bool:
         status = await asyncio.to_thread(lambda: self._client(self.jobdir(job_id)).status())
