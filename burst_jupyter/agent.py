@@ -274,8 +274,8 @@ def cell_main(jobdir: str) -> int:
     manifest = _read_json(os.path.join(jobdir, "job.json"), {})
     assert isinstance(manifest, dict)
     writer = FrameWriter(int(os.environ["BURST_EVENT_FD"]))
-    sys.stdout = _CellStream(writer, b"o", "<stdout>")  # type: ignore[assignment]
-    sys.stderr = _CellStream(writer, b"e", "<stderr>")  # type: ignore[assignment]
+    sys.stdout = _CellStream(writer, b"o", "<stdout>")
+    sys.stderr = _CellStream(writer, b"e", "<stderr>")
     ns: dict[str, object] = {"__name__": "__main__", "__builtins__": builtins}
     ns["burst"] = BurstHelper(writer, str(manifest.get("job_id")), jobdir)
     shell = RemoteShell(ns)
@@ -298,7 +298,9 @@ def cell_main(jobdir: str) -> int:
             source = f.read()
         linecache.cache[CELL_FILENAME] = (len(source), None, source.splitlines(True), CELL_FILENAME)
         tree = ast.parse(source, CELL_FILENAME)
-        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        if last is not None:
+            tree.body.pop()
         exec(compile(tree, CELL_FILENAME, "exec"), ns)
         if last is not None:
             value = eval(compile(ast.Expression(last.value), CELL_FILENAME, "eval"), ns)

@@ -121,8 +121,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.dry_run:
             print("\n".join(map(str, outcome)) or "nothing to clean up")
         else:
-            for o in outcome:
-                print(o)
+            for line in outcome:
+                print(line)
             if not outcome:
                 print("nothing to clean up")
         return 0

@@ -39,7 +39,7 @@ class CellDisplay:
 
         self.job = job
         self.kernel = getattr(shell, "kernel", None)
-        self.parent = shell.get_parent() if self.kernel is not None and hasattr(shell, "get_parent") else None
+        self.parent = shell.get_parent() if shell is not None and self.kernel is not None else None
         self.view: JobView = JobView(job_id=job.id, name=job.spec.name, max_cost_usd=job.plan.cap_usd)
         self._handle: Any = None
         self._last_stream: str | None = None
@@ -54,7 +54,7 @@ class CellDisplay:
             return
         from IPython.display import display
 
-        self._handle = display(self.view, display_id=True)
+        self._handle = display(self.view, display_id=True)  # type: ignore[no-untyped-call]
 
     # -- blocking ---------------------------------------------------------------------------------------------
 

@@ -220,7 +220,10 @@ class Job:
         """Every event of the job, past and future, on the caller's own event loop; ends after the final one."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[JobEvent] = asyncio.Queue()
-        remove = self.add_listener(lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+        def forward(event: JobEvent) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        remove = self.add_listener(forward)
         try:
             while True:
                 event = await queue.get()

@@ -8,7 +8,7 @@ input becomes one ``UsageError`` line; a remote exception shows its remote trace
 from __future__ import annotations
 
 import shlex
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -20,11 +20,15 @@ from .errors import BurstError, ConfigError, RemoteError
 from .spec import JobSpec, parse_money
 
 if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from .budget import GroupKey
     from .job import Job
     from .session import Session
 
 __all__ = ["BurstMagics"]
 
+_GROUPS = ("day", "provider", "gpu", "status")
 _MONEY = Union([Int(), Float(), Unicode()], default_value=None, allow_none=True)
 
 
@@ -52,6 +56,11 @@ class BurstMagics(Magics):
     def __init__(self, shell: Any, session_factory: Any = None) -> None:
         super().__init__(shell)
         self._session_factory = session_factory
+
+    @property
+    def ip(self) -> InteractiveShell:
+        assert self.shell is not None  # registered magics always have their shell
+        return self.shell
 
     @property
     def session(self) -> Session:
@@ -100,8 +109,8 @@ class BurstMagics(Magics):
         """
         args = parse_argstring(self.burst, line)
         try:
-            spec = self._spec(args, self.shell.transform_cell(cell))
-            job = self.session.submit(spec, namespace=self.shell.user_ns)
+            spec = self._spec(args, self.ip.transform_cell(cell))
+            job = self.session.submit(spec, namespace=self.ip.user_ns)
         except BurstError as exc:
             raise UsageError(str(exc)) from None
         return self._show(job, background=args.background)
@@ -146,7 +155,7 @@ class BurstMagics(Magics):
             display.follow_in_background()
             return job
         result = display.run_blocking()
-        self.shell.user_ns.update(result.values)  # on the main thread, after the run (even a failed one)
+        self.ip.user_ns.update(result.values)  # on the main thread, after the run (even a failed one)
         if isinstance(result.error, RemoteError):
             raise result.error
         if result.error is not None:
@@ -155,7 +164,7 @@ class BurstMagics(Magics):
 
     # -- %burst ---------------------------------------------------------------------------------------------
 
-    @line_magic("burst")
+    @line_magic("burst")  # type: ignore[arg-type]  # IPython's stub cannot type a named line magic
     def burst_line(self, line: str) -> Any:
         """%burst ledger [day|provider|gpu|status] | budget [--daily USD] [--weekly USD] | jobs | down | cleanup
         [--dry-run] | help
@@ -173,7 +182,11 @@ class BurstMagics(Magics):
         try:
             if command == "ledger":
                 table = api.ledger()
-                return table.by(rest[0]) if rest else table  # type: ignore[arg-type]
+                if not rest:
+                    return table
+                if rest[0] not in _GROUPS:
+                    raise ConfigError(f"%burst ledger {rest[0]}: group by one of {', '.join(_GROUPS)}")
+                return table.by(cast("GroupKey", rest[0]))
             if command == "budget":
                 return self._budget(rest)
             if command == "jobs":

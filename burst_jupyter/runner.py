@@ -7,6 +7,7 @@ from worker threads.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import threading
@@ -89,7 +90,7 @@ class _LocalProcess:
         self._err_thread.start()
 
     def _drain_stderr(self) -> None:
-        assert self._p.stderr is not None
+        assert isinstance(self._p.stderr, io.BufferedReader)
         while chunk := self._p.stderr.read1(65536):
             self._err.append(chunk)
 
@@ -106,7 +107,7 @@ class _LocalProcess:
                 pass
 
     def read(self, n: int = 65536) -> bytes:
-        assert self._p.stdout is not None
+        assert isinstance(self._p.stdout, io.BufferedReader)
         return self._p.stdout.read1(n)
 
     def stderr(self) -> bytes:

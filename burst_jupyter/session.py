@@ -99,9 +99,10 @@ class Session:
 
     def _apply_initial_caps(self) -> None:
         caps = self.budget.caps()
-        for period, value in (("day", self.settings.daily_budget), ("week", self.settings.weekly_budget)):
-            if value is not None and caps.get(period) is None:
-                self.budget.set_cap(period, value)
+        if self.settings.daily_budget is not None and caps["day"] is None:
+            self.budget.set_cap("day", self.settings.daily_budget)
+        if self.settings.weekly_budget is not None and caps["week"] is None:
+            self.budget.set_cap("week", self.settings.weekly_budget)
 
     # -- the loop thread ------------------------------------------------------------------------------------
 

@@ -91,7 +91,7 @@ def parse_mount(text: str | tuple[Any, ...] | Mount) -> Mount:
     if not local or not remote:
         raise ConfigError(f"mount {text!r} must look like LOCAL:REMOTE[:ro|:rw], e.g. ./data:/work/data:ro")
     try:
-        return Mount(local=Path(local).expanduser(), remote=remote, mode=mode)  # type: ignore[arg-type]
+        return Mount(local=Path(local).expanduser(), remote=remote, mode=mode)
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
         raise ConfigError(f"mount {text!r}: {_first_error(exc)}") from None
 

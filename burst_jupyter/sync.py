@@ -78,7 +78,8 @@ def write_bundle(
     """Write the upload tar to ``sink``. Returns notes on what was left out (symlinks to folders)."""
     notes: list[str] = []
     # gzip level 1: cheap on the CPU, and most of what crosses a WAN link (code, CSV, JSON) shrinks a lot.
-    out: IO[bytes] = gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=1, mtime=0) if compress else sink
+    out: IO[bytes] | gzip.GzipFile = (
+        gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=1, mtime=0) if compress else sink)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         if cell is not None:
             _add_bytes(tar, "cell.py", cell.encode("utf-8"))

@@ -47,7 +47,7 @@ def local_gpus() -> tuple[tuple[str, int], ...]:
 def _fitting(query: OfferQuery, gpus: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
     fit = list(gpus)
     if query.gpu_model not in (None, ANY):
-        model = CATALOG[query.gpu_model]  # type: ignore[index]
+        model = CATALOG[str(query.gpu_model)]
         fit = [g for g in fit if model.matches_smi(g[0])]
     if query.memory_gb:
         fit = [g for g in fit if g[1] >= query.memory_gb * 1000]
