@@ -27,10 +27,14 @@ def load_ipython_extension(shell: Any) -> None:
 
 
 def _report_leftovers() -> None:
+    from .errors import ConfigError
     from .session import Session
 
     try:
         leftovers = Session.current().state.orphans()
+    except ConfigError as exc:  # a bad [tool.burst] or user config: say so, not "state store"
+        print(f"burst: {exc}")
+        return
     except Exception as exc:  # a broken state file must not stop the extension from loading
         print(f"burst: could not read the state store: {exc}")
         return
@@ -46,6 +50,8 @@ def unload_ipython_extension(shell: Any) -> None:
     hooks = _state.pop("hooks", None)
     if hooks is not None:
         hooks.uninstall()
-    _state.pop("magics", None)
+    magics = _state.pop("magics", None)
+    if magics is not None and magics in shell.configurables:
+        shell.configurables.remove(magics)  # Magics.__init__ added it; a reload would otherwise keep two
     shell.magics_manager.magics["cell"].pop("burst", None)
     shell.magics_manager.magics["line"].pop("burst", None)

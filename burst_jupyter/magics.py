@@ -149,11 +149,17 @@ class BurstMagics(Magics):
         from .display import CellDisplay
         from .variables import NO_RESULT
 
-        display = CellDisplay(job, self.shell)
-        display.show()
-        if background:
-            display.follow_in_background()
-            return job
+        try:
+            display = CellDisplay(job, self.shell)
+            display.show()
+            if background:
+                display.follow_in_background()
+                return job
+        except BaseException:
+            # The job is already submitted: never leave it running without a view or a handle.
+            job.cancel()
+            job.wait()
+            raise
         result = display.run_blocking()
         self.ip.user_ns.update(result.values)  # on the main thread, after the run (even a failed one)
         if isinstance(result.error, RemoteError):

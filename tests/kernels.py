@@ -20,11 +20,11 @@ from pathlib import Path
 from queue import Empty
 from typing import Any, TypeVar
 
-from burst_jupyter.budget import Budget, LedgerRow
 from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
+from burst_jupyter.budget import Budget, LedgerRow
 from burst_jupyter.state import OwnedInstance, StateStore
 
 T = TypeVar("T")

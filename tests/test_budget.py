@@ -13,8 +13,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from burst_jupyter.budget import Budget, CapUsage, LedgerRow, period_bounds
 
+from burst_jupyter.budget import Budget, CapUsage, LedgerRow, period_bounds
 from burst_jupyter.db import connect
 from burst_jupyter.errors import BudgetExceededError
 

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from burst_jupyter.budget import Budget
 from kernels import (
     Execution,
     Kernel,
@@ -26,6 +25,8 @@ from kernels import (
     wait_for,
     wait_until_clean,
 )
+
+from burst_jupyter.budget import Budget
 
 pytestmark = pytest.mark.kernel
 

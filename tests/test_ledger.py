@@ -12,9 +12,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+
 from burst_jupyter.budget import Budget, LedgerRow, LedgerTable, format_usd
 from burst_jupyter.budget.ledger import SCHEMA_VERSION
-
 from burst_jupyter.errors import BurstError
 
 UTC = dt.timezone.utc

@@ -12,9 +12,10 @@ from typing import Any
 
 import nbformat
 import pytest
-from burst_jupyter.budget import Budget
 from kernels import db_file, kernel_manager, live_instances, local_job_dirs
 from nbclient import NotebookClient
+
+from burst_jupyter.budget import Budget
 
 pytestmark = pytest.mark.kernel
 

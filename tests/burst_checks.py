@@ -1,0 +1,177 @@
+"""Helpers for the tests that run %%burst and the Python API against the real local provider.
+
+They read real state only: the ledger and reservations through ``Budget``, the state store through
+``StateStore`` (and its SQLite file), the local provider's job folders under ``BURST_HOME/local``, and what the
+cell wrote to stdout and stderr, in the order it arrived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from burst_jupyter.budget import Budget, LedgerRow
+from burst_jupyter.state import OwnedInstance, StateStore
+
+
+def db_file(home: Path) -> Path:
+    return home / "burst.sqlite3"
+
+
+def ledger_rows(home: Path) -> list[LedgerRow]:
+    with Budget(db_file(home)) as budget:
+        return budget.rows()
+
+
+def open_reservations(home: Path) -> list[Any]:
+    with Budget(db_file(home)) as budget:
+        return budget.open_reservations()
+
+
+def live_instances(home: Path) -> list[OwnedInstance]:
+    store = StateStore(db_file(home))
+    try:
+        return store.live()
+    finally:
+        store.close()
+
+
+def state_row(home: Path, job_id: str) -> OwnedInstance | None:
+    store = StateStore(db_file(home))
+    try:
+        return store.get(job_id)
+    finally:
+        store.close()
+
+
+def state_row_count(home: Path) -> int:
+    """Every row of the state store, whatever its state (0 when the file was never created)."""
+    if not db_file(home).exists():
+        return 0
+    conn = sqlite3.connect(db_file(home))
+    try:
+        return int(conn.execute("SELECT count(*) FROM instances").fetchone()[0])
+    except sqlite3.OperationalError:  # no table yet
+        return 0
+    finally:
+        conn.close()
+
+
+def local_jobdirs(home: Path) -> list[str]:
+    """What the local provider has on this machine: one folder per job that is not yet terminated."""
+    root = home / "local"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def seed_ledger(home: Path) -> LedgerRow:
+    """One settled row, so "ledger unchanged" compares against something."""
+    import datetime as dt
+    from decimal import Decimal
+
+    now = dt.datetime.now(dt.timezone.utc)
+    with Budget(db_file(home)) as budget:
+        return budget.settle("seed-00000000", provider="local", instance_id="seed-00000000", gpu="",
+                             rate_usd_per_hour=Decimal("1.5"), started_at=now - dt.timedelta(minutes=2),
+                             ended_at=now, actual_usd=Decimal("0.05"), status="completed", name="seed")
+
+
+@dataclass
+class Streams:
+    """Stand-ins for sys.stdout and sys.stderr that record every write, in order, with its stream.
+
+    ``on_write(stream, text)`` is called after each write (on the writing thread)."""
+
+    writes: list[tuple[str, str]] = field(default_factory=list)
+    on_write: Callable[[str, str], None] | None = None
+
+    def stream(self, name: str) -> _Recorder:
+        return _Recorder(self, name)
+
+    def text(self, name: str | None = None, *, ours: bool = False) -> str:
+        """What was written (to ``name`` only, or both), without burst's own ``[burst]`` status lines unless
+        ``ours``."""
+        joined = "".join(t for s, t in self.writes if name is None or s == name)
+        if ours:
+            return joined
+        return "".join(line for line in joined.splitlines(keepends=True) if not line.startswith("[burst] "))
+
+    def lines(self) -> list[tuple[str, str]]:
+        """Complete lines as (stream, line), in the order each line was completed; status lines dropped."""
+        partial = {"stdout": "", "stderr": ""}
+        out: list[tuple[str, str]] = []
+        for stream, text in self.writes:
+            buf = partial[stream] + text
+            *done, partial[stream] = buf.split("\n")
+            out.extend((stream, line) for line in done if not line.startswith("[burst] "))
+        out.extend((s, rest) for s, rest in partial.items() if rest)
+        return out
+
+
+class _Recorder:
+    def __init__(self, streams: Streams, name: str) -> None:
+        self._streams, self.name = streams, name
+        self.encoding = "utf-8"
+
+    def write(self, text: str) -> int:
+        self._streams.writes.append((self.name, text))
+        if self._streams.on_write is not None:
+            self._streams.on_write(self.name, text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def recorded(on_write: Callable[[str, str], None] | None = None) -> Iterator[Streams]:
+    streams = Streams(on_write=on_write)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = streams.stream("stdout"), streams.stream("stderr")  # type: ignore[assignment]
+    try:
+        yield streams
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def run_cell(ip: Any, source: str, on_write: Callable[[str, str], None] | None = None) -> tuple[Any, Streams]:
+    """Run ``source`` in the real shell; return IPython's ExecutionResult and what was written."""
+    with recorded(on_write) as streams:
+        result = ip.run_cell(source, store_history=False)
+    return result, streams
+
+
+def last_job() -> Any:
+    import burst_jupyter as burst
+
+    jobs = burst.jobs()
+    assert jobs, "no job was started"
+    return jobs[-1]
+
+
+def wait_until(condition: Callable[[], bool], what: str, *, limit: float = 60.0) -> None:
+    """Poll for something a job does (not a timing assert: the limit only turns a hang into a failure)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.02)
+
+
+def usage_line(result: Any) -> str:
+    """The one-line UsageError a cell failed with."""
+    from IPython.core.error import UsageError
+
+    error = result.error_in_exec if result.error_in_exec is not None else result.error_before_exec
+    assert isinstance(error, UsageError), f"expected a UsageError, got {error!r}"
+    text = str(error)
+    assert text and "\n" not in text, f"not one line: {text!r}"
+    return text
