@@ -5,9 +5,13 @@ Kept light: IPython is already loaded; the session (SQLite), paramiko, ipywidget
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 from .shutdown import ExitHooks
+
+if TYPE_CHECKING:
+    from .session import Session
 
 __all__ = ["load_ipython_extension", "unload_ipython_extension"]
 
@@ -16,25 +20,39 @@ _state: dict[str, Any] = {}
 
 def load_ipython_extension(shell: Any) -> None:
     from .magics import BurstMagics
-    from .session import Session
 
     magics = BurstMagics(shell)
     shell.register_magics(magics)
-    hooks = ExitHooks(lambda: Session._current)
+    hooks = ExitHooks(_live_session)
     hooks.install()
     _state.update(magics=magics, hooks=hooks)
     _report_leftovers()
 
 
+def _live_session() -> Session | None:
+    """The process's session if one was ever made; at exit, never import (or create) one just to find none."""
+    module = sys.modules.get(f"{__package__}.session")
+    return None if module is None else module.Session._current
+
+
 def _report_leftovers() -> None:
+    """Say what is wrong before the first cell: a bad [tool.burst] or user config, and what kernels that are gone
+    left running. Reads only the config files and the state store (no session, no jobs machinery)."""
+    from .config import load_settings
     from .errors import ConfigError
-    from .session import Session
+    from .paths import db_path
+    from .state import StateStore
 
     try:
-        leftovers = Session.current().state.orphans()
-    except ConfigError as exc:  # a bad [tool.burst] or user config: say so, not "state store"
+        load_settings()
+    except ConfigError as exc:
         print(f"burst: {exc}")
-        return
+    try:
+        store = StateStore(db_path())
+        try:
+            leftovers = store.orphans()
+        finally:
+            store.close()
     except Exception as exc:  # a broken state file must not stop the extension from loading
         print(f"burst: could not read the state store: {exc}")
         return

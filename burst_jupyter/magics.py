@@ -17,7 +17,6 @@ from traitlets import Bool, Float, Int, Unicode, Union
 from traitlets import List as ListTrait
 
 from .errors import BurstError, ConfigError, RemoteError
-from .spec import JobSpec, parse_money
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
     from .budget import GroupKey
     from .job import Job
     from .session import Session
+    from .spec import JobSpec
 
 __all__ = ["BurstMagics"]
 
@@ -116,6 +116,8 @@ class BurstMagics(Magics):
         return self._show(job, background=args.background)
 
     def _spec(self, args: Any, cell: str) -> JobSpec:
+        from .spec import JobSpec  # pydantic loads on the first cell, not at %load_ext
+
         fields: dict[str, Any] = {"cell": cell}
 
         def put(name: str, value: Any) -> None:
@@ -227,4 +229,6 @@ class BurstMagics(Magics):
 
 
 def _money(value: object, what: str) -> Any:
+    from .spec import parse_money
+
     return None if value is None else parse_money(value, what=what)
