@@ -7,7 +7,9 @@ defined in the notebook. Every failure names the variable.
 from __future__ import annotations
 
 import ast
+import io
 import pickle
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,17 +29,36 @@ class _NoResult:
 NO_RESULT: Any = _NoResult()
 
 
+class _NotPortable(Exception):
+    pass
+
+
+class _NoMainReferences(pickle.Pickler):
+    """Plain pickle, refusing what it would save as a reference to ``__main__``: in a kernel the notebook *is*
+    ``__main__``, so pickle happily writes "__main__.f", which the instance cannot resolve."""
+
+    def reducer_override(self, obj: object) -> object:
+        if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) == "__main__":
+            raise _NotPortable(f"{type(obj).__name__} {getattr(obj, '__qualname__', obj)!r}")
+        return NotImplemented
+
+
 def _dumps(name: str, value: object) -> bytes:
-    try:
-        return pickle.dumps(value, protocol=4)
-    except Exception as exc:
-        first = exc
+    """cloudpickle when installed (it sends what the notebook defined by value); else plain pickle, refusing
+    notebook-defined functions and classes rather than sending a reference the instance cannot resolve."""
     try:
         import cloudpickle
     except ImportError:
-        raise VariableError(
-            f"--push {name}: cannot pickle {type(value).__name__} ({first}); pip install cloudpickle may help"
-        ) from None
+        buffer = io.BytesIO()
+        try:
+            _NoMainReferences(buffer, protocol=4).dump(value)
+        except _NotPortable as exc:
+            raise VariableError(f"--push {name}: it holds {exc}, defined in the notebook, which only "
+                                f"cloudpickle can send (pip install cloudpickle)") from None
+        except Exception as exc:
+            raise VariableError(f"--push {name}: cannot pickle {type(value).__name__}: {exc}; "
+                                f"pip install cloudpickle may help") from None
+        return buffer.getvalue()
     try:
         return cloudpickle.dumps(value, protocol=4)  # type: ignore[no-any-return]
     except Exception as exc:

@@ -180,6 +180,16 @@ train()
     assert second.text() == "wait: failed\n"
 
 
+def test_notebook_functions_and_classes_travel_both_ways(start_kernel: Callable[[], Kernel]) -> None:
+    """In a kernel the notebook *is* __main__: plain pickle would send `f` as a reference "__main__.f" that the
+    instance cannot resolve. They must travel by value, and so must what the cell defines."""
+    kernel = start_kernel()
+    kernel.run_ok("def f(x):\n    return x + 1\nclass P:\n    def __init__(self):\n        self.v = 3\np = P()")
+    kernel.run_ok(f"{LOCAL} --push f,p --pull y,g,Q\ny = f(p.v)\ndef g():\n    return 5\nclass Q:\n    pass\n")
+    shown = kernel.run_ok("print(y, g(), Q.__name__)")
+    assert shown.text("stdout") == "4 5 Q\n"
+
+
 # -- a kernel going away mid-job ---------------------------------------------------------------------------------
 
 
