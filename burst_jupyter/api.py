@@ -106,7 +106,7 @@ def jobs() -> list[Job]:
 
 def shutdown() -> list[str]:
     """Hand every job of this process to a detached reaper (sync back, terminate, settle). Returns their ids."""
-    from .shutdown import hand_off
+    from .exit_hooks import hand_off
 
     return hand_off(Session.current(), "burst.shutdown()")
 

@@ -62,7 +62,8 @@ class Settings(BaseModel):
     trust_new_hosts: bool = Field(default=False, description="Accept and remember unknown SSH host keys.")
     remote_python: str | None = Field(default=None, description="Python on the instance (default python3).")
     lease_seconds: int = Field(default=600, ge=0, description="The agent stops a job whose client is silent this long.")
-    result_sink: str | None = Field(default=None, description="Folder (or file:// URL) also receiving rw results.")
+    result_sink: str | None = Field(
+        default=None, description="Also store rw results here: a folder, file://, s3:// or r2:// URL (sinks.py).")
     daily_budget: Decimal | None = Field(default=None, description="Initial daily cap, until the ledger has one.")
     weekly_budget: Decimal | None = Field(default=None, description="Initial weekly cap, until the ledger has one.")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from .shutdown import ExitHooks
+from .exit_hooks import ExitHooks
 
 if TYPE_CHECKING:
     from .session import Session

@@ -42,6 +42,7 @@ from .variables import NO_RESULT, unpack_pulled
 if TYPE_CHECKING:
     from .budget import Budget
     from .connections import Connections
+    from .sinks import ResultSink
     from .spec import JobSpec
     from .state import Owner, StateStore
 
@@ -110,6 +111,7 @@ class JobPlan:
     cell: str | None
     tag: str
     handoff: dict[str, Any]  # what a reaper needs beyond the instance (local mount paths, names)
+    sink: ResultSink | None = None  # also receives the rw results; check()ed before anything was rented
 
 
 class Job:
@@ -406,6 +408,8 @@ class Lifecycle:
                 self._on_record(payload)
             elif kind == "results":
                 self.received = payload
+                if payload.sink_note:
+                    job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {payload.sink_note}\n")
                 return
             elif kind in ("eof", "results-failed"):
                 # Dropped mid-stream, or while the results came back: the job (and its files) wait on the
@@ -453,9 +457,7 @@ class Lifecycle:
 
     def _start_reader(self, stream: AgentStream, queue: asyncio.Queue[tuple[str, Any]],
                       loop: asyncio.AbstractEventLoop) -> None:
-        plans = self.plan.mounts
-        sink = Path(self.plan.spec.result_sink.removeprefix("file://")) / self.job.id \
-            if self.plan.spec.result_sink else None
+        plans, sink = self.plan.mounts, self.plan.sink
 
         def post(kind: str, payload: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
@@ -467,7 +469,7 @@ class Lifecycle:
                 if stream.exit is None:
                     post("eof", None)
                     return
-                post("results", stream.read_results(lambda f: receive_results(f, plans, sink_dir=sink)))
+                post("results", stream.read_results(lambda f: receive_results(f, plans, sink=sink)))
             except RemoteSetupError as exc:
                 post("error", exc)
             except Exception as exc:  # a transport failure: re-attach, or fetch the results again

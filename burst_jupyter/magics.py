@@ -91,7 +91,9 @@ class BurstMagics(Magics):
     @argument("--python", metavar="PATH", help="Python on the instance (default python3; local: this kernel's).")
     @argument("--lease", type=int, metavar="SECONDS", help="Stop the job if this kernel is silent this long.")
     @argument("--name", "-n", help="A name for the job in views and the ledger.")
-    @argument("--sink", metavar="FOLDER", help="Also copy rw results into FOLDER/<job id>/.")
+    @argument("--sink", metavar="URL", help="Also store rw results in URL/<job id>/: a folder, s3://bucket/prefix "
+              "or r2://bucket/prefix; {job_id} in URL places the id itself (IPython expands {name} in magic "
+              "lines from the notebook's variables: if one is called job_id, write {{job_id}}).")
     @argument("--background", "-b", action="store_true",
               help="Return a Job handle at once; the view keeps updating.")
     @cell_magic

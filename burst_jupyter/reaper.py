@@ -28,6 +28,7 @@ from .job import cost_of
 from .paths import burst_home, db_path, logs_dir
 from .providers import ProviderConfig, build_provider
 from .providers.base import Endpoint, terminate_confirmed
+from .sinks import ResultSink, open_sink
 from .state import OwnedInstance, StateStore
 from .sync import MountPlan, receive_results
 
@@ -97,7 +98,7 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
     synced, problem = 0, None
     if "endpoint" in h:
         try:
-            synced = await asyncio.to_thread(_stop_and_sync, owned, connections)
+            synced, problem = await asyncio.to_thread(_stop_and_sync, owned, connections)
         except (BurstError, OSError, EOFError) as exc:
             problem = f"sync back failed: {exc}"
             log.warning("%s: %s", owned.job_id, problem)
@@ -119,7 +120,8 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
     return Outcome(owned.job_id, synced, True, cost, problem)
 
 
-def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> int:
+def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> tuple[int, str | None]:
+    """Stop the cell, bring its rw results back (and into the result sink). Returns (files, sink problem)."""
     h = owned.handoff
     e = h["endpoint"]
     endpoint = Endpoint(host=e["host"], port=e["port"], user=e["user"], key_path=e["key_path"],
@@ -127,7 +129,7 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> int:
     client = connections.agent(endpoint, h["python"], h["workdir"])
     status = client.status()
     if not status.get("exists"):
-        return 0
+        return 0, None
     if status.get("running"):
         client.stop("cancelled")
         deadline = time.monotonic() + _STOP_WAIT
@@ -138,9 +140,27 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> int:
         for _ in stream.records():
             pass
         plans = [MountPlan.from_json(m) for m in h.get("mounts", [])]
-        return len(stream.read_results(lambda f: receive_results(f, plans)).files)
+        sink, problem = _handoff_sink(h)
+        got = stream.read_results(lambda f: receive_results(f, plans, sink=sink))
+        if sink is not None:
+            log.info("%s: stored %d file(s) in %s", owned.job_id, got.stored, sink.describe())
+        if got.sink_note:
+            log.warning("%s: %s", owned.job_id, got.sink_note)
+        return len(got.files), problem or got.sink_note
     finally:
         stream.close()
+
+
+def _handoff_sink(h: dict[str, object]) -> tuple[ResultSink | None, str | None]:
+    """The job's result sink, reopened from the URL session.plan() put in the handoff (already job-specific)."""
+    url = h.get("result_sink")
+    if not isinstance(url, str):
+        return None, None
+    try:
+        return open_sink(url), None
+    except BurstError as exc:  # e.g. R2_ACCOUNT_ID not in this process's environment: still sync locally
+        log.warning("result sink %s: %s", url, exc)
+        return None, f"result sink not used: {exc}"
 
 
 def main(argv: list[str] | None = None) -> int:

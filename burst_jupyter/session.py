@@ -24,6 +24,7 @@ from .job import Job, JobPlan, Lifecycle, cost_of
 from .paths import burst_home, db_path
 from .providers import REGISTRY, ProviderConfig, build_provider
 from .providers.catalog import canonical_gpu
+from .sinks import open_sink
 from .spec import HARD_MAX_MINUTES, JobSpec
 from .sync import plan_mounts
 from .variables import check_pulls, pack_push
@@ -116,7 +117,7 @@ class Session:
             return self._loop
 
     def close(self) -> None:
-        """Stop the loop thread and drop connections. Running jobs are not touched (see shutdown.py)."""
+        """Stop the loop thread and drop connections. Running jobs are not touched (see exit_hooks.py)."""
         with self._lock:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
@@ -168,8 +169,14 @@ class Session:
             "mounts": [m.to_json() for m in mounts],
             "max_cost_usd": str(cap),
         }
+        sink = None
+        if spec.result_sink:
+            # Last: it may be a network call (S3 head_bucket), and every local check above is cheaper.
+            sink = open_sink(spec.result_sink, job_id=job_id)
+            sink.check()
+            handoff["result_sink"] = sink.describe()  # absolute and job-specific: the reaper reopens it as is
         return JobPlan(job_id=job_id, spec=spec, provider=provider, cap_usd=cap, max_seconds=minutes * 60.0,
-                       mounts=mounts, pushed=pushed, cell=spec.cell, tag=self.tag, handoff=handoff)
+                       mounts=mounts, pushed=pushed, cell=spec.cell, tag=self.tag, handoff=handoff, sink=sink)
 
     def _with_defaults(self, spec: JobSpec) -> JobSpec:
         """Fill what the user did not set from [tool.burst] / the user config; canonicalise names."""

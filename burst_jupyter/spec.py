@@ -136,7 +136,9 @@ class JobSpec(BaseModel):
     ssh_trust_on_first_use: bool = Field(False, description="Accept and remember unknown SSH host keys.")
     remote_python: str | None = Field(None, description="Python on the instance (default python3).")
     lease_seconds: int = Field(600, ge=0, description="The agent stops a job whose client is silent this long.")
-    result_sink: str | None = Field(None, description="Folder (or file:// URL) also receiving rw results.")
+    result_sink: str | None = Field(
+        None, description="Also store rw results here, under <job id>/: a folder, file://, s3:// or r2:// URL "
+        "({job_id} in it places the id).")
 
     @field_validator("max_cost_usd", "max_price_usd_per_hour", "rate_usd_per_hour", mode="before")
     @classmethod

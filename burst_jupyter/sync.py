@@ -17,11 +17,14 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .errors import ConfigError, SyncError
 from .ignore import iter_entries
 from .spec import Mount
+
+if TYPE_CHECKING:
+    from .sinks import ResultSink
 
 __all__ = ["MountPlan", "Received", "plan_mounts", "receive_results", "write_bundle"]
 
@@ -118,12 +121,16 @@ class Received:
     values_blob: bytes | None = None
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stored: int = 0  # files also stored in the result sink
+    sink_note: str | None = None  # why some files are not in the sink (also in ``notes``)
 
 
-def receive_results(stream: IO[bytes], plans: list[MountPlan], *, sink_dir: Path | None = None) -> Received:
-    """Unpack the agent's results tar: rw-mount changes into their local folders (and ``sink_dir``)."""
+def receive_results(stream: IO[bytes], plans: list[MountPlan], *, sink: ResultSink | None = None) -> Received:
+    """Unpack the agent's results tar: rw-mount changes into their local folders, and each file, as it lands,
+    into ``sink`` as ``<mount name>/<path>``. A sink failure never costs a local file: it becomes ``sink_note``."""
     by_index = {str(p.index): p for p in plans if p.rw}
     got = Received()
+    feed = _SinkFeed(sink, got) if sink is not None else None
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
@@ -143,13 +150,41 @@ def receive_results(stream: IO[bytes], plans: list[MountPlan], *, sink_dir: Path
                 note = _place(tar, member, root, rel, got)
                 if note:
                     got.notes.append(note)
-                elif sink_dir is not None and member.isfile():
-                    copy = sink_dir / _sink_name(plan) / rel
-                    copy.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(root / rel, copy)
+                elif feed is not None and member.isfile():
+                    feed.put(f"{_sink_name(plan)}/{rel}", root / rel)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise SyncError(f"results transfer broke off: {exc}") from exc
+    if feed is not None:
+        feed.finish()
     return got
+
+
+class _SinkFeed:
+    """Feeds one results transfer into a sink. The first failure stops it: a sink that refused one file (gone
+    bucket, expired credentials, dead network) almost always refuses the rest, and retrying each one would hold
+    the transfer for minutes. What was not stored is reported once, in ``Received.sink_note``."""
+
+    def __init__(self, sink: ResultSink, got: Received) -> None:
+        self.sink, self.got = sink, got
+        self.failure: str | None = None
+        self.missed = 0
+
+    def put(self, key: str, path: Path) -> None:
+        if self.failure is None:
+            try:
+                self.sink.put(key, path)
+                self.got.stored += 1
+                return
+            except Exception as exc:  # any failure: the local file is safe, so report it and go on
+                self.failure = str(exc) or type(exc).__name__
+        self.missed += 1
+
+    def finish(self) -> None:
+        if self.failure is None:
+            return
+        more = f" ({self.missed - 1} more file(s) not stored either)" if self.missed > 1 else ""
+        self.got.sink_note = f"{self.failure}{more}; the results are in the local folder"
+        self.got.notes.append(self.got.sink_note)
 
 
 def _sink_name(plan: MountPlan) -> str:

@@ -37,7 +37,7 @@ class _NoMainReferences(pickle.Pickler):
     """Plain pickle, refusing what it would save as a reference to ``__main__``: in a kernel the notebook *is*
     ``__main__``, so pickle happily writes "__main__.f", which the instance cannot resolve."""
 
-    def reducer_override(self, obj: object) -> object:
+    def reducer_override(self, obj: object) -> Any:
         if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) == "__main__":
             raise _NotPortable(f"{type(obj).__name__} {getattr(obj, '__qualname__', obj)!r}")
         return NotImplemented
