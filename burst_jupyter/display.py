@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CellDisplay"]
 
-_TICK = 1.0  # seconds between elapsed/cost refreshes
-_SNAPSHOT_EVERY = 2.0  # seconds between text/html snapshot refreshes of the displayed view
+# Seconds between view refreshes: elapsed time and cost, and whatever the view's 10 Hz throttle held back (a
+# progress update right after an output line). Cheap: a refresh sends only the widget traits that changed.
+_TICK = 0.2
 
 
 class CellDisplay:
@@ -43,7 +44,6 @@ class CellDisplay:
         self.view: JobView = JobView(job_id=job.id, name=job.spec.name, max_cost_usd=job.plan.cap_usd)
         self._handle: Any = None
         self._last_stream: str | None = None
-        self._last_snapshot = 0.0
 
     @property
     def text_mode(self) -> bool:
@@ -79,7 +79,6 @@ class CellDisplay:
                     if time.monotonic() - last_tick >= _TICK:
                         last_tick = time.monotonic()
                         self.view.tick()
-                        self._refresh_snapshot()
                 except KeyboardInterrupt:
                     if interrupted:
                         # A second Ctrl-C: stop waiting; the clean-up goes on in the session loop regardless.
@@ -127,11 +126,11 @@ class CellDisplay:
             if line:
                 self._write("stdout", f"[burst] {line}\n", blocking=blocking)
         if event.is_final:
-            self._refresh_snapshot(force=True)
+            self._refresh_snapshot()
             if not blocking:
                 self._report_background_end()
-        elif event.type in (EventType.PROVISIONED, EventType.STARTED, EventType.SYNCING_DOWN):
-            self._refresh_snapshot(force=True)
+        elif event.type is EventType.STARTED:
+            self._refresh_snapshot()
 
     def _report_background_end(self) -> None:
         """A background job has nobody waiting to raise its error: show its traceback in its cell.
@@ -148,14 +147,11 @@ class CellDisplay:
 
         self.job._future.add_done_callback(report)
 
-    def _refresh_snapshot(self, *, force: bool = False) -> None:
-        """Re-publish the displayed view so the text/plain and text/html kept in the notebook stay current
-        (nbconvert and nbclient keep the last update; a live widget updates itself over its comm)."""
-        if self._handle is None or threading.current_thread() is not threading.main_thread():
-            return
-        now = time.monotonic()
-        if force or now - self._last_snapshot >= _SNAPSHOT_EVERY:
-            self._last_snapshot = now
+    def _refresh_snapshot(self) -> None:
+        """Re-publish the displayed view at the job's turning points, so the text/plain and text/html kept in the
+        notebook say how it ended (nbconvert and nbclient keep the last update). Only then: a re-publish makes
+        JupyterLab rebuild the widget's view, and the live widget updates itself over its comm anyway."""
+        if self._handle is not None and threading.current_thread() is threading.main_thread():
             self._handle.update(self.view)
 
     def _write(self, stream: str, text: str, *, blocking: bool) -> None:
