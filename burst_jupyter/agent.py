@@ -84,7 +84,7 @@ def _read_json(path: str, default: object = None) -> object:
         return default
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -817,7 +817,7 @@ def _supervisor_alive(jobdir: str) -> bool:
             pid = int(f.read().strip())
     except (OSError, ValueError):
         return True  # not written yet: it is starting
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as f:
@@ -931,7 +931,7 @@ def destroy(jobdir: str) -> bool:
         if started:
             _kill_group(started, signal.SIGKILL)
         for pid in pids:
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:

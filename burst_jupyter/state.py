@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .agent import pid_alive  # the agent is stdlib-only and self-contained; the client shares its helpers
 from .db import connect, write_transaction
 
 __all__ = ["OwnedInstance", "Owner", "StateStore"]
@@ -48,16 +49,6 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass(frozen=True, slots=True)
 class Owner:
     host: str
@@ -71,7 +62,7 @@ class Owner:
     def is_alive(self) -> bool:
         if self.host != socket.gethostname():
             return True  # another machine's kernel: we cannot tell, so we never take its jobs
-        if not _pid_alive(self.pid):
+        if not pid_alive(self.pid):
             return False
         return self.started is None or _process_start(self.pid) in (None, self.started)
 
@@ -92,7 +83,7 @@ class OwnedInstance:
         """Live at the provider (as far as we know) while neither its kernel nor a reaper is alive."""
         if self.state not in LIVE_STATES:
             return False
-        if self.reaper_pid is not None and _pid_alive(self.reaper_pid):
+        if self.reaper_pid is not None and pid_alive(self.reaper_pid):
             return False
         return not self.owner.is_alive()
 
