@@ -588,9 +588,12 @@ class Lifecycle:
             result.error = BudgetKilled(f"stopped at its cost cap (${self.plan.cap_usd})")
         elif self.setup_error is not None:
             result.status, result.error = JobStatus.FAILED, RemoteSetupError(self.setup_error)
+        elif reason in ("deadline", "lease"):
+            # Before remote_error: the stop reaches the cell as KeyboardInterrupt, an effect and not the cause.
+            result.status, result.error = JobStatus.FAILED, BurstError(_STOP_TEXT[str(reason)])
         elif self.remote_error is not None:
             result.status, result.error = JobStatus.FAILED, self.remote_error
-        elif reason in ("deadline", "lease", "agent-died"):
+        elif reason == "agent-died":
             result.status, result.error = JobStatus.FAILED, BurstError(_STOP_TEXT[str(reason)])
         elif rc not in (0, None):
             result.status, result.error = JobStatus.FAILED, BurstError(f"the command exited with status {rc}")

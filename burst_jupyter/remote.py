@@ -63,10 +63,11 @@ class AgentStream:
     and repeats nothing.
     """
 
-    def __init__(self, proc: RemoteProcess, offset: int, where: str) -> None:
+    def __init__(self, proc: RemoteProcess, offset: int, where: str, client: AgentClient | None = None) -> None:
         self._proc = proc
         self.offset = offset
         self._where = where
+        self._client = client  # set for a `run`: told when the agent never started, so nothing is there to end
         self._buf = b""
         self._lock = threading.Lock()
         self._rest: _Exact | None = None
@@ -106,6 +107,8 @@ class AgentStream:
         rc = self._proc.wait(timeout=5)
         err = self._proc.stderr().decode("utf-8", "replace").strip()
         if rc == 127:
+            if self._client is not None:
+                self._client.gone = True  # the shell found no Python: the job never made its directory
             raise RemoteSetupError(f"no Python 3 on {self._where} ({err.splitlines()[-1] if err else 'not found'})")
         if rc not in (None, 0) and err:
             raise RemoteSetupError(f"the burst agent could not start on {self._where}: {err.splitlines()[-1]}")
@@ -140,7 +143,7 @@ class AgentClient:
         self.python = python
         self.jobdir = jobdir
         self.front: AgentStream | None = None  # the job's run/attach command, while it is open
-        self.gone = False  # the agent confirmed the directory removed (job directories are never reused)
+        self.gone = False  # the directory is removed (or was never made); job directories are never reused
         self._lock = threading.Lock()
 
     @property
@@ -162,7 +165,7 @@ class AgentClient:
         payload = json.dumps(manifest).encode()
         proc.write(struct.pack(">I", len(payload)) + payload)
         framed = agent.ChunkWriter(proc.write)
-        stream = AgentStream(proc, 0, where)
+        stream = AgentStream(proc, 0, where, self)
         try:
             write_bundle(framed)  # type: ignore[arg-type]
             framed.close()

@@ -3,7 +3,8 @@
 Every ``start`` opens a new exec channel on the same connection, so a whole job (agent, files, variables, the
 event stream, lease renewals) costs one TCP connection and one handshake. The connection behaves like the
 user's ``ssh``: it reads ``~/.ssh/config``, offers the same keys (key files, then ssh-agent) and checks host keys
-against ``known_hosts``, with trust-on-first-use only when the endpoint asks for it.
+against ``known_hosts`` (:mod:`burst_jupyter.known_hosts`), with trust-on-first-use only when the endpoint asks
+for it.
 
 Import this module only when an SSH endpoint is used: it imports paramiko (and with it cryptography), which
 would slow ``%load_ext`` down.
@@ -12,12 +13,8 @@ would slow ``%load_ext`` down.
 from __future__ import annotations
 
 import base64
-import binascii
 import getpass
-import hashlib
-import hmac
 import os
-import re
 import shlex
 import socket
 import subprocess
@@ -30,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import paramiko
 
-from .errors import AuthFailed, ConfigError, ConnectFailed, HostKeyError, ProviderError
+from .errors import AuthFailed, ConfigError, ConnectFailed, ProviderError
+from .known_hosts import check_host_key, prefer_known_key_types, read_known_hosts
 from .runner import RemoteProcess
 
 if TYPE_CHECKING:
@@ -75,15 +73,6 @@ class _Target:
     def known_hosts_name(self) -> str:
         # How OpenSSH names a host in known_hosts: the real host name, with the port only when it is not 22.
         return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class _KnownKey:
-    path: Path
-    line: int
-    key_type: str
-    blob: bytes
-    revoked: bool
 
 
 class _ProxyCommand:
@@ -185,7 +174,10 @@ class _SSHProcess:
 
     def close(self) -> None:
         self._closed_here = True
-        self._chan.close()
+        try:
+            self._chan.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # paramiko tells the server on a connection that is already dying: the channel is gone anyway
 
 
 class SSHRunner:
@@ -248,7 +240,7 @@ class SSHRunner:
         if endpoint.host is None:
             raise ConfigError("the local endpoint needs no SSH connection; use LocalRunner")
         target = _resolve(endpoint, ssh_config, known_hosts)
-        known = _read_known_hosts(target)
+        known = read_known_hosts(target)
         proxy = _ProxyCommand(target.proxy_command) if target.proxy_command else None
         try:
             sock = proxy.sock if proxy else _open_socket(target, timeout)
@@ -258,7 +250,7 @@ class SSHRunner:
                 proxy.close()
             raise
         try:
-            _prefer_known_key_types(transport, known)
+            prefer_known_key_types(transport, known)
             transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = timeout
             try:
                 transport.start_client(timeout=timeout)
@@ -270,7 +262,7 @@ class SSHRunner:
                 else:
                     detail = f"proxy command: {proxy.last_error()}" if proxy else _one_line(exc)
                 raise ConnectFailed(f"cannot reach {target}: SSH handshake failed ({detail})") from exc
-            _check_host_key(host_key, target, known, endpoint.trust_on_first_use)
+            check_host_key(host_key, target, known, endpoint.trust_on_first_use)
             _authenticate(transport, target)
         except BaseException:
             transport.close()
@@ -428,111 +420,6 @@ def _open_socket(target: _Target, timeout: float) -> socket.socket:
     # Commands and replies are small writes; Nagle would hold each one back for the previous one's ACK.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-# --- host keys -------------------------------------------------------------------------------------------------
-
-
-def _read_known_hosts(target: _Target) -> list[_KnownKey]:
-    """The known_hosts entries for this host, plain or hashed, wildcards and @revoked included."""
-    try:
-        text = target.known_hosts.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise HostKeyError(f"cannot read {target.known_hosts}: {exc.strerror}") from exc
-    name = target.known_hosts_name.lower()
-    known = []
-    for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
-        marker = fields.pop(0) if fields[0].startswith("@") else None
-        # @cert-authority lines vouch for host certificates, which burst does not check.
-        if marker == "@cert-authority" or len(fields) < 3 or not _host_matches(fields[0], name):
-            continue
-        try:
-            blob = base64.b64decode(fields[2], validate=True)
-        except binascii.Error:
-            continue  # ssh skips a corrupt line too
-        known.append(_KnownKey(target.known_hosts, number, fields[1], blob, marker == "@revoked"))
-    return known
-
-
-def _host_matches(patterns: str, name: str) -> bool:
-    matched = False
-    for pattern in patterns.split(","):
-        negated = pattern.startswith("!")
-        pattern = pattern.removeprefix("!")
-        if pattern.startswith("|1|"):  # HashKnownHosts: |1|base64(salt)|base64(HMAC-SHA1(salt, name))
-            try:
-                salt, digest = (base64.b64decode(part) for part in pattern[3:].split("|"))
-            except (ValueError, binascii.Error):
-                continue
-            hit = hmac.compare_digest(hmac.new(salt, name.encode(), hashlib.sha1).digest(), digest)
-        else:
-            # ssh patterns know only * and ?; fnmatch would read the [ ] of "[host]:port" as a character class.
-            regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower())
-            hit = re.fullmatch(regex, name) is not None
-        if hit and negated:
-            return False
-        matched = matched or hit
-    return matched
-
-
-def _prefer_known_key_types(transport: Any, known: list[_KnownKey]) -> None:
-    # Like ssh, ask first for a key type already known for this host: a server with an ed25519 and an RSA key
-    # whose RSA key is in known_hosts would otherwise present the ed25519 one, which would look new.
-    known_types = {k.key_type for k in known if not k.revoked}
-    options = transport.get_security_options()
-    offered: tuple[str, ...] = options.key_types
-    first = [t for t in offered if ("ssh-rsa" if t.startswith("rsa-sha2-") else t) in known_types]
-    options.key_types = (*first, *(t for t in offered if t not in first))
-
-
-def _check_host_key(key: Any, target: _Target, known: list[_KnownKey], trust_new: bool) -> None:
-    blob: bytes = key.asbytes()
-    where = f"{target.hostname}:{target.port}"
-    offered = f"{key.get_name()} {key.fingerprint}"
-    same = [k for k in known if k.blob == blob]
-    for entry in same:
-        if entry.revoked:  # wherever it stands in the file, a revocation beats a plain entry
-            raise HostKeyError(f"host key of {where} ({offered}) is marked @revoked in {entry.path} line {entry.line}")
-    if same:
-        return
-    others = sorted((k for k in known if not k.revoked), key=lambda k: k.key_type != key.get_name())
-    if others:
-        # Any other key on record means this one is not the host we knew, whatever its type; TOFU never applies.
-        old = others[0]
-        raise HostKeyError(
-            f"host key for {where} has CHANGED: it now shows {offered}, but {old.path} line {old.line} holds "
-            f"another key; this can be a man-in-the-middle attack. If the host was reinstalled, remove the old "
-            f"key with `ssh-keygen -R '{target.known_hosts_name}' -f {old.path}` and connect again"
-        )
-    if not trust_new:
-        port = f"-p {target.port} " if target.port != 22 else ""
-        raise HostKeyError(
-            f"host key of {where} is unknown ({offered}); if that fingerprint is the host's, add it with "
-            f"`ssh-keyscan {port}{target.hostname} >> {target.known_hosts}`, or allow trust-on-first-use "
-            f"(--trust-new-host, JobSpec ssh_trust_on_first_use=True)"
-        )
-    _remember_host_key(key, target)
-
-
-def _remember_host_key(key: Any, target: _Target) -> None:
-    """Append the key to known_hosts, as ssh's StrictHostKeyChecking=accept-new does."""
-    path = target.known_hosts
-    line = f"{target.known_hosts_name} {key.get_name()} {key.get_base64()}\n".encode()
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        existing = path.read_bytes() if path.exists() else b""
-        if existing and not existing.endswith(b"\n"):
-            line = b"\n" + line
-        # One O_APPEND write per line, so kernels connecting at the same time do not interleave.
-        with path.open("ab") as f:
-            f.write(line)
-    except OSError as exc:
-        raise HostKeyError(f"cannot add the host key of {target.hostname} to {path}: {exc.strerror}") from exc
 
 
 # --- login -----------------------------------------------------------------------------------------------------

@@ -28,6 +28,10 @@ The generated sshd_config, option by option:
   connections or 10 channels per connection.
 - ``UseDNS no``, ``PrintMotd no``, ``PrintLastLog no``: nothing slow or root-only between login and command.
 - No ``Subsystem`` line: burst never opens SFTP.
+- ``ForceCommand``, only when :func:`start_sshd` is given a ``home``: every command runs there, with HOME set to it,
+  through the user's shell as before (``$SHELL -c "$SSH_ORIGINAL_COMMAND"``). sshd itself always starts in the
+  account's home from /etc/passwd, so this is how a test gets a remote home of its own (``~/.cache/burst/jobs``
+  of the ssh provider lands in it) without touching the real one.
 
 The module's docstring says PYTEST_DONT_REWRITE because test modules import it before pytest registers it as a
 plugin; it has no asserts to rewrite.
@@ -42,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import shlex
 import signal
 import socket
 import struct
@@ -83,6 +88,7 @@ class SSHServer:
     pid: int
     log_path: Path = field(repr=False)
     host_key_pubs: tuple[str, ...] = ()  # every host key, host_key_pub first
+    home: Path | None = None  # the remote HOME and working directory of every command; None: the account's own
 
     alias = "sshd-test"  # the Host name in ssh_config_path
 
@@ -135,11 +141,16 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def start_sshd(
-    workdir: Path, *, port: int | None = None, host_key_types: tuple[str, ...] = ("ed25519",)
+    workdir: Path,
+    *,
+    port: int | None = None,
+    host_key_types: tuple[str, ...] = ("ed25519",),
+    home: Path | None = None,
 ) -> Iterator[SSHServer]:
     """Run sshd in the foreground until the block ends; yields once it answers with its SSH banner.
 
-    ``host_key_types`` are ssh-keygen -t names; the first one's key is ``host_key_pub`` and is in known_hosts."""
+    ``host_key_types`` are ssh-keygen -t names; the first one's key is ``host_key_pub`` and is in known_hosts.
+    ``home``, when given, is created and becomes HOME and the working directory of every command."""
     if not SSHD.exists():
         pytest.skip(f"OpenSSH server not installed ({SSHD} missing); apt-get install openssh-server")
     if os.geteuid() == 0:
@@ -150,6 +161,11 @@ def start_sshd(
     host_key_pubs = tuple(make_key(path, kind) for path, kind in zip(host_keys, host_key_types, strict=True))
     client_key = workdir / "id_ed25519"
     (workdir / "authorized_keys").write_text(make_key(client_key) + "\n")
+    force = ""
+    if home is not None:
+        home.mkdir(parents=True, exist_ok=True)
+        at = shlex.quote(str(home))
+        force = f'ForceCommand export HOME={at}; cd {at} && exec "$SHELL" -c "$SSH_ORIGINAL_COMMAND"\n'
     for attempt in range(5):
         listen_port = port or _free_port()
         config = workdir / "sshd_config"
@@ -162,6 +178,7 @@ def start_sshd(
             "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PermitRootLogin prohibit-password\nLogLevel VERBOSE\n"
             "MaxStartups 100\nMaxSessions 100\nUseDNS no\nPrintMotd no\nPrintLastLog no\n"
+            + force
         )
         log_path = workdir / "sshd.log"
         with log_path.open("wb") as log:
@@ -183,6 +200,7 @@ def start_sshd(
         ssh_config_path=workdir / "ssh_config",
         pid=proc.pid,
         log_path=log_path,
+        home=home,
     )
     known_hosts.write_text(server.known_hosts_line())
     server.ssh_config_path.write_text(
@@ -275,7 +293,8 @@ class TcpProxy:
 
     ``drop_all()`` resets every relayed connection (what a crashed NAT box or a restarted load balancer does);
     ``blackhole()`` keeps them open but stops delivering bytes either way (a dead network: nothing arrives and
-    nothing says so, only a keepalive can notice)."""
+    nothing says so, only a keepalive can notice); ``restore()`` ends that: it resets the connections that lost
+    bytes (their SSH streams are broken beyond repair) and relays new ones again."""
 
     def __init__(self, target_port: int) -> None:
         self._target = target_port
@@ -323,6 +342,10 @@ class TcpProxy:
 
     def blackhole(self) -> None:
         self._blackholed.set()
+
+    def restore(self) -> None:
+        self._blackholed.clear()
+        self.drop_all()
 
     def close(self) -> None:
         self._listener.close()
