@@ -50,6 +50,7 @@ __all__ = ["Job", "JobPlan", "JobResult", "JobStatus", "Lifecycle"]
 
 _MICRO = Decimal("0.000001")
 _MAX_RECONNECTS = 20
+_CANCEL_RECONNECT_SECONDS = 15.0
 
 
 class JobStatus(str, enum.Enum):
@@ -486,6 +487,10 @@ class Lifecycle:
         deadline = time.monotonic() + self.reconnect_timeout
         delay = 0.25
         while True:
+            if self.job.cancel_requested.is_set():
+                # Cancelled during an outage: a short last chance to bring the results back, then tear down
+                # (an unconfirmed terminate leaves the state row for `%burst cleanup`).
+                deadline = min(deadline, time.monotonic() + _CANCEL_RECONNECT_SECONDS)
             try:
                 await asyncio.to_thread(self.connections.reset, self.instance.endpoint)
                 client = await asyncio.to_thread(self._client)

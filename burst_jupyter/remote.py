@@ -111,6 +111,8 @@ class AgentStream:
                 self._client.gone = True  # the shell found no Python: the job never made its directory
             raise RemoteSetupError(f"no Python 3 on {self._where} ({err.splitlines()[-1] if err else 'not found'})")
         if rc not in (None, 0) and err:
+            if self._client is not None and "burst-agent: needs Python" in err:
+                self._client.gone = True  # refused before anything ran: no job directory was made
             raise RemoteSetupError(f"the burst agent could not start on {self._where}: {err.splitlines()[-1]}")
 
     def read_results(self, consume: Callable[[IO[bytes]], T]) -> T:
@@ -153,20 +155,24 @@ class AgentClient:
     def _argv(self, command: str, *args: str) -> list[str]:
         return [self.python, "-c", agent.BOOT, str(len(AGENT_SOURCE)), command, self.jobdir, *args]
 
-    def _start(self, command: str, *args: str) -> tuple[RemoteProcess, str]:
+    def _start(self, command: str, *args: str, send_source: bool = True) -> tuple[RemoteProcess, str]:
         runner = self.runner
         proc = runner.start(self._argv(command, *args))
-        proc.write(AGENT_SOURCE)
+        if send_source:
+            proc.write(AGENT_SOURCE)
         return proc, runner.description
 
     def start(self, manifest: Record, write_bundle: Callable[[IO[bytes]], None]) -> AgentStream:
         """Create the job directory, upload the bundle, start the job detached; stream from offset 0."""
-        proc, where = self._start("run")
-        payload = json.dumps(manifest).encode()
-        proc.write(struct.pack(">I", len(payload)) + payload)
-        framed = agent.ChunkWriter(proc.write)
+        proc, where = self._start("run", send_source=False)
         stream = AgentStream(proc, 0, where, self)
         try:
+            # An interpreter that cannot run the agent exits before reading: a broken pipe anywhere here is
+            # explained by its exit status and stderr, not by the pipe.
+            proc.write(AGENT_SOURCE)
+            payload = json.dumps(manifest).encode()
+            proc.write(struct.pack(">I", len(payload)) + payload)
+            framed = agent.ChunkWriter(proc.write)
             write_bundle(framed)  # type: ignore[arg-type]
             framed.close()
         except OSError as exc:

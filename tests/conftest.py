@@ -1,7 +1,7 @@
 """Fixtures every test shares: an isolated burst home, a fresh Session, and a real IPython shell.
 
-No test touches the user's real ledger or config: BURST_HOME and BURST_CONFIG point into tmp_path, and
-HOME too (so ~/.ssh and ~/.cache/burst belong to the test).
+No test touches the user's real ledger or config: BURST_HOME and BURST_CONFIG point into tmp_path. Tests that
+use ~ (remote homes, ~/.ssh) set HOME themselves (tests/ssh_boxes.py gives each SSH test its own).
 """
 
 from __future__ import annotations

@@ -125,6 +125,21 @@ def test_more_gpus_than_this_machine_has(ip: Any, burst_home: Path, seeded: list
     assert "this machine has" in line and "16 x GPU" in line
 
 
+def test_a_remote_python_too_old_for_the_agent(ip: Any, burst_home: Path, seeded: list[Any],
+                                               tmp_path: Path) -> None:
+    """The agent's first line refuses Python < 3.8 before it makes anything: the job fails in one line and
+    nothing is left to end (the terminate must not wait for a job folder that never existed)."""
+    old = tmp_path / "python3.6"
+    old.write_text("#!/bin/sh\necho 'burst-agent: needs Python >= 3.8, found 3.6.9' >&2\nexit 1\n")
+    old.chmod(0o755)
+    result, _ = run_cell(ip, f"%%burst --provider local --python {old}\nopen('ran', 'w').write('x')\n")
+    line = usage_line(result)
+    assert "needs Python >= 3.8, found 3.6.9" in line
+    assert not Path("ran").exists()
+    assert local_jobdirs(burst_home) == [] and live_instances(burst_home) == []
+    assert open_reservations(burst_home) == [] and ledger_rows(burst_home) == seeded
+
+
 def test_image_needs_a_marketplace_provider(ip: Any, burst_home: Path, seeded: list[Any]) -> None:
     line = refused(ip, burst_home, seeded, "--provider local --image pytorch/pytorch:latest")
     assert "--image" in line and "local" in line
