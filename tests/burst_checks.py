@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ def open_reservations(home: Path) -> list[Any]:
 
 
 def live_instances(home: Path) -> list[OwnedInstance]:
+    if not db_file(home).exists():  # a kernel may not have made it yet: do not create it from the test
+        return []
     store = StateStore(db_file(home))
     try:
         return store.live()
@@ -175,3 +178,19 @@ def usage_line(result: Any) -> str:
     text = str(error)
     assert text and "\n" not in text, f"not one line: {text!r}"
     return text
+
+
+def cell(options: str, body: str = "print('must not run')") -> str:
+    """A %%burst cell: the options line, then ``body`` dedented."""
+    return f"%%burst {options}\n{textwrap.dedent(body).strip()}\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def ok(result: Any, streams: Any) -> None:
+    """The cell succeeded (else show what it printed)."""
+    assert result.error_in_exec is None, streams.text()

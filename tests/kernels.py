@@ -20,12 +20,12 @@ from pathlib import Path
 from queue import Empty
 from typing import Any, TypeVar
 
+from burst_checks import ledger_rows, local_jobdirs, state_row
 from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
-from burst_jupyter.budget import Budget, LedgerRow
-from burst_jupyter.state import OwnedInstance, StateStore
+from burst_jupyter.budget import LedgerRow
 
 T = TypeVar("T")
 
@@ -127,14 +127,7 @@ class Kernel:
         return got
 
     def pump_until(self, predicate: Callable[[], T], *, timeout: float, what: str) -> T:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-            self.pump()
+        return wait_for(predicate, timeout=timeout, what=what, between=self.pump)
 
     def finish(self, execution: Execution, *, timeout: float = 60) -> Execution:
         """Wait for the reply and the idle status of ``execution``."""
@@ -172,8 +165,10 @@ class Kernel:
             self.km.cleanup_resources()
 
 
-def wait_for(predicate: Callable[[], T], *, timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll ``predicate`` until it returns something truthy (returned), failing after a generous ``timeout``."""
+def wait_for(predicate: Callable[[], T], *, timeout: float, what: str, interval: float = 0.1,
+             between: Callable[[], object] | None = None) -> T:
+    """Poll ``predicate`` until it returns something truthy (returned), failing after a generous ``timeout``;
+    ``between`` runs between polls (default: sleep ``interval``)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -181,38 +176,13 @@ def wait_for(predicate: Callable[[], T], *, timeout: float, what: str, interval:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+        if between is not None:
+            between()
+        else:
+            time.sleep(interval)
 
 
 # -- what a job leaves behind ----------------------------------------------------------------------------------
-
-
-def db_file(burst_home: Path) -> Path:
-    return burst_home / "burst.sqlite3"
-
-
-def live_instances(burst_home: Path) -> list[OwnedInstance]:
-    if not db_file(burst_home).exists():
-        return []
-    store = StateStore(db_file(burst_home))
-    try:
-        return store.live()
-    finally:
-        store.close()
-
-
-def instance_state(burst_home: Path, job_id: str) -> str | None:
-    store = StateStore(db_file(burst_home))
-    try:
-        found = store.get(job_id)
-        return None if found is None else found.state
-    finally:
-        store.close()
-
-
-def ledger_rows(burst_home: Path) -> list[LedgerRow]:
-    with Budget(db_file(burst_home)) as budget:
-        return budget.rows()
 
 
 def ledger_row(burst_home: Path, job_id: str) -> LedgerRow | None:
@@ -220,8 +190,7 @@ def ledger_row(burst_home: Path, job_id: str) -> LedgerRow | None:
 
 
 def local_job_dirs(burst_home: Path) -> list[Path]:
-    root = burst_home / "local"
-    return sorted(root.iterdir()) if root.is_dir() else []
+    return [burst_home / "local" / name for name in local_jobdirs(burst_home)]
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:
@@ -265,7 +234,7 @@ def leftovers(burst_home: Path, job_id: str) -> Leftovers:
     return Leftovers(
         job_dirs=local_job_dirs(burst_home),
         processes=processes_mentioning(str(jobdir)),
-        state=instance_state(burst_home, job_id),
+        state=getattr(state_row(burst_home, job_id), "state", None),
         ledger=ledger_row(burst_home, job_id),
     )
 

@@ -30,7 +30,8 @@ from typing import Any
 import httpx
 import nbformat
 import pytest
-from kernels import kernel_specs, live_instances, local_job_dirs, wait_for
+from burst_checks import live_instances
+from kernels import kernel_specs, local_job_dirs, wait_for
 
 pytestmark = pytest.mark.browser
 

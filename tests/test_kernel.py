@@ -14,13 +14,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from burst_checks import db_file, live_instances
 from kernels import (
     Execution,
     Kernel,
-    db_file,
     kill_processes_mentioning,
     leftovers,
-    live_instances,
     local_job_dirs,
     wait_for,
     wait_until_clean,

@@ -6,13 +6,13 @@ Every job really runs: the agent in subprocesses, the state store and ledger in 
 from __future__ import annotations
 
 import sys
-import textwrap
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from burst_checks import (
+    cell,
     last_job,
     ledger_rows,
     live_instances,
@@ -30,9 +30,6 @@ from burst_jupyter.job import JobStatus
 
 pytestmark = pytest.mark.timeout(60)
 
-
-def cell(options: str, body: str) -> str:
-    return f"%%burst {options}\n{textwrap.dedent(body).strip()}\n"
 
 
 def assert_clean(home: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import textwrap
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 from burst_checks import (
+    cell,
     last_job,
     ledger_rows,
     live_instances,
@@ -40,9 +40,6 @@ LIFECYCLE = [EventType.QUEUED, EventType.OFFER_SELECTED, EventType.BUDGET_RESERV
              EventType.PROVISIONED, EventType.SSH_READY, EventType.SYNCING_UP, EventType.STARTED]
 INTERLUDE = {EventType.OUTPUT, EventType.PROGRESS, EventType.BUDGET_WARNING}
 
-
-def cell(options: str, body: str) -> str:
-    return f"%%burst {options}\n{textwrap.dedent(body).strip()}\n"
 
 
 def assert_gone_and_settled(home: Path, job: Job, status: str) -> None:

@@ -7,30 +7,18 @@ test asserts what came back on this side and that no link or job folder is left 
 from __future__ import annotations
 
 import os
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
-from burst_checks import last_job, ledger_rows, live_instances, local_jobdirs, run_cell, usage_line
+from burst_checks import cell, last_job, ledger_rows, live_instances, local_jobdirs, ok, run_cell, usage_line, write
 
 from burst_jupyter.job import JobStatus
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def cell(options: str, body: str) -> str:
-    return f"%%burst {options}\n{textwrap.dedent(body).strip()}\n"
 
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def ok(result: Any, streams: Any) -> None:
-    assert result.error_in_exec is None, streams.text()
 
 
 def assert_clean(home: Path) -> None:

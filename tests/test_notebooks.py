@@ -12,7 +12,8 @@ from typing import Any
 
 import nbformat
 import pytest
-from kernels import db_file, kernel_manager, live_instances, local_job_dirs
+from burst_checks import db_file, live_instances
+from kernels import kernel_manager, local_job_dirs
 from nbclient import NotebookClient
 
 from burst_jupyter.budget import Budget

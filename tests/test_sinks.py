@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 import uuid
@@ -22,10 +21,12 @@ from typing import Any
 
 import pytest
 from burst_checks import (
+    cell,
     last_job,
     ledger_rows,
     live_instances,
     local_jobdirs,
+    ok,
     open_reservations,
     run_cell,
     seed_ledger,
@@ -123,12 +124,6 @@ def store(aws_env: str) -> Store:
     return Store(aws_env, bucket, client)
 
 
-def cell(options: str, body: str) -> str:
-    return f"%%burst {options}\n{textwrap.dedent(body).strip()}\n"
-
-
-def ok(result: Any, streams: Any) -> None:
-    assert result.error_in_exec is None, streams.text()
 
 
 def assert_nothing_rented(home: Path, seed: Any) -> None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 import sys
-import textwrap
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from burst_checks import last_job, ledger_rows, run_cell, wait_until
+from burst_checks import cell, last_job, ledger_rows, ok, run_cell, wait_until, write
 from ssh_boxes import Boxes, assert_settled, output_lines
 from sshd import SSHServer
 
@@ -34,18 +33,7 @@ pytestmark = [pytest.mark.ssh, pytest.mark.timeout(90)]
 PY = sys.executable  # the box is this machine: its cells get this venv's packages
 
 
-def cell(options: str, body: str) -> str:
-    return f"%%burst {options}\n{textwrap.dedent(body).strip()}\n"
 
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def ok(result: Any, streams: Any) -> None:
-    assert result.error_in_exec is None, streams.text(ours=True)
 
 
 # -- upload, run, download ----------------------------------------------------------------------------------

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import socket
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
-from burst_checks import last_job, ledger_rows, live_instances, open_reservations, run_cell, seed_ledger, usage_line
+from burst_checks import (
+    cell,
+    last_job,
+    ledger_rows,
+    live_instances,
+    open_reservations,
+    run_cell,
+    seed_ledger,
+    usage_line,
+)
 from ssh_boxes import Boxes, assert_settled, fingerprint
 from sshd import SSHServer, make_key
 
@@ -24,9 +32,6 @@ pytestmark = [pytest.mark.ssh, pytest.mark.timeout(90)]
 
 PY = sys.executable
 
-
-def cell(options: str, body: str = "print('must not run')") -> str:
-    return f"%%burst {options}\n{textwrap.dedent(body).strip()}\n"
 
 
 def closed_port() -> int:
