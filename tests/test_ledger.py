@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import importlib.util
 import sqlite3
+import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -284,8 +284,8 @@ def test_budget_table_holds_all_rows(path: Path) -> None:
     assert (table.total, table.unknown) == (Decimal("3.30"), 1)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pandas") is not None, reason="pandas is installed")
-def test_to_pandas_without_pandas_says_how_to_get_it() -> None:
+def test_to_pandas_without_pandas_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` raises ImportError, installed or not
     with pytest.raises(ImportError, match="pip install pandas"):
         sample().to_pandas()
 
