@@ -360,7 +360,6 @@ class Supervisor:
         self.stop_reason: str | None = None
         self.stop_at: float | None = None
         self.proc: _Child | None = None
-        self.error_seen = False
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.jobdir, *parts)
@@ -493,7 +492,6 @@ class Supervisor:
                 err = json.loads(payload)
                 err.update(k="error", t=t)
                 records.append(err)
-                self.error_seen = True
         return records
 
     def request_stop(self, reason: str) -> None:

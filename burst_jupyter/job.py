@@ -65,11 +65,12 @@ class JobStatus(str, enum.Enum):
         return self.value
 
 
-_FINAL_STATUS = {
-    EventType.COMPLETED: JobStatus.COMPLETED,
-    EventType.FAILED: JobStatus.FAILED,
-    EventType.CANCELLED: JobStatus.CANCELLED,
-    EventType.BUDGET_KILLED: JobStatus.BUDGET_KILLED,
+#: The one final event each way a job can end.
+_FINAL_EVENT = {
+    JobStatus.COMPLETED: EventType.COMPLETED,
+    JobStatus.FAILED: EventType.FAILED,
+    JobStatus.CANCELLED: EventType.CANCELLED,
+    JobStatus.BUDGET_KILLED: EventType.BUDGET_KILLED,
 }
 
 
@@ -556,9 +557,7 @@ class Lifecycle:
         # and the state row stays live until `%burst cleanup` (or the reaper) ends and settles it.
         if self.instance is not None:
             await asyncio.to_thread(self._client().release)
-        final = {JobStatus.COMPLETED: EventType.COMPLETED, JobStatus.CANCELLED: EventType.CANCELLED,
-                 JobStatus.BUDGET_KILLED: EventType.BUDGET_KILLED}.get(result.status, EventType.FAILED)
-        job.emit(final, total_cost_usd=result.total_cost_usd, max_cost_usd=self.plan.cap_usd,
+        job.emit(_FINAL_EVENT[result.status], total_cost_usd=result.total_cost_usd, max_cost_usd=self.plan.cap_usd,
                  error=None if result.error is None else _one_line(result.error))
         return result
 
