@@ -136,7 +136,6 @@ class Job:
         self._future: concurrent.futures.Future[JobResult] = concurrent.futures.Future()
         self.cancel_requested = threading.Event()
         self.handed_off = threading.Event()  # the exit hooks gave this job to a reaper: hands off
-        self._wake: asyncio.Event | None = None  # set on the loop when cancel() is called
 
     # -- produced on the loop thread ------------------------------------------------------------------------
 
@@ -212,10 +211,8 @@ class Job:
 
     def cancel(self) -> None:
         """Stop the job: its rw mounts are synced back, the instance terminated and the bill settled."""
+        # The lifecycle checks this between steps and on every 0.25 s tick of the stream.
         self.cancel_requested.set()
-        wake = self._wake
-        if wake is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(wake.set)
 
     def __await__(self) -> Generator[Any, None, JobResult]:
         return asyncio.wrap_future(self._future).__await__()
@@ -286,9 +283,6 @@ class Lifecycle:
 
     async def run(self) -> JobResult:
         job, plan = self.job, self.plan
-        job._wake = asyncio.Event()
-        if job.cancel_requested.is_set():
-            job._wake.set()
         error: BaseException | None = None
         reserved = False
         try:
@@ -400,7 +394,6 @@ class Lifecycle:
         last_lease = time.monotonic()
         reconnects = 0
         self._start_reader(stream, queue, loop)
-        assert job._wake is not None
         while True:
             try:
                 kind, payload = await asyncio.wait_for(queue.get(), timeout=0.25)
@@ -639,11 +632,9 @@ def _describe_mounts(mounts: list[MountPlan]) -> str | None:
 
 
 def _instance_handoff(instance: Instance) -> dict[str, Any]:
-    e = instance.endpoint
     return {
         "instance_id": instance.instance_id,
         "workdir": instance.workdir,
         "python": instance.python,
-        "endpoint": {"host": e.host, "port": e.port, "user": e.user, "key_path": e.key_path,
-                     "trust_on_first_use": e.trust_on_first_use},
+        "endpoint": instance.endpoint.to_json(),
     }

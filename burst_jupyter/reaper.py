@@ -123,9 +123,7 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
 def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> tuple[int, str | None]:
     """Stop the cell, bring its rw results back (and into the result sink). Returns (files, sink problem)."""
     h = owned.handoff
-    e = h["endpoint"]
-    endpoint = Endpoint(host=e["host"], port=e["port"], user=e["user"], key_path=e["key_path"],
-                        trust_on_first_use=e["trust_on_first_use"])
+    endpoint = Endpoint.from_json(h["endpoint"])
     client = connections.agent(endpoint, h["python"], h["workdir"])
     status = client.status()
     if not status.get("exists"):

@@ -13,7 +13,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ..spec import JobSpec
@@ -57,6 +57,16 @@ class Endpoint:
     @property
     def is_local(self) -> bool:
         return self.host is None
+
+    def to_json(self) -> dict[str, Any]:
+        """What a reaper needs to reach the instance again (state store handoff)."""
+        return {"host": self.host, "port": self.port, "user": self.user, "key_path": self.key_path,
+                "trust_on_first_use": self.trust_on_first_use}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Endpoint:
+        return cls(host=data["host"], port=data["port"], user=data["user"], key_path=data["key_path"],
+                   trust_on_first_use=data["trust_on_first_use"])
 
     def __str__(self) -> str:
         if self.host is None:
