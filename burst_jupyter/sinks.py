@@ -25,12 +25,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigError, SyncError
+from .sync import replace_atomically
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -84,17 +84,9 @@ class FolderSink:
             raise ConfigError(f"result sink {self._label}: cannot write into {existing}")
 
     def put(self, key: str, path: Path) -> None:
-        dest = self.root / key
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".burst-tmp")
-            try:
-                os.close(fd)
+            with replace_atomically(self.root / key) as tmp:
                 shutil.copy2(path, tmp)
-                os.replace(tmp, dest)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         except OSError as exc:
             raise SyncError(f"result sink {self._label}: could not store {key}: {exc.strerror or exc}") from exc
 

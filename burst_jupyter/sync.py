@@ -7,6 +7,7 @@ outside its mount (no absolute paths, no ``..``, no links pointing out).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -14,7 +15,7 @@ import pickle
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -221,19 +222,29 @@ def _place(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, rel: str, 
     src = tar.extractfile(member)
     if src is None:
         return None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Atomic: a result is either the old file or the whole new one, never half of it.
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".burst-tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
+    if dest.is_dir() and not dest.is_symlink():
+        return f"skipped {rel!r}: a folder of that name exists locally"
+    with replace_atomically(dest) as tmp:
+        with open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
         os.chmod(tmp, member.mode & 0o777 or 0o644)
         os.utime(tmp, (member.mtime, member.mtime))
-        if dest.is_dir() and not dest.is_symlink():
-            return f"skipped {rel!r}: a folder of that name exists locally"
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     got.files.append(dest)
     return None
+
+
+@contextlib.contextmanager
+def replace_atomically(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest`` to fill; on success it replaces ``dest`` in one rename.
+
+    A result is either the old file or the whole new one, never half of it; a failure leaves no temporary file.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".burst-tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
