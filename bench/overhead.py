@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from sshd import start_sshd  # noqa: E402  (the tests' own real-sshd launcher)
+from sshd import start_sshd
 
 
 def plain_ssh(argv: list[str]) -> tuple[float, float]:

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
         cleanup,
         jobs,
         ledger,
+        offers,
         orphans,
+        provider_status,
         run,
         set_daily_budget,
         set_weekly_budget,
@@ -47,8 +49,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     **dict.fromkeys(
-        ["budget_bars", "burst", "cleanup", "jobs", "ledger", "orphans", "run", "set_daily_budget",
-         "set_weekly_budget", "shutdown", "submit"], "api"),
+        ["budget_bars", "burst", "cleanup", "jobs", "ledger", "offers", "orphans", "provider_status", "run",
+         "set_daily_budget", "set_weekly_budget", "shutdown", "submit"], "api"),
     **dict.fromkeys(
         ["BudgetExceededError", "BudgetKilled", "BurstError", "ConfigError", "ProviderError", "RemoteError",
          "SyncError", "VariableError"], "errors"),
@@ -63,8 +65,8 @@ _LAZY = {
 __all__ = [
     "BudgetExceededError", "BudgetKilled", "BurstError", "ConfigError", "EventType", "Job", "JobEvent",
     "JobResult", "JobSpec", "JobStatus", "ProviderError", "RemoteError", "SyncError", "VariableError", "budget_bars",
-    "burst", "cleanup", "jobs", "ledger", "load_ipython_extension", "orphans", "run", "set_daily_budget",
-    "set_weekly_budget", "shutdown", "submit", "unload_ipython_extension",
+    "burst", "cleanup", "jobs", "ledger", "load_ipython_extension", "offers", "orphans", "provider_status", "run",
+    "set_daily_budget", "set_weekly_budget", "shutdown", "submit", "unload_ipython_extension",
 ]
 
 

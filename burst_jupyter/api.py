@@ -21,8 +21,10 @@ from .spec import JobSpec, parse_money
 if TYPE_CHECKING:
     from .budget import LedgerTable
     from .job import Job, JobResult
+    from .offer_book import ProvidersStatus
     from .reaper import Outcome
     from .widgets import BudgetBars
+    from .widgets.offer_browser import OfferBrowser
 
 __all__ = [
     "budget_bars",
@@ -30,7 +32,9 @@ __all__ = [
     "cleanup",
     "jobs",
     "ledger",
+    "offers",
     "orphans",
+    "provider_status",
     "run",
     "set_daily_budget",
     "set_weekly_budget",
@@ -126,3 +130,73 @@ def cleanup(*, dry_run: bool = False) -> list[Outcome] | list[str]:
         return [o.job_id for o in leftovers]
     return reap(leftovers, state=session.state, budget=session.budget, connections=session.connections,
                 home=session.home, reason="burst cleanup")
+
+
+def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float | str | None = None,
+           provider: str | None = None, min_reliability: float | None = None, spot: bool = False,
+           cell: str | None = None, max_cost: Decimal | float | str | None = None) -> OfferBrowser:
+    """Browse live offers across the configured marketplaces: filters, a sortable table, refresh.
+
+    The browser's Insert gives a ready ``%%burst`` line for the chosen offer. With ``cell`` (Python source),
+    Launch runs it on the chosen offer at once, in the background, capped at ``max_cost``, and shows its view.
+
+    Example:
+        >>> burst.offers(gpu="RTX_4090", max_price=1.0)   # doctest: +SKIP
+    """
+    from .providers.catalog import CATALOG, canonical_gpu
+    from .widgets.offer_browser import OfferBrowser, OfferFilter
+
+    session = Session.current()
+    namespace = _caller_namespace(1)
+    initial = OfferFilter(gpu=canonical_gpu(gpu) if gpu else None, gpus=gpus,
+                          max_price=None if max_price is None else parse_money(max_price, what="max_price"),
+                          provider=provider, min_reliability=min_reliability, spot=spot)
+    configured = list(session.marketplaces())
+    first = session.search_offers(initial.to_query(), providers=[provider] if provider else None)
+
+    def search(f: OfferFilter, refresh: bool) -> Any:
+        return session.search_offers(f.to_query(), providers=[f.provider] if f.provider else None, refresh=refresh)
+
+    def launch(offer: Any) -> Job:
+        from IPython import get_ipython
+
+        from .display import CellDisplay
+
+        assert cell is not None
+        spec = JobSpec.build(cell=cell, provider=offer.provider, offer=f"{offer.provider}:{offer.offer_id}",
+                             gpu_model=offer.gpu_model, gpus=offer.gpus, spot=offer.spot, name="from-offers",
+                             **({} if max_cost is None else {"max_cost_usd": parse_money(max_cost)}))
+        job = session.submit(spec, namespace=namespace)
+        view = CellDisplay(job, get_ipython())
+        view.show()
+        view.follow_in_background()
+        return job
+
+    def insert(text: str) -> None:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is not None:
+            shell.set_next_input(text, replace=False)
+
+    return OfferBrowser(search=search, initial=initial, providers=configured, result=first,
+                        on_launch=launch if cell is not None else None, on_insert=insert,
+                        gpu_choices=tuple(CATALOG))
+
+
+def provider_status() -> ProvidersStatus:
+    """Each marketplace: configured or not, reachable, and its lowest price for common GPUs right now."""
+    from .offer_book import ProvidersStatus
+    from .providers.accounts import MARKETPLACES
+    from .providers.base import OfferQuery
+    from .providers.catalog import ANY
+
+    session = Session.current()
+    configured = list(session.marketplaces())
+    missing = {name: f"set {src.key_var}" for name, src in MARKETPLACES.items() if name not in configured}
+    if not configured:
+        from .offer_book import SearchResult
+
+        return ProvidersStatus.from_search(SearchResult(offers=[]), configured=[], missing=missing)
+    result = session.search_offers(OfferQuery(gpu_model=ANY, gpus=1), refresh=True)  # reachable now, not 30 s ago
+    return ProvidersStatus.from_search(result, configured=configured, missing=missing)

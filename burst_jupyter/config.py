@@ -44,7 +44,21 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["ACCOUNT_TABLES", "AccountSettings", "Settings", "load_settings"]
+
+ACCOUNT_TABLES = ("vast", "runpod", "thunder")
+
+
+class AccountSettings(BaseModel):
+    """One marketplace account (``[vast]``, ``[runpod]``, ``[thunder]`` in the user file). The environment's own
+    variables (VAST_API_KEY, RUNPOD_API_KEY, TNR_API_TOKEN and the URL ones) win over these."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True,
+                              alias_generator=lambda name: name.replace("_", "-"))
+
+    api_key: str | None = Field(default=None, repr=False, description="The account's API key or token.")
+    url: str | None = Field(default=None, description="Base URL of the API (a proxy, a test server).")
+    ssh_user: str | None = Field(default=None, description="Log in as this user instead of the provider's own.")
 
 
 class Settings(BaseModel):
@@ -66,6 +80,16 @@ class Settings(BaseModel):
         default=None, description="Also store rw results here: a folder, file://, s3:// or r2:// URL (sinks.py).")
     daily_budget: Decimal | None = Field(default=None, description="Initial daily cap, until the ledger has one.")
     weekly_budget: Decimal | None = Field(default=None, description="Initial weekly cap, until the ledger has one.")
+    image: str | None = Field(default=None, description="Container image for marketplace jobs.")
+    prefer: list[str] = Field(default_factory=lambda: ["runpod", "thunder", "vast"],
+                              description="Tie-break between equal prices: the more reliable provider first.")
+    min_reliability: float | None = Field(default=None, ge=0, le=1, description="Skip offers scored below this.")
+    offer_ttl_seconds: float = Field(default=30.0, ge=0, description="How long searched offers are reused.")
+    provision_timeout_seconds: float = Field(
+        default=900.0, gt=0, description="One limit on boot, image pull and SSH readiness of a rented instance.")
+    vast: AccountSettings | None = Field(default=None, description="Vast.ai account ([vast] table).")
+    runpod: AccountSettings | None = Field(default=None, description="RunPod account ([runpod] table).")
+    thunder: AccountSettings | None = Field(default=None, description="Thunder Compute account ([thunder] table).")
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -118,6 +142,8 @@ def load_settings(*, cwd: Path | None = None, user_file: Path | None = None) -> 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for label, table in layers:
+        if label != str(user_path):
+            _refuse_keys_in_project(label, table)
         # Validate each file on its own so that an error names the file it is in.
         explicit = _validate(table, label=label)._explicit()
         values |= explicit
@@ -125,6 +151,15 @@ def load_settings(*, cwd: Path | None = None, user_file: Path | None = None) -> 
     settings = _validate(values, label="settings")
     settings._sources = sources
     return settings
+
+
+def _refuse_keys_in_project(label: str, table: dict[str, Any]) -> None:
+    """A project file gets committed and shared: API keys belong in the user file or the environment."""
+    for name in ACCOUNT_TABLES:
+        account = table.get(name)
+        if isinstance(account, dict) and {"api-key", "api_key"} & set(account):
+            raise ConfigError(f"{label}: [{name}] api-key does not belong in a project file; put it in "
+                              f"{user_config_path()} or the environment")
 
 
 def _find_project_table(start: Path) -> tuple[str, dict[str, Any]] | None:
@@ -191,7 +226,7 @@ def _suggest(key: str) -> str:
 
 def _describe(exc: ValidationError) -> str:
     first = exc.errors()[0]
-    where = "".join(f"[{part}]" if isinstance(part, int) else str(part) for part in first["loc"])
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
     if first["type"] == "value_error":  # our own validators already quote the value
         return f"{where}: {first['msg'].removeprefix('Value error, ')}"
     return f"{where}: {first['msg']} (got {first['input']!r})"

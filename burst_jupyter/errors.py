@@ -8,6 +8,7 @@ the remote traceback. The Python API raises these as they are.
 from __future__ import annotations
 
 __all__ = [
+    "ApiError",
     "AuthFailed",
     "BudgetExceededError",
     "BudgetKilled",
@@ -17,6 +18,7 @@ __all__ = [
     "HostKeyError",
     "JobCancelled",
     "NoCapacity",
+    "OfferGone",
     "ProviderError",
     "ProvisioningFailed",
     "RateLimited",
@@ -49,6 +51,19 @@ class ProviderError(BurstError):
 
 class NoCapacity(ProviderError):
     """No offer fits the request (or the one chosen was taken)."""
+
+
+class ApiError(ProviderError):
+    """A provider's API answered with an error status; ``status`` and the raw ``body`` say which."""
+
+    def __init__(self, message: str, *, status: int, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class OfferGone(NoCapacity):
+    """The chosen offer was taken between search and create (Vast 404/410, a RunPod capacity error)."""
 
 
 class RateLimited(ProviderError):

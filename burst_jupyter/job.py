@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import enum
 import threading
@@ -21,19 +22,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    AuthFailed,
     BudgetKilled,
     BurstError,
+    ConfigError,
     ConnectFailed,
+    HostKeyError,
     JobCancelled,
     NoCapacity,
     ProviderError,
+    ProvisioningFailed,
     RemoteError,
     RemoteSetupError,
     SyncError,
     VariableError,
 )
 from .events import EventType, JobEvent
-from .providers.base import Instance, Offer, OfferQuery, Provider, terminate_confirmed
+from .keys import JobKey, create_job_key, remove_job_key
+from .money import format_usd
+from .offer_book import rank
+from .providers.accounts import MARKETPLACES
+from .providers.base import Instance, InstanceState, Offer, OfferQuery, Provider, terminate_confirmed
 from .providers.catalog import ANY, CATALOG
 from .remote import AgentClient, AgentStream, Record
 from .sync import MountPlan, Received, receive_results, write_bundle
@@ -42,6 +51,8 @@ from .variables import NO_RESULT, unpack_pulled
 if TYPE_CHECKING:
     from .budget import Budget
     from .connections import Connections
+    from .offer_book import OfferBook
+    from .providers import ProviderConfig
     from .sinks import ResultSink
     from .spec import JobSpec
     from .state import Owner, StateStore
@@ -51,6 +62,9 @@ __all__ = ["Job", "JobPlan", "JobResult", "JobStatus", "Lifecycle"]
 _MICRO = Decimal("0.000001")
 _MAX_RECONNECTS = 20
 _CANCEL_RECONNECT_SECONDS = 15.0
+_MAX_LAUNCH_ATTEMPTS = 4  # offers tried in turn when one is taken or never boots
+# What a job needs beyond its own run time to start and stop: the cap must buy at least this much.
+MIN_BILLABLE_SECONDS = 10.0
 
 
 class JobStatus(str, enum.Enum):
@@ -79,6 +93,18 @@ def cost_of(rate: Decimal, seconds: float) -> Decimal:
     return (rate * Decimal(repr(max(seconds, 0.0))) / 3600).quantize(_MICRO, rounding=ROUND_CEILING)
 
 
+def job_cap(max_cost: Decimal | None, rate: Decimal, max_seconds: float) -> Decimal:
+    """The job's finite cap: ``--max-cost``, else the rate for the whole maximum duration."""
+    return max_cost if max_cost is not None else cost_of(rate, max_seconds)
+
+
+def check_cap(cap: Decimal, rate: Decimal, teardown_seconds: float) -> None:
+    """Refuse a cap too small to start and stop a job at ``rate``: one clear line, before anything is rented."""
+    if rate > 0 and cap < cost_of(rate, MIN_BILLABLE_SECONDS + teardown_seconds):
+        raise ConfigError(f"--max-cost ${cap} buys only {float(cap / rate * 3600):.0f} s at ${rate}/h, "
+                          f"too little to start and stop a job")
+
+
 @dataclass
 class JobResult:
     """What a finished job left: its status and bill, pulled variables, the last expression's value."""
@@ -105,8 +131,9 @@ class JobPlan:
 
     job_id: str
     spec: JobSpec
-    provider: Provider
-    cap_usd: Decimal
+    providers: dict[str, Provider]  # the candidates: one, or every configured marketplace for `auto`
+    configs: dict[str, ProviderConfig]  # how a reaper builds each again
+    cap_usd: Decimal | None  # None: the chosen offer's rate for the whole max duration (marketplaces)
     max_seconds: float
     mounts: list[MountPlan]
     pushed: dict[str, bytes]
@@ -114,6 +141,43 @@ class JobPlan:
     tag: str
     handoff: dict[str, Any]  # what a reaper needs beyond the instance (local mount paths, names)
     sink: ResultSink | None = None  # also receives the rw results; check()ed before anything was rented
+    offers: OfferBook | None = None  # marketplaces: the session's cached, concurrent search
+    keys_dir: Path | None = None  # where per-job SSH keys live (marketplaces)
+    provision_timeout: float = 900.0
+
+    def query(self) -> OfferQuery:
+        spec = self.spec
+        return OfferQuery(gpu_model=spec.gpu_model, gpus=spec.gpus, memory_gb=spec.memory_gb,
+                          max_price_usd_per_hour=spec.max_price_usd_per_hour, spot=spec.spot,
+                          min_reliability=spec.min_reliability)
+
+    async def search(self) -> tuple[list[Offer], dict[str, str]]:
+        """The offers that fit, ranked, and what went wrong per provider. ``--offer`` narrows to that one."""
+        errors: dict[str, str] = {}
+        if self.offers is not None:
+            result = await self.offers.search(self.providers, self.query())
+            offers, errors = result.offers, result.errors
+        else:
+            (provider,) = self.providers.values()
+            offers = rank(await provider.offers(self.query()))
+        if self.spec.offer is not None:
+            offers = [o for o in offers if f"{o.provider}:{o.offer_id}" == self.spec.offer]
+        return offers, errors
+
+    def no_offer(self, errors: dict[str, str]) -> NoCapacity:
+        spec = self.spec
+        if spec.offer is not None:
+            return NoCapacity(f"offer {spec.offer} is no longer offered (or no longer fits); search again")
+        limit = f" under ${spec.max_price_usd_per_hour}/h" if spec.max_price_usd_per_hour is not None else ""
+        where = ", ".join(self.providers)
+        why = "".join(f"; {name}: {text}" for name, text in errors.items())
+        return NoCapacity(f"no {where} offer fits {spec.gpus} x {spec.gpu_model or 'any GPU'}"
+                          f"{' (spot)' if spec.spot else ''}{limit}{why}")
+
+    def decide_cap(self, offer: Offer, teardown_seconds: float) -> Decimal:
+        cap = job_cap(self.cap_usd, offer.price_usd_per_hour, self.max_seconds)
+        check_cap(cap, offer.price_usd_per_hour, teardown_seconds)
+        return cap
 
 
 class Job:
@@ -243,6 +307,10 @@ class _StopRequested(Exception):
         self.reason = reason
 
 
+class _BootFailed(Exception):
+    """The instance will never become usable (failed, stopped or vanished while booting): try the next offer."""
+
+
 @dataclass
 class Lifecycle:
     """Runs one job. Injected: the budget, the state store, the connection pool, who owns it."""
@@ -255,11 +323,15 @@ class Lifecycle:
     reconnect_timeout: float = 300.0
     terminate_timeout: float = 120.0
     # filled as the job goes
+    provider: Provider | None = None  # the chosen one
     instance: Instance | None = None
     offer: Offer | None = None
+    cap: Decimal = Decimal(0)
     rate: Decimal = Decimal(0)
-    launched_at: float | None = None  # monotonic, at the create request
-    launched_wall: dt.datetime | None = None
+    spent: Decimal = Decimal(0)  # what earlier launch attempts cost (instances that never became usable)
+    key: JobKey | None = None
+    launched_at: float | None = None  # monotonic, at the create request of the current attempt
+    launched_wall: dt.datetime | None = None  # at the first create request
     started: bool = False
     stop_reason: str | None = None
     remote_error: RemoteError | None = None
@@ -273,11 +345,14 @@ class Lifecycle:
         return self.job.plan
 
     @property
-    def provider(self) -> Provider:
-        return self.plan.provider
+    def chosen(self) -> Provider:
+        assert self.provider is not None
+        return self.provider
 
     def cost_so_far(self) -> Decimal:
-        return Decimal(0) if self.launched_at is None else cost_of(self.rate, time.monotonic() - self.launched_at)
+        if self.launched_at is None:
+            return self.spent
+        return self.spent + cost_of(self.rate, time.monotonic() - self.launched_at)
 
     # -- the whole thing ------------------------------------------------------------------------------------
 
@@ -286,20 +361,17 @@ class Lifecycle:
         error: BaseException | None = None
         reserved = False
         try:
-            job.emit(EventType.QUEUED, max_cost_usd=plan.cap_usd, provider=self.provider.name)
-            self.offer = await self._select_offer()
-            self.rate = self.offer.price_usd_per_hour
-            job.emit(EventType.OFFER_SELECTED, provider=self.offer.provider, gpu=self.offer.gpu_model,
-                     cost_per_hour_usd=self.rate, message=self.offer.description or None)
+            job.emit(EventType.QUEUED, max_cost_usd=plan.cap_usd, provider=", ".join(plan.providers))
+            offers = await self._select_offer()
             reservation = await asyncio.to_thread(
-                self.budget.reserve, job_id=job.id, name=plan.spec.name, provider=self.offer.provider,
-                gpu=self.offer.gpu_model or "", amount=plan.cap_usd)
+                self.budget.reserve, job_id=job.id, name=plan.spec.name, provider=self.chosen.name,
+                gpu=offers[0].gpu_model or "", amount=self.cap)
             reserved = True
-            job.emit(EventType.BUDGET_RESERVED, max_cost_usd=plan.cap_usd)
+            job.emit(EventType.BUDGET_RESERVED, max_cost_usd=self.cap)
             for warning in reservation.warnings:
                 job.emit(EventType.BUDGET_WARNING, message=warning)
             self._check_cancel()
-            await self._launch()
+            await self._launch(offers)
             await self._run_remote()
         except BaseException as exc:
             error = exc
@@ -314,35 +386,171 @@ class Lifecycle:
         if self.job.cancel_requested.is_set() or self.job.handed_off.is_set():
             raise _StopRequested("cancelled")
 
-    async def _select_offer(self) -> Offer:
-        spec = self.plan.spec
-        query = OfferQuery(gpu_model=spec.gpu_model, gpus=spec.gpus, memory_gb=spec.memory_gb,
-                           max_price_usd_per_hour=spec.max_price_usd_per_hour)
-        offers = await self.provider.offers(query)
+    async def _select_offer(self) -> list[Offer]:
+        """Search, choose the best, fix the cap. Returns the ranked offers to try in turn."""
+        offers, errors = await self.plan.search()
+        for name, text in errors.items():
+            self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {name} left out of the search: {text}\n")
         if not offers:
-            limit = f" under ${spec.max_price_usd_per_hour}/h" if spec.max_price_usd_per_hour is not None else ""
-            raise NoCapacity(f"no {self.provider.name} offer fits {spec.gpus} x {spec.gpu_model or 'any'}{limit}")
-        return min(offers, key=lambda o: (o.price_usd_per_hour, -o.reliability))
+            raise self.plan.no_offer(errors)
+        self._choose(offers[0])
+        self.cap = self.plan.decide_cap(offers[0], self.chosen.teardown_seconds)
+        return offers
 
-    async def _launch(self) -> None:
+    def _choose(self, offer: Offer) -> None:
+        self.offer, self.rate = offer, offer.price_usd_per_hour
+        self.provider = self.plan.providers[offer.provider]
+        self.job.emit(EventType.OFFER_SELECTED, provider=offer.provider, gpu=offer.gpu_model,
+                      cost_per_hour_usd=self.rate, max_cost_usd=self.cap or None,
+                      message=offer.description or None)
+
+    def _handoff(self) -> dict[str, Any]:
+        return {**self.plan.handoff, "provider_config": self.plan.configs[self.chosen.name].to_json(),
+                "max_cost_usd": str(self.cap)}
+
+    async def _launch(self, offers: list[Offer]) -> None:
+        """Rent the best offer; move to the next when one is taken, or never boots and is confirmed gone."""
         job, plan = self.job, self.plan
-        assert self.offer is not None
-        await asyncio.to_thread(self.state.record_intent, job.id, self.provider.name, self.owner, plan.handoff)
-        job.emit(EventType.PROVISIONING, provider=self.provider.name)
-        self.launched_at = time.monotonic()  # cost counts from the create request
-        self.launched_wall = dt.datetime.now(dt.timezone.utc)
-        self.instance = await self.provider.launch(self.offer, plan.spec, job_id=job.id, tag=plan.tag,
-                                                   ssh_public_key=None)
-        self.rate = self.instance.price_usd_per_hour
-        handoff = {**plan.handoff, **_instance_handoff(self.instance), "rate": str(self.rate),
-                   "gpu": self.instance.gpu_model,
-                   "launched_at": self.launched_wall.isoformat()}
-        await asyncio.to_thread(self.state.record_launched, job.id, self.instance.instance_id, handoff)
-        job.emit(EventType.PROVISIONED, provider=self.provider.name, instance_id=self.instance.instance_id,
-                 gpu=self.instance.gpu_model, cost_per_hour_usd=self.rate, max_cost_usd=plan.cap_usd)
+        for attempt, offer in enumerate(offers[:_MAX_LAUNCH_ATTEMPTS]):
+            if attempt:
+                self._choose(offer)
+                await asyncio.to_thread(self.state.record_attempt, job.id, offer.provider, self._handoff())
+            else:
+                await asyncio.to_thread(self.state.record_intent, job.id, offer.provider, self.owner, self._handoff())
+            self._check_cancel()
+            provider = self.chosen
+            if self.key is None and provider.name in MARKETPLACES and plan.keys_dir is not None:
+                self.key = await asyncio.to_thread(create_job_key, plan.keys_dir, job.id,
+                                                   comment=f"{plan.tag}/{job.id}")
+            job.emit(EventType.PROVISIONING, provider=provider.name, message=offer.description or None)
+            self.launched_at = time.monotonic()  # cost counts from the create request
+            self.launched_wall = self.launched_wall or dt.datetime.now(dt.timezone.utc)
+            try:
+                instance = await provider.launch(offer, plan.spec, job_id=job.id, tag=plan.tag,
+                                                 ssh_public_key=self.key.public_line if self.key else None)
+            except NoCapacity as exc:
+                # Taken between search and create: nothing was made; the next offer may still be there.
+                self.launched_at = None
+                if plan.offers is not None:
+                    plan.offers.forget(offer)
+                job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {offer.provider}: {exc}; trying the next "
+                         "offer\n")
+                await asyncio.to_thread(self.state.mark_abandoned, job.id)
+                continue
+            self.instance = instance
+            await asyncio.to_thread(self.state.record_launched, job.id, instance.instance_id,
+                                    {**self._handoff(), **self._instance_handoff()})
+            job.emit(EventType.PROVISIONED, provider=provider.name, instance_id=instance.instance_id,
+                     gpu=instance.gpu_model, cost_per_hour_usd=instance.price_usd_per_hour, max_cost_usd=self.cap)
+            try:
+                await self._wait_ready()
+                return
+            except _BootFailed as exc:
+                await self._give_up_instance(str(exc))
+        raise NoCapacity(f"tried {min(len(offers), _MAX_LAUNCH_ATTEMPTS)} offer(s); none could be rented")
+
+    async def _give_up_instance(self, why: str) -> None:
+        """An instance that never became usable: end it, and only once it is confirmed gone try elsewhere."""
+        assert self.instance is not None and self.launched_at is not None
+        self.job.emit(EventType.OUTPUT, stream="stderr",
+                      text=f"burst: {self.chosen.name} instance {self.instance.instance_id} {why}; ending it\n")
+        problem = await terminate_confirmed(self.chosen, self.instance.instance_id, timeout=self.terminate_timeout)
+        if problem is not None:
+            raise ProvisioningFailed(f"{self.chosen.name} instance {self.instance.instance_id} {why}, and could not "
+                                     f"be confirmed gone: {problem}")
+        self.spent += cost_of(self.rate, time.monotonic() - self.launched_at)
+        await asyncio.to_thread(self.state.mark_terminated, self.job.id)
+        self.instance, self.launched_at = None, None
+
+    async def _wait_ready(self) -> None:
+        """Poll the provider until the instance runs, then SSH until it answers: one overall timeout."""
+        assert self.instance is not None
+        provider, job = self.chosen, self.job
+        deadline = time.monotonic() + self.plan.provision_timeout
+        delay = min(1.0, provider.poll_seconds)
+        last = ""
+        while self.instance.state is not InstanceState.RUNNING or self.instance.endpoint is None:
+            self._check_cancel()
+            if time.monotonic() + delay > deadline:
+                raise ProvisioningFailed(f"{provider.name} instance {self.instance.instance_id} did not start within "
+                                         f"{self.plan.provision_timeout:.0f} s ({self.instance.detail or 'pending'})")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, provider.poll_seconds)
+            current = await provider.get(self.instance.instance_id)
+            if current is None:
+                raise _BootFailed("vanished while booting")
+            if current.state in (InstanceState.FAILED, InstanceState.STOPPED):
+                raise _BootFailed(f"failed to boot ({current.detail or current.state.value})")
+            self.instance = current
+            self._check_billed_rate()
+            if current.detail and current.detail != last:
+                last = current.detail
+                job.emit(EventType.PROVISIONING, provider=provider.name, message=current.detail)
+        if self.key is not None:
+            assert self.instance.endpoint is not None
+            endpoint = dataclasses.replace(self.instance.endpoint, key_path=str(self.key.private_path),
+                                           known_hosts=str(self.key.known_hosts), trust_on_first_use=True)
+            self.instance = dataclasses.replace(self.instance, endpoint=endpoint)
+        await asyncio.to_thread(self.state.update_handoff, job.id, **self._instance_handoff())
+        await self._wait_ssh(deadline)
+
+    def _check_billed_rate(self) -> None:
+        """The rate actually billed, read back: above --max-price or the cap, the instance is ended at once."""
+        assert self.instance is not None
+        billed = self.instance.price_usd_per_hour
+        if billed == self.rate:
+            return
+        quoted, self.rate = self.rate, billed
+        spec, name = self.plan.spec, self.chosen.name
+        if spec.max_price_usd_per_hour is not None and billed > spec.max_price_usd_per_hour:
+            ceiling = format_usd(spec.max_price_usd_per_hour)
+            raise ProvisioningFailed(f"{name} bills {format_usd(billed)}/h for {self.instance.instance_id} (quoted "
+                                     f"{format_usd(quoted)}/h), above --max-price {ceiling}/h; the instance was ended")
+        try:
+            check_cap(self.cap, billed, self.chosen.teardown_seconds)
+        except ConfigError as exc:
+            raise ProvisioningFailed(f"{name} bills {format_usd(billed)}/h for {self.instance.instance_id} (quoted "
+                                     f"{format_usd(quoted)}/h): {exc}; the instance was ended") from None
+        self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {name} bills {format_usd(billed)}/h "
+                      f"(quoted {format_usd(quoted)}/h)\n")
+        self.job.emit(EventType.PROVISIONED, provider=name, instance_id=self.instance.instance_id,
+                      cost_per_hour_usd=billed, max_cost_usd=self.cap)
+
+    async def _wait_ssh(self, deadline: float) -> None:
+        """A running instance may take a while to answer SSH (sshd starting, the key being installed)."""
+        assert self.instance is not None and self.instance.endpoint is not None
+        endpoint, delay = self.instance.endpoint, 0.25
+        while True:
+            self._check_cancel()
+            try:
+                await asyncio.to_thread(self.connections.get, endpoint)
+                return
+            except HostKeyError:
+                raise
+            except (ConnectFailed, AuthFailed, ProviderError, OSError, EOFError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise ProvisioningFailed(f"{self.chosen.name} instance {self.instance.instance_id} did not answer "
+                                             f"SSH at {endpoint} within {self.plan.provision_timeout:.0f} s: "
+                                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 3.0)
+
+    def _instance_handoff(self) -> dict[str, Any]:
+        assert self.instance is not None and self.launched_wall is not None
+        endpoint = self.instance.endpoint
+        return {
+            "instance_id": self.instance.instance_id,
+            "workdir": self.instance.workdir,
+            "python": self.instance.python,
+            **({"endpoint": endpoint.to_json()} if endpoint is not None else {}),
+            "rate": str(self.rate),
+            "gpu": self.instance.gpu_model,
+            "launched_at": self.launched_wall.isoformat(),
+            "spent_before_usd": str(self.spent),
+        }
 
     def _client(self) -> AgentClient:
-        assert self.instance is not None
+        assert self.instance is not None and self.instance.endpoint is not None
         return self.connections.agent(self.instance.endpoint, self.instance.python, self.instance.workdir)
 
     def _manifest(self) -> dict[str, Any]:
@@ -372,7 +580,7 @@ class Lifecycle:
         self._check_cancel()
         job.emit(EventType.SYNCING_UP, message=_describe_mounts(plan.mounts))
         t0 = time.monotonic()
-        compress = not self.instance.endpoint.is_local
+        compress = self.instance.endpoint is not None and not self.instance.endpoint.is_local
         notes: list[str] = []
 
         def bundle(sink: Any) -> None:
@@ -439,8 +647,8 @@ class Lifecycle:
             return "deadline"
         if self.rate > 0:
             # Keep back what the teardown will cost so the whole bill stays inside the cap.
-            reserve_s = self.provider.teardown_seconds + max(self.sync_up_seconds, 1.0) + 2.0
-            if self.cost_so_far() + cost_of(self.rate, reserve_s) >= self.plan.cap_usd:
+            reserve_s = self.chosen.teardown_seconds + max(self.sync_up_seconds, 1.0) + 2.0
+            if self.cost_so_far() + cost_of(self.rate, reserve_s) >= self.cap:
                 return "budget"
         return None
 
@@ -486,6 +694,7 @@ class Lifecycle:
                 # (an unconfirmed terminate leaves the state row for `%burst cleanup`).
                 deadline = min(deadline, time.monotonic() + _CANCEL_RECONNECT_SECONDS)
             try:
+                assert self.instance.endpoint is not None
                 await asyncio.to_thread(self.connections.reset, self.instance.endpoint)
                 client = await asyncio.to_thread(self._client)
                 stream = await asyncio.to_thread(client.attach, old.offset)
@@ -528,35 +737,58 @@ class Lifecycle:
             self.stop_reason, error = "cancelled", None
         total: Decimal | None = None
         confirmed = terminated_here = False
+        if self.instance is None and self.launched_at is not None and not job.handed_off.is_set():
+            # The create call failed without an answer (a lost reply, a timeout after sending): the provider
+            # may have made the instance anyway. Look for it by this install's tag and job id.
+            self.instance = await self._find_lost_instance()
+            if self.instance is None:
+                await asyncio.to_thread(self.state.mark_abandoned, job.id)
+                self.launched_at = None
         if self.instance is not None and not job.handed_off.is_set():
             terminated_here = True
             confirmed = await self._terminate()
-            total = cost_of(self.rate, time.monotonic() - (self.launched_at or time.monotonic()))
+            total = self.cost_so_far()
             job.emit(EventType.TERMINATED, instance_id=self.instance.instance_id,
                      total_cost_usd=total if confirmed else None,
                      error=None if confirmed else "terminate not confirmed; `%burst cleanup` will retry")
-        elif self.launched_at is not None and self.instance is None:
-            # The create call itself failed: the provider may still have made something; reconciliation
-            # finds it by tag. Local/ssh create nothing before launch returns.
-            await asyncio.to_thread(self.state.mark_abandoned, job.id)
+        elif self.spent > 0:
+            total, confirmed = self.spent, True  # every attempt ended before a usable instance: still billed
         result = self._result(error, total if confirmed else None)
-        if self.instance is None:
+        if self.instance is None and self.spent == 0:
             if reserved:  # nothing was rented; a reaper knows nothing of this reservation, so release it here
                 await asyncio.to_thread(self.budget.release, job.id)
-        elif terminated_here and confirmed:
+        elif confirmed and (terminated_here or self.instance is None):
             # Settle even if the exit hooks handed the job off meanwhile: the reaper skips terminated rows.
             await self._settle(result)
         # Otherwise a reaper owns the instance, or the terminate is unconfirmed: the reservation stays counted
         # and the state row stays live until `%burst cleanup` (or the reaper) ends and settles it.
-        if self.instance is not None:
+        if self.instance is not None and self.instance.endpoint is not None:
             await asyncio.to_thread(self._client().release)
-        job.emit(_FINAL_EVENT[result.status], total_cost_usd=result.total_cost_usd, max_cost_usd=self.plan.cap_usd,
+        if confirmed and self.key is not None and self.plan.keys_dir is not None:
+            await asyncio.to_thread(remove_job_key, self.plan.keys_dir, job.id)
+        job.emit(_FINAL_EVENT[result.status], total_cost_usd=result.total_cost_usd,
+                 max_cost_usd=self.cap or self.plan.cap_usd,
                  error=None if result.error is None else _one_line(result.error))
         return result
 
+    async def _find_lost_instance(self) -> Instance | None:
+        provider = self.provider
+        if provider is None or not provider.bills_from_launch:
+            return None  # local and ssh create nothing before launch returns
+        try:
+            found = [i for i in await provider.list_owned(self.plan.tag) if i.job_id == self.job.id]
+        except (ProviderError, OSError) as exc:
+            self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: could not look for an instance the failed "
+                          f"create may have made ({exc}); `%burst cleanup` will look again\n")
+            return None
+        if found:
+            await asyncio.to_thread(self.state.record_launched, self.job.id, found[0].instance_id,
+                                    {**self._handoff(), "instance_id": found[0].instance_id})
+        return found[0] if found else None
+
     async def _terminate(self) -> bool:
         assert self.instance is not None
-        problem = await terminate_confirmed(self.provider, self.instance.instance_id, timeout=self.terminate_timeout)
+        problem = await terminate_confirmed(self.chosen, self.instance.instance_id, timeout=self.terminate_timeout)
         if problem is None:
             await asyncio.to_thread(self.state.mark_terminated, self.job.id)
             return True
@@ -572,7 +804,8 @@ class Lifecycle:
             if job.spec.cell is not None:
                 pulled = unpack_pulled(self.received.values_blob, job.spec.pull)
                 result.values, result.result = pulled.values, pulled.result
-                if pulled.problems and error is None and self.remote_error is None and self.stop_reason is None:
+                if pulled.problems and error is None and self.remote_error is None and self.stop_reason is None \
+                        and self.setup_error is None:  # a cell that never ran defined nothing: say why it did not
                     error = VariableError("; ".join(pulled.problems))
         reason = self.stop_reason or (self.exit_record or {}).get("reason")
         rc = (self.exit_record or {}).get("rc")
@@ -582,7 +815,7 @@ class Lifecycle:
             result.status = JobStatus.CANCELLED
         elif reason == "budget":
             result.status = JobStatus.BUDGET_KILLED
-            result.error = BudgetKilled(f"stopped at its cost cap (${self.plan.cap_usd})")
+            result.error = BudgetKilled(f"stopped at its cost cap ({format_usd(self.cap)})")
         elif self.setup_error is not None:
             result.status, result.error = JobStatus.FAILED, RemoteSetupError(self.setup_error)
         elif reason in ("deadline", "lease"):
@@ -600,14 +833,16 @@ class Lifecycle:
 
     async def _settle(self, result: JobResult) -> None:
         job = self.job
-        assert self.instance is not None and self.launched_wall is not None
-        if not (self.started or self.provider.bills_from_launch):
+        assert self.launched_wall is not None
+        if not (self.started or self.chosen.bills_from_launch):
             # The user's own machine, and the job never ran: nothing to bill, no ledger row.
             await asyncio.to_thread(self.budget.release, job.id)
             return
         await asyncio.to_thread(
-            self.budget.settle, job.id, provider=self.provider.name, instance_id=self.instance.instance_id,
-            gpu=self.instance.gpu_model or "", rate_usd_per_hour=self.rate, started_at=self.launched_wall,
+            self.budget.settle, job.id, provider=self.chosen.name,
+            instance_id=self.instance.instance_id if self.instance else "",
+            gpu=(self.instance.gpu_model if self.instance else None) or (self.offer.gpu_model if self.offer else "")
+            or "", rate_usd_per_hour=self.rate, started_at=self.launched_wall,
             ended_at=dt.datetime.now(dt.timezone.utc), actual_usd=result.total_cost_usd,
             status=result.status.value, name=job.spec.name,
             message=None if result.error is None else _one_line(result.error))
@@ -629,12 +864,3 @@ def _one_line(error: BaseException) -> str:
 
 def _describe_mounts(mounts: list[MountPlan]) -> str | None:
     return ", ".join(f"{m.mount.local} -> {m.mount.remote}" for m in mounts) or None
-
-
-def _instance_handoff(instance: Instance) -> dict[str, Any]:
-    return {
-        "instance_id": instance.instance_id,
-        "workdir": instance.workdir,
-        "python": instance.python,
-        "endpoint": instance.endpoint.to_json(),
-    }

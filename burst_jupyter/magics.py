@@ -71,13 +71,22 @@ class BurstMagics(Magics):
     # -- %%burst --------------------------------------------------------------------------------------------
 
     @magic_arguments()
-    @argument("--provider", "-p", help="Where to run: auto (default), local, ssh.")
+    @argument("--provider", "-p", help="Where to run: auto (default: the cheapest configured marketplace for a "
+              "--gpu job, else your --host boxes, else this machine), local, ssh, vast, runpod, thunder.")
     @argument("--gpu", help="GPU model: RTX_4090, H100, A100_80GB, ANY ... (default: no GPU required).")
     @argument("--gpus", type=int, help="Number of GPUs (default 1).")
     @argument("--memory", type=int, metavar="GB", help="Minimum GPU memory per GPU, GB.")
     @argument("--max-cost", metavar="USD", help="Hard cap on this job's bill, USD.")
     @argument("--max-price", metavar="USD_PER_HOUR", help="Ceiling on the hourly price of the machine.")
     @argument("--max-duration", type=int, metavar="MINUTES", help="Stop the job after this many minutes.")
+    @argument("--spot", action="store_true", default=None,
+              help="Rent interruptible capacity (cheaper, may be preempted): Vast bids, RunPod spot.")
+    @argument("--min-reliability", type=float, metavar="0..1", help="Skip offers the provider scores below this.")
+    @argument("--offer", metavar="PROVIDER:ID", help="Rent exactly this offer (from %%burst offers).")
+    @argument("--provision-timeout", type=float, metavar="SECONDS",
+              help="One limit on boot, image pull and SSH readiness of a rented machine.")
+    @argument("--dry-run", action="store_true", help="Show the offer it would rent and the worst-case cost; rent "
+              "nothing.")
     @argument("--rate", metavar="USD_PER_HOUR", help="Declared $/h for local and ssh machines (default 0).")
     @argument("--mount", "-m", action="append", default=[], metavar="LOCAL:REMOTE[:ro|:rw]",
               help="Upload a folder (ro), or upload it and sync it back after the run (rw). Repeatable.")
@@ -112,6 +121,8 @@ class BurstMagics(Magics):
         args = parse_argstring(self.burst, line)
         try:
             spec = self._spec(args, self.ip.transform_cell(cell))
+            if args.dry_run:
+                return self.session.dry_run(spec)
             job = self.session.submit(spec, namespace=self.ip.user_ns)
         except BurstError as exc:
             raise UsageError(str(exc)) from None
@@ -135,6 +146,10 @@ class BurstMagics(Magics):
             else _money(self.max_cost, "BurstMagics.max_cost"))
         put("max_price_usd_per_hour", _money(args.max_price, "--max-price"))
         put("max_duration_minutes", args.max_duration if args.max_duration is not None else self.max_duration)
+        put("spot", args.spot)
+        put("min_reliability", args.min_reliability)
+        put("offer", args.offer)
+        put("provision_timeout_seconds", args.provision_timeout)
         put("rate_usd_per_hour", _money(args.rate, "--rate") if args.rate is not None
             else _money(self.rate, "BurstMagics.rate"))
         put("mount_local", args.mount or None)
@@ -177,8 +192,11 @@ class BurstMagics(Magics):
     @line_magic("burst")  # type: ignore[arg-type]  # IPython's stub cannot type a named line magic
     def burst_line(self, line: str) -> Any:
         """%burst ledger [day|provider|gpu|status] | budget [--daily USD] [--weekly USD] | jobs | down | cleanup
-        [--dry-run] | help
+        [--dry-run] | offers [--gpu G] [--gpus N] [--max-price USD] [--provider P] [--min-reliability R] [--spot]
+        | providers | help
 
+        offers     live offers across the configured marketplaces: filters, sortable table, refresh, insert a cell
+        providers  each marketplace: configured, reachable, lowest price for common GPUs
         ledger   the spend table (grouped when a key is given)
         budget   today's and this week's spend against the caps; --daily/--weekly set the caps ("none" clears)
         jobs     the jobs this kernel started
@@ -201,6 +219,12 @@ class BurstMagics(Magics):
                 return self._budget(rest)
             if command == "jobs":
                 return api.jobs()
+            if command == "offers":
+                o = _offers_parser().parse_args(rest)
+                return api.offers(o.gpu, gpus=o.gpus, max_price=o.max_price, provider=o.provider,
+                                  min_reliability=o.min_reliability, spot=o.spot)
+            if command == "providers":
+                return api.provider_status()
             if command == "down":
                 handed = api.shutdown()
                 print(f"burst: handed {len(handed)} job(s) to the reaper" + (f": {', '.join(handed)}" if handed
@@ -213,7 +237,8 @@ class BurstMagics(Magics):
         if command in ("help", "-h", "--help"):
             print(self.burst_line.__doc__)
             return None
-        raise UsageError(f"%burst {command}: unknown command; try ledger, budget, jobs, down, cleanup or help")
+        raise UsageError(f"%burst {command}: unknown command; try offers, providers, ledger, budget, jobs, down, "
+                         f"cleanup or help")
 
     def _budget(self, words: list[str]) -> Any:
         from . import api
@@ -228,6 +253,23 @@ class BurstMagics(Magics):
             usd = None if value.lower() == "none" else value
             (api.set_daily_budget if word == "--daily" else api.set_weekly_budget)(usd=usd)
         return api.budget_bars()
+
+
+def _offers_parser() -> Any:
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:  # one UsageError line, not a SystemExit
+            raise ConfigError(f"%burst offers: {message}")
+
+    p = _Parser(prog="%burst offers", add_help=False)
+    p.add_argument("--gpu")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--max-price")
+    p.add_argument("--provider")
+    p.add_argument("--min-reliability", type=float)
+    p.add_argument("--spot", action="store_true")
+    return p
 
 
 def _money(value: object, what: str) -> Any:

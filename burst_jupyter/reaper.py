@@ -25,6 +25,7 @@ from .budget import Budget
 from .connections import Connections
 from .errors import BurstError
 from .job import cost_of
+from .keys import remove_job_key
 from .paths import burst_home, db_path, logs_dir
 from .providers import ProviderConfig, build_provider
 from .providers.base import Endpoint, terminate_confirmed
@@ -89,7 +90,7 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
     instance_id = owned.instance_id
     if instance_id is None:
         # Handed over between "intent" and "launched": look for it at the provider by this install's tag.
-        found = [i for i in await provider.list_owned(h.get("tag", "")) if i.instance_id.startswith(owned.job_id)]
+        found = [i for i in await provider.list_owned(h.get("tag", "")) if i.job_id == owned.job_id]
         if not found:
             await asyncio.to_thread(state.mark_abandoned, owned.job_id)
             await asyncio.to_thread(budget.release, owned.job_id)
@@ -108,6 +109,8 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
         log.error("%s: %s", owned.job_id, problem)
         return Outcome(owned.job_id, synced, False, None, problem)
     await asyncio.to_thread(state.mark_terminated, owned.job_id)
+    await asyncio.to_thread(remove_job_key, home / "keys", owned.job_id)
+    # From the first create request at the last known rate: an earlier, cheaper attempt is over-counted, never under.
     rate = Decimal(h.get("rate") or 0)
     launched = dt.datetime.fromisoformat(h["launched_at"]) if "launched_at" in h else owned.created_at
     now = dt.datetime.now(dt.timezone.utc)

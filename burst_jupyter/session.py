@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import itertools
 import re
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import Settings, load_settings
 from .errors import ConfigError
-from .job import Job, JobPlan, Lifecycle, cost_of
+from .job import Job, JobPlan, Lifecycle, check_cap, job_cap
+from .money import format_usd
+from .offer_book import OfferBook, SearchResult
 from .paths import burst_home, db_path
 from .providers import REGISTRY, ProviderConfig, build_provider
+from .providers.accounts import MARKETPLACES, accounts, require_account
+from .providers.base import Capability, Offer, OfferQuery, Provider
 from .providers.catalog import canonical_gpu
 from .sinks import open_sink
 from .spec import HARD_MAX_MINUTES, JobSpec
@@ -34,13 +40,12 @@ if TYPE_CHECKING:
     from .connections import Connections
     from .state import Owner, StateStore
 
-__all__ = ["PROVIDER_NAMES", "Session"]
+__all__ = ["PROVIDER_NAMES", "DryRun", "Session"]
+
+T = TypeVar("T")
 
 #: The provider names a user can ask for. ``auto`` picks among the configured ones.
 PROVIDER_NAMES = ("auto", *REGISTRY)
-
-# What a job needs beyond its own run time to start and stop: the cap must buy at least this much.
-_MIN_BILLABLE_SECONDS = 10.0
 
 
 def _slug(name: str) -> str:
@@ -77,6 +82,8 @@ class Session:
         self.tag = install_tag(self.home)
         self.jobs: dict[str, Job] = {}
         self._rotations: dict[tuple[str, ...], itertools.count[int]] = {}
+        self._providers: dict[ProviderConfig, Provider] = {}
+        self.offer_book = OfferBook(ttl=self.settings.offer_ttl_seconds, preference=self.settings.prefer)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -121,6 +128,16 @@ class Session:
         with self._lock:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
+            providers, self._providers = list(self._providers.values()), {}
+        if loop is not None and not loop.is_closed() and loop.is_running():
+            clients = [p for p in providers if hasattr(p, "aclose")]  # marketplaces' HTTP clients
+
+            async def close_clients() -> None:
+                await asyncio.gather(*(p.aclose() for p in clients), return_exceptions=True)
+
+            if clients:
+                with contextlib.suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(close_clients(), loop).result(5)
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(loop.stop)
             if thread is not None:
@@ -147,27 +164,42 @@ class Session:
     def plan(self, spec: JobSpec, *, namespace: Mapping[str, Any]) -> JobPlan:
         """Every check that needs no provider call: bad input fails here, with one clear line."""
         spec = self._with_defaults(spec)
-        config = self._provider_config(spec)
-        provider = build_provider(config, connections=self.connections, home=self.home, rotations=self._rotations)
-        if spec.image is not None and provider.name in ("local", "ssh"):
-            raise ConfigError(f"--image needs a marketplace provider; {provider.name} runs the machine's own Python")
+        configs = {c.name: c for c in self._provider_configs(spec)}
+        providers = {name: self.provider(cfg) for name, cfg in configs.items()}
+        if spec.image is not None and len(providers) > 1:
+            # `auto` with --image: only the marketplaces that run a container image of the user's choice.
+            providers = {n: p for n, p in providers.items() if getattr(p, "supports_image", True)}
+            configs = {n: configs[n] for n in providers}
+            if not providers:
+                raise ConfigError("--image is not supported by any configured marketplace")
+        for name, p in providers.items():
+            if spec.image is not None and not getattr(p, "supports_image", True):
+                raise ConfigError(f"--image is not supported by {name}: it runs its own images")
+        rented = [name for name in providers if name in MARKETPLACES]
+        if rented and spec.image is None and self.settings.image is not None:
+            spec = spec.model_copy(update={"image": self.settings.image})
+        if spec.image is not None and not rented:
+            raise ConfigError(f"--image needs a marketplace provider; {', '.join(providers)} runs the machine's own "
+                              f"Python")
+        if spec.spot and not any(Capability.SPOT in providers[n].capabilities for n in rented):
+            raise ConfigError(f"--spot needs a provider with interruptible capacity (vast, runpod); "
+                              f"not {', '.join(providers)}")
         if spec.cell is not None:
             check_pulls(spec.pull, _parse_cell(spec.cell), spec.push)
         mounts = plan_mounts(spec.mounts)
         pushed = pack_push(spec.push, namespace)
-        rate = config.rate
         minutes = spec.max_duration_minutes or HARD_MAX_MINUTES
-        cap = spec.max_cost_usd if spec.max_cost_usd is not None else rate * minutes / 60
-        if rate > 0 and cap < cost_of(rate, _MIN_BILLABLE_SECONDS + provider.teardown_seconds):
-            raise ConfigError(f"--max-cost ${cap} buys only {float(cap / rate * 3600):.0f} s at ${rate}/h, "
-                              f"too little to start and stop a job")
+        cap: Decimal | None = spec.max_cost_usd
+        if not rented:
+            # The rate is declared (local, ssh): the cap is known now, and so is whether it buys enough.
+            (config,) = configs.values()
+            cap = job_cap(cap, config.rate, minutes * 60.0)
+            check_cap(cap, config.rate, next(iter(providers.values())).teardown_seconds)
         job_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
         handoff = {
             "name": spec.name,
             "tag": self.tag,
-            "provider_config": config.to_json(),
             "mounts": [m.to_json() for m in mounts],
-            "max_cost_usd": str(cap),
         }
         sink = None
         if spec.result_sink:
@@ -175,8 +207,60 @@ class Session:
             sink = open_sink(spec.result_sink, job_id=job_id)
             sink.check()
             handoff["result_sink"] = sink.describe()  # absolute and job-specific: the reaper reopens it as is
-        return JobPlan(job_id=job_id, spec=spec, provider=provider, cap_usd=cap, max_seconds=minutes * 60.0,
-                       mounts=mounts, pushed=pushed, cell=spec.cell, tag=self.tag, handoff=handoff, sink=sink)
+        timeout = spec.provision_timeout_seconds or self.settings.provision_timeout_seconds
+        return JobPlan(job_id=job_id, spec=spec, providers=providers, configs=configs, cap_usd=cap,
+                       max_seconds=minutes * 60.0, mounts=mounts, pushed=pushed, cell=spec.cell, tag=self.tag,
+                       handoff=handoff, sink=sink, offers=self.offer_book if rented else None,
+                       keys_dir=self.home / "keys", provision_timeout=timeout)
+
+    def provider(self, config: ProviderConfig) -> Provider:
+        """One provider object per configuration for the session's life (its HTTP client, its round-robin)."""
+        with self._lock:
+            provider = self._providers.get(config)
+        if provider is None:
+            provider = build_provider(config, connections=self.connections, home=self.home,
+                                      rotations=self._rotations, settings=self.settings)
+            with self._lock:
+                provider = self._providers.setdefault(config, provider)
+        return provider
+
+    def marketplaces(self) -> dict[str, Provider]:
+        """Every marketplace with an API key, built."""
+        return {name: self.provider(ProviderConfig(name=name)) for name in accounts(self.settings)}
+
+    def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the session loop and wait (in slices, so Ctrl-C gets through)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def search_offers(self, query: OfferQuery, *, providers: list[str] | None = None,
+                      refresh: bool = False) -> SearchResult:
+        """Live offers across the configured marketplaces (or ``providers``), ranked, through the TTL cache."""
+        markets = self.marketplaces()
+        for name in providers or ():
+            if name not in MARKETPLACES:
+                raise ConfigError(f"{name} has no offers to browse; choose from {', '.join(MARKETPLACES)}")
+            require_account(name, self.settings)
+        chosen = {n: p for n, p in markets.items() if not providers or n in providers}
+        if not chosen:
+            raise ConfigError("no marketplace is configured: set VAST_API_KEY, RUNPOD_API_KEY or TNR_API_TOKEN "
+                              "(or api-key under [vast], [runpod] or [thunder] in the user config)")
+        return self.run_sync(self.offer_book.search(chosen, query, refresh=refresh))
+
+    def dry_run(self, spec: JobSpec) -> DryRun:
+        """What the job would rent and its worst case, renting nothing."""
+        plan = self.plan(spec, namespace={})
+        offers, errors = self.run_sync(plan.search())
+        if not offers:
+            raise plan.no_offer(errors)
+        best = offers[0]
+        cap = plan.decide_cap(best, plan.providers[best.provider].teardown_seconds)
+        return DryRun(offer=best, worst_case_usd=cap, alternatives=offers[1:6], errors=errors,
+                      max_minutes=plan.max_seconds / 60)
 
     def _with_defaults(self, spec: JobSpec) -> JobSpec:
         """Fill what the user did not set from [tool.burst] / the user config; canonicalise names."""
@@ -186,6 +270,7 @@ class Session:
             "provider": s.provider, "max_cost_usd": s.max_cost, "max_duration_minutes": s.max_duration_minutes,
             "rate_usd_per_hour": s.rate, "ssh_hosts": s.hosts, "ssh_trust_on_first_use": s.trust_new_hosts,
             "remote_python": s.remote_python, "lease_seconds": s.lease_seconds, "result_sink": s.result_sink,
+            "min_reliability": s.min_reliability,
         }
         for field, value in defaults.items():
             if field not in given and value is not None:
@@ -203,13 +288,46 @@ class Session:
             update["gpu_model"] = canonical_gpu(spec.gpu_model)
         return spec.model_copy(update=update) if update else spec
 
-    @staticmethod
-    def _provider_config(spec: JobSpec) -> ProviderConfig:
+    def _provider_configs(self, spec: JobSpec) -> list[ProviderConfig]:
+        """The candidates. ``auto``: your hosts if given; else, for a job that asks for a GPU, every configured
+        marketplace; else this machine (a cell that needs no GPU is not worth renting one for)."""
         name = spec.provider
         if name == "auto":
-            name = "ssh" if spec.ssh_hosts else "local"  # marketplaces join `auto` once configured (issue 3)
-        return ProviderConfig(name=name, rate=spec.rate_usd_per_hour or Decimal(0), hosts=tuple(spec.ssh_hosts),
-                              trust_on_first_use=spec.ssh_trust_on_first_use, python=spec.remote_python)
+            markets = list(accounts(self.settings))
+            if spec.ssh_hosts:
+                name = "ssh"
+            elif markets and spec.gpu_model is not None:
+                return [ProviderConfig(name=m) for m in markets]
+            else:
+                name = "local"
+        elif name in MARKETPLACES:
+            require_account(name, self.settings)
+            return [ProviderConfig(name=name)]
+        return [ProviderConfig(name=name, rate=spec.rate_usd_per_hour or Decimal(0), hosts=tuple(spec.ssh_hosts),
+                               trust_on_first_use=spec.ssh_trust_on_first_use, python=spec.remote_python)]
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """``--dry-run``: the offer a job would take now, and the most it could cost."""
+
+    offer: Offer
+    worst_case_usd: Decimal
+    alternatives: list[Offer]
+    errors: dict[str, str]
+    max_minutes: float
+
+    def __repr__(self) -> str:
+        o = self.offer
+        price = format_usd(o.price_usd_per_hour) + "/h" + (" (spot)" if o.spot else "")
+        lines = [f"would rent: {o.provider} {o.gpus} x {o.gpu_model or 'no GPU'} at {price}"
+                 f"  [{o.provider}:{o.offer_id}] {o.description}".rstrip(),
+                 f"worst case: {format_usd(self.worst_case_usd)} (the cap; at most {self.max_minutes:.0f} min)"]
+        lines += [f"  next: {a.provider} {a.gpus} x {a.gpu_model} at {format_usd(a.price_usd_per_hour)}/h"
+                  for a in self.alternatives]
+        lines += [f"  {name}: {text}" for name, text in self.errors.items()]
+        lines.append("nothing was rented (--dry-run)")
+        return "\n".join(lines)
 
 
 def _parse_cell(cell: str) -> ast.Module:

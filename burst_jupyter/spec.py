@@ -131,7 +131,13 @@ class JobSpec(BaseModel):
     mount_local: list[Mount] = Field(default_factory=list, description="LOCAL:REMOTE[:ro|:rw] mounts.")
     push: list[str] = Field(default_factory=list, description="Notebook variables sent to the cell.")
     pull: list[str] = Field(default_factory=list, description="Variables brought back after the run.")
-    provider: str = Field("auto", description="auto, local, ssh (marketplaces arrive in later releases).")
+    provider: str = Field("auto", description="auto (the cheapest configured marketplace, else your hosts, else "
+                          "this machine), local, ssh, vast, runpod, thunder.")
+    spot: bool = Field(False, description="Rent interruptible capacity (cheaper; may be preempted).")
+    min_reliability: float | None = Field(None, ge=0, le=1, description="Skip offers scored below this (0..1).")
+    offer: str | None = Field(None, description="Rent exactly this offer, PROVIDER:OFFER_ID (from the offer browser).")
+    provision_timeout_seconds: float | None = Field(
+        None, gt=0, description="One limit on boot, image pull and SSH readiness of a rented instance.")
     ssh_hosts: list[str] = Field(default_factory=list, description="Hosts for provider ssh, round-robin.")
     ssh_trust_on_first_use: bool = Field(False, description="Accept and remember unknown SSH host keys.")
     remote_python: str | None = Field(None, description="Python on the instance (default python3).")

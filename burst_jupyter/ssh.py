@@ -352,8 +352,10 @@ def _resolve(endpoint: Endpoint, ssh_config: Path | None, known_hosts: Path | No
     assert endpoint.host is not None
     default_path = Path.home() / ".ssh" / "config"
     path = ssh_config or Path(os.environ.get("BURST_SSH_CONFIG") or default_path)
+    rented = endpoint.known_hosts is not None
     try:
-        config = paramiko.SSHConfig.from_path(str(path)) if path.exists() else paramiko.SSHConfig()
+        # A rented instance is an address the provider gave us: the user's ~/.ssh/config does not describe it.
+        config = paramiko.SSHConfig.from_path(str(path)) if path.exists() and not rented else paramiko.SSHConfig()
         options = config.lookup(endpoint.host)
     except (OSError, paramiko.SSHException) as exc:
         raise ConfigError(f"cannot read the ssh config {path}: {_one_line(exc)}") from exc
@@ -387,7 +389,9 @@ def _resolve(endpoint: Endpoint, ssh_config: Path | None, known_hosts: Path | No
     if proxy is not None and proxy.lower() == "none":
         proxy = None
 
-    if known_hosts is None:
+    if rented:
+        known_hosts = Path(str(endpoint.known_hosts))  # pinned per instance (Endpoint.known_hosts says why)
+    elif known_hosts is None:
         configured_known = options.get("userknownhostsfile", "").split()
         known_hosts = Path(configured_known[0] if configured_known else "~/.ssh/known_hosts").expanduser()
 
@@ -398,7 +402,8 @@ def _resolve(endpoint: Endpoint, ssh_config: Path | None, known_hosts: Path | No
         user=user,
         key_files=tuple(key_files),
         explicit_key=explicit,
-        identities_only=options.get("identitiesonly", "no").lower() == "yes",
+        # Only the job's own key goes to a rented machine: the user's keys are none of its business.
+        identities_only=rented or options.get("identitiesonly", "no").lower() == "yes",
         proxy_command=proxy,
         known_hosts=known_hosts,
         alive_interval=alive_interval,

@@ -107,6 +107,15 @@ class StateStore:
                 (job_id, provider, owner.host, owner.pid, owner.started, now, now, json.dumps(handoff)),
             )
 
+    def record_attempt(self, job_id: str, provider: str, handoff: dict[str, Any]) -> None:
+        """A new launch attempt (the previous instance is confirmed gone): back to intent, maybe elsewhere."""
+        with write_transaction(self._conn) as c:
+            c.execute(
+                "UPDATE instances SET provider = ?, instance_id = NULL, state = 'intent', handoff = ?, updated_at = ?"
+                " WHERE job_id = ?",
+                (provider, json.dumps(handoff), _now(), job_id),
+            )
+
     def record_launched(self, job_id: str, instance_id: str, handoff: dict[str, Any]) -> None:
         with write_transaction(self._conn) as c:
             c.execute(

@@ -2,6 +2,7 @@
 
 The registry is one explicit dict: a name users type -> how to build that provider. The session builds
 providers from a JobSpec; a reaper rebuilds them from the ``provider_config`` recorded in the state store.
+Marketplace keys are never in that record: they are looked up again (accounts.py) wherever a provider is built.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ..config import Settings
     from ..connections import Connections
     from .base import Provider
 
@@ -46,6 +48,14 @@ class _Context:
     connections: Connections
     home: Path
     rotations: dict[tuple[str, ...], itertools.count[int]] = field(default_factory=dict)
+    settings: Settings | None = None
+
+    def account_settings(self) -> Settings:
+        if self.settings is None:
+            from ..config import load_settings
+
+            self.settings = load_settings()
+        return self.settings
 
 
 def _local(cfg: ProviderConfig, ctx: _Context) -> Provider:
@@ -64,14 +74,43 @@ def _ssh(cfg: ProviderConfig, ctx: _Context) -> Provider:
                        rotation=rotation)
 
 
+def _vast(cfg: ProviderConfig, ctx: _Context) -> Provider:
+    from .accounts import require_account
+    from .vast import VastProvider
+
+    account = require_account("vast", ctx.account_settings())
+    return VastProvider(api_key=account.api_key, base_url=account.base_url, ssh_user=account.ssh_user)
+
+
+def _runpod(cfg: ProviderConfig, ctx: _Context) -> Provider:
+    from .accounts import require_account
+    from .runpod import RunPodProvider
+
+    account = require_account("runpod", ctx.account_settings())
+    return RunPodProvider(api_key=account.api_key, base_url=account.base_url, ssh_user=account.ssh_user)
+
+
+def _thunder(cfg: ProviderConfig, ctx: _Context) -> Provider:
+    from .accounts import require_account
+    from .thunder import ThunderProvider
+
+    account = require_account("thunder", ctx.account_settings())
+    return ThunderProvider(api_key=account.api_key, base_url=account.base_url, ssh_user=account.ssh_user)
+
+
 REGISTRY: dict[str, Callable[[ProviderConfig, _Context], Provider]] = {
     "local": _local,
     "ssh": _ssh,
+    "vast": _vast,
+    "runpod": _runpod,
+    "thunder": _thunder,
 }
 
 
 def build_provider(cfg: ProviderConfig, *, connections: Connections, home: Path,
-                   rotations: dict[tuple[str, ...], itertools.count[int]] | None = None) -> Provider:
-    """Build the provider ``cfg`` names (``rotations`` keeps ssh round-robin going across jobs)."""
-    ctx = _Context(connections, home, rotations if rotations is not None else {})
+                   rotations: dict[tuple[str, ...], itertools.count[int]] | None = None,
+                   settings: Settings | None = None) -> Provider:
+    """Build the provider ``cfg`` names (``rotations`` keeps ssh round-robin going across jobs; ``settings``
+    holds marketplace accounts, read from the user config and the environment when not given)."""
+    ctx = _Context(connections, home, rotations if rotations is not None else {}, settings)
     return REGISTRY[cfg.name](cfg, ctx)

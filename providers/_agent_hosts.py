@@ -51,4 +51,5 @@ class AgentHost:
             tag=tag,
             gpu_model=gpu_model,
             python=self.python,
+            job_id=job_id,
         )

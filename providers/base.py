@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from ..spec import JobSpec
 
 __all__ = [
+    "REMOTE_JOB_ROOT",
     "Capability",
     "Endpoint",
     "Instance",
@@ -30,6 +32,10 @@ __all__ = [
 ]
 
 
+#: Where jobs live on a remote machine, relative to the login's home (no root needed): ssh boxes and rented ones.
+REMOTE_JOB_ROOT = ".cache/burst/jobs"
+
+
 class Capability(str, enum.Enum):
     SPOT = "spot"  # interruptible capacity at a lower price
     STOP = "stop"  # can stop without destroying
@@ -39,9 +45,10 @@ class Capability(str, enum.Enum):
 
 
 class InstanceState(str, enum.Enum):
-    PENDING = "pending"
-    RUNNING = "running"
-    STOPPED = "stopped"
+    PENDING = "pending"  # created, not yet reachable (provisioning, pulling the image, booting)
+    RUNNING = "running"  # up, with an SSH endpoint
+    STOPPED = "stopped"  # paused or stopped (a Vast bid outbid, a RunPod pod exited): still owned
+    FAILED = "failed"  # the provider gave up on it (exited on boot, error): still owned until terminated
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +60,10 @@ class Endpoint:
     user: str | None = None
     key_path: str | None = None  # an ephemeral per-job key; None: the user's keys, agent and ~/.ssh/config
     trust_on_first_use: bool = False
+    #: A rented instance's own known_hosts file. When set, the host key is pinned there at first contact, only
+    #: ``key_path`` is offered, and ~/.ssh/config is not read: a marketplace reuses addresses across renters, so
+    #: one global known_hosts would refuse the next instance on the same ip:port as a "changed" host.
+    known_hosts: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -61,12 +72,12 @@ class Endpoint:
     def to_json(self) -> dict[str, Any]:
         """What a reaper needs to reach the instance again (state store handoff)."""
         return {"host": self.host, "port": self.port, "user": self.user, "key_path": self.key_path,
-                "trust_on_first_use": self.trust_on_first_use}
+                "trust_on_first_use": self.trust_on_first_use, "known_hosts": self.known_hosts}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Endpoint:
         return cls(host=data["host"], port=data["port"], user=data["user"], key_path=data["key_path"],
-                   trust_on_first_use=data["trust_on_first_use"])
+                   trust_on_first_use=data["trust_on_first_use"], known_hosts=data.get("known_hosts"))
 
     def __str__(self) -> str:
         if self.host is None:
@@ -78,11 +89,31 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OfferQuery:
+    """What a job needs. Providers filter on their side where their API can, and on ours where it cannot."""
+
     gpu_model: str | None = None  # canonical name, ANY, or None (no GPU needed)
     gpus: int = 1
-    memory_gb: int | None = None
-    max_price_usd_per_hour: Decimal | None = None
-    spot: bool = False
+    memory_gb: int | None = None  # GPU memory per GPU, GB
+    max_price_usd_per_hour: Decimal | None = None  # for the whole instance
+    spot: bool = False  # interruptible capacity only (False: on-demand only)
+    min_reliability: float | None = None  # 0..1
+    direct_ssh: bool = True  # a public port 22 (marketplaces): burst speaks SSH straight to the instance
+
+    def fits(self, offer: Offer) -> bool:
+        """The checks every provider's offers must pass, whatever its API filtered already."""
+        from .catalog import ANY
+
+        if self.gpu_model not in (None, ANY) and offer.gpu_model != self.gpu_model:
+            return False
+        if offer.gpus < self.gpus:
+            return False
+        if self.memory_gb is not None and offer.memory_gb is not None and offer.memory_gb < self.memory_gb:
+            return False
+        if self.max_price_usd_per_hour is not None and offer.price_usd_per_hour > self.max_price_usd_per_hour:
+            return False
+        if offer.spot != self.spot:
+            return False
+        return self.min_reliability is None or offer.reliability >= self.min_reliability
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,14 +121,21 @@ class Offer:
     """Something a provider would rent right now, at this price."""
 
     provider: str
-    offer_id: str
-    gpu_model: str | None
+    offer_id: str  # what ``launch`` needs to rent exactly this (Vast ask id, RunPod GPU type, Thunder spec key)
+    gpu_model: str | None  # canonical name (catalog.py), None for a machine without a GPU
     gpus: int
-    price_usd_per_hour: Decimal
-    memory_gb: int | None = None
-    reliability: float = 1.0
+    price_usd_per_hour: Decimal  # for the whole instance, as the provider quotes it now
+    memory_gb: int | None = None  # GPU memory per GPU, GB
+    reliability: float = 1.0  # 0..1; the provider's own score where it has one
     spot: bool = False
     description: str = ""
+    location: str = ""
+    #: Provider-specific details ``launch`` needs (a spot bid, a cloud type); never shown, never compared.
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def price_per_gpu_hour(self) -> Decimal:
+        return self.price_usd_per_hour / self.gpus if self.gpus else self.price_usd_per_hour
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,12 +145,15 @@ class Instance:
     provider: str
     instance_id: str
     state: InstanceState
-    endpoint: Endpoint
+    endpoint: Endpoint | None  # None until the provider reports a way in (booting)
     workdir: str  # the directory the job owns on the instance
     price_usd_per_hour: Decimal
     tag: str
     gpu_model: str | None = None
     python: str = "python3"  # the interpreter the agent runs under on the instance
+    job_id: str | None = None  # the job it was launched for, as the provider recorded it (env, name)
+    detail: str = ""  # the provider's own words on its state ("pulling image", "outbid"), for the job view
+    spot: bool = False
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
 
 
@@ -137,6 +178,8 @@ class Provider(Protocol):
     #: Whether an instance bills from its create request even if the job never starts (marketplaces), or only
     #: once the job runs (the user's own machines: a job that never started costs nothing and leaves no row).
     bills_from_launch: ClassVar[bool]
+    #: How often ``get`` may be asked while an instance boots (the provider's rate limits decide; tests lower it).
+    poll_seconds: float
 
     async def offers(self, query: OfferQuery) -> list[Offer]: ...
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-__all__ = ["ANY", "CATALOG", "GpuModel", "canonical_gpu", "gpu_model"]
+__all__ = ["ANY", "CATALOG", "GpuModel", "canonical_gpu", "gpu_model", "identify", "spellings"]
 
 ANY = "ANY"
 
@@ -79,3 +79,28 @@ def gpu_model(name: str) -> GpuModel | None:
     """The catalog entry for a canonical name (None for ``ANY``)."""
     key = canonical_gpu(name)
     return None if key == ANY else CATALOG[key]
+
+
+def spellings(provider: str, name: str | None) -> tuple[str, ...]:
+    """How ``provider`` ("vast", "runpod", "thunder") spells a canonical name; every known GPU for ``ANY``/None."""
+    if name in (None, ANY):
+        return tuple(dict.fromkeys(s for m in CATALOG.values() for s in getattr(m, provider)))
+    return tuple(getattr(CATALOG[canonical_gpu(name)], provider))
+
+
+def identify(provider: str, spelling: str, *, memory_gb: float | None = None) -> str | None:
+    """The canonical name of a provider's GPU spelling, or None if the catalog does not know it.
+
+    Some spellings name two models (Vast ``"A100 SXM4"`` is sold with 40 and 80 GB): ``memory_gb`` then picks the
+    one whose memory is nearest.
+
+    Example:
+        >>> identify("vast", "A100 SXM4", memory_gb=81.9)
+        'A100_80GB'
+    """
+    found = [m for m in CATALOG.values() if spelling in getattr(m, provider)]
+    if not found:
+        return None
+    if memory_gb is not None:
+        found.sort(key=lambda m: abs(m.memory_gb - memory_gb))
+    return found[0].name

@@ -59,6 +59,7 @@ class LocalProvider:
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.LOCAL_FILES})
     teardown_seconds: ClassVar[float] = 1.0
     bills_from_launch: ClassVar[bool] = False
+    poll_seconds: float = 0.0  # launch returns a running "instance": nothing to poll
 
     def __init__(self, *, connections: Connections, rate: Decimal = Decimal(0), root: Path | None = None,
                  python: str = sys.executable) -> None:

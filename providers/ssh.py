@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError
 from ._agent_hosts import AgentHost
-from .base import Capability, Endpoint, Instance, Offer, OfferQuery
+from .base import REMOTE_JOB_ROOT, Capability, Endpoint, Instance, Offer, OfferQuery
 
 if TYPE_CHECKING:
     from ..connections import Connections
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 __all__ = ["SSHProvider", "parse_host"]
 
-JOB_ROOT = ".cache/burst/jobs"  # relative to the remote home: no root needed
 
 
 def parse_host(text: str, *, trust_on_first_use: bool = False) -> Endpoint:
@@ -41,6 +40,7 @@ class SSHProvider:
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
     teardown_seconds: ClassVar[float] = 2.0
     bills_from_launch: ClassVar[bool] = False
+    poll_seconds: float = 0.0  # launch returns a running "instance": nothing to poll
 
     def __init__(self, *, hosts: list[str], connections: Connections, rate: Decimal = Decimal(0),
                  trust_on_first_use: bool = False, python: str = "python3",
@@ -51,7 +51,7 @@ class SSHProvider:
         self.rate = rate
         self._rotation = rotation if rotation is not None else itertools.count()
         self._next = 0
-        self._agents = {h: AgentHost(connections=connections, root=JOB_ROOT, python=python,
+        self._agents = {h: AgentHost(connections=connections, root=REMOTE_JOB_ROOT, python=python,
                                      endpoint=parse_host(h, trust_on_first_use=trust_on_first_use))
                         for h in self.hosts}
 

@@ -146,11 +146,13 @@ def start_sshd(
     port: int | None = None,
     host_key_types: tuple[str, ...] = ("ed25519",),
     home: Path | None = None,
+    path: Path | None = None,
 ) -> Iterator[SSHServer]:
     """Run sshd in the foreground until the block ends; yields once it answers with its SSH banner.
 
     ``host_key_types`` are ssh-keygen -t names; the first one's key is ``host_key_pub`` and is in known_hosts.
-    ``home``, when given, is created and becomes HOME and the working directory of every command."""
+    ``home``, when given, is created and becomes HOME and the working directory of every command; ``path`` (with
+    ``home``) is put first on PATH (a fake ``nvidia-smi`` for a rented GPU box)."""
     if not SSHD.exists():
         pytest.skip(f"OpenSSH server not installed ({SSHD} missing); apt-get install openssh-server")
     if os.geteuid() == 0:
@@ -165,7 +167,8 @@ def start_sshd(
     if home is not None:
         home.mkdir(parents=True, exist_ok=True)
         at = shlex.quote(str(home))
-        force = f'ForceCommand export HOME={at}; cd {at} && exec "$SHELL" -c "$SSH_ORIGINAL_COMMAND"\n'
+        extra = f"export PATH={shlex.quote(str(path))}:$PATH; " if path is not None else ""
+        force = f'ForceCommand export HOME={at}; {extra}cd {at} && exec "$SHELL" -c "$SSH_ORIGINAL_COMMAND"\n'
     for attempt in range(5):
         listen_port = port or _free_port()
         config = workdir / "sshd_config"

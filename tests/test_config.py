@@ -85,6 +85,17 @@ def test_all_fields_round_trip(tmp_path: Path, project: Path) -> None:
         result-sink = "file:///tmp/out"
         daily-budget = 20
         weekly-budget = 100.5
+        image = "pytorch/pytorch:latest"
+        prefer = ["vast", "runpod"]
+        min-reliability = 0.95
+        offer-ttl-seconds = 10
+        provision-timeout-seconds = 300
+        [vast]
+        api-key = "k-vast"
+        [runpod]
+        url = "http://127.0.0.1:9"
+        [thunder]
+        ssh-user = "root"
         """,
     )
     settings = load_settings(cwd=project, user_file=user)
@@ -100,8 +111,28 @@ def test_all_fields_round_trip(tmp_path: Path, project: Path) -> None:
         "result_sink": "file:///tmp/out",
         "daily_budget": Decimal(20),
         "weekly_budget": Decimal("100.5"),
+        "image": "pytorch/pytorch:latest",
+        "prefer": ["vast", "runpod"],
+        "min_reliability": 0.95,
+        "offer_ttl_seconds": 10.0,
+        "provision_timeout_seconds": 300.0,
+        "vast": {"api_key": "k-vast", "url": None, "ssh_user": None},
+        "runpod": {"api_key": None, "url": "http://127.0.0.1:9", "ssh_user": None},
+        "thunder": {"api_key": None, "url": None, "ssh_user": "root"},
     }
     assert set(settings.sources) == set(Settings.model_fields)
+
+
+def test_api_keys_stay_out_of_project_files(tmp_path: Path, project: Path) -> None:
+    (project / "pyproject.toml").write_text('[tool.burst.vast]\napi-key = "leaked"\n')
+    with pytest.raises(ConfigError, match=r"\[vast\] api-key does not belong in a project file"):
+        load_settings(cwd=project, user_file=tmp_path / "none.toml")
+
+
+def test_an_unknown_account_key_names_its_table(tmp_path: Path, project: Path) -> None:
+    user = write(tmp_path / "user.toml", '[runpod]\napikey = "x"\n')
+    with pytest.raises(ConfigError, match=r"runpod\.apikey"):
+        load_settings(cwd=project, user_file=user)
 
 
 def test_money_stays_exact(tmp_path: Path, project: Path) -> None:
@@ -128,7 +159,8 @@ def test_unknown_hyphenated_key_suggests_hyphenated_name(tmp_path: Path, project
 
 def test_unknown_key_without_match_lists_known_keys(tmp_path: Path, project: Path) -> None:
     user = write(tmp_path / "user.toml", "[burst]\nprovider = 'ssh'\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'burst'; known keys: provider, max_cost, .*weekly_budget$"):
+    known = r"known keys: provider, max_cost, .*weekly_budget, .*thunder$"
+    with pytest.raises(ConfigError, match=rf"unknown key 'burst'; {known}"):
         load_settings(cwd=project, user_file=user)
 
 

@@ -149,7 +149,7 @@ def test_the_default_python3_of_the_box_runs_the_cell(ip: Any, boxes: Boxes, bur
     assert result.result >= (3, 8)
     assert ip.user_ns["exe"] != sys.executable  # the box's own python3, not this venv's
     job = last_job()
-    assert job.plan.provider.name == "ssh"
+    assert list(job.plan.providers) == ["ssh"]
     assert_settled(boxes, burst_home, job, status="completed", host="box1")
 
 

@@ -5,5 +5,6 @@ Importing this package does not import ipywidgets; each view imports it when its
 
 from burst_jupyter.widgets.budget_bars import BudgetBars, BudgetSnapshot, PeriodSnapshot
 from burst_jupyter.widgets.job_view import JobView, JobViewState
+from burst_jupyter.widgets.offer_browser import OfferBrowser, OfferFilter
 
-__all__ = ["BudgetBars", "BudgetSnapshot", "JobView", "JobViewState", "PeriodSnapshot"]
+__all__ = ["BudgetBars", "BudgetSnapshot", "JobView", "JobViewState", "OfferBrowser", "OfferFilter", "PeriodSnapshot"]

@@ -1,0 +1,157 @@
+"""Live offers across providers: ask every configured provider at once, keep what fits, rank, cache briefly.
+
+The ranking is the whole policy of ``--provider auto``: the cheapest offer that fits; equal prices go to the more
+reliable provider (``prefer``, default RunPod > Thunder > Vast as the seed's job-completion ranking has it), then
+to the higher reliability score. Offers are cached per (provider, query) for a short TTL: the price truth
+decays in minutes, and a notebook re-running a cell should not pay a search round trip each time.
+
+A provider that fails (unreachable, rate limited, bad key) does not fail the search: its error is reported next
+to the offers of the others, and the job view and ``%burst providers`` show it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from .errors import BurstError
+from .money import format_usd
+
+if TYPE_CHECKING:
+    from .providers.base import Offer, OfferQuery, Provider
+
+__all__ = ["COMMON_GPUS", "DEFAULT_PREFERENCE", "OfferBook", "ProvidersStatus", "SearchResult", "rank"]
+
+DEFAULT_PREFERENCE = ("runpod", "thunder", "vast")
+
+
+def rank(offers: Iterable[Offer], preference: Sequence[str] = DEFAULT_PREFERENCE) -> list[Offer]:
+    """Cheapest first; ties to the preferred provider, then the more reliable offer."""
+    order = {name: i for i, name in enumerate(preference)}
+    return sorted(offers, key=lambda o: (o.price_usd_per_hour, order.get(o.provider, len(order)), -o.reliability))
+
+
+@dataclass
+class SearchResult:
+    offers: list[Offer]  # ranked, every one fits the query
+    errors: dict[str, str] = field(default_factory=dict)  # provider -> one line
+    seconds: dict[str, float] = field(default_factory=dict)  # provider -> how long its answer took (0: cached)
+    elapsed: float = 0.0
+
+    @property
+    def best(self) -> Offer | None:
+        return self.offers[0] if self.offers else None
+
+    def by_provider(self, name: str) -> list[Offer]:
+        return [o for o in self.offers if o.provider == name]
+
+
+@dataclass
+class _Entry:
+    at: float
+    offers: list[Offer]
+
+
+class OfferBook:
+    """Searches providers concurrently. Thread-safe enough for one event loop (the session's)."""
+
+    def __init__(self, *, ttl: float = 30.0, preference: Sequence[str] = DEFAULT_PREFERENCE,
+                 timeout: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.preference = tuple(preference)
+        self.timeout = timeout
+        self._clock = clock
+        self._cache: dict[tuple[str, OfferQuery], _Entry] = {}
+
+    async def search(self, providers: Mapping[str, Provider], query: OfferQuery, *,
+                     refresh: bool = False) -> SearchResult:
+        t0 = self._clock()
+        result = SearchResult(offers=[])
+        answers = await asyncio.gather(*(self._one(name, p, query, refresh) for name, p in providers.items()))
+        found: list[Offer] = []
+        for name, (offers, error, seconds) in zip(providers, answers, strict=True):
+            result.seconds[name] = seconds
+            if error is not None:
+                result.errors[name] = error
+            found.extend(o for o in offers if query.fits(o))
+        result.offers = rank(found, self.preference)
+        result.elapsed = self._clock() - t0
+        return result
+
+    def forget(self, offer: Offer) -> None:
+        """Drop a taken offer from every cached answer, so the next search does not offer it again."""
+        for entry in self._cache.values():
+            entry.offers = [o for o in entry.offers if (o.provider, o.offer_id) != (offer.provider, offer.offer_id)]
+
+    async def _one(self, name: str, provider: Provider, query: OfferQuery,
+                   refresh: bool) -> tuple[list[Offer], str | None, float]:
+        key = (name, query)
+        now = self._clock()
+        entry = self._cache.get(key)
+        if entry is not None and not refresh and now - entry.at <= self.ttl:
+            return entry.offers, None, 0.0
+        try:
+            offers = await asyncio.wait_for(provider.offers(query), self.timeout)
+        except asyncio.TimeoutError:
+            return [], f"no answer within {self.timeout:.0f} s", self._clock() - now
+        except (BurstError, OSError) as exc:
+            return [], str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self._clock() - now
+        self._cache[key] = _Entry(self._clock(), offers)
+        return offers, None, self._clock() - now
+
+
+#: The GPUs ``%burst providers`` prices for each provider (the ones researchers rent most; seeds/000).
+COMMON_GPUS = ("RTX_3090", "RTX_4090", "A100_80GB", "H100")
+
+
+@dataclass(frozen=True)
+class ProviderLine:
+    name: str
+    configured: bool
+    reachable: bool | None  # None: not asked (not configured)
+    lowest: dict[str, tuple[Decimal, int]]  # canonical GPU -> (lowest $/h, offers)
+    note: str = ""
+
+    def describe(self) -> str:
+        if not self.configured:
+            return f"{self.name}: not configured ({self.note})"
+        if not self.reachable:
+            return f"{self.name}: not answering: {self.note}"
+        prices = ", ".join(f"lowest {gpu} = {format_usd(price)}/hr ({count} offers)"
+                           for gpu, (price, count) in self.lowest.items())
+        return f"{self.name}: available, {prices or 'no offers for ' + ', '.join(COMMON_GPUS)}"
+
+
+@dataclass(frozen=True)
+class ProvidersStatus:
+    """``%burst providers`` / ``burst providers status``: configured, reachable, lowest price per common GPU."""
+
+    lines: list[ProviderLine]
+
+    @classmethod
+    def from_search(cls, result: SearchResult, *, configured: Sequence[str],
+                    missing: Mapping[str, str]) -> ProvidersStatus:
+        lines = []
+        for name in configured:
+            lowest: dict[str, tuple[Decimal, int]] = {}
+            for gpu in COMMON_GPUS:
+                mine = [o for o in result.by_provider(name) if o.gpu_model == gpu and o.gpus == 1]
+                if mine:
+                    lowest[gpu] = (min(o.price_usd_per_hour for o in mine), len(mine))
+            error = result.errors.get(name)
+            lines.append(ProviderLine(name, True, error is None, lowest, error or ""))
+        lines += [ProviderLine(name, False, None, {}, hint) for name, hint in missing.items()]
+        return cls(lines)
+
+    def __repr__(self) -> str:
+        return "\n".join(line.describe() for line in self.lines)
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{html.escape(line.name)}</td><td>{html.escape(line.describe().split(': ', 1)[1])}"
+                       "</td></tr>" for line in self.lines)
+        return f"<table><tr><th>provider</th><th>status</th></tr>{rows}</table>"

@@ -1,0 +1,693 @@
+"""OfferBrowser: live GPU offers across providers, filtered, sorted, and turned into a ``%%burst`` line or a launch.
+
+It only renders: the caller injects ``search(filter, refresh)`` (blocking; the caller runs it on its own loop),
+and optionally ``on_launch(offer)`` and ``on_insert(cell_text)``. It never imports a provider or the session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import shlex
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from decimal import Decimal, InvalidOperation
+from html import escape
+from typing import TYPE_CHECKING, Any
+
+from burst_jupyter.errors import BurstError
+from burst_jupyter.money import format_usd
+from burst_jupyter.offer_book import SearchResult
+from burst_jupyter.widgets.render import LiveView, clean_text, ipython_kernel_present
+
+if TYPE_CHECKING:
+    from burst_jupyter.providers.base import Offer, OfferQuery
+
+__all__ = ["COLUMNS", "SORT_KEYS", "OfferBrowser", "OfferFilter", "OfferRow", "offer_rows", "sort_offers"]
+
+#: Sort keys and their labels: price and $/GPU-hour cheapest first, memory and reliability highest first.
+SORT_KEYS: dict[str, str] = {
+    "price": "price $/h",
+    "gpu_price": "$/GPU-hour",
+    "memory": "GPU memory",
+    "reliability": "reliability",
+}
+#: (OfferRow field, header) in display order; the HTML table adds the description after them.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("provider", "provider"),
+    ("gpu", "GPU"),
+    ("gpus", "count"),
+    ("price", "$/h"),
+    ("gpu_price", "$/GPU-h"),
+    ("memory", "GPU GB"),
+    ("reliability", "reliability"),
+    ("spot", "spot"),
+    ("location", "location"),
+    ("offer_id", "offer id"),
+)
+_NUMERIC = frozenset({"gpus", "price", "gpu_price", "memory", "reliability"})
+_NO_CHOICE = -1  # the offer dropdown's "nothing chosen" value (None would blank the dropdown instead)
+_ALL = "all"
+_CELL_CHARS = 40  # remote strings (location, ids) are cut to this in the tables
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.:/+-]+")
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class OfferFilter:
+    """What the browser asks for. ``gpu`` is a canonical name, ``"ANY"``, or None (any machine); ``max_price`` is
+    USD per hour for the whole instance; ``provider`` None means every provider.
+
+    Example:
+        >>> OfferFilter(gpu="H100", gpus=2, max_price=Decimal("6"), spot=True).to_burst_options()
+        '--gpu H100 --gpus 2 --max-price 6 --spot'
+    """
+
+    gpu: str | None = None
+    gpus: int = 1
+    max_price: Decimal | None = None
+    provider: str | None = None
+    min_reliability: float | None = None
+    spot: bool = False
+
+    def to_burst_options(self, offer: Offer | None = None) -> str:
+        """The ``%%burst`` option line for this filter, or, given an offer, one that asks for exactly its kind of
+        machine at no more than its price: ``--provider P --gpu G --gpus N --max-price PRICE [--spot]``.
+
+        ``min_reliability`` has no ``%%burst`` option and is left out.
+        """
+        if offer is not None:
+            parts = [
+                ("--provider", offer.provider),
+                ("--gpu", offer.gpu_model),
+                ("--gpus", str(offer.gpus)),
+                ("--max-price", f"{offer.price_usd_per_hour:f}"),
+            ]
+            spot = offer.spot
+        else:
+            parts = [
+                ("--provider", self.provider),
+                ("--gpu", self.gpu),
+                ("--gpus", str(self.gpus) if self.gpus != 1 else None),
+                ("--max-price", None if self.max_price is None else f"{self.max_price:f}"),
+            ]
+            spot = self.spot
+        words = [f"{flag} {_token(value)}" for flag, value in parts if value is not None]
+        return " ".join([*words, "--spot"] if spot else words)
+
+    def to_query(self) -> OfferQuery:
+        """The provider-side query (``provider`` is not part of it: it picks which providers are asked)."""
+        from burst_jupyter.providers.base import OfferQuery
+
+        return OfferQuery(
+            gpu_model=self.gpu,
+            gpus=self.gpus,
+            max_price_usd_per_hour=self.max_price,
+            spot=self.spot,
+            min_reliability=self.min_reliability,
+        )
+
+    def describe(self) -> str:
+        """One short line: ``RTX_4090 ×2 · ≤ $1.50/h · vast · ≥ 95% reliable · spot``."""
+        bits = [f"{self.gpu or 'any GPU'} ×{self.gpus}"]
+        if self.max_price is not None:
+            bits.append(f"≤ {format_usd(self.max_price)}/h")
+        bits.append(self.provider or "all providers")
+        if self.min_reliability is not None:
+            bits.append(f"≥ {self.min_reliability:.0%} reliable")
+        if self.spot:
+            bits.append("spot")
+        return " · ".join(bits)
+
+
+def _token(value: str) -> str:
+    # Values come from the catalog and provider names, but a line must never carry `$x`/`{x}` (IPython expands
+    # them in a magic's line) or an unquoted space.
+    value = _WHITESPACE.sub(" ", clean_text(value)).strip().replace("$", "").replace("{", "").replace("}", "")
+    return value if _SAFE_TOKEN.fullmatch(value) else shlex.quote(value)
+
+
+def sort_offers(offers: Iterable[Offer], key: str = "price") -> list[Offer]:
+    """Offers sorted by one of ``SORT_KEYS``: price and $/GPU-hour ascending, GPU memory and reliability
+    descending (unknown memory last). The sort is stable, so ties keep the search's ranking.
+    """
+    if key == "price":
+        return sorted(offers, key=lambda o: o.price_usd_per_hour)
+    if key == "gpu_price":
+        return sorted(offers, key=lambda o: o.price_per_gpu_hour)
+    if key == "memory":
+        return sorted(offers, key=lambda o: (o.memory_gb is None, -(o.memory_gb or 0)))
+    if key == "reliability":
+        return sorted(offers, key=lambda o: -o.reliability)
+    raise ValueError(f"unknown sort key {key!r}; one of {', '.join(SORT_KEYS)}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OfferRow:
+    """One offer as display strings, cleaned of control bytes but not yet HTML-escaped."""
+
+    provider: str
+    gpu: str
+    gpus: str
+    price: str
+    gpu_price: str
+    memory: str
+    reliability: str
+    spot: str
+    location: str
+    offer_id: str
+    description: str
+
+
+def offer_rows(offers: Iterable[Offer]) -> list[OfferRow]:
+    """The table rows for ``offers``, in order. Money stays Decimal until ``format_usd``."""
+    return [
+        OfferRow(
+            provider=_cell(o.provider),
+            gpu=_cell(o.gpu_model or "-"),
+            gpus=str(o.gpus),
+            price=format_usd(o.price_usd_per_hour),
+            gpu_price=format_usd(o.price_per_gpu_hour),
+            memory="?" if o.memory_gb is None else str(o.memory_gb),
+            reliability=f"{o.reliability * 100:.1f}%",
+            spot="spot" if o.spot else "",
+            location=_cell(o.location),
+            offer_id=_cell(o.offer_id),
+            description=_one_line(o.description, 200),
+        )
+        for o in offers
+    ]
+
+
+def _one_line(text: str, limit: int) -> str:
+    text = _WHITESPACE.sub(" ", clean_text(text)).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _cell(text: str) -> str:
+    return _one_line(text, _CELL_CHARS)
+
+
+def _offer_key(offer: Offer) -> tuple[str, str]:
+    return offer.provider, offer.offer_id
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _error_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc).strip() else ""
+    line = text if isinstance(exc, BurstError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
+    return _one_line(line, 300)
+
+
+class OfferBrowser(LiveView):
+    """Live offers: filter controls, a sortable table, per-provider errors, and Insert/Launch for a chosen offer.
+
+    ``search(filter, refresh)`` blocks until the offers are in; ``refresh=True`` bypasses the offer cache. It is
+    called once by the constructor (unless ``result`` is given), on every filter change with ``refresh=False``
+    and by Refresh with ``refresh=True``. A search that raises shows as the status line and never propagates.
+    ``on_insert(cell_text)`` gets a ``%%burst`` cell for the chosen offer (or the filter when none is chosen);
+    ``on_launch(offer)`` gets the chosen offer and should return promptly (start the job, do not wait for it).
+    Without a kernel, or without ipywidgets, the browser shows as an HTML table and a fixed-width text table.
+
+    Example:
+        >>> flt = OfferFilter(gpu="RTX_4090")
+        >>> browser = OfferBrowser(search=search, initial=flt, providers=["vast", "runpod"])  # doctest: +SKIP
+        >>> print(browser)  # doctest: +SKIP
+        2 offers from 1 of 2 providers in 0.42 s · RTX_4090 ×1 · all providers
+        provider  GPU       count    $/h  $/GPU-h  GPU GB  reliability  spot  location    offer id
+        vast      RTX_4090      1  $0.35    $0.35      24        99.0%        Quebec, CA  4242
+        vast      RTX_4090      2  $0.80    $0.40      24        97.5%        US          5151
+        errors:
+          runpod: rate limited (429)
+    """
+
+    def __init__(
+        self,
+        *,
+        search: Callable[[OfferFilter, bool], SearchResult],
+        initial: OfferFilter,
+        providers: Sequence[str],
+        on_launch: Callable[[Offer], object] | None = None,
+        on_insert: Callable[[str], None] | None = None,
+        result: SearchResult | None = None,
+        gpu_choices: Sequence[str] = (),
+        max_rows: int = 50,
+        kernel_present: Callable[[], bool] = ipython_kernel_present,
+    ) -> None:
+        super().__init__(kernel_present=kernel_present)
+        self._search = search
+        self._providers = tuple(providers)
+        self._gpu_choices = tuple(dict.fromkeys(["ANY", *gpu_choices]))
+        self._on_launch = on_launch
+        self._on_insert = on_insert
+        self._max_rows = max_rows
+        self._filter = initial
+        self._result = result if result is not None else SearchResult(offers=[])
+        self._sort_key = "price"
+        self._selected: tuple[str, str] | None = None
+        self._message: str | None = None  # the last action's outcome ("inserted …", "launch failed: …")
+        self._message_failed = False
+        self._error: str | None = None  # the last search's exception
+        self._busy = False
+        self._generation = 0
+        self._syncing = False  # true while the view writes its own controls: their observers must not search
+        self._parts: _BrowserWidgets | None = None
+        if result is None:
+            self._run_search(initial, refresh=False)
+
+    # --- state and actions (the widget's buttons call these; so can code) ----------------------------------------
+
+    @property
+    def filter(self) -> OfferFilter:
+        return self._filter
+
+    @property
+    def result(self) -> SearchResult:
+        return self._result
+
+    @property
+    def sort_key(self) -> str:
+        return self._sort_key
+
+    @property
+    def error(self) -> str | None:
+        """The last search's failure, one line; None once a search succeeds."""
+        return self._error
+
+    @property
+    def offers(self) -> list[Offer]:
+        """The shown offers, in display order (at most ``max_rows``)."""
+        with self._lock:
+            return sort_offers(self._result.offers, self._sort_key)[: self._max_rows]
+
+    @property
+    def selected(self) -> Offer | None:
+        with self._lock:
+            return next((o for o in self.offers if _offer_key(o) == self._selected), None)
+
+    def update_filter(self, new: OfferFilter) -> None:
+        """Search again with ``new`` (from the cache: ``refresh=False``); the controls follow."""
+        self._run_search(new, refresh=False)
+
+    def refresh(self) -> None:
+        """Search again with the current filter, bypassing the cache."""
+        self._run_search(self._filter, refresh=True)
+
+    def sort_by(self, key: str) -> None:
+        if key not in SORT_KEYS:
+            raise ValueError(f"unknown sort key {key!r}; one of {', '.join(SORT_KEYS)}")
+        with self._lock:
+            self._sort_key = key
+            self._render_widget()
+
+    def select(self, offer: Offer | None) -> None:
+        """Choose ``offer`` (one of ``offers``) for Insert and Launch; None clears the choice."""
+        with self._lock:
+            self._selected = None if offer is None else _offer_key(offer)
+            self._render_widget()
+
+    def cell_text(self) -> str:
+        """The ``%%burst`` cell Insert creates: the option line, then a comment naming what was chosen."""
+        offer = self.selected
+        if offer is None:
+            comment = f"# the cheapest offer that fits when the cell runs ({self._filter.describe()})"
+        else:
+            row = offer_rows([offer])[0]
+            where = f", {row.location}" if row.location else ""
+            comment = (
+                f"# {row.gpu} ×{row.gpus} on {row.provider}, {row.price}/h when listed (offer {row.offer_id}{where})"
+            )
+        return f"%%burst {self._filter.to_burst_options(offer)}\n{comment}\n"
+
+    def insert(self) -> None:
+        """Hand ``cell_text()`` to ``on_insert``; a failure shows in the status line."""
+        on_insert = self._on_insert
+        if on_insert is None:
+            return
+        text = self.cell_text()
+        self._act(lambda: on_insert(text), "inserted a %%burst cell", "insert")
+
+    def launch(self) -> None:
+        """Hand the chosen offer to ``on_launch``; nothing without a choice. A failure shows in the status line."""
+        offer = self.selected
+        if self._on_launch is None or offer is None:
+            return
+        on_launch = self._on_launch
+        row = offer_rows([offer])[0]
+        self._act(
+            lambda: on_launch(offer), f"launching {row.gpu} ×{row.gpus} on {row.provider} at {row.price}/h", "launch"
+        )
+
+    def _act(self, call: Callable[[], object], done: str, what: str) -> None:
+        try:
+            call()
+        except Exception as exc:  # a widget callback must never raise into the kernel's comm handler
+            self._note(f"{what} failed: {_error_line(exc)}", failed=True)
+        else:
+            self._note(done, failed=False)
+
+    def _note(self, message: str | None, *, failed: bool) -> None:
+        with self._lock:
+            self._message, self._message_failed = message, failed
+            self._render_widget()
+
+    def _run_search(self, new: OfferFilter, *, refresh: bool) -> None:
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+            self._filter = new
+            self._busy = True
+            self._error = None
+            self._message = None
+            self._write_controls()
+            self._render_widget()
+        # Not under the lock: the search blocks for seconds, and displaying the view must not wait for it.
+        try:
+            result = self._search(new, refresh)
+        except Exception as exc:  # shown, never raised: this runs inside widget callbacks
+            with self._lock:
+                if generation == self._generation:
+                    self._busy = False
+                    self._error = _error_line(exc)
+                    self._render_widget()
+            return
+        with self._lock:
+            if generation != self._generation:
+                return  # a newer search started meanwhile; its answer is the one to show
+            self._busy = False
+            self._error = None
+            self._result = result
+            if self.selected is None:
+                self._selected = None
+            self._render_widget()
+
+    # --- text and HTML --------------------------------------------------------------------------------------------
+
+    def _status(self) -> str:
+        if self._busy:
+            return f"searching… · {self._filter.describe()}"
+        r = self._result
+        asked = len(set(r.seconds) | set(r.errors) | {o.provider for o in r.offers})
+        found = len({o.provider for o in r.offers})
+        source = _plural(found, "provider") if found == asked else f"{found} of {_plural(asked, 'provider')}"
+        cached = " (cached)" if r.seconds and not any(r.seconds.values()) else ""
+        line = f"{_plural(len(r.offers), 'offer')} from {source} in {r.elapsed:.2f} s{cached}"
+        return f"{line} · {self._filter.describe()}"
+
+    def _notes(self) -> list[tuple[str, bool]]:
+        """(line, is a failure) for the last search's error and the last action's outcome."""
+        notes = []
+        if self._error is not None:
+            notes.append((f"search failed: {self._error}", True))
+        if self._message is not None:
+            notes.append((self._message, self._message_failed))
+        return notes
+
+    def _errors(self) -> list[str]:
+        return [f"{_cell(name)}: {_one_line(line, 300)}" for name, line in sorted(self._result.errors.items())]
+
+    def _more(self) -> str | None:
+        hidden = len(self._result.offers) - self._max_rows
+        return f"… and {hidden} more; narrow the filter to see them" if hidden > 0 else None
+
+    def snapshot_text(self) -> str:
+        with self._lock:
+            lines = [self._status(), *(note for note, _ in self._notes())]
+            rows = offer_rows(self.offers)
+            if rows:
+                lines.extend(_text_table(rows))
+                more = self._more()
+                if more:
+                    lines.append(more)
+            else:
+                lines.append("no offers fit")
+            errors = self._errors()
+        if errors:
+            lines.append("errors:")
+            lines.extend(f"  {e}" for e in errors)
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.snapshot_text())
+
+    def _repr_html_(self) -> str:
+        return self.snapshot_html()
+
+    def snapshot_html(self) -> str:
+        with self._lock:
+            status = escape(self._status())
+            notes = self._notes_html()
+            table = self._table_html()
+            errors = self._errors_html()
+        return f'<div class="burst-offers"><div>{status}</div>{notes}{table}{errors}</div>'
+
+    def _notes_html(self) -> str:
+        return "".join(
+            f'<div style="color:{"#c62828" if failed else "inherit"}">{escape(note)}</div>'
+            for note, failed in self._notes()
+        )
+
+    def _table_html(self) -> str:
+        offers = self.offers
+        if not offers:
+            return "<div><i>no offers fit</i></div>"
+        head = "".join(f'<th style="text-align:left;padding:0 0.6em">{escape(h)}</th>' for _, h in COLUMNS)
+        body = []
+        for offer, row in zip(offers, offer_rows(offers), strict=True):
+            mark = ' style="background:#e3f2fd"' if _offer_key(offer) == self._selected else ""
+            cells = "".join(
+                f'<td style="text-align:{"right" if f in _NUMERIC else "left"};padding:0 0.6em">'
+                f"{escape(getattr(row, f))}</td>"
+                for f, _ in COLUMNS
+            )
+            body.append(f'<tr{mark}>{cells}<td style="padding:0 0.6em">{escape(row.description)}</td></tr>')
+        more = self._more()
+        tail = f"<div><i>{escape(more)}</i></div>" if more else ""
+        return f"<table><thead><tr>{head}<th></th></tr></thead><tbody>{''.join(body)}</tbody></table>{tail}"
+
+    def _errors_html(self) -> str:
+        return "".join(f'<div style="color:#c62828">{escape(e)}</div>' for e in self._errors())
+
+    # --- the live widget ------------------------------------------------------------------------------------------
+
+    def _build_widget(self) -> Any:
+        import ipywidgets as w  # lazy: keeps `import burst_jupyter` and %load_ext free of ipywidgets
+
+        wide = {"description_width": "initial"}
+        f = self._filter
+        p = self._parts = _BrowserWidgets(
+            gpu=w.Combobox(
+                description="GPU",
+                options=self._gpu_choices,
+                value=f.gpu or "",
+                placeholder="any",
+                ensure_option=False,
+                continuous_update=False,
+                style=wide,
+                layout=w.Layout(width="14em"),
+            ),
+            gpus=w.BoundedIntText(
+                description="GPUs", value=f.gpus, min=1, max=64, style=wide, layout=w.Layout(width="7em")
+            ),
+            max_price=w.Text(
+                description="max $/h",
+                value="" if f.max_price is None else f"{f.max_price:f}",
+                placeholder="any",
+                continuous_update=False,
+                style=wide,
+                layout=w.Layout(width="10em"),
+            ),
+            provider=w.Dropdown(
+                description="provider",
+                options=[_ALL, *self._providers],
+                value=f.provider or _ALL,
+                style=wide,
+                layout=w.Layout(width="12em"),
+            ),
+            min_reliability=w.FloatSlider(
+                description="min reliability",
+                value=f.min_reliability or 0.0,
+                min=0.0,
+                max=1.0,
+                step=0.01,
+                readout_format=".0%",
+                continuous_update=False,
+                style=wide,
+            ),
+            spot=w.Checkbox(description="spot", value=f.spot, indent=False, layout=w.Layout(width="5em")),
+            sort=w.Dropdown(
+                description="sort by",
+                options=[(label, key) for key, label in SORT_KEYS.items()],
+                value=self._sort_key,
+                style=wide,
+                layout=w.Layout(width="13em"),
+            ),
+            refresh=w.Button(description="Refresh", icon="refresh", tooltip="Ask every provider again"),
+            status=w.HTML(),
+            table=w.HTML(),
+            errors=w.HTML(),
+            choice=w.Dropdown(
+                description="offer",
+                options=[("— choose an offer —", _NO_CHOICE)],
+                value=_NO_CHOICE,
+                style=wide,
+                layout=w.Layout(width="34em"),
+            ),
+            insert=w.Button(
+                description="Insert %%burst cell",
+                icon="plus",
+                tooltip="A new cell with the options for the chosen offer (or this filter)",
+            ),
+            launch=w.Button(
+                description="Launch", icon="rocket", button_style="primary", tooltip="Rent the chosen offer now"
+            ),
+        )
+        for control in (p.gpu, p.gpus, p.max_price, p.provider, p.min_reliability, p.spot):
+            control.observe(self._on_filter_change, names="value")
+        p.sort.observe(self._on_sort_change, names="value")
+        p.choice.observe(self._on_choice_change, names="value")
+        p.refresh.on_click(lambda _b: self.refresh())
+        p.insert.on_click(lambda _b: self.insert())
+        p.launch.on_click(lambda _b: self.launch())
+        return w.VBox(
+            [
+                w.HBox([p.gpu, p.gpus, p.max_price, p.provider]),
+                w.HBox([p.min_reliability, p.spot, p.sort, p.refresh]),
+                p.status,
+                p.table,
+                p.errors,
+                w.HBox([p.choice, p.insert, p.launch]),
+            ]
+        )
+
+    def _filter_from_controls(self) -> OfferFilter | str:
+        """The filter the controls show, or what is wrong with them."""
+        p = self._parts
+        assert p is not None
+        gpu = p.gpu.value.strip().upper().replace(" ", "_").replace("-", "_") or None
+        price_text = p.max_price.value.strip().lstrip("$").strip()
+        max_price = None
+        if price_text:
+            try:
+                max_price = Decimal(price_text)
+            except InvalidOperation:
+                return f"max $/h: {_one_line(price_text, 20)!r} is not a number"
+            if not max_price.is_finite() or max_price <= 0:
+                return f"max $/h: {_one_line(price_text, 20)!r} must be more than 0"
+        reliability = round(float(p.min_reliability.value), 2)
+        return OfferFilter(
+            gpu=gpu,
+            gpus=int(p.gpus.value),
+            max_price=max_price,
+            provider=None if p.provider.value == _ALL else p.provider.value,
+            min_reliability=reliability or None,
+            spot=bool(p.spot.value),
+        )
+
+    def _on_filter_change(self, _change: Any) -> None:
+        if self._syncing:
+            return
+        try:
+            new = self._filter_from_controls()
+        except Exception as exc:  # a widget callback must never raise into the kernel's comm handler
+            new = f"filter: {_error_line(exc)}"
+        if isinstance(new, str):
+            self._note(f"not searched: {new}", failed=True)
+        elif new != self._filter:
+            self.update_filter(new)
+
+    def _on_sort_change(self, change: Any) -> None:
+        if not self._syncing and change.new in SORT_KEYS:
+            self.sort_by(change.new)
+
+    def _on_choice_change(self, change: Any) -> None:
+        if self._syncing:
+            return
+        offers = self.offers
+        index = change.new
+        self.select(offers[index] if isinstance(index, int) and 0 <= index < len(offers) else None)
+
+    @contextlib.contextmanager
+    def _writing_controls(self) -> Iterator[None]:
+        self._syncing, before = True, self._syncing
+        try:
+            yield
+        finally:
+            self._syncing = before
+
+    def _write_controls(self) -> None:
+        """Make the filter controls show ``self._filter`` (after ``update_filter`` from code)."""
+        p = self._parts
+        if p is None or self._filter_from_controls() == self._filter:
+            return
+        f = self._filter
+        with self._writing_controls():
+            p.gpu.value = f.gpu or ""
+            p.gpus.value = f.gpus
+            p.max_price.value = "" if f.max_price is None else f"{f.max_price:f}"
+            p.provider.value = f.provider if f.provider in self._providers else _ALL
+            p.min_reliability.value = f.min_reliability or 0.0
+            p.spot.value = f.spot
+
+    def _render_widget(self) -> None:
+        p = self._parts
+        if p is None:
+            return
+        offers = self.offers
+        selected = self.selected
+        keys = [_offer_key(o) for o in offers]
+        choice = keys.index(self._selected) if selected is not None and self._selected in keys else _NO_CHOICE
+        options = [("— choose an offer —", _NO_CHOICE)] + [
+            (f"{i + 1}. {r.provider} · {r.gpu} ×{r.gpus} · {r.price}/h · {r.offer_id}", i)
+            for i, r in enumerate(offer_rows(offers))
+        ]
+        with contextlib.ExitStack() as stack, self._writing_controls():
+            for part in p.all():
+                stack.enter_context(part.hold_sync())
+            colour = "#c62828" if self._error else "inherit"
+            p.status.value = f'<span style="color:{colour}">{escape(self._status())}</span>{self._notes_html()}'
+            p.table.value = self._table_html()
+            p.errors.value = self._errors_html()
+            p.sort.value = self._sort_key
+            if tuple(p.choice.options) != tuple(options):
+                p.choice.options = options
+            p.choice.value = choice
+            p.refresh.disabled = self._busy
+            p.insert.disabled = self._on_insert is None
+            p.launch.disabled = self._on_launch is None or selected is None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _BrowserWidgets:
+    gpu: Any
+    gpus: Any
+    max_price: Any
+    provider: Any
+    min_reliability: Any
+    spot: Any
+    sort: Any
+    refresh: Any
+    status: Any
+    table: Any
+    errors: Any
+    choice: Any
+    insert: Any
+    launch: Any
+
+    def all(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+def _text_table(rows: Sequence[OfferRow]) -> list[str]:
+    widths = {f: max(len(h), *(len(getattr(r, f)) for r in rows)) for f, h in COLUMNS}
+
+    def line(cells: dict[str, str]) -> str:
+        return "  ".join(
+            cells[f].rjust(widths[f]) if f in _NUMERIC else cells[f].ljust(widths[f]) for f, _ in COLUMNS
+        ).rstrip()
+
+    header = line({f: h for f, h in COLUMNS})
+    return [header, *(line({f: getattr(r, f) for f, _ in COLUMNS}) for r in rows)]

@@ -1,0 +1,351 @@
+"""What every provider fake shares: machines that are real sshd processes, fault switches, and two ways to serve.
+
+- :class:`FakeMachines` boots a real OpenSSH sshd on loopback per instance, after a boot delay, in a thread, so a
+  create call returns at once and the instance becomes reachable later, as on a real cloud. Each machine has its
+  own HOME (``ForceCommand``), its own host key and an ``authorized_keys`` the fake fills the provider's own way
+  (Vast attaches a key, RunPod reads ``PUBLIC_KEY`` from the env, Thunder takes ``public_key`` at create).
+  Destroying a machine stops its sshd, its connections and every process whose HOME is the machine's home (the
+  agent, the cell): what a real terminate does to a rented box.
+- :class:`Switches`: 429 storms, 5xx, a lost reply after the work was done, an offer taken between search and
+  create, capacity errors, slow boot, terminate failures. Each fake reads them where its API would misbehave.
+- :class:`FakeCloud`: ``handler(request) -> httpx.Response`` serves as an ``httpx.MockTransport`` handler in unit
+  tests, and :meth:`FakeCloud.serve` runs the same handler as a loopback HTTP server for end-to-end tests
+  (point ``VAST_URL``/``RUNPOD_API_BASE_URL``/``TNR_API_URL`` at ``server.url``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ for sshd.py, as pytest does
+
+from sshd import SSHServer, kill_connections, start_sshd
+
+__all__ = ["DropReply", "FakeCloud", "FakeMachine", "FakeMachines", "LoopbackServer", "Switches", "json_response"]
+
+
+class DropReply(Exception):
+    """Raised by a fake handler after it did the work: the client never gets an answer (a lost create reply)."""
+
+
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.Response(status, content=json.dumps(body, default=str).encode(),
+                          headers={"content-type": "application/json", **(headers or {})})
+
+
+@dataclass
+class Switches:
+    """Faults a test turns on. Counters count down as requests consume them."""
+
+    rate_limit_next: int = 0  # the next N requests (any endpoint) get a 429
+    retry_after: float | None = None  # sent with those 429s where the provider sends one
+    server_errors_next: int = 0  # the next N requests get a 503
+    drop_create_reply: int = 0  # the next N creates are carried out, then the reply is lost
+    take_offer_on_create: int = 0  # the next N creates find their offer taken (Vast 410, RunPod capacity error)
+    capacity_errors: int = 0  # the next N creates fail for lack of capacity
+    terminate_failures: int = 0  # the next N terminates answer 500 and do nothing
+    boot_delay: float = 0.0  # seconds from create until the machine answers SSH
+    boot_fails: int = 0  # the next N instances never boot: they end up exited/error
+    latency: float = 0.0  # seconds added to every answer (offer-search benchmarks)
+
+    def take(self, name: str) -> bool:
+        """Consume one count of a counter switch; True if it fired."""
+        value = getattr(self, name)
+        if value > 0:
+            setattr(self, name, value - 1)
+            return True
+        return False
+
+
+class FakeMachine:
+    """One rented box: a real sshd that starts after ``boot_delay``, with its own home."""
+
+    def __init__(self, root: Path, *, boot_delay: float, fail: bool = False, gpus: tuple[str, ...] = ()) -> None:
+        self.root = root
+        self.home = root / "home"
+        self.gpus = gpus  # what its nvidia-smi reports, one name per GPU
+        self.authorized: list[str] = []
+        self.server: SSHServer | None = None
+        self.failed = fail
+        self.destroyed = False
+        self.created_at = time.time()
+        self._stack = contextlib.ExitStack()
+        self._lock = threading.Lock()
+        self._booted = threading.Event()
+        if not fail:
+            threading.Thread(target=self._boot, args=(boot_delay,), daemon=True, name="fake-boot").start()
+
+    def _boot(self, delay: float) -> None:
+        time.sleep(delay)
+        with self._lock:
+            if self.destroyed:
+                return
+            bin_dir = self._fake_nvidia_smi()
+            self.server = self._stack.enter_context(start_sshd(self.root / "sshd", home=self.home, path=bin_dir))
+            self._write_keys()
+        self._booted.set()
+
+    def _fake_nvidia_smi(self) -> Path:
+        """The rented GPUs as the agent sees them: ``nvidia-smi --query-gpu=name --format=csv,noheader``."""
+        bin_dir = self.root / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        if self.gpus:
+            script = bin_dir / "nvidia-smi"
+            script.write_text("#!/bin/sh\n" + "".join(f"echo {shlex.quote(name)}\n" for name in self.gpus))
+            script.chmod(0o755)
+        return bin_dir
+
+    @property
+    def ready(self) -> bool:
+        return self._booted.is_set() and not self.destroyed
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        if not self._booted.wait(timeout):
+            raise TimeoutError("fake machine did not boot")
+
+    @property
+    def host(self) -> str | None:
+        return self.server.host if self.ready and self.server else None
+
+    @property
+    def port(self) -> int | None:
+        return self.server.port if self.ready and self.server else None
+
+    @property
+    def user(self) -> str:
+        import getpass
+
+        return getpass.getuser()
+
+    def authorize(self, public_key: str) -> None:
+        with self._lock:
+            self.authorized.append(public_key.strip())
+            self._write_keys()
+
+    def _write_keys(self) -> None:
+        # sshd reads the file at every login, so a key attached after boot works from the next connection.
+        if self.server is not None:
+            own = Path(f"{self.server.client_key_path}.pub").read_text().strip()  # start_sshd's test key
+            (self.root / "sshd" / "authorized_keys").write_text("".join(f"{k}\n" for k in [own, *self.authorized]))
+
+    def destroy(self) -> None:
+        """What a terminate does: sshd, its sessions and everything started from this home end."""
+        with self._lock:
+            if self.destroyed:
+                return
+            self.destroyed = True
+            server = self.server
+        if server is not None:
+            kill_connections(server)
+        _kill_processes_with_home(self.home)
+        self._stack.close()
+
+    def processes(self) -> list[int]:
+        """Live processes started on this machine (their HOME is its home)."""
+        return _pids_with_home(self.home)
+
+
+def _pids_with_home(home: Path) -> list[int]:
+    wanted = f"HOME={home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if wanted in env:
+            found.append(int(entry.name))
+    return found
+
+
+def _kill_processes_with_home(home: Path) -> None:
+    for _ in range(3):
+        pids = _pids_with_home(home)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+class FakeMachines:
+    """The fleet of one fake cloud."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._count = 0
+        self._lock = threading.Lock()
+        self.all: list[FakeMachine] = []
+
+    def create(self, *, boot_delay: float, fail: bool = False, gpu: tuple[str, str] | None = None,
+               count: int = 1) -> FakeMachine:
+        """A machine booting after ``boot_delay``; ``gpu`` is (provider, that provider's GPU spelling)."""
+        names: tuple[str, ...] = ()
+        if gpu is not None:
+            from burst_jupyter.providers.catalog import CATALOG, identify
+
+            canonical = identify(*gpu)
+            names = (CATALOG[canonical].nvidia_smi[0],) * count if canonical else ()
+        with self._lock:
+            self._count += 1
+            machine = FakeMachine(self.root / f"m{self._count}", boot_delay=boot_delay, fail=fail, gpus=names)
+            self.all.append(machine)
+        return machine
+
+    def close(self) -> None:
+        for machine in self.all:
+            machine.destroy()
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class FakeCloud:
+    """Base of the three fakes: state behind one lock, the fault switches, a request log, and serving.
+
+    Subclasses implement :meth:`dispatch` (their routes) and :meth:`too_many` (their own 429 body).
+    """
+
+    name = "fake"
+
+    def __init__(self, root: Path, *, api_key: str = "test-key") -> None:
+        self.api_key = api_key
+        self.machines = FakeMachines(root / self.name)
+        self.switches = Switches()
+        self.requests: list[Recorded] = []
+        self.lock = threading.RLock()
+
+    # -- to override ----------------------------------------------------------------------------------------
+
+    def dispatch(self, request: httpx.Request, body: Any) -> httpx.Response:
+        raise NotImplementedError
+
+    def too_many(self) -> httpx.Response:
+        return httpx.Response(429, text="Too Many Requests")
+
+    def running(self) -> list[Any]:
+        """Instances that are still billing (not destroyed); the end-to-end tests assert this is empty."""
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------------------------------------
+
+    def authorized(self, request: httpx.Request) -> bool:
+        header = request.headers.get("authorization", "")
+        return header == f"Bearer {self.api_key}" or request.url.params.get("api_key") == self.api_key
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        body: Any = None
+        raw = request.read()
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode(errors="replace")
+        if self.switches.latency:
+            time.sleep(self.switches.latency)
+        with self.lock:
+            self.requests.append(Recorded(request.method, request.url.path, body, dict(request.headers)))
+            if self.switches.take("rate_limit_next"):
+                return self.too_many()
+            if self.switches.take("server_errors_next"):
+                return httpx.Response(503, text="Service Unavailable")
+            return self.dispatch(request, body)
+
+    def transport(self) -> httpx.MockTransport:
+        def handle(request: httpx.Request) -> httpx.Response:
+            try:
+                return self.handler(request)
+            except DropReply:
+                raise httpx.RemoteProtocolError("server closed the connection without a reply",
+                                                request=request) from None
+
+        return httpx.MockTransport(handle)
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=self.transport())
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[LoopbackServer]:
+        server = LoopbackServer(self)
+        try:
+            yield server
+        finally:
+            server.close()
+
+    def close(self) -> None:
+        self.machines.close()
+
+
+class LoopbackServer:
+    """The fake's handler behind a real HTTP server on 127.0.0.1 (a thread per request)."""
+
+    def __init__(self, cloud: FakeCloud) -> None:
+        handler = _make_handler(cloud)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True, name=f"fake-{cloud.name}")
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _make_handler(cloud: FakeCloud) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _any(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            content = self.rfile.read(length) if length else b""
+            url = f"http://{self.headers.get('host', '127.0.0.1')}{self.path}"
+            request = httpx.Request(self.command, url, headers=list(self.headers.items()), content=content)
+            try:
+                response = cloud.handler(request)
+            except DropReply:
+                self.close_connection = True
+                return
+            data = response.read()
+            self.send_response(response.status_code)
+            for key, value in response.headers.items():
+                if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    self.send_header(key, value)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
+
+    return Handler
+
+
+def money(value: Decimal | float | str) -> float:
+    """Providers send prices as JSON numbers."""
+    return float(Decimal(str(value)))

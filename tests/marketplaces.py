@@ -1,0 +1,80 @@
+"""The three marketplace fakes behind real loopback HTTP servers, configured the way a user would configure them.
+
+A pytest plugin (``pytest_plugins = ("marketplaces",)``) with the fixture ``markets``: FakeVast, FakeRunPod and
+FakeThunder each serve on 127.0.0.1; VAST_API_KEY/VAST_URL, RUNPOD_API_KEY/RUNPOD_API_BASE_URL and
+TNR_API_TOKEN/TNR_API_URL point at them (the variables each provider's own CLI reads), and the user config file
+says to log in as the test's user (the fakes' machines are sshd processes run by this user, who may not be
+root or ubuntu). Every instance is a real sshd that boots after ``switches.boot_delay``.
+
+At the end of each test the fixture checks what a user fears most: no instance is left running at any fake and
+no process is left on any of their machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fakes.base import FakeCloud
+from fakes.runpod import FakeRunPod
+from fakes.thunder import FakeThunder
+from fakes.vast import FakeVast
+
+__all__ = ["Markets", "markets"]
+
+_ENV = {"vast": ("VAST_API_KEY", "VAST_URL"), "runpod": ("RUNPOD_API_KEY", "RUNPOD_API_BASE_URL"),
+        "thunder": ("TNR_API_TOKEN", "TNR_API_URL")}
+
+
+@dataclass
+class Markets:
+    vast: FakeVast
+    runpod: FakeRunPod
+    thunder: FakeThunder
+    config: Path
+
+    @property
+    def all(self) -> dict[str, FakeCloud]:
+        return {"vast": self.vast, "runpod": self.runpod, "thunder": self.thunder}
+
+    def creates(self) -> int:
+        """Create requests seen by every fake (a dry run must make none)."""
+        markers = ("/asks/", "/instances/create")
+        return sum(1 for cloud in self.all.values() for r in cloud.requests
+                   if (r.method in ("PUT", "POST") and any(m in r.path for m in markers))
+                   or (isinstance(r.body, dict) and "podFindAndDeploy" in str(r.body.get("query", ""))))
+
+    def leftovers(self) -> dict[str, list[object]]:
+        return {name: cloud.running() for name, cloud in self.all.items() if cloud.running()}
+
+    def processes(self) -> list[int]:
+        return [pid for cloud in self.all.values() for m in cloud.machines.all for pid in m.processes()]
+
+
+@pytest.fixture
+def markets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Markets]:
+    clouds = Markets(FakeVast(tmp_path / "clouds"), FakeRunPod(tmp_path / "clouds"), FakeThunder(tmp_path / "clouds"),
+                     tmp_path / "user-config.toml")
+    user = getpass.getuser()
+    clouds.config.write_text("".join(f'[{name}]\nssh-user = "{user}"\n' for name in _ENV))
+    monkeypatch.setenv("BURST_CONFIG", str(clouds.config))
+    with contextlib.ExitStack() as stack:
+        for name, cloud in clouds.all.items():
+            server = stack.enter_context(cloud.serve())
+            key_var, url_var = _ENV[name]
+            monkeypatch.setenv(key_var, cloud.api_key)
+            monkeypatch.setenv(url_var, server.url)
+        try:
+            yield clouds
+            assert clouds.leftovers() == {}, "an instance was left running"
+            assert clouds.processes() == [], "a process was left on a rented machine"
+        finally:
+            from burst_jupyter.session import Session
+
+            Session.reset_current()
+            for cloud in clouds.all.values():
+                cloud.close()
