@@ -29,6 +29,15 @@ def burst_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 
 
 @pytest.fixture
+def dummy_comm() -> Iterator[None]:
+    """ipywidgets' test comm: widgets open without a kernel and record every message they would send."""
+    utils = pytest.importorskip("ipywidgets.widgets.tests.utils")
+    utils.setup_test_comm()
+    yield
+    utils.teardown_test_comm()
+
+
+@pytest.fixture
 def ip() -> Iterator[object]:
     """A real IPython InteractiveShell with the extension loaded (jupysql's TestingShell idea, with IPython's
     own globalipapp). History is off to avoid its SQLite thread and 'too many open files'."""

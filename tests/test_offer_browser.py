@@ -4,7 +4,6 @@ ipywidgets' own DummyComm, driven by a fake search that records its calls."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -89,15 +88,6 @@ def browser(search: FakeSearch | None = None, *, initial: OfferFilter | None = N
         kernel_present=lambda: False,
         **kw,
     )
-
-
-@pytest.fixture
-def dummy_comm() -> Iterator[None]:
-    """ipywidgets' test comm: widgets open without a kernel and record every message they would send."""
-    utils = pytest.importorskip("ipywidgets.widgets.tests.utils")
-    utils.setup_test_comm()
-    yield
-    utils.teardown_test_comm()
 
 
 def find(view: OfferBrowser, description: str) -> Any:

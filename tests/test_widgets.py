@@ -30,15 +30,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def dummy_comm() -> Iterator[None]:
-    """ipywidgets' test comm: widgets open without a kernel and record every message they would send."""
-    utils = pytest.importorskip("ipywidgets.widgets.tests.utils")
-    utils.setup_test_comm()
-    yield
-    utils.teardown_test_comm()
-
-
 def ev(kind: EventType, **kw: Any) -> JobEvent:
     return JobEvent(type=kind, job_id="j1", **kw)
 

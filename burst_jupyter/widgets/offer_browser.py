@@ -8,199 +8,36 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
-import shlex
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal, InvalidOperation
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from burst_jupyter.errors import BurstError
-from burst_jupyter.money import format_usd
 from burst_jupyter.offer_book import SearchResult
-from burst_jupyter.widgets.render import LiveView, clean_text, ipython_kernel_present
+from burst_jupyter.widgets.offer_table import (
+    COLUMNS,
+    NUMERIC,
+    SORT_KEYS,
+    OfferFilter,
+    OfferRow,
+    error_line,
+    offer_key,
+    offer_rows,
+    one_line,
+    plural,
+    sort_offers,
+    table_cell,
+    text_table,
+)
+from burst_jupyter.widgets.render import LiveView, ipython_kernel_present
 
 if TYPE_CHECKING:
-    from burst_jupyter.providers.base import Offer, OfferQuery
+    from burst_jupyter.providers.base import Offer
 
 __all__ = ["COLUMNS", "SORT_KEYS", "OfferBrowser", "OfferFilter", "OfferRow", "offer_rows", "sort_offers"]
 
-#: Sort keys and their labels: price and $/GPU-hour cheapest first, memory and reliability highest first.
-SORT_KEYS: dict[str, str] = {
-    "price": "price $/h",
-    "gpu_price": "$/GPU-hour",
-    "memory": "GPU memory",
-    "reliability": "reliability",
-}
-#: (OfferRow field, header) in display order; the HTML table adds the description after them.
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("provider", "provider"),
-    ("gpu", "GPU"),
-    ("gpus", "count"),
-    ("price", "$/h"),
-    ("gpu_price", "$/GPU-h"),
-    ("memory", "GPU GB"),
-    ("reliability", "reliability"),
-    ("spot", "spot"),
-    ("location", "location"),
-    ("offer_id", "offer id"),
-)
-_NUMERIC = frozenset({"gpus", "price", "gpu_price", "memory", "reliability"})
 _NO_CHOICE = -1  # the offer dropdown's "nothing chosen" value (None would blank the dropdown instead)
 _ALL = "all"
-_CELL_CHARS = 40  # remote strings (location, ids) are cut to this in the tables
-_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.:/+-]+")
-_WHITESPACE = re.compile(r"\s+")
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class OfferFilter:
-    """What the browser asks for. ``gpu`` is a canonical name, ``"ANY"``, or None (any machine); ``max_price`` is
-    USD per hour for the whole instance; ``provider`` None means every provider.
-
-    Example:
-        >>> OfferFilter(gpu="H100", gpus=2, max_price=Decimal("6"), spot=True).to_burst_options()
-        '--gpu H100 --gpus 2 --max-price 6 --spot'
-    """
-
-    gpu: str | None = None
-    gpus: int = 1
-    max_price: Decimal | None = None
-    provider: str | None = None
-    min_reliability: float | None = None
-    spot: bool = False
-
-    def to_burst_options(self, offer: Offer | None = None) -> str:
-        """The ``%%burst`` option line for this filter, or, given an offer, one that asks for exactly its kind of
-        machine at no more than its price: ``--provider P --gpu G --gpus N --max-price PRICE [--spot]``.
-
-        ``min_reliability`` has no ``%%burst`` option and is left out.
-        """
-        if offer is not None:
-            parts = [
-                ("--provider", offer.provider),
-                ("--gpu", offer.gpu_model),
-                ("--gpus", str(offer.gpus)),
-                ("--max-price", f"{offer.price_usd_per_hour:f}"),
-            ]
-            spot = offer.spot
-        else:
-            parts = [
-                ("--provider", self.provider),
-                ("--gpu", self.gpu),
-                ("--gpus", str(self.gpus) if self.gpus != 1 else None),
-                ("--max-price", None if self.max_price is None else f"{self.max_price:f}"),
-            ]
-            spot = self.spot
-        words = [f"{flag} {_token(value)}" for flag, value in parts if value is not None]
-        return " ".join([*words, "--spot"] if spot else words)
-
-    def to_query(self) -> OfferQuery:
-        """The provider-side query (``provider`` is not part of it: it picks which providers are asked)."""
-        from burst_jupyter.providers.base import OfferQuery
-
-        return OfferQuery(
-            gpu_model=self.gpu,
-            gpus=self.gpus,
-            max_price_usd_per_hour=self.max_price,
-            spot=self.spot,
-            min_reliability=self.min_reliability,
-        )
-
-    def describe(self) -> str:
-        """One short line: ``RTX_4090 ×2 · ≤ $1.50/h · vast · ≥ 95% reliable · spot``."""
-        bits = [f"{self.gpu or 'any GPU'} ×{self.gpus}"]
-        if self.max_price is not None:
-            bits.append(f"≤ {format_usd(self.max_price)}/h")
-        bits.append(self.provider or "all providers")
-        if self.min_reliability is not None:
-            bits.append(f"≥ {self.min_reliability:.0%} reliable")
-        if self.spot:
-            bits.append("spot")
-        return " · ".join(bits)
-
-
-def _token(value: str) -> str:
-    # Values come from the catalog and provider names, but a line must never carry `$x`/`{x}` (IPython expands
-    # them in a magic's line) or an unquoted space.
-    value = _WHITESPACE.sub(" ", clean_text(value)).strip().replace("$", "").replace("{", "").replace("}", "")
-    return value if _SAFE_TOKEN.fullmatch(value) else shlex.quote(value)
-
-
-def sort_offers(offers: Iterable[Offer], key: str = "price") -> list[Offer]:
-    """Offers sorted by one of ``SORT_KEYS``: price and $/GPU-hour ascending, GPU memory and reliability
-    descending (unknown memory last). The sort is stable, so ties keep the search's ranking.
-    """
-    if key == "price":
-        return sorted(offers, key=lambda o: o.price_usd_per_hour)
-    if key == "gpu_price":
-        return sorted(offers, key=lambda o: o.price_per_gpu_hour)
-    if key == "memory":
-        return sorted(offers, key=lambda o: (o.memory_gb is None, -(o.memory_gb or 0)))
-    if key == "reliability":
-        return sorted(offers, key=lambda o: -o.reliability)
-    raise ValueError(f"unknown sort key {key!r}; one of {', '.join(SORT_KEYS)}")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class OfferRow:
-    """One offer as display strings, cleaned of control bytes but not yet HTML-escaped."""
-
-    provider: str
-    gpu: str
-    gpus: str
-    price: str
-    gpu_price: str
-    memory: str
-    reliability: str
-    spot: str
-    location: str
-    offer_id: str
-    description: str
-
-
-def offer_rows(offers: Iterable[Offer]) -> list[OfferRow]:
-    """The table rows for ``offers``, in order. Money stays Decimal until ``format_usd``."""
-    return [
-        OfferRow(
-            provider=_cell(o.provider),
-            gpu=_cell(o.gpu_model or "-"),
-            gpus=str(o.gpus),
-            price=format_usd(o.price_usd_per_hour),
-            gpu_price=format_usd(o.price_per_gpu_hour),
-            memory="?" if o.memory_gb is None else str(o.memory_gb),
-            reliability=f"{o.reliability * 100:.1f}%",
-            spot="spot" if o.spot else "",
-            location=_cell(o.location),
-            offer_id=_cell(o.offer_id),
-            description=_one_line(o.description, 200),
-        )
-        for o in offers
-    ]
-
-
-def _one_line(text: str, limit: int) -> str:
-    text = _WHITESPACE.sub(" ", clean_text(text)).strip()
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _cell(text: str) -> str:
-    return _one_line(text, _CELL_CHARS)
-
-
-def _offer_key(offer: Offer) -> tuple[str, str]:
-    return offer.provider, offer.offer_id
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def _error_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc).strip() else ""
-    line = text if isinstance(exc, BurstError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
-    return _one_line(line, 300)
-
 
 class OfferBrowser(LiveView):
     """Live offers: filter controls, a sortable table, per-provider errors, and Insert/Launch for a chosen offer.
@@ -286,7 +123,7 @@ class OfferBrowser(LiveView):
     @property
     def selected(self) -> Offer | None:
         with self._lock:
-            return next((o for o in self.offers if _offer_key(o) == self._selected), None)
+            return next((o for o in self.offers if offer_key(o) == self._selected), None)
 
     def update_filter(self, new: OfferFilter) -> None:
         """Search again with ``new`` (from the cache: ``refresh=False``); the controls follow."""
@@ -306,7 +143,7 @@ class OfferBrowser(LiveView):
     def select(self, offer: Offer | None) -> None:
         """Choose ``offer`` (one of ``offers``) for Insert and Launch; None clears the choice."""
         with self._lock:
-            self._selected = None if offer is None else _offer_key(offer)
+            self._selected = None if offer is None else offer_key(offer)
             self._render_widget()
 
     def cell_text(self) -> str:
@@ -345,7 +182,7 @@ class OfferBrowser(LiveView):
         try:
             call()
         except Exception as exc:  # a widget callback must never raise into the kernel's comm handler
-            self._note(f"{what} failed: {_error_line(exc)}", failed=True)
+            self._note(f"{what} failed: {error_line(exc)}", failed=True)
         else:
             self._note(done, failed=False)
 
@@ -371,7 +208,7 @@ class OfferBrowser(LiveView):
             with self._lock:
                 if generation == self._generation:
                     self._busy = False
-                    self._error = _error_line(exc)
+                    self._error = error_line(exc)
                     self._render_widget()
             return
         with self._lock:
@@ -392,9 +229,9 @@ class OfferBrowser(LiveView):
         r = self._result
         asked = len(set(r.seconds) | set(r.errors) | {o.provider for o in r.offers})
         found = len({o.provider for o in r.offers})
-        source = _plural(found, "provider") if found == asked else f"{found} of {_plural(asked, 'provider')}"
+        source = plural(found, "provider") if found == asked else f"{found} of {plural(asked, 'provider')}"
         cached = " (cached)" if r.seconds and not any(r.seconds.values()) else ""
-        line = f"{_plural(len(r.offers), 'offer')} from {source} in {r.elapsed:.2f} s{cached}"
+        line = f"{plural(len(r.offers), 'offer')} from {source} in {r.elapsed:.2f} s{cached}"
         return f"{line} · {self._filter.describe()}"
 
     def _notes(self) -> list[tuple[str, bool]]:
@@ -407,7 +244,7 @@ class OfferBrowser(LiveView):
         return notes
 
     def _errors(self) -> list[str]:
-        return [f"{_cell(name)}: {_one_line(line, 300)}" for name, line in sorted(self._result.errors.items())]
+        return [f"{table_cell(name)}: {one_line(line, 300)}" for name, line in sorted(self._result.errors.items())]
 
     def _more(self) -> str | None:
         hidden = len(self._result.offers) - self._max_rows
@@ -418,7 +255,7 @@ class OfferBrowser(LiveView):
             lines = [self._status(), *(note for note, _ in self._notes())]
             rows = offer_rows(self.offers)
             if rows:
-                lines.extend(_text_table(rows))
+                lines.extend(text_table(rows))
                 more = self._more()
                 if more:
                     lines.append(more)
@@ -457,9 +294,9 @@ class OfferBrowser(LiveView):
         head = "".join(f'<th style="text-align:left;padding:0 0.6em">{escape(h)}</th>' for _, h in COLUMNS)
         body = []
         for offer, row in zip(offers, offer_rows(offers), strict=True):
-            mark = ' style="background:#e3f2fd"' if _offer_key(offer) == self._selected else ""
+            mark = ' style="background:#e3f2fd"' if offer_key(offer) == self._selected else ""
             cells = "".join(
-                f'<td style="text-align:{"right" if f in _NUMERIC else "left"};padding:0 0.6em">'
+                f'<td style="text-align:{"right" if f in NUMERIC else "left"};padding:0 0.6em">'
                 f"{escape(getattr(row, f))}</td>"
                 for f, _ in COLUMNS
             )
@@ -574,9 +411,9 @@ class OfferBrowser(LiveView):
             try:
                 max_price = Decimal(price_text)
             except InvalidOperation:
-                return f"max $/h: {_one_line(price_text, 20)!r} is not a number"
+                return f"max $/h: {one_line(price_text, 20)!r} is not a number"
             if not max_price.is_finite() or max_price <= 0:
-                return f"max $/h: {_one_line(price_text, 20)!r} must be more than 0"
+                return f"max $/h: {one_line(price_text, 20)!r} must be more than 0"
         reliability = round(float(p.min_reliability.value), 2)
         return OfferFilter(
             gpu=gpu,
@@ -593,7 +430,7 @@ class OfferBrowser(LiveView):
         try:
             new = self._filter_from_controls()
         except Exception as exc:  # a widget callback must never raise into the kernel's comm handler
-            new = f"filter: {_error_line(exc)}"
+            new = f"filter: {error_line(exc)}"
         if isinstance(new, str):
             self._note(f"not searched: {new}", failed=True)
         elif new != self._filter:
@@ -638,7 +475,7 @@ class OfferBrowser(LiveView):
             return
         offers = self.offers
         selected = self.selected
-        keys = [_offer_key(o) for o in offers]
+        keys = [offer_key(o) for o in offers]
         choice = keys.index(self._selected) if selected is not None and self._selected in keys else _NO_CHOICE
         options = [("— choose an offer —", _NO_CHOICE)] + [
             (f"{i + 1}. {r.provider} · {r.gpu} ×{r.gpus} · {r.price}/h · {r.offer_id}", i)
@@ -679,15 +516,3 @@ class _BrowserWidgets:
 
     def all(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
-
-
-def _text_table(rows: Sequence[OfferRow]) -> list[str]:
-    widths = {f: max(len(h), *(len(getattr(r, f)) for r in rows)) for f, h in COLUMNS}
-
-    def line(cells: dict[str, str]) -> str:
-        return "  ".join(
-            cells[f].rjust(widths[f]) if f in _NUMERIC else cells[f].ljust(widths[f]) for f, _ in COLUMNS
-        ).rstrip()
-
-    header = line({f: h for f, h in COLUMNS})
-    return [header, *(line({f: getattr(r, f) for f, _ in COLUMNS}) for r in rows)]
