@@ -99,8 +99,11 @@ class OfferBook:
             offers = await asyncio.wait_for(provider.offers(query), self.timeout)
         except asyncio.TimeoutError:
             return [], f"no answer within {self.timeout:.0f} s", self._clock() - now
-        except (BurstError, OSError) as exc:
-            return [], str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self._clock() - now
+        except Exception as exc:  # one provider's failure (even a bug in its parser) must not hide the others
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if not isinstance(exc, (BurstError, OSError)):
+                text = f"{type(exc).__name__}: {text}"
+            return [], text, self._clock() - now
         self._cache[key] = _Entry(self._clock(), offers)
         return offers, None, self._clock() - now
 
