@@ -1,45 +1,90 @@
 """The ``burst`` command: the same engine, state store and ledger as the notebook, from a terminal.
 
     burst submit --max-cost 1 --mount ./out:out:rw -- python train.py
+    burst submit --image ghcr.io/org/img:1 --gpus 1 --gpu-model RTX_4090 --max-cost-usd 10 \\
+                 --command "mts1b-backtest batch --config /data/sweep.yaml"
+    burst submit --gpu H100 --max-cost 5 --dry-run --command "python train.py"
     burst submit --file sweep.py --provider ssh --host gpu1,gpu2 --rate 0.40
-    burst list
+    burst list                       jobs holding an instance: provider, $/h, whose
+    burst show JOB [--lines N] [--events]
+    burst kill JOB
     burst budget show | burst budget set --daily 50 --weekly 200
+    burst providers status
+    burst offers --gpu RTX_4090 --max-price 0.5 [--sort price|gpu_price|memory|reliability] [--refresh]
     burst ledger [--by day|provider|gpu|status]
     burst cleanup [--dry-run]
+
+Exit status: 0 success, 1 the job failed (or was stopped), 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import shlex
 import sys
+import time
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import BurstError, RemoteError
+from .errors import BurstError, ConfigError, RemoteError
+
+if TYPE_CHECKING:
+    from .budget import LedgerRow
+    from .events import JobEvent
+    from .session import Session
+    from .state import OwnedInstance
 
 __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .widgets.offer_table import SORT_KEYS
+
     p = argparse.ArgumentParser(prog="burst", description="Run work on a rented GPU for a known, capped price.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("submit", help="run a command or a Python file and wait for it")
     s.add_argument("--file", "-f", type=Path, help="a Python file to run like a notebook cell")
+    s.add_argument("--command", "-c", dest="command_line", metavar='"PROGRAM ARGS"',
+                   help="a command line, split as a shell would (or give -- PROGRAM ARGS at the end)")
     s.add_argument("--name", "-n")
-    s.add_argument("--provider", "-p")
-    s.add_argument("--gpu")
+    s.add_argument("--provider", "-p", help="auto, local, ssh, vast, runpod or thunder")
+    s.add_argument("--image", help="container image (marketplace providers)")
+    s.add_argument("--gpu", "--gpu-model", dest="gpu", help="RTX_4090, H100, A100_80GB, ANY ...")
     s.add_argument("--gpus", type=int)
-    s.add_argument("--max-cost", metavar="USD")
+    s.add_argument("--memory", type=int, metavar="GB", help="minimum GPU memory per GPU")
+    s.add_argument("--max-cost", "--max-cost-usd", dest="max_cost", metavar="USD", help="hard cap on the bill")
+    s.add_argument("--max-price", metavar="USD_PER_HOUR", help="ceiling on the machine's hourly price")
     s.add_argument("--max-duration", type=int, metavar="MINUTES")
-    s.add_argument("--rate", metavar="USD_PER_HOUR")
+    s.add_argument("--spot", action="store_true", default=None, help="interruptible capacity (vast, runpod)")
+    s.add_argument("--min-reliability", type=float, metavar="0..1")
+    s.add_argument("--offer", metavar="PROVIDER:ID", help="rent exactly this offer (from burst offers)")
+    s.add_argument("--provision-timeout", type=float, metavar="SECONDS")
+    s.add_argument("--rate", metavar="USD_PER_HOUR", help="declared $/h for local and ssh machines")
     s.add_argument("--mount", "-m", action="append", default=[], metavar="LOCAL:REMOTE[:ro|:rw]")
     s.add_argument("--host", metavar="H1,H2")
     s.add_argument("--trust-new-host", action="store_true", default=None)
     s.add_argument("--python", metavar="PATH")
-    s.add_argument("command", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS... (unless --file)")
+    s.add_argument("--lease", type=int, metavar="SECONDS", help="stop the job if this process is silent this long")
+    s.add_argument("--sink", metavar="URL", help="also store rw results in URL/<job id>/ (folder, s3://, r2://)")
+    s.add_argument("--dry-run", action="store_true", help="show the offer and the worst case; rent nothing")
+    s.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS",
+                   help="the command (unless --file or --command)")
 
     sub.add_parser("list", help="jobs still holding an instance, and whose they are")
+
+    sh = sub.add_parser("show", help="a job's status, cost and output, from any process")
+    sh.add_argument("job", metavar="JOB")
+    sh.add_argument("--lines", type=int, default=50, metavar="N", help="the last N lines of output (default 50)")
+    sh.add_argument("--events", action="store_true", help="also every status event, with its time")
+
+    k = sub.add_parser("kill", help="end a job early: sync back, terminate, settle")
+    k.add_argument("job", metavar="JOB")
+    k.add_argument("--wait", type=float, default=180.0, metavar="SECONDS",
+                   help="how long to wait for the job to end (default 180)")
 
     b = sub.add_parser("budget", help="show or set the daily and weekly caps")
     bsub = b.add_subparsers(dest="action", required=True)
@@ -47,6 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     bset = bsub.add_parser("set")
     bset.add_argument("--daily", metavar="USD|none")
     bset.add_argument("--weekly", metavar="USD|none")
+
+    pr = sub.add_parser("providers", help="each marketplace: configured, reachable, lowest prices")
+    pr.add_argument("action", nargs="?", choices=["status"], default="status")
+
+    o = sub.add_parser("offers", help="live offers across the configured marketplaces")
+    o.add_argument("--gpu", "--gpu-model", dest="gpu")
+    o.add_argument("--gpus", type=int, default=1)
+    o.add_argument("--max-price", metavar="USD_PER_HOUR")
+    o.add_argument("--provider", "-p")
+    o.add_argument("--min-reliability", type=float, metavar="0..1")
+    o.add_argument("--spot", action="store_true")
+    o.add_argument("--sort", choices=list(SORT_KEYS), default="price")
+    o.add_argument("--refresh", action="store_true", help="ask every provider again, past the offer cache")
 
     led = sub.add_parser("ledger", help="what every job cost")
     led.add_argument("--by", choices=["day", "provider", "gpu", "status"])
@@ -56,37 +114,358 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# -- submit ---------------------------------------------------------------------------------------------------
+
+
+def _command(args: argparse.Namespace) -> list[str] | None:
+    program = list(args.program)
+    if program[:1] == ["--"]:
+        program = program[1:]  # only the separator: a `--` meant for the program stays
+    if args.command_line is None:
+        return program or None
+    if program:
+        raise ConfigError('give --command "PROGRAM ARGS" or -- PROGRAM ARGS, not both')
+    try:
+        words = shlex.split(args.command_line)
+    except ValueError as exc:
+        raise ConfigError(f"--command {args.command_line!r}: {exc}") from None
+    if not words:
+        raise ConfigError("--command is empty")
+    return words
+
+
+def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
+    from .spec import parse_money
+
+    command = _command(args)
+    if (args.file is None) == (command is None):
+        raise ConfigError('give one of --file FILE.py, --command "PROGRAM ARGS" or -- PROGRAM ARGS')
+    fields: dict[str, Any] = {"command": command}
+    if args.file is not None:
+        try:
+            fields = {"cell": args.file.read_text(), "name": args.file.stem}
+        except OSError as exc:
+            raise ConfigError(f"--file {args.file}: {exc.strerror or exc}") from None
+    money = {"max_cost_usd": (args.max_cost, "--max-cost"), "rate_usd_per_hour": (args.rate, "--rate"),
+             "max_price_usd_per_hour": (args.max_price, "--max-price")}
+    for key, (text, what) in money.items():
+        if text is not None:
+            fields[key] = parse_money(text, what=what)
+    plain = {"name": args.name, "provider": args.provider or ("ssh" if args.host else None), "image": args.image,
+             "gpu_model": args.gpu, "gpus": args.gpus, "memory_gb": args.memory,
+             "max_duration_minutes": args.max_duration, "spot": args.spot, "min_reliability": args.min_reliability,
+             "offer": args.offer, "provision_timeout_seconds": args.provision_timeout,
+             "remote_python": args.python, "ssh_trust_on_first_use": args.trust_new_host,
+             "lease_seconds": args.lease, "result_sink": args.sink, "mount_local": args.mount or None,
+             "ssh_hosts": [h.strip() for h in args.host.split(",") if h.strip()] if args.host else None}
+    fields.update({key: value for key, value in plain.items() if value is not None})
+    return fields
+
+
 def _submit(args: argparse.Namespace) -> int:
     from .display import CellDisplay
     from .session import Session
-    from .spec import JobSpec, parse_money
+    from .spec import JobSpec
 
-    command = [a for a in args.command if a != "--"] or None
-    if (args.file is None) == (command is None):
-        raise BurstError("give either --file FILE.py or -- PROGRAM ARGS...")
-    fields: dict[str, Any] = {"command": command}
-    if args.file is not None:
-        fields = {"cell": args.file.read_text(), "name": args.file.stem}
-    for key, value in (("name", args.name), ("provider", args.provider or ("ssh" if args.host else None)),
-                       ("gpu_model", args.gpu), ("gpus", args.gpus), ("max_duration_minutes", args.max_duration),
-                       ("remote_python", args.python), ("ssh_trust_on_first_use", args.trust_new_host)):
-        if value is not None:
-            fields[key] = value
-    if args.max_cost is not None:
-        fields["max_cost_usd"] = parse_money(args.max_cost, what="--max-cost")
-    if args.rate is not None:
-        fields["rate_usd_per_hour"] = parse_money(args.rate, what="--rate")
-    if args.mount:
-        fields["mount_local"] = args.mount
-    if args.host:
-        fields["ssh_hosts"] = [h.strip() for h in args.host.split(",") if h.strip()]
-    job = Session.current().submit(JobSpec.build(**fields), namespace={})
+    spec = JobSpec.build(**_spec_fields(args))
+    session = Session.current()
+    if args.dry_run:
+        print(repr(session.dry_run(spec)))
+        return 0
+    job = session.submit(spec, namespace={})
     result = CellDisplay(job, None).run_blocking()
     if isinstance(result.error, RemoteError):
         sys.stderr.write("\n".join(result.error._render_traceback_()) + "\n")
         return 1
     if result.error is not None:
-        raise result.error
+        print(f"burst: job {job.id} {result.status.value}: {result.error}", file=sys.stderr)
+        return 1
+    if result.status.value != "completed":
+        print(f"burst: job {job.id} {result.status.value}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- one job, from any process: show and kill --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What this machine knows of one job: its state row, its event log and its ledger row (each may be absent)."""
+
+    job_id: str
+    owned: OwnedInstance | None
+    events: list[JobEvent]
+    ledger: LedgerRow | None
+
+    @property
+    def final(self) -> JobEvent | None:
+        return next((e for e in reversed(self.events) if e.is_final), None)
+
+    @property
+    def live(self) -> bool:
+        from .state import LIVE_STATES
+
+        return self.owned is not None and self.owned.state in LIVE_STATES
+
+    @property
+    def ended(self) -> bool:
+        return self.final is not None or (self.ledger is not None and not self.live)
+
+    def latest(self, name: str) -> Any:
+        """The newest event's value of ``name`` (a JobEvent field), or None."""
+        return next((getattr(e, name) for e in reversed(self.events) if getattr(e, name) is not None), None)
+
+    def status(self) -> str:
+        final = self.final
+        if final is not None:
+            return final.type.value
+        if self.ledger is not None and not self.live:
+            return str(self.ledger.status)
+        o = self.owned
+        if o is not None and self.live:
+            if o.orphaned:
+                return "orphaned (its process is gone; `burst kill` or `burst cleanup` ends it)"
+            if o.reaper_pid is not None and _alive(o.reaper_pid):
+                return f"being finished by the reaper (pid {o.reaper_pid})"
+        if o is not None and o.state == "abandoned":
+            return "ended (nothing was rented)"
+        if any(e.type.value == "started" for e in self.events):
+            return "running"
+        if not self.events:
+            return o.state if o is not None else "unknown"
+        phase = next((e.type.value for e in reversed(self.events) if e.type.value not in ("output", "progress")), None)
+        return "queued" + (f" ({phase.replace('_', ' ')})" if phase not in (None, "queued") else "")
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None ($0 is a value)."""
+    return next((v for v in values if v is not None), None)
+
+
+def _alive(pid: int) -> bool:
+    from .agent import pid_alive
+
+    return pid_alive(pid)
+
+
+def _find(session: Session, job_id: str) -> _Record:
+    """The job's record; ConfigError (exit 2) naming close matches when nothing here knows ``job_id``."""
+    from .job_log import known_job_ids, read_events, valid_job_id
+
+    owned = session.state.get(job_id) if valid_job_id(job_id) else None
+    events = read_events(job_id, session.home)
+    rows = session.budget.rows()
+    ledger = next((r for r in rows if r.job_id == job_id), None)
+    if owned is None and events is None and ledger is None:
+        import difflib
+
+        known = dict.fromkeys([*known_job_ids(session.home), *(o.job_id for o in session.state.live()),
+                               *(r.job_id for r in reversed(rows))])
+        close = difflib.get_close_matches(job_id, list(known), n=3, cutoff=0.6)
+        hint = (f"; did you mean {' or '.join(close)}?" if close
+                else " (burst list shows the running jobs, burst ledger the finished ones)")
+        raise ConfigError(f"no job {job_id!r}{hint}")
+    return _Record(job_id, owned, events or [], ledger)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .budget import LedgerTable
+    from .job import cost_of
+    from .money import format_usd
+    from .session import Session
+
+    rec = _find(Session.current(), args.job)
+    o, led = rec.owned, rec.ledger
+    h = o.handoff if o is not None else {}
+    lines = [f"job {rec.job_id}: {rec.status()}"]
+    name = _first(h.get("name"), led.name if led else None)
+    if name:
+        lines.append(f"  name:     {name}")
+    provider = _first(rec.latest("provider"), o.provider if o else None, led.provider if led else None)
+    instance = _first(o.instance_id if o else None, rec.latest("instance_id"), led.instance_id if led else None)
+    gpu = _first(rec.latest("gpu"), h.get("gpu"), led.gpu if led else None)
+    if provider:
+        where = ", ".join(x for x in (f"instance {instance}" if instance else None, gpu) if x)
+        lines.append(f"  provider: {provider}" + (f" ({where})" if where else ""))
+    rate = _first(rec.latest("cost_per_hour_usd"), Decimal(h["rate"]) if h.get("rate") else None,
+                  led.rate_usd_per_hour if led else None)
+    if rate is not None:
+        lines.append(f"  rate:     {format_usd(rate)}/h")
+    cap = _first(rec.latest("max_cost_usd"), Decimal(h["max_cost_usd"]) if h.get("max_cost_usd") else None)
+    final = rec.final
+    if final is not None and final.total_cost_usd is not None:
+        cost = f"{format_usd(final.total_cost_usd)} in all"
+    elif led is not None and not rec.live:
+        cost = f"{format_usd(led.actual_usd)} in all"
+    elif rec.live and rate is not None and h.get("launched_at"):
+        # As the reaper counts it: from the first create request, at the last known rate (never under).
+        launched = dt.datetime.fromisoformat(h["launched_at"])
+        so_far = cost_of(rate, (dt.datetime.now(dt.timezone.utc) - launched).total_seconds())
+        cost = f"about {format_usd(so_far)} so far"
+    else:
+        cost = None
+    if cost or cap is not None:
+        lines.append("  cost:     " + ", ".join(x for x in (cost, f"cap {format_usd(cap)}" if cap is not None
+                                                             else None) if x))
+    if o is not None and rec.live:
+        lines.append(f"  owner:    pid {o.owner.pid} on {o.owner.host}" + (" (gone)" if o.orphaned else ""))
+    if final is not None and final.error:
+        lines.append(f"  error:    {final.error}")
+    elif led is not None and led.message and not rec.live:
+        lines.append(f"  note:     {led.message}")
+    if not rec.events and led is None:
+        lines.append("  (no event log for this job: it was started before job logs were kept, or elsewhere)")
+    print("\n".join(lines))
+    if args.events:
+        print("events:")
+        for e in rec.events:
+            if e.type.value != "output":
+                print(f"  {e.at.astimezone():%H:%M:%S}  {e.describe()}")
+    _print_output(rec.events, args.lines)
+    if led is not None:
+        print("ledger:")
+        print(repr(LedgerTable([led])))
+    return 0
+
+
+def _print_output(events: list[JobEvent], limit: int) -> None:
+    if limit <= 0:
+        return
+    text = "".join(e.text or "" for e in events if e.type.value == "output")
+    out = text.splitlines()
+    if not out:
+        print("output: none yet" if not any(e.is_final for e in events) else "output: none")
+        return
+    shown = out[-limit:]
+    hidden = len(out) - len(shown)
+    print(f"output (last {len(shown)} of {len(out)} lines; --lines N for more):" if hidden else "output:")
+    for line in shown:
+        print(f"  {line}")
+
+
+def _kill(args: argparse.Namespace) -> int:
+    from .money import format_usd
+    from .session import Session
+
+    session = Session.current()
+    rec = _find(session, args.job)
+    if rec.ended and not (rec.live and rec.owned is not None and rec.owned.orphaned):
+        print(f"job {rec.job_id} already ended: {rec.status()}")
+        return 0
+    deadline = time.monotonic() + args.wait
+    asked = waiting = False
+    problem = ""
+    while True:
+        o = rec.owned
+        if o is not None and rec.live and o.orphaned:
+            return _reap(session, o)
+        if rec.ended:
+            final, ledger = rec.final, rec.ledger
+            total = final.total_cost_usd if final is not None else (ledger.actual_usd if ledger else None)
+            print(f"job {rec.job_id} ended: {rec.status()}, {format_usd(total)} in all"
+                  + (" (synced back, terminated, settled)" if rec.status() == "cancelled" else ""))
+            return 0
+        reaping = o is not None and o.reaper_pid is not None and _alive(o.reaper_pid)
+        if o is not None and rec.live and not asked and not reaping:
+            try:
+                asked = _ask_agent_to_stop(session, o)
+            except (BurstError, OSError, EOFError) as exc:
+                problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not asked and not waiting:
+            waiting = True
+            print(f"job {rec.job_id} is {rec.status()}: waiting for it to end" if reaping else
+                  f"job {rec.job_id} is {rec.status()}: waiting for its agent to start, to stop it there")
+        if time.monotonic() > deadline:
+            why = f" ({problem})" if problem else ""
+            print(f"burst: job {rec.job_id} is still {rec.status()} after {args.wait:.0f} s{why}; "
+                  f"`burst show {rec.job_id}` to follow it", file=sys.stderr)
+            return 1
+        time.sleep(0.25)
+        rec = _find(session, rec.job_id)
+
+
+def _ask_agent_to_stop(session: Session, owned: OwnedInstance) -> bool:
+    """The stop the lifecycle itself sends: the agent interrupts the command and exits "cancelled"; the owning
+    process sees that in its stream, syncs back, terminates and settles as it always does. False while the job
+    has no agent to ask yet (still provisioning, or uploading)."""
+    from .providers.base import Endpoint
+
+    h = owned.handoff
+    if "endpoint" not in h or "workdir" not in h:
+        return False
+    endpoint = Endpoint.from_json(h["endpoint"])
+    client = session.connections.agent(endpoint, h["python"], h["workdir"])
+    status = client.status()
+    if not status.get("exists"):
+        return False
+    if status.get("running"):
+        client.stop("cancelled")
+        print(f"asked job {owned.job_id}'s agent on {endpoint} to stop; its owner (pid {owned.owner.pid} on "
+              f"{owned.owner.host}) syncs back, terminates the instance and settles the bill")
+    else:
+        print(f"job {owned.job_id}'s command already ended; its owner is bringing the results back")
+    return True
+
+
+def _reap(session: Session, owned: OwnedInstance) -> int:
+    from .money import format_usd
+    from .reaper import reap
+
+    print(f"job {owned.job_id}: its process (pid {owned.owner.pid} on {owned.owner.host}) is gone; ending it here")
+    (outcome,) = reap([owned], state=session.state, budget=session.budget, connections=session.connections,
+                      home=session.home, reason="burst kill")
+    if not outcome.terminated:
+        print(f"burst: job {owned.job_id}: {outcome.problem}; `burst cleanup` tries again", file=sys.stderr)
+        return 1
+    print(f"job {owned.job_id} cancelled: synced back {outcome.synced} file(s), terminated, settled "
+          f"{format_usd(outcome.cost_usd)}" + (f" ({outcome.problem})" if outcome.problem else ""))
+    return 0
+
+
+# -- the rest ---------------------------------------------------------------------------------------------------
+
+
+def _list() -> int:
+    from .money import format_usd
+    from .session import Session
+
+    live = Session.current().state.live()
+    if not live:
+        print("no job holds an instance")
+        return 0
+    rows = [("JOB", "PROVIDER", "INSTANCE", "$/H", "STATE", "OWNER")]
+    for o in live:
+        rate = o.handoff.get("rate")
+        whose = "orphaned" if o.orphaned else f"pid {o.owner.pid}@{o.owner.host}"
+        rows.append((o.job_id, o.provider, o.instance_id or "(launching)",
+                     format_usd(Decimal(rate)) if rate else "-", o.state, whose))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _offers(args: argparse.Namespace) -> int:
+    from .providers.catalog import canonical_gpu
+    from .session import Session
+    from .spec import parse_money
+    from .widgets.offer_browser import OfferBrowser
+    from .widgets.offer_table import OfferFilter
+
+    session = Session.current()
+    initial = OfferFilter(gpu=canonical_gpu(args.gpu) if args.gpu else None, gpus=args.gpus,
+                          max_price=None if args.max_price is None else parse_money(args.max_price,
+                                                                                    what="--max-price"),
+                          provider=args.provider, min_reliability=args.min_reliability, spot=args.spot)
+
+    def search(f: OfferFilter, refresh: bool) -> Any:
+        return session.search_offers(f.to_query(), providers=[f.provider] if f.provider else None, refresh=refresh)
+
+    browser = OfferBrowser(search=search, initial=initial, providers=list(session.marketplaces()),
+                           result=search(initial, args.refresh), kernel_present=lambda: False)
+    browser.sort_by(args.sort)
+    print(browser.snapshot_text())
     return 0
 
 
@@ -96,21 +475,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "submit":
         return _submit(args)
     if args.cmd == "list":
-        from .session import Session
-
-        live = Session.current().state.live()
-        for o in live:
-            whose = "orphaned" if o.orphaned else f"pid {o.owner.pid}@{o.owner.host}"
-            print(f"{o.job_id}  {o.provider}  {o.instance_id or '(launching)'}  {o.state}  {whose}")
-        if not live:
-            print("no job holds an instance")
+        return _list()
+    if args.cmd == "show":
+        return _show(args)
+    if args.cmd == "kill":
+        return _kill(args)
+    if args.cmd == "providers":
+        print(repr(api.provider_status()))
         return 0
+    if args.cmd == "offers":
+        return _offers(args)
     if args.cmd == "budget":
         if args.action == "set":
             for value, setter in ((args.daily, api.set_daily_budget), (args.weekly, api.set_weekly_budget)):
                 if value is not None:
                     setter(None if value.lower() == "none" else value)
-        print(repr(api.budget_bars()))
+        print(repr(api.budget_bars()))  # "Today: $12.50 / $50.00 (25%)" and "This week: ..."
         return 0
     if args.cmd == "ledger":
         table = api.ledger()
@@ -130,7 +510,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2): argparse has said why
+        return exc.code if isinstance(exc.code, int) else 2
+    from .session import Session
+
+    # Called in a process that already has a session (a notebook, a test): leave it, and its running jobs, alone.
+    own_session = Session._current is None
     try:
         return _run(args)
     except BurstError as exc:
@@ -140,9 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         print("burst: interrupted (the job was cancelled and cleaned up)", file=sys.stderr)
         return 130
     finally:
-        from .session import Session
-
-        Session.reset_current()
+        if own_session:
+            Session.reset_current()
 
 
 if __name__ == "__main__":

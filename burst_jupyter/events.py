@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
+from typing import Any
 
 from .money import format_usd
 
@@ -46,6 +48,9 @@ class EventType(str, enum.Enum):
 FINAL_EVENTS = frozenset(
     {EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED, EventType.BUDGET_KILLED}
 )
+
+
+_MONEY = ("cost_per_hour_usd", "cost_so_far_usd", "total_cost_usd", "max_cost_usd")
 
 
 def _now() -> dt.datetime:
@@ -85,6 +90,27 @@ class JobEvent:
     @property
     def is_final(self) -> bool:
         return self.type in FINAL_EVENTS
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (money as strings, times in ISO 8601); fields left ``None`` are left out."""
+        out: dict[str, Any] = {"type": self.type.value, "job_id": self.job_id, "at": self.at.isoformat()}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in out and value is not None:
+                out[f.name] = str(value) if isinstance(value, Decimal) else value
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> JobEvent:
+        """The inverse of :meth:`to_json`. Unknown keys (a newer writer) are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known and v is not None}
+        values["type"] = EventType(values["type"])
+        values["at"] = dt.datetime.fromisoformat(values["at"])
+        for name in _MONEY:
+            if name in values:
+                values[name] = Decimal(values[name])
+        return cls(**values)
 
     def __repr__(self) -> str:
         parts = [f"type={self.type.value!r}", f"at={self.at.isoformat(timespec='milliseconds')}"]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .config import Settings, load_settings
 from .errors import ConfigError
 from .job import Job, JobPlan, Lifecycle, check_cap, job_cap
+from .job_log import JobLogWriter
 from .money import format_usd
 from .offer_book import OfferBook, SearchResult
 from .paths import burst_home, db_path
@@ -152,6 +153,7 @@ class Session:
         """Validate ``spec`` (raising :class:`ConfigError` before anything is rented) and start the job."""
         plan = self.plan(spec, namespace=namespace or {})
         job = Job(plan, self.loop)
+        job.add_listener(JobLogWriter(job.id, self.home))  # `burst show` reads the job from any process
         self.jobs[job.id] = job
         lifecycle = Lifecycle(job=job, budget=self.budget, state=self.state, connections=self.connections,
                               owner=self.owner)
