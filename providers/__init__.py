@@ -7,6 +7,7 @@ Marketplace keys are never in that record: they are looked up again (accounts.py
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import sys
 from collections.abc import Callable
@@ -74,36 +75,27 @@ def _ssh(cfg: ProviderConfig, ctx: _Context) -> Provider:
                        rotation=rotation)
 
 
-def _vast(cfg: ProviderConfig, ctx: _Context) -> Provider:
-    from .accounts import require_account
-    from .vast import VastProvider
+def _marketplace(module: str, cls: str) -> Callable[[ProviderConfig, _Context], Provider]:
+    """A builder for a marketplace: its account (key, URL, SSH user) is looked up where it is built."""
 
-    account = require_account("vast", ctx.account_settings())
-    return VastProvider(api_key=account.api_key, base_url=account.base_url, ssh_user=account.ssh_user)
+    def build(cfg: ProviderConfig, ctx: _Context) -> Provider:
+        from .accounts import require_account
 
+        account = require_account(cfg.name, ctx.account_settings())
+        provider_cls = getattr(importlib.import_module(f".{module}", __name__), cls)
+        provider: Provider = provider_cls(api_key=account.api_key, base_url=account.base_url,
+                                          ssh_user=account.ssh_user)
+        return provider
 
-def _runpod(cfg: ProviderConfig, ctx: _Context) -> Provider:
-    from .accounts import require_account
-    from .runpod import RunPodProvider
-
-    account = require_account("runpod", ctx.account_settings())
-    return RunPodProvider(api_key=account.api_key, base_url=account.base_url, ssh_user=account.ssh_user)
-
-
-def _thunder(cfg: ProviderConfig, ctx: _Context) -> Provider:
-    from .accounts import require_account
-    from .thunder import ThunderProvider
-
-    account = require_account("thunder", ctx.account_settings())
-    return ThunderProvider(api_key=account.api_key, base_url=account.base_url, ssh_user=account.ssh_user)
+    return build
 
 
 REGISTRY: dict[str, Callable[[ProviderConfig, _Context], Provider]] = {
     "local": _local,
     "ssh": _ssh,
-    "vast": _vast,
-    "runpod": _runpod,
-    "thunder": _thunder,
+    "vast": _marketplace("vast", "VastProvider"),
+    "runpod": _marketplace("runpod", "RunPodProvider"),
+    "thunder": _marketplace("thunder", "ThunderProvider"),
 }
 
 
