@@ -21,13 +21,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import httpx
 
 from ..errors import ApiError, AuthFailed, ConnectFailed, RateLimited
 
-__all__ = ["ApiClient", "RetryPolicy", "default_error_text"]
+__all__ = ["ApiClient", "RetryPolicy", "default_error_text", "money_from_json"]
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -39,6 +40,17 @@ class RetryPolicy:
     max_sleep_seconds: float = 8.0  # ceiling of one backoff sleep (a Retry-After may ask for more)
     max_retry_after_seconds: float = 60.0  # a longer Retry-After gives up at once instead of hanging
     budget_seconds: float = 90.0  # total sleeping across the tries of one request
+
+
+def money_from_json(value: Any) -> Decimal | None:
+    """Money from a JSON number (or numeric string) through its shortest repr, never float arithmetic; None when
+    absent or not a number."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return Decimal(str(value))
+    except InvalidOperation:
+        return None
 
 
 def default_error_text(response: httpx.Response) -> str:

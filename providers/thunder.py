@@ -22,13 +22,13 @@ import random
 import re
 import time
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
 from ..errors import ApiError, ConfigError, ConnectFailed, OfferGone, ProviderError
-from ._http import RETRY_STATUSES, ApiClient, RetryPolicy
+from ._http import RETRY_STATUSES, ApiClient, RetryPolicy, money_from_json
 from .base import REMOTE_JOB_ROOT, Capability, Endpoint, Instance, InstanceState, Offer, OfferQuery
 from .catalog import CATALOG, identify
 
@@ -60,16 +60,6 @@ def api_root(base_url: str) -> str:
     """The ``/v1`` root from ``TNR_API_URL``, which the CLI gives without it and terraform with it."""
     base = base_url.rstrip("/")
     return base if base.endswith("/v1") else f"{base}/v1"
-
-
-def _money(value: Any) -> Decimal | None:
-    """Money from a JSON number through its shortest repr, never float arithmetic."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return Decimal(str(value))
-    except InvalidOperation:
-        return None
 
 
 def _int(value: Any, default: int = 0) -> int:
@@ -111,16 +101,16 @@ def _hourly(pricing: Mapping[str, Any], key: str, spec: Mapping[str, Any], *, vc
     """Thunder's list price for a configuration (reference 3): GPU rate + extra vCPUs + disk past 100 GB +
     ephemeral disk. A later thunder-cli includes 100 GB per GPU, not 100 in all: for multi-GPU specs this
     errs high, the safe side for a budget (2026-11-23). None when the table has no rate for the spec."""
-    price = _money(pricing.get(key))
+    price = money_from_json(pricing.get(key))
     if price is None:
         return None
     extra_vcpus = vcpus - _included_vcpus(spec)
     if extra_vcpus > 0:
-        price += extra_vcpus * (_money(pricing.get("additional_vcpus")) or 0)
+        price += extra_vcpus * (money_from_json(pricing.get("additional_vcpus")) or 0)
     if disk_gb > INCLUDED_DISK_GB:
-        price += (disk_gb - INCLUDED_DISK_GB) * (_money(pricing.get("disk_gb")) or 0)
+        price += (disk_gb - INCLUDED_DISK_GB) * (money_from_json(pricing.get("disk_gb")) or 0)
     if ephemeral_gb > 0:
-        price += ephemeral_gb * (_money(pricing.get("ephemeral_disk_gb")) or 0)
+        price += ephemeral_gb * (money_from_json(pricing.get("ephemeral_disk_gb")) or 0)
     return price
 
 

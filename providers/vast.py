@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 
 from ..errors import ApiError, ConnectFailed, OfferGone, ProviderError, ProvisioningFailed
-from ._http import ApiClient, RetryPolicy
+from ._http import ApiClient, RetryPolicy, money_from_json
 from .base import REMOTE_JOB_ROOT, Capability, Endpoint, Instance, InstanceState, Offer, OfferQuery
 from .catalog import identify, spellings
 
@@ -43,13 +43,6 @@ _BOOTING = (None, "", "created", "loading", "scheduling")
 def _get_params(values: Mapping[str, Any]) -> dict[str, str]:
     """Vast's GET convention (1.1): each value JSON-dumped, except plain strings; httpx url-encodes them."""
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
-
-
-def _money(value: Any) -> Decimal | None:
-    """Money from a JSON number, through its shortest repr (``str(float)``), never float arithmetic."""
-    if value is None or isinstance(value, bool):
-        return None
-    return Decimal(str(value))
 
 
 def _memory_gb(row: Mapping[str, Any]) -> float | None:
@@ -135,7 +128,7 @@ class VastProvider:
         model = identify("vast", str(row.get("gpu_name") or ""), memory_gb=memory)
         # Spot: the bid floor for the whole machine (1.9). Whether min_bid includes the storage folded into
         # dph_total is not documented (2026-11-23); get() reads the billed dph_total once it runs.
-        price = _money(row.get("min_bid") if spot else row.get("dph_total"))
+        price = money_from_json(row.get("min_bid") if spot else row.get("dph_total"))
         if model is None or price is None:
             return None
         gpus = int(row.get("num_gpus") or 1)
@@ -315,7 +308,7 @@ class VastProvider:
             provider=self.name, instance_id=str(row.get("id")), state=state,
             endpoint=endpoint if state is InstanceState.RUNNING else None,
             workdir=f"{REMOTE_JOB_ROOT}/{job_id}" if job_id else REMOTE_JOB_ROOT,
-            price_usd_per_hour=_money(row.get("dph_total")) or Decimal(0),  # the rate actually billed (1.9)
+            price_usd_per_hour=money_from_json(row.get("dph_total")) or Decimal(0),  # the rate actually billed (1.9)
             tag=str(row.get("label") or ""), job_id=job_id, detail=detail, spot=bool(row.get("is_bid")),
             gpu_model=identify("vast", str(row.get("gpu_name") or ""), memory_gb=_memory_gb(row)),
             created_at=created or dt.datetime.now(dt.timezone.utc),
