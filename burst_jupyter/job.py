@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
-    AuthFailed,
     BudgetKilled,
     BurstError,
     ConfigError,
@@ -526,12 +525,12 @@ class Lifecycle:
                 await asyncio.to_thread(self.connections.get, endpoint)
                 return
             except HostKeyError:
-                raise
-            except (ConnectFailed, AuthFailed, ProviderError, OSError, EOFError) as exc:
+                raise  # a different host answering is never waited out
+            except (ProviderError, OSError, EOFError) as exc:  # refused, not up yet, key not installed yet
                 if time.monotonic() + delay > deadline:
                     raise ProvisioningFailed(f"{self.chosen.name} instance {self.instance.instance_id} did not answer "
                                              f"SSH at {endpoint} within {self.plan.provision_timeout:.0f} s: "
-                                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+                                             f"{_one_line(exc)}") from exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 3.0)
 
@@ -546,7 +545,6 @@ class Lifecycle:
             "rate": str(self.rate),
             "gpu": self.instance.gpu_model,
             "launched_at": self.launched_wall.isoformat(),
-            "spent_before_usd": str(self.spent),
         }
 
     def _client(self) -> AgentClient:
