@@ -231,7 +231,7 @@ class Session:
         return {name: self.provider(ProviderConfig(name=name)) for name in accounts(self.settings)}
 
     def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coro`` on the session loop and wait (in slices, so Ctrl-C gets through)."""
+        """Run ``coro`` on the session loop and wait for it; Ctrl-C (or any error while waiting) cancels it."""
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
