@@ -134,8 +134,10 @@ def cleanup(*, dry_run: bool = False) -> list[Outcome] | list[str]:
 
 def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float | str | None = None,
            provider: str | None = None, min_reliability: float | None = None, spot: bool = False,
-           cell: str | None = None, max_cost: Decimal | float | str | None = None) -> OfferBrowser:
+           cell: str | None = None, max_cost: Decimal | float | str | None = None,
+           refresh: bool = False) -> OfferBrowser:
     """Browse live offers across the configured marketplaces: filters, a sortable table, refresh.
+    ``refresh`` asks every provider again instead of reusing offers from the last 30 s.
 
     The browser's Insert gives a ready ``%%burst`` line for the chosen offer. With ``cell`` (Python source),
     Launch runs it on the chosen offer at once, in the background, capped at ``max_cost``, and shows its view.
@@ -152,10 +154,11 @@ def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float 
                           max_price=None if max_price is None else parse_money(max_price, what="max_price"),
                           provider=provider, min_reliability=min_reliability, spot=spot)
     configured = list(session.marketplaces())
-    first = session.search_offers(initial.to_query(), providers=[provider] if provider else None)
 
-    def search(f: OfferFilter, refresh: bool) -> Any:
-        return session.search_offers(f.to_query(), providers=[f.provider] if f.provider else None, refresh=refresh)
+    def search(f: OfferFilter, again: bool) -> Any:
+        return session.search_offers(f.to_query(), providers=[f.provider] if f.provider else None, refresh=again)
+
+    first = search(initial, refresh)
 
     def launch(offer: Any) -> Job:
         from IPython import get_ipython

@@ -447,23 +447,10 @@ def _list() -> int:
 
 
 def _offers(args: argparse.Namespace) -> int:
-    from .providers.catalog import canonical_gpu
-    from .session import Session
-    from .spec import parse_money
-    from .widgets.offer_browser import OfferBrowser
-    from .widgets.offer_table import OfferFilter
+    from . import api
 
-    session = Session.current()
-    initial = OfferFilter(gpu=canonical_gpu(args.gpu) if args.gpu else None, gpus=args.gpus,
-                          max_price=None if args.max_price is None else parse_money(args.max_price,
-                                                                                    what="--max-price"),
-                          provider=args.provider, min_reliability=args.min_reliability, spot=args.spot)
-
-    def search(f: OfferFilter, refresh: bool) -> Any:
-        return session.search_offers(f.to_query(), providers=[f.provider] if f.provider else None, refresh=refresh)
-
-    browser = OfferBrowser(search=search, initial=initial, providers=list(session.marketplaces()),
-                           result=search(initial, args.refresh), kernel_present=lambda: False)
+    browser = api.offers(args.gpu, gpus=args.gpus, max_price=args.max_price, provider=args.provider,
+                         min_reliability=args.min_reliability, spot=args.spot, refresh=args.refresh)
     browser.sort_by(args.sort)
     print(browser.snapshot_text())
     return 0
