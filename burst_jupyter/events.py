@@ -1,9 +1,11 @@
 """JobEvent: the one stream every view (widget, text, CLI, ``async for``) renders.
 
 A job emits, in order: queued, offer_selected, budget_reserved (budget_warning when a cap passes 80%),
-provisioning, provisioned, ssh_ready, syncing_up, started, then output/progress while it runs, stopping when it
-is ended early, syncing_down, terminated, and exactly one final event: completed, failed, cancelled or
-budget_killed. Money fields are ``Decimal``.
+provisioning, provisioned, protected (which layers guard against a leaked instance), ssh_ready, syncing_up, started,
+then output/progress while it runs (synced after each ``--sync-every`` pull), stopping when it is ended early,
+preempted when the provider took the instance (then provisioning again with ``--retries``), syncing_down,
+terminated, and exactly one final event: completed, failed, cancelled or budget_killed. Money fields are
+``Decimal``.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ class EventType(str, enum.Enum):
     BUDGET_WARNING = "budget_warning"
     PROVISIONING = "provisioning"
     PROVISIONED = "provisioned"
+    PROTECTED = "protected"  # message: the layers that end this instance if the kernel dies
     SSH_READY = "ssh_ready"
     SYNCING_UP = "syncing_up"
     STARTED = "started"
     OUTPUT = "output"
     PROGRESS = "progress"
     RECONNECTING = "reconnecting"
+    SYNCED = "synced"  # a periodic pull of rw mounts (--sync-every) landed
+    PREEMPTED = "preempted"  # the provider paused, outbid, exited or removed the instance mid-run
     STOPPING = "stopping"
     SYNCING_DOWN = "syncing_down"
     TERMINATED = "terminated"
