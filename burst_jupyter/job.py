@@ -625,12 +625,13 @@ class Lifecycle:
                 raise payload
             if self.job.handed_off.is_set():
                 raise _StopRequested("cancelled")  # a reaper owns the instance now: hands off
-            if self.exit_record is not None:
-                continue  # the cell is over: only the results remain
             now = time.monotonic()
             if lease_every and now - last_lease >= lease_every:
+                # Also while the results come back: the agent's watchdog outlives the cell until they are fetched.
                 last_lease = now
                 await self._send(stream, "lease")
+            if self.exit_record is not None:
+                continue  # the cell is over: only the results remain
             if self.stop_reason is None:
                 reason = self._should_stop()
                 if reason is not None:
