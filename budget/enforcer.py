@@ -2,7 +2,9 @@
 
 A job reserves its cap before launch; the check "spent + reserved + this job <= cap" and the insert happen
 under one ``BEGIN IMMEDIATE``, so kernels racing for the last dollars cannot both win. Settling writes the
-ledger row and drops the reservation in one transaction.
+ledger row and drops the reservation in one transaction. A job retried on another instance first records each
+attempt that ended early, each in one transaction that also takes its cost out of the job's reservation, so
+what the job has spent plus what it still holds never passes what it reserved.
 
 Periods are calendar periods in local time: "today" runs from local midnight, "this week" from Monday 00:00.
 A ledger row counts in the period of its ``started_at``, a reservation in the period of its ``created_at``.
@@ -95,8 +97,9 @@ def period_bounds(period: Period, now: dt.datetime | None = None) -> tuple[dt.da
 
 @dataclass(frozen=True, slots=True)
 class CapUsage:
-    """Spend against one cap in the current period. ``spent`` counts settled rows (a row of unknown cost counts
-    its reservation, the most it was allowed to cost); ``reserved`` counts open reservations."""
+    """Spend against one cap in the current period. ``spent`` counts ledger rows (a job with a row of unknown cost
+    counts at least all that was reserved for it, the most it was allowed to cost); ``reserved`` counts open
+    reservations."""
 
     period: Period
     spent: Decimal
@@ -250,7 +253,7 @@ class Budget:
 
         Raises :class:`BudgetExceededError` (one line naming the cap) when spent + reserved + ``amount`` would
         pass a cap, and then holds nothing. Raises ``ValueError`` when ``job_id`` already has a reservation
-        or a ledger row. The returned ``warnings`` hold one line per cap at or past 80% with this job counted.
+        or any ledger row. The returned ``warnings`` hold one line per cap at or past 80% with this job counted.
         """
         amount = check_usd(amount, "amount")
         clock = _Clock.at(now)
@@ -299,6 +302,52 @@ class Budget:
 
     # --- the ledger ---
 
+    def record_attempt(
+        self,
+        job_id: str,
+        *,
+        attempt: int,
+        provider: str,
+        instance_id: str | None,
+        gpu: str,
+        rate_usd_per_hour: Decimal,
+        started_at: dt.datetime,
+        ended_at: dt.datetime | None,
+        actual_usd: Decimal | None,
+        status: str,
+        name: str | None = None,
+        message: str | None = None,
+        now: dt.datetime | None = None,
+    ) -> LedgerRow:
+        """Append the row of an attempt that ended before the job did (``status`` e.g. ``"preempted"``), and in
+        the same transaction take ``actual_usd`` out of the job's open reservation (never below 0): the job's
+        spent plus still reserved stays within what it reserved. The job keeps its reservation for the next
+        attempt; :meth:`settle` writes the final attempt's row.
+
+        Idempotent per (``job_id``, ``attempt``): a second call returns the first row and lowers nothing. An
+        unknown cost (``None``) leaves the reservation as it is: the money stays held, and once settled the job
+        counts at least its whole reservation (see :class:`CapUsage`).
+        ``reserved_usd`` is what was taken from the reservation. Other arguments are as for :meth:`settle`.
+        """
+        row = _new_row(
+            job_id, attempt, provider, instance_id, gpu, rate_usd_per_hour, started_at, ended_at, actual_usd,
+            status, name, message, now,
+        )
+        with self._write() as conn:
+            existing = find_row(conn, job_id, attempt)
+            if existing is not None:
+                return existing
+            held = _reservation_row(conn, job_id)
+            if held is not None:
+                amount = Decimal(held["amount_usd"])
+                taken = Decimal(0) if row.actual_usd is None else min(row.actual_usd, amount)
+                row = replace(row, reserved_usd=taken, name=row.name if row.name is not None else held["name"])
+                conn.execute(
+                    "UPDATE budget_reservations SET amount_usd = ? WHERE job_id = ?",
+                    (f"{amount - taken:f}", job_id),
+                )
+            return _insert_and_read_back(conn, row)
+
     def settle(
         self,
         job_id: str,
@@ -314,47 +363,33 @@ class Budget:
         name: str | None = None,
         message: str | None = None,
         now: dt.datetime | None = None,
+        attempt: int = 1,
     ) -> LedgerRow:
-        """Append the job's one ledger row and drop its reservation, in one transaction.
+        """Append the row of the job's final ``attempt`` and drop its reservation, in one transaction.
 
-        Idempotent: when ``job_id`` already has a row, that row is returned unchanged and the arguments are
-        ignored (the kernel and a detached reaper may both settle; the first one wins). ``actual_usd=None``
-        records an unknown cost. ``reserved_usd`` is the reservation's amount, ``Decimal(0)`` without one;
-        ``name`` defaults to the reservation's. ``now`` is the ``recorded_at`` time.
+        Idempotent per (``job_id``, ``attempt``): when that attempt already has a row, that row is returned
+        unchanged and the arguments are ignored (the kernel and a detached reaper may both settle; the first one
+        wins). The reservation is dropped either way: the job is over. ``actual_usd`` is this attempt's cost
+        alone (earlier attempts have their own rows); ``None`` records an unknown cost. ``reserved_usd`` is what
+        the reservation still held, ``Decimal(0)`` without one; ``name`` defaults to the reservation's. ``now`` is
+        the ``recorded_at`` time.
         """
-        if not status:
-            raise ValueError("status must be a non-empty string")
-        row = LedgerRow(
-            job_id=job_id,
-            name=name,
-            provider=provider,
-            instance_id=instance_id,
-            gpu=gpu,
-            rate_usd_per_hour=check_usd(rate_usd_per_hour, "rate_usd_per_hour"),
-            started_at=require_aware(started_at, "started_at"),
-            ended_at=None if ended_at is None else require_aware(ended_at, "ended_at"),
-            reserved_usd=Decimal(0),
-            actual_usd=None if actual_usd is None else check_usd(actual_usd, "actual_usd"),
-            status=status,
-            message=message,
-            recorded_at=_Clock.at(now).moment,
+        row = _new_row(
+            job_id, attempt, provider, instance_id, gpu, rate_usd_per_hour, started_at, ended_at, actual_usd,
+            status, name, message, now,
         )
         with self._write() as conn:
-            existing = find_row(conn, job_id)
-            if existing is not None:
-                return existing
-            held = _reservation_row(conn, job_id)
-            if held is not None:
-                row = replace(
-                    row,
-                    reserved_usd=Decimal(held["amount_usd"]),
-                    name=row.name if row.name is not None else held["name"],
-                )
-            insert_row(conn, row)
+            stored = find_row(conn, job_id, attempt)
+            if stored is None:
+                held = _reservation_row(conn, job_id)
+                if held is not None:
+                    row = replace(
+                        row,
+                        reserved_usd=Decimal(held["amount_usd"]),
+                        name=row.name if row.name is not None else held["name"],
+                    )
+                stored = _insert_and_read_back(conn, row)
             conn.execute("DELETE FROM budget_reservations WHERE job_id = ?", (job_id,))
-            # Read back: the first and every later settle then return equal rows (UTC times, stored Decimals).
-            stored = find_row(conn, job_id)
-        assert stored is not None
         return stored
 
     def rows(self, *, since: dt.datetime | None = None) -> list[LedgerRow]:
@@ -397,6 +432,52 @@ class Budget:
 # --- queries (the caller holds the lock, and the write transaction where it must be atomic) -----------------
 
 
+def _new_row(
+    job_id: str,
+    attempt: int,
+    provider: str,
+    instance_id: str | None,
+    gpu: str,
+    rate_usd_per_hour: Decimal,
+    started_at: dt.datetime,
+    ended_at: dt.datetime | None,
+    actual_usd: Decimal | None,
+    status: str,
+    name: str | None,
+    message: str | None,
+    now: dt.datetime | None,
+) -> LedgerRow:
+    """A checked row with nothing reserved yet (the caller fills that in under the write lock)."""
+    if not status:
+        raise ValueError("status must be a non-empty string")
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise ValueError(f"attempt must be an int >= 1, got {attempt!r}")
+    return LedgerRow(
+        job_id=job_id,
+        attempt=attempt,
+        name=name,
+        provider=provider,
+        instance_id=instance_id,
+        gpu=gpu,
+        rate_usd_per_hour=check_usd(rate_usd_per_hour, "rate_usd_per_hour"),
+        started_at=require_aware(started_at, "started_at"),
+        ended_at=None if ended_at is None else require_aware(ended_at, "ended_at"),
+        reserved_usd=Decimal(0),
+        actual_usd=None if actual_usd is None else check_usd(actual_usd, "actual_usd"),
+        status=status,
+        message=message,
+        recorded_at=_Clock.at(now).moment,
+    )
+
+
+def _insert_and_read_back(conn: sqlite3.Connection, row: LedgerRow) -> LedgerRow:
+    insert_row(conn, row)
+    # Read back: the first and every later call then return equal rows (UTC times, stored Decimals).
+    stored = find_row(conn, row.job_id, row.attempt)
+    assert stored is not None
+    return stored
+
+
 def _caps(conn: sqlite3.Connection) -> dict[Period, Decimal | None]:
     found = dict(conn.execute("SELECT period, amount_usd FROM budget_caps").fetchall())
     return {period: (Decimal(found[period]) if period in found else None) for period in PERIODS}
@@ -407,14 +488,10 @@ def _usage(conn: sqlite3.Connection, clock: _Clock) -> BudgetSnapshot:
 
     def one(period: Period) -> CapUsage:
         start, end = clock.bounds(period)
-        # A row of unknown cost counts what was reserved for it: under-counting would let the cap be passed.
-        spent = sum(
-            (
-                row.actual_usd if row.actual_usd is not None else row.reserved_usd
-                for row in select_rows(conn, since=start, until=end)
-            ),
-            Decimal(0),
-        )
+        jobs: dict[str, list[LedgerRow]] = {}
+        for row in select_rows(conn, since=start, until=end):
+            jobs.setdefault(row.job_id, []).append(row)
+        spent = sum((_job_spent(rows) for rows in jobs.values()), Decimal(0))
         amounts = conn.execute(
             "SELECT amount_usd FROM budget_reservations WHERE created_at >= ? AND created_at < ?",
             (to_db_time(start), to_db_time(end)),
@@ -423,6 +500,16 @@ def _usage(conn: sqlite3.Connection, clock: _Clock) -> BudgetSnapshot:
         return CapUsage(period, spent, reserved, caps[period])
 
     return BudgetSnapshot(day=one("day"), week=one("week"))
+
+
+def _job_spent(rows: list[LedgerRow]) -> Decimal:
+    """What one job's rows (its attempts) count against a cap: their known costs and, when some cost is unknown,
+    at least all that was reserved for the job, the most it was allowed to cost. Under-counting would let the
+    cap be passed."""
+    known = sum((row.actual_usd for row in rows if row.actual_usd is not None), Decimal(0))
+    if all(row.actual_usd is not None for row in rows):
+        return known
+    return max(known, sum((row.reserved_usd for row in rows), Decimal(0)))
 
 
 def _reservation_row(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | None:

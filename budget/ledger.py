@@ -1,4 +1,7 @@
-"""The append-only ledger: one row per job that rented something, its schema, and the money/time codecs.
+"""The append-only ledger: a row per attempt of each job that rented something, its schema, the money/time codecs.
+
+A job has one attempt unless its instance was lost (a spot preemption, a failed boot) and it was retried on
+another: then each attempt that ended early has its own row, and the last attempt's row is the job's final one.
 
 Money is ``Decimal`` and is stored in TEXT columns (plain notation, never REAL), so sums are exact; SQLite never
 adds money up, Python does. Times are stored as UTC ISO-8601 TEXT of one fixed width, so text order is time order
@@ -76,6 +79,44 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 period TEXT PRIMARY KEY CHECK (period IN ('day', 'week')),
                 amount_usd TEXT NOT NULL
             )""",
+        ),
+    ),
+    (
+        2,
+        (
+            # One row per (job, attempt): a job retried after a preemption records every instance it paid for.
+            # SQLite cannot change a UNIQUE constraint in place, so the table is rebuilt (seq values kept, so the
+            # AUTOINCREMENT sequence goes on from them); dropping the old table drops its index and triggers.
+            """CREATE TABLE ledger_rows_v2 (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                job_id TEXT NOT NULL,
+                attempt INTEGER NOT NULL DEFAULT 1 CHECK (attempt >= 1),
+                name TEXT,
+                provider TEXT NOT NULL,
+                instance_id TEXT,
+                gpu TEXT NOT NULL,
+                rate_usd_per_hour TEXT NOT NULL,
+                started_at TEXT NOT NULL,
+                ended_at TEXT,
+                reserved_usd TEXT NOT NULL,
+                actual_usd TEXT,
+                status TEXT NOT NULL,
+                message TEXT,
+                recorded_at TEXT NOT NULL,
+                UNIQUE (job_id, attempt)
+            )""",
+            """INSERT INTO ledger_rows_v2 (seq, job_id, name, provider, instance_id, gpu, rate_usd_per_hour,
+                   started_at, ended_at, reserved_usd, actual_usd, status, message, recorded_at)
+               SELECT seq, job_id, name, provider, instance_id, gpu, rate_usd_per_hour, started_at, ended_at,
+                   reserved_usd, actual_usd, status, message, recorded_at
+               FROM ledger_rows""",
+            "DROP TABLE ledger_rows",  # its implied DELETE fires no trigger
+            "ALTER TABLE ledger_rows_v2 RENAME TO ledger_rows",
+            "CREATE INDEX ledger_rows_started_at ON ledger_rows (started_at)",
+            """CREATE TRIGGER ledger_rows_no_update BEFORE UPDATE ON ledger_rows
+               BEGIN SELECT RAISE(ABORT, 'ledger_rows is append-only: UPDATE refused'); END""",
+            """CREATE TRIGGER ledger_rows_no_delete BEFORE DELETE ON ledger_rows
+               BEGIN SELECT RAISE(ABORT, 'ledger_rows is append-only: DELETE refused'); END""",
         ),
     ),
 )
@@ -174,12 +215,17 @@ def from_db_time(text: str) -> dt.datetime:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LedgerRow:
-    """What one job cost. Times are UTC-aware; ``actual_usd`` is ``None`` when the cost is unknown (never $0).
+    """What one attempt of a job cost. Times are UTC-aware; ``actual_usd`` is ``None`` when the cost is unknown
+    (never $0).
 
-    ``reserved_usd`` is what the budget held for the job before it ran (``Decimal(0)`` when nothing was).
+    ``attempt`` counts from 1; a job has rows for attempts 1..n when its first n - 1 instances were lost.
+    ``reserved_usd`` is the part of the job's reservation this row took (``Decimal(0)`` when nothing was held):
+    for an attempt that ended early, as much of its known cost as was still held; for the final row, all that
+    was still held. So a job's rows add up to what the budget held for it before it ran.
     """
 
     job_id: str
+    attempt: int = 1
     name: str | None
     provider: str
     instance_id: str | None
@@ -200,17 +246,19 @@ class LedgerRow:
 
 
 _ROW_COLUMNS = (
-    "job_id, name, provider, instance_id, gpu, rate_usd_per_hour, started_at, ended_at, reserved_usd,"
+    "job_id, attempt, name, provider, instance_id, gpu, rate_usd_per_hour, started_at, ended_at, reserved_usd,"
     " actual_usd, status, message, recorded_at"
 )
 
 
 def insert_row(conn: sqlite3.Connection, row: LedgerRow) -> None:
-    """Append ``row``. The caller holds the write transaction; a duplicate job_id raises IntegrityError."""
+    """Append ``row``. The caller holds the write transaction; a duplicate (job_id, attempt) raises
+    IntegrityError."""
     conn.execute(
-        f"INSERT INTO ledger_rows ({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO ledger_rows ({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             row.job_id,
+            row.attempt,
             row.name,
             row.provider,
             row.instance_id,
@@ -227,8 +275,16 @@ def insert_row(conn: sqlite3.Connection, row: LedgerRow) -> None:
     )
 
 
-def find_row(conn: sqlite3.Connection, job_id: str) -> LedgerRow | None:
-    found = conn.execute(f"SELECT {_ROW_COLUMNS} FROM ledger_rows WHERE job_id = ?", (job_id,)).fetchone()
+def find_row(conn: sqlite3.Connection, job_id: str, attempt: int | None = None) -> LedgerRow | None:
+    """The row of ``job_id``'s ``attempt``; with ``attempt=None``, that of its latest attempt."""
+    if attempt is None:
+        found = conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM ledger_rows WHERE job_id = ? ORDER BY attempt DESC LIMIT 1", (job_id,)
+        ).fetchone()
+    else:
+        found = conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM ledger_rows WHERE job_id = ? AND attempt = ?", (job_id, attempt)
+        ).fetchone()
     return None if found is None else _row_from_db(found)
 
 
@@ -244,7 +300,7 @@ def select_rows(
         clauses.append("started_at < ?")
         params.append(to_db_time(until, "until"))
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    cursor = conn.execute(f"SELECT {_ROW_COLUMNS} FROM ledger_rows{where} ORDER BY started_at, seq", params)
+    cursor = conn.execute(f"SELECT {_ROW_COLUMNS} FROM ledger_rows{where} ORDER BY started_at, attempt, seq", params)
     return [_row_from_db(found) for found in cursor]
 
 
@@ -252,6 +308,7 @@ def _row_from_db(found: sqlite3.Row) -> LedgerRow:
     ended_at, actual_usd = found["ended_at"], found["actual_usd"]
     return LedgerRow(
         job_id=found["job_id"],
+        attempt=int(found["attempt"]),
         name=found["name"],
         provider=found["provider"],
         instance_id=found["instance_id"],

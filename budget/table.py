@@ -1,8 +1,10 @@
 """LedgerTable: the ledger as something to look at, in a notebook (HTML) or a terminal (aligned text).
 
-One class, two shapes sharing one renderer: a detail table (one line per job) and, after ``.by(key)``, a grouped
-table (key, jobs, actual, reserved). Both keep the underlying rows, so ``.since()`` and ``.by()`` chain in any
-order. Unknown costs are shown as "unknown" and counted apart; they are never summed as $0.
+One class, two shapes sharing one renderer: a detail table (one line per job, or per attempt of a job that was
+retried) and, after ``.by(key)``, a grouped table (key, jobs, actual, reserved). Both keep the underlying rows,
+so ``.since()`` and ``.by()`` chain in any order. Unknown costs are shown as "unknown" and counted apart; they
+are never summed as $0. Attempts are shown (an "attempt" column, an "attempts" count) only when some job has
+more than one; totals always sum every attempt.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ GROUP_KEYS: tuple[GroupKey, ...] = ("day", "provider", "gpu", "status")
 
 @dataclass(frozen=True, slots=True)
 class LedgerGroup:
-    """One line of a grouped table. ``actual`` sums the known costs; ``unknown`` counts jobs without one."""
+    """One line of a grouped table: ``jobs`` distinct jobs over ``attempts`` ledger rows. ``actual`` sums the
+    known costs; ``unknown`` counts rows without one."""
 
     key: str
     jobs: int
+    attempts: int
     actual: Decimal
     reserved: Decimal
     unknown: int
@@ -48,6 +52,7 @@ _RIGHT = ' style="text-align:right"'
 _DETAIL_COLUMNS = (
     _Column("started"),
     _Column("job"),
+    _Column("attempt", numeric=True),  # dropped when every row is a first attempt
     _Column("name"),
     _Column("provider"),
     _Column("gpu"),
@@ -88,6 +93,16 @@ class LedgerTable:
         return sum((row.actual_usd for row in self.rows if row.actual_usd is not None), Decimal(0))
 
     @property
+    def jobs(self) -> int:
+        """How many distinct jobs the rows are (a retried job has a row per attempt)."""
+        return len({row.job_id for row in self.rows})
+
+    @property
+    def retried(self) -> bool:
+        """Whether some row is a later attempt of its job: only then are attempts shown."""
+        return any(row.attempt > 1 for row in self.rows)
+
+    @property
     def unknown(self) -> int:
         """How many rows have an unknown cost."""
         return sum(1 for row in self.rows if row.actual_usd is None)
@@ -111,7 +126,14 @@ class LedgerTable:
     @staticmethod
     def _group(key: str, rows: list[LedgerRow]) -> LedgerGroup:
         part = LedgerTable(rows)
-        return LedgerGroup(key=key, jobs=len(rows), actual=part.total, reserved=part.reserved, unknown=part.unknown)
+        return LedgerGroup(
+            key=key,
+            jobs=part.jobs,
+            attempts=len(rows),
+            actual=part.total,
+            reserved=part.reserved,
+            unknown=part.unknown,
+        )
 
     def _key_function(self, key: GroupKey) -> Callable[[LedgerRow], str]:
         if key == "day":
@@ -141,8 +163,9 @@ class LedgerTable:
         if groups is None:
             names = [field.name for field in dataclasses.fields(LedgerRow)]
             return pandas.DataFrame([dataclasses.asdict(row) for row in self.rows], columns=names)
-        records = [(group.key, group.jobs, group.actual, group.reserved, group.unknown) for group in groups]
-        return pandas.DataFrame.from_records(records, columns=[self.group_by, "jobs", "actual", "reserved", "unknown"])
+        records = [dataclasses.astuple(group) for group in groups]
+        names = [str(self.group_by), *(field.name for field in dataclasses.fields(LedgerGroup)[1:])]  # "key" renamed
+        return pandas.DataFrame.from_records(records, columns=names)
 
     # --- rendering ---
 
@@ -186,16 +209,26 @@ class LedgerTable:
 
     def _grid(self) -> tuple[tuple[_Column, ...], list[list[str]], list[str]]:
         """Column specs, body cells and totals cells: everything both renderers need, as text."""
-        jobs = f"{len(self.rows)} job{'' if len(self.rows) == 1 else 's'}"
+        columns, body, totals = self._full_grid()
+        if self.retried:
+            return columns, body, totals
+        keep = [i for i, column in enumerate(columns) if column.title not in ("attempt", "attempts")]
+        return tuple(columns[i] for i in keep), [[line[i] for i in keep] for line in body], [totals[i] for i in keep]
+
+    def _full_grid(self) -> tuple[tuple[_Column, ...], list[list[str]], list[str]]:
+        """:meth:`_grid` with the attempt columns always there."""
+        jobs = f"{self.jobs} job{'' if self.jobs == 1 else 's'}"
+        attempts = f"{len(self.rows)} attempt{'' if len(self.rows) == 1 else 's'}"
         actual = _cost_text(self.total, self.unknown, len(self.rows))
         groups = self.groups
         if groups is None:
             body = [self._detail_cells(row) for row in self.rows]
-            totals = ["total", jobs, "", "", "", "", "", format_usd(self.reserved), actual, ""]
+            totals = ["total", jobs, attempts, "", "", "", "", "", format_usd(self.reserved), actual, ""]
             return _DETAIL_COLUMNS, body, totals
         columns = (
             _Column(str(self.group_by)),
             _Column("jobs", True),
+            _Column("attempts", True),
             _Column("actual", True),
             _Column("reserved", True),
         )
@@ -203,17 +236,19 @@ class LedgerTable:
             [
                 group.key,
                 str(group.jobs),
-                _cost_text(group.actual, group.unknown, group.jobs),
+                str(group.attempts),
+                _cost_text(group.actual, group.unknown, group.attempts),
                 format_usd(group.reserved),
             ]
             for group in groups
         ]
-        return columns, body, ["total", str(len(self.rows)), actual, format_usd(self.reserved)]
+        return columns, body, ["total", str(self.jobs), str(len(self.rows)), actual, format_usd(self.reserved)]
 
     def _detail_cells(self, row: LedgerRow) -> list[str]:
         return [
             row.started_at.astimezone(self.tz).strftime("%Y-%m-%d %H:%M"),
             row.job_id,
+            str(row.attempt),
             row.name or "",
             row.provider,
             row.gpu,
@@ -225,11 +260,11 @@ class LedgerTable:
         ]
 
 
-def _cost_text(known: Decimal, unknown: int, jobs: int) -> str:
-    """``$4.20``, ``$4.20 + 1 unknown``, or ``unknown`` when no job's cost is known."""
+def _cost_text(known: Decimal, unknown: int, rows: int) -> str:
+    """``$4.20``, ``$4.20 + 1 unknown``, or ``unknown`` when no row's cost is known."""
     if unknown == 0:
         return format_usd(known)
-    if unknown == jobs:
+    if unknown == rows:
         return "unknown"
     return f"{format_usd(known)} + {unknown} unknown"
 

@@ -210,6 +210,121 @@ def test_release_drops_the_reservation_without_a_row_and_is_idempotent(budget: B
     reserve(budget, "j2", "10")  # the money is free again
 
 
+# --- attempts (a job retried after a preemption) -----------------------------------------------------------
+
+
+def record_attempt(budget: Budget, job_id: str, attempt: int, actual: str | None, **changes: object) -> LedgerRow:
+    fields: dict[str, object] = {
+        "attempt": attempt,
+        "provider": "vast",
+        "instance_id": f"i-{job_id}-{attempt}",
+        "gpu": "RTX_4090",
+        "rate_usd_per_hour": Decimal("0.35"),
+        "started_at": WEDNESDAY,
+        "ended_at": WEDNESDAY + dt.timedelta(minutes=20),
+        "actual_usd": None if actual is None else Decimal(actual),
+        "status": "preempted",
+    }
+    fields.update(changes)
+    return budget.record_attempt(job_id, **fields)  # type: ignore[arg-type]
+
+
+def held(budget: Budget) -> dict[str, Decimal]:
+    return {reservation.job_id: reservation.amount for reservation in budget.open_reservations()}
+
+
+def test_a_lost_attempt_is_billed_on_its_own_row_and_leaves_the_rest_reserved(budget: Budget) -> None:
+    budget.set_cap("day", Decimal("20"))
+    reserve(budget, "j1", "10")
+
+    lost = record_attempt(budget, "j1", 1, "3", message="outbid")
+
+    assert (lost.attempt, lost.status, lost.actual_usd, lost.reserved_usd, lost.name) == (
+        1, "preempted", Decimal("3"), Decimal("3"), "sweep")
+    assert held(budget) == {"j1": Decimal("7")}
+    # Spent + still reserved is what the job reserved: nothing counted twice, the job's cap holds.
+    assert budget.snapshot(WEDNESDAY).day == CapUsage("day", Decimal("3"), Decimal("7"), Decimal("20"))
+
+    final = settle(budget, "j1", "4", attempt=2, started_at=WEDNESDAY + dt.timedelta(minutes=21))
+
+    assert (final.attempt, final.reserved_usd, final.actual_usd, final.status) == (
+        2, Decimal("7"), Decimal("4"), "completed")
+    assert budget.rows() == [lost, final] and held(budget) == {}
+    assert budget.snapshot(WEDNESDAY).day == CapUsage("day", Decimal("7"), Decimal(0), Decimal("20"))
+    table = budget.table()
+    assert (table.total, table.reserved, table.jobs) == (Decimal("7"), Decimal("10"), 1)
+
+
+def test_record_attempt_and_settle_are_idempotent_per_attempt(budget: Budget) -> None:
+    reserve(budget, "j1", "10")
+    first = record_attempt(budget, "j1", 1, "3")
+    # Recorded again (a retry of the write, knowing another cost): the first row stands, nothing lowered twice.
+    assert record_attempt(budget, "j1", 1, "5", status="boot-failed") == first
+    assert held(budget) == {"j1": Decimal("7")}
+    second = record_attempt(budget, "j1", 2, "2", status="boot-failed")
+    assert held(budget) == {"j1": Decimal("5")}
+
+    final = settle(budget, "j1", "1", attempt=3)
+    # The kernel and the reaper both settle the final attempt: the first one wins.
+    assert settle(budget, "j1", "9", attempt=3, status="cancelled") == final
+    assert budget.rows() == [first, second, final]
+    assert [r.reserved_usd for r in budget.rows()] == [Decimal("3"), Decimal("2"), Decimal("5")]
+    assert held(budget) == {}
+    with pytest.raises(ValueError, match="already settled"):
+        reserve(budget, "j1", "1")
+
+
+def test_an_attempt_dearer_than_the_reservation_lowers_it_to_zero_not_below(budget: Budget) -> None:
+    budget.set_cap("day", Decimal("20"))
+    reserve(budget, "j1", "5")
+
+    row = record_attempt(budget, "j1", 1, "8")
+
+    assert (row.actual_usd, row.reserved_usd) == (Decimal("8"), Decimal("5"))
+    assert held(budget) == {"j1": Decimal("0")}
+    assert budget.snapshot(WEDNESDAY).day.used == Decimal("8")  # what it really cost, never less
+
+
+def test_an_attempt_of_unknown_cost_keeps_the_reservation_and_the_job_counts_all_of_it(budget: Budget) -> None:
+    budget.set_cap("day", Decimal("20"))
+    reserve(budget, "j1", "10")
+
+    row = record_attempt(budget, "j1", 1, None, ended_at=None)
+
+    assert (row.actual_usd, row.reserved_usd) == (None, Decimal(0))
+    assert held(budget) == {"j1": Decimal("10")}
+    assert budget.snapshot(WEDNESDAY).day.used == Decimal("10")
+    settle(budget, "j1", "2", attempt=2)
+    # Not $2: the lost attempt may have cost anything up to what the job was allowed.
+    assert budget.snapshot(WEDNESDAY).day == CapUsage("day", Decimal("10"), Decimal(0), Decimal("20"))
+
+
+def test_reserve_refuses_a_job_id_with_only_a_lost_attempt(budget: Budget) -> None:
+    reserve(budget, "j1", "10")
+    record_attempt(budget, "j1", 1, "3")
+    budget.release("j1")  # no instance found for a retry: nothing more was rented
+    with pytest.raises(ValueError, match="already settled"):
+        reserve(budget, "j1", "1")
+
+
+def test_settle_drops_the_reservation_even_when_its_attempt_is_already_recorded(budget: Budget) -> None:
+    reserve(budget, "j1", "10")
+    lost = record_attempt(budget, "j1", 1, "3")
+    # A reaper whose handoff still names attempt 1: the job is over, so nothing may stay held for it.
+    assert settle(budget, "j1", "4", attempt=1, status="cancelled") == lost
+    assert held(budget) == {}
+
+
+@pytest.mark.parametrize("attempt", [0, -1, True, "2"])
+def test_attempt_numbers_are_ints_from_one(budget: Budget, attempt: object) -> None:
+    reserve(budget, "j1", "10")
+    with pytest.raises(ValueError, match="attempt"):
+        record_attempt(budget, "j1", attempt, "1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="attempt"):
+        settle(budget, "j1", "1", attempt=attempt)
+    assert budget.rows() == [] and held(budget) == {"j1": Decimal("10")}
+
+
 def test_sums_are_exact_decimals(budget: Budget, tmp_path: Path) -> None:
     budget.set_cap("day", Decimal("0.3"))
     reserve(budget, "a", "0.1")

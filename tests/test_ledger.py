@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from burst_jupyter.budget import Budget, LedgerRow, LedgerTable, format_usd
-from burst_jupyter.budget.ledger import SCHEMA_VERSION
+from burst_jupyter.budget import Budget, LedgerGroup, LedgerRow, LedgerTable, format_usd
+from burst_jupyter.budget.ledger import _MIGRATIONS, SCHEMA_VERSION
 from burst_jupyter.errors import BurstError
 
 UTC = dt.timezone.utc
@@ -141,6 +141,78 @@ def test_a_file_from_a_newer_release_is_refused(path: Path, raw: sqlite3.Connect
     raw.execute("UPDATE budget_schema_version SET version = ?", (SCHEMA_VERSION + 1,))
     with pytest.raises(BurstError, match="upgrade burst-jupyter"):
         Budget(path)
+
+
+def v1_file(path: Path) -> None:
+    """A file as a release with budget schema 1 left it (one row per job): migration 1 as it ever was, and data."""
+    [statements] = [statements for version, statements in _MIGRATIONS if version == 1]
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute(
+            "CREATE TABLE budget_schema_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
+        )
+        conn.execute("INSERT INTO budget_schema_version VALUES (1, 1)")
+        for job_id, actual, hour in (("old-2", None, "11"), ("old-1", "4.20", "10")):
+            conn.execute(
+                "INSERT INTO ledger_rows (job_id, name, provider, instance_id, gpu, rate_usd_per_hour, started_at,"
+                " ended_at, reserved_usd, actual_usd, status, message, recorded_at)"
+                " VALUES (?, 'sweep', 'vast', '42', 'RTX_4090', '0.35', ?, NULL, '5', ?, 'completed', NULL, ?)",
+                (job_id, f"2024-03-13T{hour}:00:00.000000+00:00", actual, f"2024-03-13T{hour}:30:00.000000+00:00"),
+            )
+        conn.execute(
+            "INSERT INTO budget_reservations VALUES ('running', NULL, 'vast', 'H100', '7.5',"
+            " '2024-03-13T12:00:00.000000+00:00')"
+        )
+        conn.execute("INSERT INTO budget_caps VALUES ('day', '20')")
+
+
+def test_a_v1_file_upgrades_in_place_keeping_rows_reservations_and_caps(path: Path) -> None:
+    v1_file(path)
+
+    with Budget(path) as budget:
+        old = budget.rows()
+        assert [(r.job_id, r.attempt, r.actual_usd, r.reserved_usd) for r in old] == [
+            ("old-1", 1, Decimal("4.20"), Decimal("5")),
+            ("old-2", 1, None, Decimal("5")),
+        ]
+        assert old[0].started_at == START and old[0].recorded_at == START + dt.timedelta(minutes=30)
+        assert [(r.job_id, r.amount) for r in budget.open_reservations()] == [("running", Decimal("7.5"))]
+        assert budget.caps() == {"day": Decimal("20"), "week": None}
+        # The new shape: one row per (job, attempt).
+        budget.record_attempt(
+            "running", attempt=1, provider="vast", instance_id="43", gpu="H100", rate_usd_per_hour=Decimal("2"),
+            started_at=START, ended_at=START, actual_usd=Decimal("0.5"), status="preempted",
+        )
+        final = budget.settle(
+            "running", attempt=2, provider="vast", instance_id="44", gpu="H100", rate_usd_per_hour=Decimal("2"),
+            started_at=START, ended_at=START, actual_usd=Decimal("1"), status="completed",
+        )
+        assert (final.reserved_usd, budget.open_reservations()) == (Decimal("7.0"), [])
+
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
+        assert raw.execute("SELECT version FROM budget_schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        # Rowids kept, and the sequence goes on after them: insertion order survives the rebuild.
+        assert raw.execute("SELECT job_id, attempt FROM ledger_rows ORDER BY seq").fetchall() == [
+            ("old-2", 1), ("old-1", 1), ("running", 1), ("running", 2)]
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            raw.execute(
+                "INSERT INTO ledger_rows (job_id, attempt, provider, gpu, rate_usd_per_hour, started_at,"
+                " reserved_usd, status, recorded_at) VALUES ('running', 2, 'vast', '', '0', '', '0', 'x', '')"
+            )
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            raw.execute("UPDATE ledger_rows SET actual_usd = '0'")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            raw.execute("DELETE FROM ledger_rows")
+        schema = dict(raw.execute("SELECT name, type FROM sqlite_master WHERE tbl_name LIKE 'ledger_rows%'"))
+    assert schema == {
+        "ledger_rows": "table",
+        "ledger_rows_started_at": "index",
+        "ledger_rows_no_update": "trigger",
+        "ledger_rows_no_delete": "trigger",
+        "sqlite_autoindex_ledger_rows_1": "index",  # UNIQUE (job_id, attempt)
+    }
 
 
 # --- money formatting ------------------------------------------------------------------------------------
@@ -284,6 +356,50 @@ def test_budget_table_holds_all_rows(path: Path) -> None:
     assert (table.total, table.unknown) == (Decimal("3.30"), 1)
 
 
+def retried() -> LedgerTable:
+    """Job "a" lost its first instance and finished on a second; "b" ran once."""
+    return LedgerTable(
+        [
+            row("a", "0.40", status="preempted", reserved_usd=Decimal("0.40")),
+            row("a", "1.10", attempt=2, started_at=START + dt.timedelta(hours=1), reserved_usd=Decimal("0.60")),
+            row("b<i>", None, provider="runpod", started_at=START + dt.timedelta(hours=2)),
+        ],
+        tz=UTC,
+    )
+
+
+def test_a_retried_job_shows_each_attempt_and_the_totals_sum_them_all() -> None:
+    table = retried()
+    lines = repr(table).splitlines()
+
+    assert lines[0].split()[:4] == ["started", "job", "attempt", "name"]
+    assert [line.split()[2:5] for line in lines[2:5]] == [["a", "1", "sweep"], ["a", "2", "sweep"],
+                                                          ["b<i>", "1", "sweep"]]
+    assert lines[2].split()[-1] == "preempted"
+    assert lines[-1].split() == ["total", "2", "jobs", "3", "attempts", "$2.00", "$1.50", "+", "1", "unknown"]
+    assert (table.total, table.reserved, table.jobs, table.unknown) == (Decimal("1.50"), Decimal("2"), 2, 1)
+    page = table._repr_html_()
+    assert '<th style="text-align:right">attempt</th>' in page and "3 attempts" in page
+    assert "b&lt;i&gt;" in page and "b<i>" not in page
+
+
+def test_a_retried_job_counts_once_per_group_with_its_attempts() -> None:
+    by_provider = retried().by("provider")
+    assert by_provider.groups == [
+        LedgerGroup("runpod", jobs=1, attempts=1, actual=Decimal(0), reserved=Decimal("1"), unknown=1),
+        LedgerGroup("vast", jobs=1, attempts=2, actual=Decimal("1.50"), reserved=Decimal("1.00"), unknown=0),
+    ]
+    lines = repr(by_provider).splitlines()
+    assert lines[0].split() == ["provider", "jobs", "attempts", "actual", "reserved"]
+    assert lines[-1].split() == ["total", "2", "3", "$1.50", "+", "1", "unknown", "$2.00"]
+    by_status = retried().by("status").groups
+    assert by_status is not None
+    assert [(g.key, g.jobs, g.attempts, g.actual) for g in by_status] == [
+        ("completed", 2, 2, Decimal("1.10")),
+        ("preempted", 1, 1, Decimal("0.40")),  # what the lost instances cost
+    ]
+
+
 def test_to_pandas_without_pandas_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` raises ImportError, installed or not
     with pytest.raises(ImportError, match="pip install pandas"):
@@ -295,6 +411,9 @@ def test_to_pandas_keeps_decimals() -> None:
     frame = sample().to_pandas()
     assert list(frame["job_id"]) == ["a", "b", "c"]
     assert frame["actual_usd"][0] == Decimal("1.10")
+    assert list(frame["attempt"]) == [1, 1, 1]
     grouped = sample().by("provider").to_pandas()
-    assert list(grouped.columns) == ["provider", "jobs", "actual", "reserved", "unknown"]
+    assert list(grouped.columns) == ["provider", "jobs", "attempts", "actual", "reserved", "unknown"]
     assert list(grouped["jobs"]) == [1, 2]
+    assert list(retried().to_pandas()["attempt"]) == [1, 2, 1]
+    assert list(retried().by("provider").to_pandas()[["jobs", "attempts"]].itertuples(index=False)) == [(1, 1), (1, 2)]
