@@ -19,12 +19,14 @@ __all__ = [
     "JobCancelled",
     "NoCapacity",
     "OfferGone",
+    "Preempted",
     "ProviderError",
     "ProvisioningFailed",
     "RateLimited",
     "RemoteError",
     "RemoteSetupError",
     "SyncError",
+    "UnsafeResults",
     "VariableError",
 ]
 
@@ -82,6 +84,10 @@ class HostKeyError(ProviderError):
     """A host key is unknown (and trust-on-first-use is off) or has changed."""
 
 
+class Preempted(ProviderError):
+    """The provider took the instance mid-run: a spot bid outbid or paused, a spot pod reclaimed, a host gone."""
+
+
 class ProvisioningFailed(ProviderError):
     """An instance was created but never became usable."""
 
@@ -92,6 +98,10 @@ class RemoteSetupError(ProviderError):
 
 class SyncError(BurstError):
     """Files or variables could not be moved between the notebook and the instance."""
+
+
+class UnsafeResults(SyncError):
+    """The instance sent a result that would land outside its destination; fetching it again changes nothing."""
 
 
 class BudgetKilled(BurstError):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from .errors import ConfigError, SyncError
+from .errors import ConfigError, SyncError, UnsafeResults
 from .ignore import iter_entries
 from .spec import Mount
 
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from .sinks import ResultSink
 
 __all__ = ["MountPlan", "Received", "plan_mounts", "receive_results", "write_bundle"]
+
+_VALUES = "values.out.pkl"  # the pulled variables, beside m/<i>/ in the results tar (agent.results_main)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,36 +130,140 @@ class Received:
 
 def receive_results(stream: IO[bytes], plans: list[MountPlan], *, sink: ResultSink | None = None) -> Received:
     """Unpack the agent's results tar: rw-mount changes into their local folders, and each file, as it lands,
-    into ``sink`` as ``<mount name>/<path>``. A sink failure never costs a local file: it becomes ``sink_note``."""
-    by_index = {str(p.index): p for p in plans if p.rw}
+    into ``sink`` as ``<mount name>/<path>``. A sink failure never costs a local file: it becomes ``sink_note``.
+
+    The instance is not trusted (whoever owns a rented machine can write anything there). A member must be
+    ``values.out.pkl`` or ``m/<i>/<path>`` of an rw mount, and a file, folder, symlink or hardlink that lands inside
+    that mount's folder. Anything else (``..``, an absolute name, a link pointing out, a path leading out through a
+    link, a device file or FIFO, any other name) is written nowhere: the rest of the transfer still lands,
+    then one :class:`SyncError` names what was refused.
+    """
+    mounts = {str(p.index): p for p in plans if p.rw}
     got = Received()
     feed = _SinkFeed(sink, got) if sink is not None else None
+    refused: list[str] = []
+    links: list[tuple[Path, Path, str]] = []  # (mount root, symlink made, member name)
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
-                if member.name == "values.out.pkl":
-                    f = tar.extractfile(member)
-                    got.values_blob = f.read() if f else None
-                    continue
-                parts = member.name.split("/")
-                if len(parts) < 3 or parts[0] != "m" or parts[1] not in by_index:
-                    got.notes.append(f"unexpected entry in results: {member.name}")
-                    continue
-                plan = by_index[parts[1]]
-                rel = "/".join(parts[2:])
-                root = plan.local.parent if plan.is_file else plan.local
-                if plan.is_file and rel != plan.local.name:
-                    continue
-                note = _place(tar, member, root, rel, got)
-                if note:
-                    got.notes.append(note)
-                elif feed is not None and member.isfile():
-                    feed.put(f"{_sink_name(plan)}/{rel}", root / rel)
+                try:
+                    _receive(tar, member, mounts, got, feed, links)
+                except _Refused as exc:
+                    refused.append(str(exc))
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise SyncError(f"results transfer broke off: {exc}") from exc
+    # Each link pointed inside when it was made, but a later member may have re-pointed a link it goes through
+    # (b -> sub/deeper, a -> b/.., then b -> .): look again now that every member is in place.
+    for root, link, name in links:
+        if link.is_symlink() and not _inside(root, Path(os.path.realpath(link))):
+            refused.append(f"{name!r} -> {os.readlink(link)!r}: a link that ends up pointing outside its mount")
+            link.unlink()
+            got.files = [f for f in got.files if f != link]
     if feed is not None:
         feed.finish()
+    if refused:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise UnsafeResults(f"refused a result from the instance: {refused[0]}{more}; nothing was written outside "
+                        "the rw mounts")
     return got
+
+
+class _Refused(Exception):
+    """A results member that must not be written; the message names it."""
+
+
+def _receive(tar: tarfile.TarFile, member: tarfile.TarInfo, mounts: Mapping[str, MountPlan], got: Received,
+             feed: _SinkFeed | None, links: list[tuple[Path, Path, str]]) -> None:
+    name = member.name
+    if name == _VALUES:
+        if not member.isfile():
+            raise _Refused(f"{name!r}: not a regular file")
+        f = tar.extractfile(member)
+        got.values_blob = f.read() if f else None
+        return
+    plan, root, dest, rel = _landing(name, mounts)
+    note: str | None = None
+    if plan.is_file and (dest != plan.local or not member.isfile()):
+        raise _Refused(f"{name!r}: a file mount takes back only its one file")
+    if member.issym():
+        _make_link(member, root, dest, got)
+        links.append((root, dest, name))
+        return
+    if member.isdir():
+        if dest.is_dir():
+            return  # already there (or a link to a folder inside the mount)
+        if dest.exists() or dest.is_symlink():
+            got.notes.append(f"skipped {name!r}: a file of that name exists locally")
+        else:
+            dest.mkdir(parents=True)
+        return
+    if member.islnk():
+        # Names an earlier member of this archive: it lands as a copy of the file that member wrote.
+        try:
+            source: Path | None = _landing(member.linkname, mounts)[2]
+        except _Refused:
+            source = None
+        if source is None or source not in got.files or source.is_symlink() or not source.is_file():
+            raise _Refused(f"{name!r}: a hardlink to {member.linkname!r}, which is no file of these results")
+        with source.open("rb") as copy:
+            note = _write(dest, copy, member, got)
+    elif member.isfile():
+        data = tar.extractfile(member)
+        if data is None:
+            return
+        note = _write(dest, data, member, got)
+    else:
+        raise _Refused(f"{name!r}: not a regular file, folder or link")
+    if note is not None:
+        got.notes.append(note)
+    elif feed is not None:
+        feed.put(f"{_sink_name(plan)}/{rel}", dest)
+
+
+def _landing(name: str, mounts: Mapping[str, MountPlan]) -> tuple[MountPlan, Path, Path, str]:
+    """(mount, its real local root, the local path, the clean relative path) for ``m/<i>/<path>``, else
+    :class:`_Refused`. The local path is the real parent folder plus the last name: a local link on the way is
+    followed here, once, and must keep the path inside the mount; the last name is replaced, never followed."""
+    if name.startswith("/"):
+        raise _Refused(f"{name!r}: an absolute path")
+    parts = name.split("/")
+    rel = [part for part in parts[2:] if part not in ("", ".")]
+    if parts[0] != "m" or len(parts) < 3 or parts[1] not in mounts or not rel:
+        raise _Refused(f"{name!r}: not a path in an rw mount")
+    if ".." in rel:
+        raise _Refused(f"{name!r}: a path that escapes its mount")
+    plan = mounts[parts[1]]
+    root = Path(os.path.realpath(plan.local.parent if plan.is_file else plan.local))
+    parent = Path(os.path.realpath(root.joinpath(*rel[:-1])))
+    if not _inside(root, parent):
+        raise _Refused(f"{name!r}: its folder leads outside its mount through a link")
+    return plan, root, parent / rel[-1], "/".join(rel)
+
+
+def _make_link(member: tarfile.TarInfo, root: Path, dest: Path, got: Received) -> None:
+    target = Path(os.path.realpath(dest.parent / member.linkname))
+    if os.path.isabs(member.linkname) or not _inside(root, target):
+        raise _Refused(f"{member.name!r} -> {member.linkname!r}: a link pointing outside its mount")
+    if dest.is_dir() and not dest.is_symlink():
+        got.notes.append(f"skipped {member.name!r}: a folder of that name exists locally")
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)
+    os.symlink(member.linkname, dest)
+    got.files.append(dest)
+
+
+def _write(dest: Path, content: IO[bytes], member: tarfile.TarInfo, got: Received) -> str | None:
+    """``content`` as the file at ``dest``, replacing a file or link there in one rename; a note when skipped."""
+    if dest.is_dir() and not dest.is_symlink():
+        return f"skipped {member.name!r}: a folder of that name exists locally"
+    with replace_atomically(dest) as tmp:
+        with open(tmp, "wb") as out:
+            shutil.copyfileobj(content, out, 1 << 20)
+        os.chmod(tmp, member.mode & 0o777 or 0o644)  # never setuid/setgid/sticky bits from the instance
+        os.utime(tmp, (member.mtime, member.mtime))
+    got.files.append(dest)
+    return None
 
 
 class _SinkFeed:
@@ -194,43 +300,6 @@ def _sink_name(plan: MountPlan) -> str:
 
 def _inside(root: Path, path: Path) -> bool:
     return path == root or root in path.parents
-
-
-def _place(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, rel: str, got: Received) -> str | None:
-    """Write one member under root. Refuses anything that would land outside it."""
-    if rel.startswith("/") or ".." in rel.split("/"):
-        return f"refused {rel!r}: path escapes its mount"
-    root = root.resolve()
-    dest = root / rel
-    if not _inside(root, dest.parent.resolve() if dest.parent.exists() else dest.parent):
-        return f"refused {rel!r}: path escapes its mount"
-    if member.isdir():
-        dest.mkdir(parents=True, exist_ok=True)
-        return None
-    if member.issym():
-        target = (dest.parent / member.linkname).resolve()
-        if os.path.isabs(member.linkname) or not _inside(root, target):
-            return f"refused link {rel!r} -> {member.linkname!r}: it points outside its mount"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.is_symlink() or dest.exists():
-            dest.unlink()
-        os.symlink(member.linkname, dest)
-        got.files.append(dest)
-        return None
-    if not member.isfile():
-        return f"skipped {rel!r}: not a regular file"
-    src = tar.extractfile(member)
-    if src is None:
-        return None
-    if dest.is_dir() and not dest.is_symlink():
-        return f"skipped {rel!r}: a folder of that name exists locally"
-    with replace_atomically(dest) as tmp:
-        with open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
-        os.chmod(tmp, member.mode & 0o777 or 0o644)
-        os.utime(tmp, (member.mtime, member.mtime))
-    got.files.append(dest)
-    return None
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 A pytest plugin (``pytest_plugins = ("marketplaces",)``) with the fixture ``markets``: FakeVast, FakeRunPod and
 FakeThunder each serve on 127.0.0.1; VAST_API_KEY/VAST_URL, RUNPOD_API_KEY/RUNPOD_API_BASE_URL and
-TNR_API_TOKEN/TNR_API_URL point at them (the variables each provider's own CLI reads), and the user config file
+TNR_API_TOKEN/TNR_API_URL point at them (the variables each provider's own CLI reads; a test module chooses the
+keys by overriding the fixture ``market_keys``, e.g. with canaries to hunt for), and the user config file
 says to log in as the test's user (the fakes' machines are sshd processes run by this user, who may not be
 root or ubuntu). Every instance is a real sshd that boots after ``switches.boot_delay``.
 
@@ -24,7 +25,7 @@ from fakes.runpod import FakeRunPod
 from fakes.thunder import FakeThunder
 from fakes.vast import FakeVast
 
-__all__ = ["Markets", "markets"]
+__all__ = ["Markets", "market_keys", "markets"]
 
 _ENV = {"vast": ("VAST_API_KEY", "VAST_URL"), "runpod": ("RUNPOD_API_KEY", "RUNPOD_API_BASE_URL"),
         "thunder": ("TNR_API_TOKEN", "TNR_API_URL")}
@@ -56,9 +57,17 @@ class Markets:
 
 
 @pytest.fixture
-def markets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Markets]:
+def market_keys() -> dict[str, str]:
+    """The API key each fake accepts, by provider name; a provider left out keeps the fakes' default."""
+    return {}
+
+
+@pytest.fixture
+def markets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, market_keys: dict[str, str]) -> Iterator[Markets]:
     clouds = Markets(FakeVast(tmp_path / "clouds"), FakeRunPod(tmp_path / "clouds"), FakeThunder(tmp_path / "clouds"),
                      tmp_path / "user-config.toml")
+    for name, key in market_keys.items():
+        clouds.all[name].api_key = key
     user = getpass.getuser()
     clouds.config.write_text("".join(f'[{name}]\nssh-user = "{user}"\n' for name in _ENV))
     monkeypatch.setenv("BURST_CONFIG", str(clouds.config))

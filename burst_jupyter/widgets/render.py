@@ -32,8 +32,9 @@ _BAR_COLOURS = {"": "#2196f3", "success": "#4caf50", "info": "#00bcd4", "warning
 _WARN_FRACTION = 0.8
 
 _CENT = Decimal("0.01")
-# CSI sequences (colours, cursor moves) first, so a coloured line keeps its text, then any other control byte.
-_ANSI_CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+# CSI sequences (colours, cursor moves) and OSC strings (window titles, hyperlinks) first, so a coloured line
+# keeps its text and a link its label, then any other control byte.
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
@@ -54,7 +55,7 @@ def clean_text(text: str) -> str:
     Remote output is untrusted: an escape sequence could rewrite the user's terminal, so it is dropped before
     any view shows it. HTML escaping is separate and happens where HTML is built.
     """
-    return _CONTROL.sub("", _ANSI_CSI.sub("", text))
+    return _CONTROL.sub("", _ANSI.sub("", text))
 
 
 def bar_style(fraction: float | None) -> str:
