@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .budget import LedgerTable
     from .job import Job, JobResult
     from .offer_book import ProvidersStatus
-    from .reaper import Outcome
+    from .reconcile import Report
     from .widgets import BudgetBars
     from .widgets.offer_browser import OfferBrowser
 
@@ -120,16 +120,17 @@ def orphans() -> list[str]:
     return [o.job_id for o in Session.current().state.orphans()]
 
 
-def cleanup(*, dry_run: bool = False) -> list[Outcome] | list[str]:
-    """End what kernels that are gone left behind: sync back, terminate, settle. ``dry_run`` only lists."""
-    from .reaper import reap
+def cleanup(*, dry_run: bool = False) -> Report:
+    """End what no live job owns: jobs of kernels that are gone (synced back, terminated, settled) and instances
+    every configured marketplace lists with this install's tag that no live job knows (terminated, billed as
+    "leaked" in the ledger). Returns the report, a table: provider, instance, job, $/h, up for, cost, result.
+    ``dry_run`` lists what would be ended, with its cost so far, and ends nothing.
 
-    session = Session.current()
-    leftovers = session.state.orphans()
-    if dry_run:
-        return [o.job_id for o in leftovers]
-    return reap(leftovers, state=session.state, budget=session.budget, connections=session.connections,
-                home=session.home, reason="burst cleanup")
+    What the reconciliation at load (or while jobs ran) did and nobody has seen yet is printed first.
+    """
+    from .reconcile import run_in_session
+
+    return run_in_session(Session.current(), dry_run=dry_run)
 
 
 def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float | str | None = None,

@@ -12,9 +12,10 @@
     burst providers status
     burst offers --gpu RTX_4090 --max-price 0.5 [--sort price|gpu_price|memory|reliability] [--refresh]
     burst ledger [--by day|provider|gpu|status]
-    burst cleanup [--dry-run]
+    burst cleanup [--dry-run]        end what no live job owns (dry run: list it, with $/h and cost so far)
 
-Exit status: 0 success, 1 the job failed (or was stopped), 2 bad input, 130 interrupted.
+Exit status: 0 success, 1 the job failed (or was stopped; for cleanup: a provider could not be asked or an
+instance could not be ended), 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-new-host", action="store_true", default=None)
     s.add_argument("--python", metavar="PATH")
     s.add_argument("--lease", type=int, metavar="SECONDS", help="stop the job if this process is silent this long")
+    s.add_argument("--retries", type=int, metavar="N", help="after a preemption, relaunch on the next offer N times")
+    s.add_argument("--sync-every", type=int, metavar="SECONDS", help="bring rw mounts back this often while running")
     s.add_argument("--sink", metavar="URL", help="also store rw results in URL/<job id>/ (folder, s3://, r2://)")
     s.add_argument("--dry-run", action="store_true", help="show the offer and the worst case; rent nothing")
     s.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS",
@@ -109,8 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     led = sub.add_parser("ledger", help="what every job cost")
     led.add_argument("--by", choices=["day", "provider", "gpu", "status"])
 
-    c = sub.add_parser("cleanup", help="end instances left by kernels that are gone")
-    c.add_argument("--dry-run", action="store_true")
+    c = sub.add_parser("cleanup", help="end what no live job owns: jobs of processes that are gone (synced back, "
+                       "settled) and instances a marketplace lists with this install's tag that no job knows")
+    c.add_argument("--dry-run", action="store_true", help="list them with their $/h and cost so far; end nothing")
     return p
 
 
@@ -156,7 +160,8 @@ def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
              "max_duration_minutes": args.max_duration, "spot": args.spot, "min_reliability": args.min_reliability,
              "offer": args.offer, "provision_timeout_seconds": args.provision_timeout,
              "remote_python": args.python, "ssh_trust_on_first_use": args.trust_new_host,
-             "lease_seconds": args.lease, "result_sink": args.sink, "mount_local": args.mount or None,
+             "lease_seconds": args.lease, "retries": args.retries, "sync_every_seconds": args.sync_every,
+             "result_sink": args.sink, "mount_local": args.mount or None,
              "ssh_hosts": [h.strip() for h in args.host.split(",") if h.strip()] if args.host else None}
     fields.update({key: value for key, value in plain.items() if value is not None})
     return fields
@@ -191,12 +196,24 @@ def _submit(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True)
 class _Record:
-    """What this machine knows of one job: its state row, its event log and its ledger row (each may be absent)."""
+    """What this machine knows of one job: its state row, its event log and its ledger rows, one per attempt (each
+    may be absent)."""
 
     job_id: str
     owned: OwnedInstance | None
     events: list[JobEvent]
-    ledger: LedgerRow | None
+    attempts: list[LedgerRow]  # oldest attempt first
+
+    @property
+    def ledger(self) -> LedgerRow | None:
+        """The last attempt's row: how the job ended."""
+        return self.attempts[-1] if self.attempts else None
+
+    @property
+    def billed(self) -> Decimal | None:
+        """What every attempt cost together; None when any cost is unknown."""
+        costs = [r.actual_usd for r in self.attempts]
+        return None if not costs or None in costs else sum((c for c in costs if c is not None), Decimal(0))
 
     @property
     def final(self) -> JobEvent | None:
@@ -256,8 +273,8 @@ def _find(session: Session, job_id: str) -> _Record:
     owned = session.state.get(job_id) if valid_job_id(job_id) else None
     events = read_events(job_id, session.home)
     rows = session.budget.rows()
-    ledger = next((r for r in rows if r.job_id == job_id), None)
-    if owned is None and events is None and ledger is None:
+    attempts = sorted((r for r in rows if r.job_id == job_id), key=lambda r: r.attempt)
+    if owned is None and events is None and not attempts:
         import difflib
 
         known = dict.fromkeys([*known_job_ids(session.home), *(o.job_id for o in session.state.live()),
@@ -266,7 +283,7 @@ def _find(session: Session, job_id: str) -> _Record:
         hint = (f"; did you mean {' or '.join(close)}?" if close
                 else " (burst list shows the running jobs, burst ledger the finished ones)")
         raise ConfigError(f"no job {job_id!r}{hint}")
-    return _Record(job_id, owned, events or [], ledger)
+    return _Record(job_id, owned, events or [], attempts)
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -297,9 +314,9 @@ def _show(args: argparse.Namespace) -> int:
     if final is not None and final.total_cost_usd is not None:
         cost = f"{format_usd(final.total_cost_usd)} in all"
     elif led is not None and not rec.live:
-        cost = f"{format_usd(led.actual_usd)} in all"
+        cost = f"{format_usd(rec.billed)} in all"
     elif rec.live and rate is not None and h.get("launched_at"):
-        # As the reaper counts it: from the first create request, at the last known rate (never under).
+        # As the reaper counts it: from this attempt's create request, at the last known rate (never under).
         launched = dt.datetime.fromisoformat(h["launched_at"])
         so_far = cost_of(rate, (dt.datetime.now(dt.timezone.utc) - launched).total_seconds())
         cost = f"about {format_usd(so_far)} so far"
@@ -325,7 +342,7 @@ def _show(args: argparse.Namespace) -> int:
     _print_output(rec.events, args.lines)
     if led is not None:
         print("ledger:")
-        print(repr(LedgerTable([led])))
+        print(repr(LedgerTable(rec.attempts)))
     return 0
 
 
@@ -361,8 +378,8 @@ def _kill(args: argparse.Namespace) -> int:
         if o is not None and rec.live and o.orphaned:
             return _reap(session, o)
         if rec.ended:
-            final, ledger = rec.final, rec.ledger
-            total = final.total_cost_usd if final is not None else (ledger.actual_usd if ledger else None)
+            final = rec.final
+            total = final.total_cost_usd if final is not None else rec.billed
             print(f"job {rec.job_id} ended: {rec.status()}, {format_usd(total)} in all"
                   + (" (synced back, terminated, settled)" if rec.status() == "cancelled" else ""))
             return 0
@@ -484,15 +501,9 @@ def _run(args: argparse.Namespace) -> int:
         print(repr(table.by(args.by) if args.by else table))
         return 0
     if args.cmd == "cleanup":
-        outcome = api.cleanup(dry_run=args.dry_run)
-        if args.dry_run:
-            print("\n".join(map(str, outcome)) or "nothing to clean up")
-        else:
-            for line in outcome:
-                print(line)
-            if not outcome:
-                print("nothing to clean up")
-        return 0
+        report = api.cleanup(dry_run=args.dry_run)
+        print(report)
+        return 0 if report.ok else 1
     raise AssertionError(args.cmd)
 
 

@@ -87,6 +87,9 @@ class Settings(BaseModel):
     offer_ttl_seconds: float = Field(default=30.0, ge=0, description="How long searched offers are reused.")
     provision_timeout_seconds: float = Field(
         default=900.0, gt=0, description="One limit on boot, image pull and SSH readiness of a rented instance.")
+    reconcile_interval_seconds: float = Field(
+        default=300.0, gt=0, description="While jobs run, how often instances no live job owns are looked for "
+        "at the providers and ended.")
     vast: AccountSettings | None = Field(default=None, description="Vast.ai account ([vast] table).")
     runpod: AccountSettings | None = Field(default=None, description="RunPod account ([runpod] table).")
     thunder: AccountSettings | None = Field(default=None, description="Thunder Compute account ([thunder] table).")

@@ -1,6 +1,8 @@
-"""``%load_ext burst_jupyter``: register the magics, install the exit hooks, report leftovers of dead kernels.
+"""``%load_ext burst_jupyter``: register the magics, install the exit hooks, report leftovers of dead kernels, and
+start reconciliation (reconcile.py) in a background thread.
 
-Kept light: IPython is already loaded; the session (SQLite), paramiko, ipywidgets and boto3 load when used.
+Kept light: IPython is already loaded; the session (SQLite), paramiko, ipywidgets and boto3 load when used, and
+the providers in the background thread.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ def load_ipython_extension(shell: Any) -> None:
     hooks = ExitHooks(_live_session)
     hooks.install()
     _state.update(magics=magics, hooks=hooks)
-    _report_leftovers()
+    if _report_leftovers():
+        from .reconcile import start_background
+
+        start_background()
 
 
 def _live_session() -> Session | None:
@@ -35,16 +40,21 @@ def _live_session() -> Session | None:
     return None if module is None else module.Session._current
 
 
-def _report_leftovers() -> None:
+def _report_leftovers() -> bool:
     """Say what is wrong before the first cell: a bad [tool.burst] or user config, and what kernels that are gone
-    left running. Reads only the config files and the state store (no session, no jobs machinery)."""
+    left running. Reads only the config files, the environment and the state store (no session, no jobs
+    machinery, no network). Returns whether reconciliation has anything to ask: a marketplace account,
+    leftovers, or local job folders."""
     from .config import load_settings
     from .errors import ConfigError
-    from .paths import db_path
+    from .paths import burst_home, db_path
+    from .providers.accounts import accounts
+    from .reconcile import has_local_jobs
     from .state import StateStore
 
+    markets = False
     try:
-        load_settings()
+        markets = bool(accounts(load_settings()))
     except ConfigError as exc:
         print(f"burst: {exc}")
     try:
@@ -55,12 +65,13 @@ def _report_leftovers() -> None:
             store.close()
     except Exception as exc:  # a broken state file must not stop the extension from loading
         print(f"burst: could not read the state store: {exc}")
-        return
+        return False
     if leftovers:
         listed = ", ".join(f"{o.provider} {o.instance_id or o.job_id}" for o in leftovers[:5])
         more = f" and {len(leftovers) - 5} more" if len(leftovers) > 5 else ""
-        print(f"burst: {len(leftovers)} instance(s) left by a kernel that is gone: {listed}{more}. "
-              f"`%burst cleanup` syncs them back and ends them.")
+        print(f"burst: {len(leftovers)} instance(s) left by a kernel that is gone: {listed}{more}. They are being "
+              f"synced back and ended in the background; `%burst cleanup` shows what was done.")
+    return markets or bool(leftovers) or has_local_jobs(burst_home())
 
 
 def unload_ipython_extension(shell: Any) -> None:

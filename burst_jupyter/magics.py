@@ -17,6 +17,7 @@ from traitlets import Bool, Float, Int, Unicode, Union
 from traitlets import List as ListTrait
 
 from .errors import BurstError, ConfigError, RemoteError
+from .reconcile import announce
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
@@ -99,6 +100,9 @@ class BurstMagics(Magics):
     @argument("--image", metavar="IMAGE", help="Container image (marketplace providers only).")
     @argument("--python", metavar="PATH", help="Python on the instance (default python3; local: this kernel's).")
     @argument("--lease", type=int, metavar="SECONDS", help="Stop the job if this kernel is silent this long.")
+    @argument("--retries", type=int, metavar="N", help="After a preemption, relaunch on the next offer up to N times.")
+    @argument("--sync-every", type=int, metavar="SECONDS",
+              help="Also bring rw mounts back this often while the job runs (a relaunch continues from them).")
     @argument("--name", "-n", help="A name for the job in views and the ledger.")
     @argument("--sink", metavar="URL", help="Also store rw results in URL/<job id>/: a folder, s3://bucket/prefix "
               "or r2://bucket/prefix; {job_id} in URL places the id itself (IPython expands {name} in magic "
@@ -119,6 +123,7 @@ class BurstMagics(Magics):
             loss = train(lr)
         """
         args = parse_argstring(self.burst, line)
+        announce()  # what reconciliation at load or while jobs ran did since the last command, said once
         try:
             spec = self._spec(args, self.ip.transform_cell(cell))
             if args.dry_run:
@@ -160,6 +165,8 @@ class BurstMagics(Magics):
         put("remote_python", args.python or self.remote_python)
         put("image", args.image)
         put("lease_seconds", args.lease if args.lease is not None else self.lease)
+        put("retries", args.retries)
+        put("sync_every_seconds", args.sync_every)
         put("name", args.name)
         put("result_sink", args.sink)
         return JobSpec.build(**fields)
@@ -201,12 +208,14 @@ class BurstMagics(Magics):
         budget   today's and this week's spend against the caps; --daily/--weekly set the caps ("none" clears)
         jobs     the jobs this kernel started
         down     hand every job of this kernel to a detached reaper (sync back, terminate, settle)
-        cleanup  end instances recorded by kernels that are gone
+        cleanup  end what no live job owns: jobs of kernels that are gone, instances leaked at a marketplace
+                 (--dry-run lists them with their $/h and cost so far)
         """
         words = shlex.split(line)
         command, rest = (words[0], words[1:]) if words else ("help", [])
         from . import api
 
+        announce()
         try:
             if command == "ledger":
                 table = api.ledger()
@@ -231,6 +240,9 @@ class BurstMagics(Magics):
                                                                              else ""))
                 return None
             if command == "cleanup":
+                extra = [w for w in rest if w != "--dry-run"]
+                if extra:
+                    raise ConfigError(f"%burst cleanup: unknown option {extra[0]!r} (only --dry-run)")
                 return api.cleanup(dry_run="--dry-run" in rest)
         except BurstError as exc:
             raise UsageError(str(exc)) from None

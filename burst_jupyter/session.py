@@ -88,6 +88,7 @@ class Session:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._watcher: asyncio.Task[None] | None = None  # the periodic reconciliation, on the loop
         self._apply_initial_caps()
 
     @classmethod
@@ -130,15 +131,19 @@ class Session:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
             providers, self._providers = list(self._providers.values()), {}
+            watcher, self._watcher = self._watcher, None
         if loop is not None and not loop.is_closed() and loop.is_running():
             clients = [p for p in providers if hasattr(p, "aclose")]  # marketplaces' HTTP clients
 
-            async def close_clients() -> None:
-                await asyncio.gather(*(p.aclose() for p in clients), return_exceptions=True)
+            async def wind_down() -> None:
+                if watcher is not None:
+                    watcher.cancel()  # a task still pending when its loop closes is reported as destroyed
+                await asyncio.gather(*(p.aclose() for p in clients), *([watcher] if watcher else []),
+                                     return_exceptions=True)
 
-            if clients:
+            if clients or watcher is not None:
                 with contextlib.suppress(Exception):
-                    asyncio.run_coroutine_threadsafe(close_clients(), loop).result(5)
+                    asyncio.run_coroutine_threadsafe(wind_down(), loop).result(5)
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(loop.stop)
             if thread is not None:
@@ -158,10 +163,26 @@ class Session:
         lifecycle = Lifecycle(job=job, budget=self.budget, state=self.state, connections=self.connections,
                               owner=self.owner)
         asyncio.run_coroutine_threadsafe(lifecycle.run(), self.loop)
+        self.loop.call_soon_threadsafe(self._watch)
         return job
 
     def live_jobs(self) -> list[Job]:
-        return [j for j in self.jobs.values() if not j.done()]
+        return [j for j in list(self.jobs.values()) if not j.done()]  # a copy: the loop thread asks too
+
+    def _watch(self) -> None:
+        """On the loop: keep one periodic reconciliation going while this session has live jobs."""
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._reconcile_while_jobs_run())
+
+    async def _reconcile_while_jobs_run(self) -> None:
+        """Every ``reconcile_interval_seconds``, end what no live job owns (reconcile.py): never this session's
+        live jobs, whose rows have a live owner. Ends with the last live job; the next submit starts it again."""
+        from .reconcile import periodic_pass
+
+        while self.live_jobs():
+            await asyncio.sleep(self.settings.reconcile_interval_seconds)
+            if self.live_jobs():
+                await periodic_pass(self)
 
     def plan(self, spec: JobSpec, *, namespace: Mapping[str, Any]) -> JobPlan:
         """Every check that needs no provider call: bad input fails here, with one clear line."""

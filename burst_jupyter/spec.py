@@ -142,6 +142,10 @@ class JobSpec(BaseModel):
     ssh_trust_on_first_use: bool = Field(False, description="Accept and remember unknown SSH host keys.")
     remote_python: str | None = Field(None, description="Python on the instance (default python3).")
     lease_seconds: int = Field(600, ge=0, description="The agent stops a job whose client is silent this long.")
+    retries: int = Field(0, ge=0, le=10, description="Relaunch on the next offer this many times after a preemption.")
+    sync_every_seconds: int | None = Field(
+        None, ge=5, description="Also bring rw mounts back this often while the job runs (a preempted job's "
+        "relaunch starts from what came back).")
     result_sink: str | None = Field(
         None, description="Also store rw results here, under <job id>/: a folder, file://, s3:// or r2:// URL "
         "({job_id} in it places the id).")

@@ -7,10 +7,14 @@ detached reaper needs to sync, terminate and settle the job without the kernel t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import socket
+import sqlite3
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,10 +101,22 @@ class StateStore:
         self.path = path
         self._conn = connect(path)
         self._conn.executescript(_SCHEMA)
+        # One connection, used from the session loop's worker threads, reapers and reconciliation at once:
+        # SQLite refuses a second transaction on a connection that is inside one, so calls take turns.
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, write_transaction(self._conn) as c:
+            yield c
+
+    def _select(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
 
     def record_intent(self, job_id: str, provider: str, owner: Owner, handoff: dict[str, Any]) -> None:
         now = _now()
-        with write_transaction(self._conn) as c:
+        with self._write() as c:
             c.execute(
                 "INSERT INTO instances (job_id, provider, state, owner_host, owner_pid, owner_started,"
                 " created_at, updated_at, handoff) VALUES (?, ?, 'intent', ?, ?, ?, ?, ?, ?)",
@@ -109,7 +125,7 @@ class StateStore:
 
     def record_attempt(self, job_id: str, provider: str, handoff: dict[str, Any]) -> None:
         """A new launch attempt (the previous instance is confirmed gone): back to intent, maybe elsewhere."""
-        with write_transaction(self._conn) as c:
+        with self._write() as c:
             c.execute(
                 "UPDATE instances SET provider = ?, instance_id = NULL, state = 'intent', handoff = ?, updated_at = ?"
                 " WHERE job_id = ?",
@@ -117,7 +133,7 @@ class StateStore:
             )
 
     def record_launched(self, job_id: str, instance_id: str, handoff: dict[str, Any]) -> None:
-        with write_transaction(self._conn) as c:
+        with self._write() as c:
             c.execute(
                 "UPDATE instances SET instance_id = ?, state = 'launched', handoff = ?, updated_at = ?"
                 " WHERE job_id = ?",
@@ -125,7 +141,7 @@ class StateStore:
             )
 
     def update_handoff(self, job_id: str, **fields: Any) -> None:
-        with write_transaction(self._conn) as c:
+        with self._write() as c:
             row = c.execute("SELECT handoff FROM instances WHERE job_id = ?", (job_id,)).fetchone()
             if row is not None:
                 handoff = {**json.loads(row["handoff"]), **fields}
@@ -140,22 +156,20 @@ class StateStore:
         self._set_state(job_id, "abandoned")
 
     def _set_state(self, job_id: str, state: str) -> None:
-        with write_transaction(self._conn) as c:
+        with self._write() as c:
             c.execute("UPDATE instances SET state = ?, updated_at = ? WHERE job_id = ?", (state, _now(), job_id))
 
     def hand_to_reaper(self, job_ids: list[str], reaper_pid: int) -> None:
-        with write_transaction(self._conn) as c:
+        with self._write() as c:
             c.executemany("UPDATE instances SET reaper_pid = ?, updated_at = ? WHERE job_id = ?",
                           [(reaper_pid, _now(), j) for j in job_ids])
 
     def get(self, job_id: str) -> OwnedInstance | None:
-        row = self._conn.execute("SELECT * FROM instances WHERE job_id = ?", (job_id,)).fetchone()
-        return None if row is None else _row(row)
+        rows = self._select("SELECT * FROM instances WHERE job_id = ?", (job_id,))
+        return _row(rows[0]) if rows else None
 
     def live(self) -> list[OwnedInstance]:
-        rows = self._conn.execute(
-            "SELECT * FROM instances WHERE state IN (?, ?) ORDER BY created_at", LIVE_STATES
-        ).fetchall()
+        rows = self._select("SELECT * FROM instances WHERE state IN (?, ?) ORDER BY created_at", LIVE_STATES)
         return [_row(r) for r in rows]
 
     def owned_by(self, owner: Owner) -> list[OwnedInstance]:
@@ -165,7 +179,8 @@ class StateStore:
         return [i for i in self.live() if i.orphaned]
 
     def close(self) -> None:
-        self._conn.close()
+        with self._lock:
+            self._conn.close()
 
 
 def _row(row: Any) -> OwnedInstance:

@@ -186,7 +186,8 @@ def wait_for(predicate: Callable[[], T], *, timeout: float, what: str, interval:
 
 
 def ledger_row(burst_home: Path, job_id: str) -> LedgerRow | None:
-    return next((r for r in ledger_rows(burst_home) if r.job_id == job_id), None)
+    """The job's last attempt's row (how it ended)."""
+    return max((r for r in ledger_rows(burst_home) if r.job_id == job_id), key=lambda r: r.attempt, default=None)
 
 
 def local_job_dirs(burst_home: Path) -> list[Path]:

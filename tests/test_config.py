@@ -90,6 +90,7 @@ def test_all_fields_round_trip(tmp_path: Path, project: Path) -> None:
         min-reliability = 0.95
         offer-ttl-seconds = 10
         provision-timeout-seconds = 300
+        reconcile-interval-seconds = 60
         [vast]
         api-key = "k-vast"
         [runpod]
@@ -116,6 +117,7 @@ def test_all_fields_round_trip(tmp_path: Path, project: Path) -> None:
         "min_reliability": 0.95,
         "offer_ttl_seconds": 10.0,
         "provision_timeout_seconds": 300.0,
+        "reconcile_interval_seconds": 60.0,
         "vast": {"api_key": "k-vast", "url": None, "ssh_user": None},
         "runpod": {"api_key": None, "url": "http://127.0.0.1:9", "ssh_user": None},
         "thunder": {"api_key": None, "url": None, "ssh_user": "root"},

@@ -1,6 +1,6 @@
 """%%burst in real ipykernels (jupyter_client, this venv's interpreter, BURST_HOME per test): what reaches IOPub
 and in which order, which cell background output lands in, and what happens to a running job when its kernel
-goes away (graceful shutdown, SIGTERM, SIGKILL and the next kernel's ``%burst cleanup``).
+goes away (graceful shutdown, SIGTERM, SIGKILL and the next kernel's reconciliation at load).
 
 Jobs run on the real ``local`` provider. Where a test needs the remote cell to be at a known point it waits on a
 gate file the test creates, so ordering is proven by cause and effect, never by timing.
@@ -255,16 +255,17 @@ def test_sigkill_leftover_is_reported_by_the_next_kernel_and_cleaned_up(start_ke
     assert found.state == "launched" and local_job_dirs(burst_home) == [burst_home / "local" / job_id]
     assert found.processes and found.ledger is None
 
-    successor = start_kernel()  # runs %load_ext burst_jupyter
+    successor = start_kernel()  # %load_ext burst_jupyter: reports the leftover, reconciles in the background
     report = successor.all_iopub
     loaded = "".join(m["content"]["text"] for m in report if m["msg_type"] == "stream")
     assert job_id in loaded and "left by a kernel that is gone" in loaded and "%burst cleanup" in loaded
 
-    cleanup = successor.run_ok("%burst cleanup")
+    cleanup = successor.run_ok("%burst cleanup")  # after the load-time pass, and saying first what that one did
+    told = cleanup.text("stdout")
+    assert "burst: reconciled at load: ended 1 of 1" in told and job_id in told
     (result,) = cleanup.of_type("execute_result")
-    assert job_id in result["content"]["data"]["text/plain"] and "terminated=True" in result["content"]["data"][
-        "text/plain"]
-    check_settled(burst_home, job_id, message="burst cleanup")
+    assert "burst cleanup: nothing to end" in result["content"]["data"]["text/plain"]
+    check_settled(burst_home, job_id, message="reconciled at load; finished by the reaper")
     check_synced(work, written)
     (nothing,) = successor.run_ok("%burst cleanup --dry-run").of_type("execute_result")
-    assert nothing["content"]["data"]["text/plain"] == "[]"
+    assert "nothing to end" in nothing["content"]["data"]["text/plain"]
