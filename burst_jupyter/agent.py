@@ -13,7 +13,13 @@ on the instance and client and agent never disagree on versions. Commands (``BOO
 ``list``      JSON lines for every job directory under JOBDIR (a root) carrying tag ARG
 
 ``run`` forks (no new interpreter) a detached supervisor, which owns the event log, the lease and the deadline,
-and which forks the cell (run with a ``burst`` helper) or execs the command. Files in the job directory:
+and which forks the cell (run with a ``burst`` helper) or execs the command. Once the cell has ended the supervisor
+stays on as a watchdog until the client destroys the job. The dead-man's switch: when the client's lease lapses
+(or the job's own deadline passes, which means the client failed to stop it), the supervisor stops the cell,
+uploads the results to the manifest's presigned URL when there is one, and ends the instance with the recipe the
+provider declared (its instance-scoped key, read here, never sent by the client); without a recipe (ssh, local,
+thunder) it removes the job's ``work/`` and keeps the results in the job directory for the client or a cleanup.
+Files in the job directory:
 
     job.json values.pkl cell.py              what the client sent
     m/<i>/                                   the content of mount i; its remote path is a symlink to it
@@ -21,6 +27,7 @@ and which forks the cell (run with a ``burst`` helper) or execs the command. Fil
     events.jsonl                             the append-only event log (one JSON object per line)
     exit.json  values.out.pkl                written when the cell ends
     lease  stop  supervisor.pid  links.json  control files
+    agent.log                                the supervisor's own log (what the dead-man's switch did)
 
 The event log is the single source of truth: a client that lost its connection re-attaches at the byte offset
 it had reached, so no output is lost or doubled, and the exit status survives any disconnect.
@@ -43,6 +50,9 @@ import tarfile
 import threading
 import time
 import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
 
 # Read N bytes of agent source from stdin and run them as __main__: no file needs to exist on the instance.
 BOOT = (
@@ -61,6 +71,10 @@ _STOP_REASONS = {CANCELLED, DEADLINE, LEASE, BUDGET}
 _MAX_RECORD = 64 * 1024  # split huge writes so one log line stays small
 _GRACE_SIGINT = 3.0  # seconds a stopped cell gets to handle KeyboardInterrupt before SIGTERM
 _GRACE_SIGTERM = 3.0
+_WATCH_TICK = 0.5  # how often the watchdog looks at the lease once the cell has ended
+_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)  # between the tries of a lapse upload or self-destruct call
+_HTTP_TIMEOUT = 60.0
+LAPSE_ARCHIVE = "lapse-results.tar"  # what a lapse uploads: the same tar ``results`` sends
 
 
 def _now() -> float:
@@ -359,6 +373,7 @@ class Supervisor:
         self.log = EventLog(self.path("events.jsonl"))
         self.stop_reason: str | None = None
         self.stop_at: float | None = None
+        self.lapsed: str | None = None  # LEASE or DEADLINE when this supervisor itself decided the job must end
         self.proc: _Child | None = None
 
     def path(self, *parts: str) -> str:
@@ -394,7 +409,7 @@ class Supervisor:
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         open_fds = 3
         started = time.monotonic()
-        deadline = self.manifest.get("deadline_seconds")
+        deadline = float(self.manifest.get("deadline_seconds") or 0)  # 0: none
         lease = int(self.manifest.get("lease_seconds") or 0)
         exited_at: float | None = None
         while open_fds:
@@ -427,15 +442,48 @@ class Supervisor:
                 if os.path.exists(self.path("stop")):
                     with open(self.path("stop")) as f:
                         self.request_stop(f.read().strip() or CANCELLED)
-                elif deadline and time.monotonic() - started > float(deadline):
-                    self.request_stop(DEADLINE)
-                elif lease and _now() - _mtime(self.path("lease")) > lease:
-                    self.request_stop(LEASE)
+                else:
+                    self.lapsed = self.lapse_reason(started, deadline, lease)
+                    if self.lapsed is not None:
+                        self.request_stop(self.lapsed)
             self.escalate()
         rc = self.proc.wait()
         _kill_group(self.proc.pid, signal.SIGKILL)  # leftovers of the cell die with the job
         reason = self.stop_reason or (OK if rc == 0 else ERROR)
-        return self.finish(rc, reason)
+        self.finish(rc, reason)
+        # The cell is over: a machine shutting down simply ends the watchdog.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self.lapsed is None:
+            self.lapsed = self.watch(started, deadline, lease)
+        if self.lapsed is not None:
+            self.lapse(self.lapsed, lease)
+        return 0
+
+    def lapse_reason(self, started: float, deadline: float, lease: int) -> str | None:
+        """LEASE when the client has been silent for the lease, DEADLINE past the job's own hard maximum (the
+        client stops it before that; reaching it means the client could not), else None."""
+        if deadline and time.monotonic() - started > deadline:
+            return DEADLINE
+        if lease and _now() - _mtime(self.path("lease")) > lease:
+            return LEASE
+        return None
+
+    def watch(self, started: float, deadline: float, lease: int) -> str | None:
+        """After the exit record, until the client destroys the job (which kills this process): a client that goes
+        silent for the lease now (a kernel killed right after its cell ended) still leaves nothing billing.
+        Returns why the dead-man's switch fires, or None when the job is being destroyed.
+
+        A client that still renews the lease is fetching the results, however long past the deadline that takes:
+        only its silence counts now. Without a lease the deadline is the one backstop left."""
+        if not lease and not deadline:
+            return None
+        while True:
+            time.sleep(_WATCH_TICK)
+            if not os.path.exists(self.path("lease")):
+                return None  # the client's destroy is removing the job
+            reason = self.lapse_reason(started, 0.0 if lease else deadline, lease)
+            if reason is not None:
+                return reason
 
     def spawn(self, env: dict[str, str], frame_w: int) -> _Child:
         """Fork the cell (no new interpreter to start: this one already has the agent loaded), or fork and exec
@@ -511,9 +559,150 @@ class Supervisor:
         elif waited > _GRACE_SIGINT:
             _kill_group(self.proc.pid, signal.SIGTERM)
 
-    def finish(self, rc: int, reason: str) -> int:
+    def finish(self, rc: int, reason: str) -> None:
         _write_exit(self.jobdir, {"k": EXIT_KIND, "rc": rc, "reason": reason, "t": _now()})
-        return 0
+
+    # -- the dead-man's switch ------------------------------------------------------------------------------
+
+    def say(self, message: str) -> None:
+        """One step of the dead-man's switch: a note in the event log (a client that re-attaches sees it) and a
+        line in agent.log (what is left to read if the instance survives)."""
+        self.log.append([{"k": "note", "m": "dead-man's switch: " + message, "t": _now()}])
+        sys.stderr.write("%s burst-agent: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), message))
+        sys.stderr.flush()
+
+    def lapse(self, reason: str, lease: int) -> None:
+        """The client is gone (``reason`` LEASE) or failed to stop the job in time (DEADLINE), and the cell has
+        stopped: save the results where the manifest says, then end the instance by the provider's recipe; with
+        none (or if it fails), remove the scratch ``work/`` and keep the results here for a later cleanup."""
+        if reason == LEASE:
+            self.say("no word from the client for %d s (the lease lapsed)" % lease)
+        else:
+            self.say("the job ran past its hard maximum duration and the client did not stop it")
+        upload = self.manifest.get("lapse_upload")
+        if upload:
+            self.upload_results(str(upload))
+        recipe = self.manifest.get("self_destruct")
+        if isinstance(recipe, dict) and self.end_instance(recipe):
+            return
+        shutil.rmtree(self.path("work"), ignore_errors=True)
+        self.say("job stopped and its work folder removed; its results wait in %s for the client or "
+                 "`burst cleanup`" % self.jobdir)
+
+    def upload_results(self, url: str) -> None:
+        """PUT the results (what ``results`` sends: rw changes and pulled values) as one tar to a presigned URL."""
+        path = self.path(LAPSE_ARCHIVE)
+        try:
+            with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                _add_results(self.jobdir, tar)
+        except OSError as exc:
+            self.say("could not pack the results for the sink: %s" % exc)
+            return
+        size = os.path.getsize(path)
+        self.say("uploading the results (%d bytes) to the result sink" % size)
+        try:
+            for attempt in range(len(_RETRY_DELAYS) + 1):
+                with open(path, "rb") as archive:
+                    status, text = _http("PUT", url, archive, {"Content-Length": str(size),
+                                                               "Content-Type": "application/x-tar"})
+                if 200 <= status < 300:
+                    self.say("results stored in the result sink as %s" % LAPSE_ARCHIVE)
+                    return
+                self.say("result sink upload failed (try %d): %s" % (attempt + 1, _why(status, text)))
+                if not _retryable(status) or attempt == len(_RETRY_DELAYS):
+                    return
+                time.sleep(_RETRY_DELAYS[attempt])
+        finally:
+            os.unlink(path)
+
+    def end_instance(self, recipe: dict[str, object]) -> bool:
+        """End this instance with the provider's scoped means. True once the provider accepted (when it is quick,
+        the instance, and this process with it, is gone before the answer comes)."""
+        provider = str(recipe.get("provider") or "the provider")
+        ident, key = _instance_env(str(recipe["id_env"])), _instance_env(str(recipe["key_env"]))
+        if not ident or not key:
+            self.say("cannot end this %s instance: %s and %s are not set here; it is left for reconciliation"
+                     % (provider, recipe["id_env"], recipe["key_env"]))
+            return False
+        url = str(recipe["url"]).replace("{id}", urllib.parse.quote(ident, safe=""))
+        body = recipe.get("body")
+        data = None if body is None else json.dumps(_fill_id(body, ident)).encode()
+        headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json", "Accept": "application/json"}
+        for attempt in range(len(_RETRY_DELAYS) + 1):
+            self.say("ending %s instance %s with its own scoped key (try %d)" % (provider, ident, attempt + 1))
+            status, text = _http(str(recipe["method"]), url, data, headers)
+            if 200 <= status < 300 and not _graphql_errors(text):
+                self.say("%s accepted the end of instance %s" % (provider, ident))
+                return True
+            if status == 404:
+                self.say("%s no longer knows instance %s: it is gone" % (provider, ident))
+                return True
+            self.say("%s refused to end instance %s: %s" % (provider, ident, _why(status, text)))
+            if not (_retryable(status) or 200 <= status < 300) or attempt == len(_RETRY_DELAYS):
+                break
+            time.sleep(_RETRY_DELAYS[attempt])
+        self.say("could not end instance %s; reconciliation will (on the next load or `burst cleanup`)" % ident)
+        return False
+
+
+def _instance_env(name: str, proc_environ: str = "/proc/1/environ") -> str | None:
+    """A variable the provider injected into the instance: this process's environment, else PID 1's (Vast puts its
+    own there, and SSH sessions do not inherit it; 2026-11-29)."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    try:
+        with open(proc_environ, "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return None
+    for entry in entries:
+        key, sep, found = entry.partition(b"=")
+        if sep and key == name.encode() and found:
+            return found.decode("utf-8", "replace")
+    return None
+
+
+def _fill_id(value: object, ident: str) -> object:
+    """The recipe's body with every string that is exactly ``{id}`` replaced by the instance id."""
+    if value == "{id}":
+        return ident
+    if isinstance(value, dict):
+        return {k: _fill_id(v, ident) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill_id(v, ident) for v in value]
+    return value
+
+
+def _http(method: str, url: str, data: object, headers: dict[str, str]) -> tuple[int, str]:
+    """One request from inside this process (a command line would show the key in ``ps``). (status, body text);
+    status 0 when no answer came."""
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)  # type: ignore[arg-type]
+    try:
+        with urllib.request.urlopen(request, timeout=_HTTP_TIMEOUT) as response:
+            return int(response.status), response.read(4096).decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read(4096).decode("utf-8", "replace")
+    except (OSError, ValueError) as exc:  # no connection, a timeout, a URL that is not one
+        return 0, str(exc)
+
+
+def _retryable(status: int) -> bool:
+    return status == 0 or status in (408, 429) or status >= 500
+
+
+def _graphql_errors(text: str) -> bool:
+    """A GraphQL business error comes back inside an HTTP 200 (RunPod)."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and bool(body.get("errors"))
+
+
+def _why(status: int, text: str) -> str:
+    detail = " ".join(text.split())[:200]
+    return ("HTTP %d: %s" % (status, detail)) if status else (detail or "no answer")
 
 
 def _coalesce(records: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -875,22 +1064,27 @@ def results_main(jobdir: str) -> int:
     out = sys.stdout.buffer
     out.write(b'{"k":"results"}\n')
     out.flush()
-    snapshots = _read_json(os.path.join(jobdir, "snapshot.json"), {})
-    assert isinstance(snapshots, dict)
     framed = ChunkWriter(out.write)
     with tarfile.open(fileobj=framed, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-        for i, before in sorted(snapshots.items()):
-            root = os.path.join(jobdir, "m", i)
-            for rel, sig in sorted(_snapshot(root).items()):
-                if before.get(rel) != sig:
-                    tar.add(os.path.join(root, rel.rstrip("/")), arcname="m/%s/%s" % (i, rel.rstrip("/")),
-                            recursive=False)
-        values = os.path.join(jobdir, "values.out.pkl")
-        if os.path.exists(values):
-            tar.add(values, arcname="values.out.pkl")
+        _add_results(jobdir, tar)
     framed.close()
     out.flush()
     return 0
+
+
+def _add_results(jobdir: str, tar: tarfile.TarFile) -> None:
+    """The files the cell changed in rw mounts (``m/<i>/...``) and ``values.out.pkl``."""
+    snapshots = _read_json(os.path.join(jobdir, "snapshot.json"), {})
+    assert isinstance(snapshots, dict)
+    for i, before in sorted(snapshots.items()):
+        root = os.path.join(jobdir, "m", i)
+        for rel, sig in sorted(_snapshot(root).items()):
+            if before.get(rel) != sig:
+                tar.add(os.path.join(root, rel.rstrip("/")), arcname="m/%s/%s" % (i, rel.rstrip("/")),
+                        recursive=False)
+    values = os.path.join(jobdir, "values.out.pkl")
+    if os.path.exists(values):
+        tar.add(values, arcname="values.out.pkl")
 
 
 # ------------------------------------------------------------------------------------ stop / destroy / list

@@ -1,7 +1,7 @@
 """JobEvent: the one stream every view (widget, text, CLI, ``async for``) renders.
 
 A job emits, in order: queued, offer_selected, budget_reserved (budget_warning when a cap passes 80%),
-provisioning, provisioned, protected (which layers guard against a leaked instance), ssh_ready, syncing_up, started,
+provisioning, provisioned, ssh_ready, protected (which layers guard against a leaked instance), syncing_up, started,
 then output/progress while it runs (synced after each ``--sync-every`` pull), stopping when it is ended early,
 preempted when the provider took the instance (then provisioning again with ``--retries``), syncing_down,
 terminated, and exactly one final event: completed, failed, cancelled or budget_killed. Money fields are

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import (
     BudgetKilled,
@@ -29,17 +29,20 @@ from .errors import (
     HostKeyError,
     JobCancelled,
     NoCapacity,
+    Preempted,
     ProviderError,
     ProvisioningFailed,
     RemoteError,
     RemoteSetupError,
     SyncError,
+    UnsafeResults,
     VariableError,
 )
 from .events import EventType, JobEvent
 from .keys import JobKey, create_job_key, remove_job_key
 from .money import format_usd
 from .offer_book import rank
+from .protection import dead_mans_switch, protection
 from .providers.accounts import MARKETPLACES
 from .providers.base import Instance, InstanceState, Offer, OfferQuery, Provider, terminate_confirmed
 from .providers.catalog import ANY, CATALOG
@@ -57,6 +60,8 @@ if TYPE_CHECKING:
     from .state import Owner, StateStore
 
 __all__ = ["Job", "JobPlan", "JobResult", "JobStatus", "Lifecycle"]
+
+T = TypeVar("T")
 
 _MICRO = Decimal("0.000001")
 _MAX_RECONNECTS = 20
@@ -150,11 +155,12 @@ class JobPlan:
                           max_price_usd_per_hour=spec.max_price_usd_per_hour, spot=spec.spot,
                           min_reliability=spec.min_reliability)
 
-    async def search(self) -> tuple[list[Offer], dict[str, str]]:
-        """The offers that fit, ranked, and what went wrong per provider. ``--offer`` narrows to that one."""
+    async def search(self, *, refresh: bool = False) -> tuple[list[Offer], dict[str, str]]:
+        """The offers that fit, ranked, and what went wrong per provider. ``--offer`` narrows to that one.
+        ``refresh`` asks every provider again instead of reusing the session's recent answers."""
         errors: dict[str, str] = {}
         if self.offers is not None:
-            result = await self.offers.search(self.providers, self.query())
+            result = await self.offers.search(self.providers, self.query(), refresh=refresh)
             offers, errors = result.offers, result.errors
         else:
             (provider,) = self.providers.values()
@@ -330,14 +336,22 @@ class Lifecycle:
     spent: Decimal = Decimal(0)  # what earlier launch attempts cost (instances that never became usable)
     key: JobKey | None = None
     launched_at: float | None = None  # monotonic, at the create request of the current attempt
-    launched_wall: dt.datetime | None = None  # at the first create request
+    launched_wall: dt.datetime | None = None  # at the create request of the current attempt (its ledger row)
+    first_launch: float | None = None  # monotonic, at the first create request: the job's duration counts from it
+    attempt: int = 1  # instances rented so far for this job, counting the current one; one ledger row each
+    retries_left: int = 0  # relaunches still allowed after a preemption (--retries)
+    tried: set[str] = field(default_factory=set)  # PROVIDER:OFFER_ID already rented and lost
+    recorded: bool = False  # the state store has this job's row (intent first, then one per attempt)
     started: bool = False
     stop_reason: str | None = None
     remote_error: RemoteError | None = None
     setup_error: str | None = None
     exit_record: Record | None = None
     received: Received | None = None
+    lost: str | None = None  # what never came back when the job had to end with its instance unreachable
     sync_up_seconds: float = 0.0
+    # One results transfer at a time writes into the local rw folders: a --sync-every pull or the final results.
+    sync_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def plan(self) -> JobPlan:
@@ -369,9 +383,15 @@ class Lifecycle:
             job.emit(EventType.BUDGET_RESERVED, max_cost_usd=self.cap)
             for warning in reservation.warnings:
                 job.emit(EventType.BUDGET_WARNING, message=warning)
-            self._check_cancel()
-            await self._launch(offers)
-            await self._run_remote()
+            self.retries_left = plan.spec.retries
+            while True:
+                self._check_cancel()
+                await self._launch(offers)
+                try:
+                    await self._run_remote()
+                    break
+                except Preempted as exc:
+                    offers = await self._after_preemption(exc)
         except BaseException as exc:
             error = exc
         finally:
@@ -410,12 +430,14 @@ class Lifecycle:
     async def _launch(self, offers: list[Offer]) -> None:
         """Rent the best offer; move to the next when one is taken, or never boots and is confirmed gone."""
         job, plan = self.job, self.plan
-        for attempt, offer in enumerate(offers[:_MAX_LAUNCH_ATTEMPTS]):
-            if attempt:
+        for i, offer in enumerate(offers[:_MAX_LAUNCH_ATTEMPTS]):
+            if i:
                 self._choose(offer)
+            if self.recorded:
                 await asyncio.to_thread(self.state.record_attempt, job.id, offer.provider, self._handoff())
             else:
                 await asyncio.to_thread(self.state.record_intent, job.id, offer.provider, self.owner, self._handoff())
+                self.recorded = True
             self._check_cancel()
             provider = self.chosen
             if self.key is None and provider.name in MARKETPLACES and plan.keys_dir is not None:
@@ -423,7 +445,8 @@ class Lifecycle:
                                                    comment=f"{plan.tag}/{job.id}")
             job.emit(EventType.PROVISIONING, provider=provider.name, message=offer.description or None)
             self.launched_at = time.monotonic()  # cost counts from the create request
-            self.launched_wall = self.launched_wall or dt.datetime.now(dt.timezone.utc)
+            self.first_launch = self.first_launch or self.launched_at
+            self.launched_wall = dt.datetime.now(dt.timezone.utc)
             try:
                 instance = await provider.launch(offer, plan.spec, job_id=job.id, tag=plan.tag,
                                                  ssh_public_key=self.key.public_line if self.key else None)
@@ -445,21 +468,73 @@ class Lifecycle:
                 await self._wait_ready()
                 return
             except _BootFailed as exc:
-                await self._give_up_instance(str(exc))
+                self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {self.chosen.name} instance "
+                              f"{instance.instance_id} {exc}; ending it\n")
+                await self._end_attempt("boot-failed", str(exc))
         raise NoCapacity(f"tried {min(len(offers), _MAX_LAUNCH_ATTEMPTS)} offer(s); none could be rented")
 
-    async def _give_up_instance(self, why: str) -> None:
-        """An instance that never became usable: end it, and only once it is confirmed gone try elsewhere."""
-        assert self.instance is not None and self.launched_at is not None
-        self.job.emit(EventType.OUTPUT, stream="stderr",
-                      text=f"burst: {self.chosen.name} instance {self.instance.instance_id} {why}; ending it\n")
-        problem = await terminate_confirmed(self.chosen, self.instance.instance_id, timeout=self.terminate_timeout)
+    async def _end_attempt(self, status: str, why: str) -> None:
+        """An instance this job can no longer use (never booted, preempted): end it and bill it on a ledger row of
+        its own. Only once it is confirmed gone may the job rent elsewhere (never two instances billing at once)."""
+        assert self.instance is not None and self.launched_at is not None and self.launched_wall is not None
+        instance = self.instance
+        problem = await terminate_confirmed(self.chosen, instance.instance_id, timeout=self.terminate_timeout)
         if problem is not None:
-            raise ProvisioningFailed(f"{self.chosen.name} instance {self.instance.instance_id} {why}, and could not "
+            raise ProvisioningFailed(f"{self.chosen.name} instance {instance.instance_id} {why}, and could not "
                                      f"be confirmed gone: {problem}")
-        self.spent += cost_of(self.rate, time.monotonic() - self.launched_at)
+        cost = cost_of(self.rate, time.monotonic() - self.launched_at)
+        self.spent += cost
         await asyncio.to_thread(self.state.mark_terminated, self.job.id)
+        if instance.endpoint is not None:
+            await asyncio.to_thread(self.connections.reset, instance.endpoint)
+        if self.key is not None:
+            # The host key pinned for that instance dies with it: a marketplace may hand its ip:port to the next one.
+            self.key.known_hosts.unlink(missing_ok=True)
+        await asyncio.to_thread(
+            self.budget.record_attempt, self.job.id, attempt=self.attempt, provider=self.chosen.name,
+            instance_id=instance.instance_id, gpu=instance.gpu_model or "", rate_usd_per_hour=self.rate,
+            started_at=self.launched_wall, ended_at=dt.datetime.now(dt.timezone.utc), actual_usd=cost,
+            status=status, name=self.job.spec.name, message=why)
         self.instance, self.launched_at = None, None
+        self.attempt += 1
+
+    async def _after_preemption(self, exc: Preempted) -> list[Offer]:
+        """The provider took the instance mid-run. End it (a paused bid still bills its disk) and bill the attempt;
+        with --retries left, return the offers to relaunch on: the next attempt uploads the rw mounts as they are
+        now, i.e. with what the last --sync-every pull (and the sink) received."""
+        job, lost = self.job, self.offer
+        assert self.instance is not None
+        job.emit(EventType.PREEMPTED, provider=self.chosen.name, instance_id=self.instance.instance_id,
+                 message=str(exc), cost_so_far_usd=self.cost_so_far())
+        await self._end_attempt("preempted", str(exc))
+        if lost is not None:
+            self.tried.add(f"{lost.provider}:{lost.offer_id}")
+        if self.retries_left <= 0:
+            raise Preempted(f"{exc}; no --retries left" if self.plan.spec.retries else
+                            f"{exc} (--retries N relaunches on the next offer)") from None
+        self.retries_left -= 1
+        self._reset_attempt()
+        offers, errors = await self.plan.search(refresh=True)  # live prices: the market moved since the first search
+        # Offers not lost yet come first. A lost one stays last, not out: a RunPod offer is a GPU type, not a
+        # machine, and a fresh pod of that type lands elsewhere.
+        offers.sort(key=lambda o: f"{o.provider}:{o.offer_id}" in self.tried)
+        if not offers:
+            raise self.plan.no_offer(errors)
+        left = self.cap - self.spent
+        try:
+            check_cap(left, offers[0].price_usd_per_hour, self.plan.providers[offers[0].provider].teardown_seconds)
+        except ConfigError as cap_problem:
+            raise BudgetKilled(f"preempted, and what is left of the cap cannot pay for a relaunch: {cap_problem}"
+                               ) from None
+        job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: relaunching (attempt {self.attempt}, "
+                 f"{self.retries_left} retr{'y' if self.retries_left == 1 else 'ies'} left after this)\n")
+        self._choose(offers[0])
+        return offers
+
+    def _reset_attempt(self) -> None:
+        """Forget what the lost attempt's agent said: the relaunch runs the job from the start."""
+        self.started, self.stop_reason, self.remote_error, self.setup_error = False, None, None, None
+        self.exit_record, self.received = None, None
 
     async def _wait_ready(self) -> None:
         """Poll the provider until the instance runs, then SSH until it answers: one overall timeout."""
@@ -470,6 +545,7 @@ class Lifecycle:
         last = ""
         while self.instance.state is not InstanceState.RUNNING or self.instance.endpoint is None:
             self._check_cancel()
+            self._check_budget()
             if time.monotonic() + delay > deadline:
                 raise ProvisioningFailed(f"{provider.name} instance {self.instance.instance_id} did not start within "
                                          f"{self.plan.provision_timeout:.0f} s ({self.instance.detail or 'pending'})")
@@ -521,8 +597,9 @@ class Lifecycle:
         endpoint, delay = self.instance.endpoint, 0.25
         while True:
             self._check_cancel()
+            self._check_budget()
             try:
-                await asyncio.to_thread(self.connections.get, endpoint)
+                await self._within_budget(lambda: self.connections.get(endpoint))
                 return
             except HostKeyError:
                 raise  # a different host answering is never waited out
@@ -545,6 +622,7 @@ class Lifecycle:
             "rate": str(self.rate),
             "gpu": self.instance.gpu_model,
             "launched_at": self.launched_wall.isoformat(),
+            "attempt": self.attempt,
         }
 
     def _client(self) -> AgentClient:
@@ -568,6 +646,7 @@ class Lifecycle:
             "deadline_seconds": plan.max_seconds + 60,
             "require_gpu": require_gpu,
             "gpus": spec.gpus,
+            **dead_mans_switch(self.chosen, plan.sink, max_seconds=plan.max_seconds, lease_seconds=spec.lease_seconds),
         }
 
     async def _run_remote(self) -> None:
@@ -575,6 +654,8 @@ class Lifecycle:
         assert self.instance is not None
         client = await asyncio.to_thread(self._client)
         job.emit(EventType.SSH_READY, instance_id=self.instance.instance_id, message=client.runner.description)
+        job.emit(EventType.PROTECTED, message=protection(self.chosen, plan.sink, lease_seconds=plan.spec.lease_seconds,
+                                                         max_seconds=plan.max_seconds).describe())
         self._check_cancel()
         job.emit(EventType.SYNCING_UP, message=_describe_mounts(plan.mounts))
         t0 = time.monotonic()
@@ -597,7 +678,8 @@ class Lifecycle:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         lease_every = min(max(spec.lease_seconds / 4, 1.0), 20.0) if spec.lease_seconds else None
-        last_lease = time.monotonic()
+        last_lease = last_pull = time.monotonic()
+        pull: asyncio.Future[None] | None = None
         reconnects = 0
         self._start_reader(stream, queue, loop)
         while True:
@@ -607,6 +689,8 @@ class Lifecycle:
                 kind, payload = "tick", None
             if kind == "record":
                 self._on_record(payload)
+                if payload.get("k") == "exit" and payload.get("reason") == "agent-died":
+                    await self._check_preempted()  # a container stopped under the agent: taken away, or a crash
             elif kind == "results":
                 self.received = payload
                 if payload.sink_note:
@@ -632,6 +716,10 @@ class Lifecycle:
                 await self._send(stream, "lease")
             if self.exit_record is not None:
                 continue  # the cell is over: only the results remain
+            if spec.sync_every_seconds and self.started and now - last_pull >= spec.sync_every_seconds \
+                    and (pull is None or pull.done()):
+                last_pull = now
+                pull = asyncio.ensure_future(self._pull())
             if self.stop_reason is None:
                 reason = self._should_stop()
                 if reason is not None:
@@ -642,14 +730,44 @@ class Lifecycle:
     def _should_stop(self) -> str | None:
         if self.job.cancel_requested.is_set():
             return "cancelled"
-        if self.launched_at is not None and time.monotonic() - self.launched_at > self.plan.max_seconds:
+        if self.first_launch is not None and time.monotonic() - self.first_launch > self.plan.max_seconds:
             return "deadline"
-        if self.rate > 0:
-            # Keep back what the teardown will cost so the whole bill stays inside the cap.
-            reserve_s = self.chosen.teardown_seconds + max(self.sync_up_seconds, 1.0) + 2.0
-            if self.cost_so_far() + cost_of(self.rate, reserve_s) >= self.cap:
-                return "budget"
+        if self.rate > 0 and self.cost_so_far() + cost_of(self.rate, self._reserve_seconds()) >= self.cap:
+            return "budget"
         return None
+
+    def _reserve_seconds(self) -> float:
+        """What the teardown will take: kept back so the whole bill, teardown included, stays inside the cap."""
+        return self.chosen.teardown_seconds + max(self.sync_up_seconds, 1.0) + 2.0
+
+    def _seconds_left(self) -> float | None:
+        """Seconds until the cap (less the teardown's share) or the maximum duration stops the job; None: never."""
+        left: list[float] = []
+        if self.first_launch is not None:
+            left.append(self.plan.max_seconds - (time.monotonic() - self.first_launch))
+        if self.rate > 0 and self.launched_at is not None:
+            money = self.cap - self.cost_so_far() - cost_of(self.rate, self._reserve_seconds())
+            left.append(float(money / self.rate) * 3600)
+        return max(min(left), 0.0) if left else None
+
+    def _check_budget(self) -> None:
+        """While nothing else checks it (booting, unreachable): the cap and the maximum duration stop the job."""
+        reason = self._should_stop()
+        if reason in ("budget", "deadline"):
+            raise _StopRequested(reason)
+
+    async def _within_budget(self, call: Callable[[], T]) -> T:
+        """A blocking call (an SSH handshake may hang for its whole timeout) that the cap or the maximum
+        duration may cut short: the instance bills meanwhile, so we stop waiting for it when they say stop."""
+        left = self._seconds_left()
+        work = asyncio.to_thread(call)
+        if left is None:
+            return await work
+        try:
+            return await asyncio.wait_for(work, timeout=left + 0.05)
+        except asyncio.TimeoutError:
+            # The thread finishes on its own; the teardown that follows ends the instance under it.
+            raise _StopRequested(self._should_stop() or "budget") from None
 
     async def _send(self, stream: AgentStream, line: str) -> None:
         try:
@@ -671,8 +789,9 @@ class Lifecycle:
                 if stream.exit is None:
                     post("eof", None)
                     return
-                post("results", stream.read_results(lambda f: receive_results(f, plans, sink=sink)))
-            except RemoteSetupError as exc:
+                with self.sync_lock:
+                    post("results", stream.read_results(lambda f: receive_results(f, plans, sink=sink)))
+            except (RemoteSetupError, UnsafeResults) as exc:  # fetching again would change nothing
                 post("error", exc)
             except Exception as exc:  # a transport failure: re-attach, or fetch the results again
                 stream.close()
@@ -681,30 +800,95 @@ class Lifecycle:
 
         threading.Thread(target=read, name=f"burst-{self.job.id}-reader", daemon=True).start()
 
+    async def _pull(self) -> None:
+        """A --sync-every pull: the rw changes so far (and into the sink), over a channel of its own beside the
+        stream. A failure costs nothing but this pull: the final results still come back at the end."""
+        plans, sink = self.plan.mounts, self.plan.sink
+
+        def pull() -> Received:
+            stream = self._client().results()
+            try:
+                for _ in stream.records():
+                    pass
+                with self.sync_lock:
+                    return stream.read_results(lambda f: receive_results(f, plans, sink=sink))
+            finally:
+                stream.close()
+
+        try:
+            got = await asyncio.to_thread(pull)
+        except (BurstError, OSError, EOFError) as exc:
+            self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: periodic sync failed ({_one_line(exc)}); "
+                          "the final sync still runs\n")
+            return
+        note = f"; {got.sink_note}" if got.sink_note else ""
+        self.job.emit(EventType.SYNCED, message=f"{len(got.files)} changed file(s) from rw mounts{note}",
+                      cost_so_far_usd=self.cost_so_far())
+
     async def _reconnect(self, old: AgentStream) -> AgentStream:
-        """The connection dropped mid-stream: the job runs on, detached. Re-attach where we stopped reading."""
+        """The connection dropped mid-stream: the job runs on, detached. Re-attach where we stopped reading.
+
+        While it fails, the provider is asked whether the instance is still there (a spot instance taken away
+        raises Preempted). Once the cell is over and only its results are missing, the instance is kept and tried
+        again until the cap or the maximum duration says stop (or a cancel's short last chance ends): then what is
+        lost is said, in the job view and the ledger."""
         assert self.instance is not None
         self.job.emit(EventType.RECONNECTING, message=f"connection lost; re-attaching at byte {old.offset}")
         deadline = time.monotonic() + self.reconnect_timeout
-        delay = 0.25
+        delay, next_check = 0.25, 0.0
         while True:
             if self.job.cancel_requested.is_set():
                 # Cancelled during an outage: a short last chance to bring the results back, then tear down
                 # (an unconfirmed terminate leaves the state row for `%burst cleanup`).
                 deadline = min(deadline, time.monotonic() + _CANCEL_RECONNECT_SECONDS)
             try:
-                assert self.instance.endpoint is not None
-                await asyncio.to_thread(self.connections.reset, self.instance.endpoint)
-                client = await asyncio.to_thread(self._client)
-                stream = await asyncio.to_thread(client.attach, old.offset)
+                stream = await self._within_budget(lambda: self._attach_again(old.offset))
                 stream.exit = old.exit
                 return stream
+            except _StopRequested:
+                self.lost = _unsynced(self.plan)  # the cap or the maximum duration came while it was unreachable
+                raise
+            except HostKeyError:
+                raise  # another host answering on the instance's address is never waited out
             except (ProviderError, OSError, EOFError) as exc:
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + self.chosen.poll_seconds
+                    await self._check_preempted()
+                what = _unsynced(self.plan)
+                stop = self._should_stop()
+                if stop in ("budget", "deadline"):
+                    # Unreachable at the cap or the maximum duration: end it now, or the bill passes the cap.
+                    self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {_STOP_TEXT[stop]} while "
+                                  f"{self.instance.endpoint} was unreachable ({exc})\n")
+                    self.lost = what
+                    raise _StopRequested(stop) from exc
+                gave_up = time.monotonic() + delay > deadline
+                if gave_up and (old.exit is None or self.job.cancel_requested.is_set()):
                     raise ConnectFailed(f"lost the connection to {self.instance.endpoint} and could not get it "
-                                        f"back within {self.reconnect_timeout:.0f} s: {exc}") from exc
+                                        f"back within {self.reconnect_timeout:.0f} s: {exc}"
+                                        + (f"; not brought back: {what}" if what else "")) from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _attach_again(self, offset: int) -> AgentStream:
+        assert self.instance is not None and self.instance.endpoint is not None
+        self.connections.reset(self.instance.endpoint)
+        return self._client().attach(offset)
+
+    async def _check_preempted(self) -> None:
+        """Raise Preempted when the provider says the instance was taken away (paused, exited, gone)."""
+        assert self.instance is not None
+        if not self.chosen.bills_from_launch:
+            return  # the user's own machine: unreachable is an outage, never a preemption
+        try:
+            current = await self.chosen.get(self.instance.instance_id)
+        except ProviderError:
+            return  # the API is down too: keep trying to reconnect
+        if current is None:
+            raise Preempted(f"{self.chosen.name} instance {self.instance.instance_id} is gone")
+        if current.state in (InstanceState.STOPPED, InstanceState.FAILED):
+            raise Preempted(f"{self.chosen.name} instance {self.instance.instance_id} was "
+                            f"{current.detail or current.state.value}")
 
     def _on_record(self, r: Record) -> None:
         job, k = self.job, r.get("k")
@@ -751,10 +935,12 @@ class Lifecycle:
                      total_cost_usd=total if confirmed else None,
                      error=None if confirmed else "terminate not confirmed; `%burst cleanup` will retry")
         elif self.spent > 0:
-            total, confirmed = self.spent, True  # every attempt ended before a usable instance: still billed
+            total, confirmed = self.spent, True  # every attempt ended before the job did: still billed
         result = self._result(error, total if confirmed else None)
-        if self.instance is None and self.spent == 0:
-            if reserved:  # nothing was rented; a reaper knows nothing of this reservation, so release it here
+        if self.instance is None:
+            # Nothing is rented now: what earlier attempts cost is on their own ledger rows already, and a reaper
+            # knows nothing of this reservation, so release it here.
+            if reserved:
                 await asyncio.to_thread(self.budget.release, job.id)
         elif confirmed and (terminated_here or self.instance is None):
             # Settle even if the exit hooks handed the job off meanwhile: the reaper skips terminated rows.
@@ -795,6 +981,10 @@ class Lifecycle:
                       text=f"burst: could not confirm that {self.instance.instance_id} is gone: {problem}\n")
         return False
 
+    def _lost_text(self) -> str:
+        """What the job view and the ledger row say was never brought back (the instance was unreachable)."""
+        return f"; not brought back: {self.lost}" if self.lost else ""
+
     def _result(self, error: BaseException | None, total: Decimal | None) -> JobResult:
         job = self.job
         result = JobResult(job_id=job.id, status=JobStatus.COMPLETED, total_cost_usd=total)
@@ -814,12 +1004,12 @@ class Lifecycle:
             result.status = JobStatus.CANCELLED
         elif reason == "budget":
             result.status = JobStatus.BUDGET_KILLED
-            result.error = BudgetKilled(f"stopped at its cost cap ({format_usd(self.cap)})")
+            result.error = BudgetKilled(f"stopped at its cost cap ({format_usd(self.cap)})" + self._lost_text())
         elif self.setup_error is not None:
             result.status, result.error = JobStatus.FAILED, RemoteSetupError(self.setup_error)
         elif reason in ("deadline", "lease"):
             # Before remote_error: the stop reaches the cell as KeyboardInterrupt, an effect and not the cause.
-            result.status, result.error = JobStatus.FAILED, BurstError(_STOP_TEXT[str(reason)])
+            result.status, result.error = JobStatus.FAILED, BurstError(_STOP_TEXT[str(reason)] + self._lost_text())
         elif self.remote_error is not None:
             result.status, result.error = JobStatus.FAILED, self.remote_error
         elif reason == "agent-died":
@@ -842,7 +1032,9 @@ class Lifecycle:
             instance_id=self.instance.instance_id if self.instance else "",
             gpu=(self.instance.gpu_model if self.instance else None) or (self.offer.gpu_model if self.offer else "")
             or "", rate_usd_per_hour=self.rate, started_at=self.launched_wall,
-            ended_at=dt.datetime.now(dt.timezone.utc), actual_usd=result.total_cost_usd,
+            ended_at=dt.datetime.now(dt.timezone.utc), attempt=self.attempt,
+            # This attempt's row: earlier attempts have their own (the job's total is the sum).
+            actual_usd=None if result.total_cost_usd is None else result.total_cost_usd - self.spent,
             status=result.status.value, name=job.spec.name,
             message=None if result.error is None else _one_line(result.error))
 
@@ -859,6 +1051,14 @@ _STOP_TEXT = {
 def _one_line(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _unsynced(plan: JobPlan) -> str | None:
+    """What a job loses when its results never come back: its rw mounts' changes and pulled variables."""
+    parts = [f"changes in {m.mount.remote} (rw mount of {m.mount.local})" for m in plan.mounts if m.rw]
+    if plan.spec.pull:
+        parts.append(f"variables {', '.join(plan.spec.pull)}")
+    return ", ".join(parts) or None
 
 
 def _describe_mounts(mounts: list[MountPlan]) -> str | None:

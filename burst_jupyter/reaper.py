@@ -16,7 +16,7 @@ import logging
 import os
 import subprocess
 import sys
-import time
+import threading
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -37,7 +37,7 @@ __all__ = ["Outcome", "reap", "spawn_reaper"]
 
 log = logging.getLogger("burst_jupyter.reaper")
 
-_STOP_WAIT = 10.0  # seconds a stopped cell gets to finish before its results are fetched anyway
+_RENEW_SECONDS = 1.0  # how often a reaper renews the agent's lease while it stops the cell and syncs
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,16 @@ def reap(owned: list[OwnedInstance], *, state: StateStore, budget: Budget, conne
 
 
 async def _reap_all(owned: list[OwnedInstance], **kw: object) -> list[Outcome]:
-    return list(await asyncio.gather(*(_reap_one(o, **kw) for o in owned)))  # type: ignore[arg-type]
+    return list(await asyncio.gather(*(_reap_safely(o, **kw) for o in owned)))
+
+
+async def _reap_safely(owned: OwnedInstance, **kw: object) -> Outcome:
+    """One job's failure (no account for its provider any more, an API that is down) never stops the others."""
+    try:
+        return await _reap_one(owned, **kw)  # type: ignore[arg-type]
+    except (BurstError, OSError) as exc:
+        log.error("%s: could not be reaped: %s", owned.job_id, exc)
+        return Outcome(owned.job_id, 0, False, None, f"could not be reaped: {exc}")
 
 
 async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, connections: Connections,
@@ -110,7 +119,8 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
         return Outcome(owned.job_id, synced, False, None, problem)
     await asyncio.to_thread(state.mark_terminated, owned.job_id)
     await asyncio.to_thread(remove_job_key, home / "keys", owned.job_id)
-    # From the first create request at the last known rate: an earlier, cheaper attempt is over-counted, never under.
+    # This attempt's row, from its create request at the last known rate (never under); earlier attempts of the
+    # job (preempted, never booted) were billed on rows of their own when they ended.
     rate = Decimal(h.get("rate") or 0)
     launched = dt.datetime.fromisoformat(h["launched_at"]) if "launched_at" in h else owned.created_at
     now = dt.datetime.now(dt.timezone.utc)
@@ -118,27 +128,38 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
     await asyncio.to_thread(
         budget.settle, owned.job_id, provider=owned.provider, instance_id=instance_id,
         gpu=h.get("gpu") or "", rate_usd_per_hour=rate, started_at=launched, ended_at=now, actual_usd=cost,
-        status="cancelled", name=h.get("name"), message=f"{reason}; finished by the reaper")
+        status="cancelled", name=h.get("name"), message=f"{reason}; finished by the reaper",
+        attempt=int(h.get("attempt", 1)))
     log.info("%s: synced %d file(s), terminated, settled %s", owned.job_id, synced, cost)
     return Outcome(owned.job_id, synced, True, cost, problem)
 
 
 def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> tuple[int, str | None]:
-    """Stop the cell, bring its rw results back (and into the result sink). Returns (files, sink problem)."""
+    """Stop the cell, bring its rw results back (and into the result sink). Returns (files, sink problem).
+
+    One ``attach`` does it all: its first line renews the agent's lease and a renewal follows every second until
+    the results are in, so the agent's dead-man's switch never ends the instance under a reaper still syncing."""
     h = owned.handoff
     endpoint = Endpoint.from_json(h["endpoint"])
     client = connections.agent(endpoint, h["python"], h["workdir"])
-    status = client.status()
-    if not status.get("exists"):
+    if not client.status().get("exists"):
         return 0, None
-    if status.get("running"):
-        client.stop("cancelled")
-        deadline = time.monotonic() + _STOP_WAIT
-        while time.monotonic() < deadline and client.status().get("running"):
-            time.sleep(0.2)
-    stream = client.results()
+    stream = client.attach(0)
+    stream.send("lease")
+    stream.send("stop cancelled")  # ignored by an agent whose cell has ended already
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(_RENEW_SECONDS):
+            try:
+                stream.send("lease")
+            except (OSError, EOFError, BurstError):
+                return  # the connection broke: reading the stream fails too and says why
+
+    renewer = threading.Thread(target=renew, name=f"burst-reaper-lease-{owned.job_id}", daemon=True)
+    renewer.start()
     try:
-        for _ in stream.records():
+        for _ in stream.records():  # the whole log up to the exit record: the cell has stopped once it ends
             pass
         plans = [MountPlan.from_json(m) for m in h.get("mounts", [])]
         sink, problem = _handoff_sink(h)
@@ -149,7 +170,9 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> tuple[int,
             log.warning("%s: %s", owned.job_id, got.sink_note)
         return len(got.files), problem or got.sink_note
     finally:
-        stream.close()
+        done.set()
+        renewer.join(5)
+        client.release()
 
 
 def _handoff_sink(h: dict[str, object]) -> tuple[ResultSink | None, str | None]:

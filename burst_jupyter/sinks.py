@@ -35,8 +35,10 @@ from .sync import replace_atomically
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["SCHEMES", "FolderSink", "ResultSink", "S3Sink", "open_sink"]
+__all__ = ["PRESIGN_MAX_SECONDS", "SCHEMES", "FolderSink", "ResultSink", "S3Sink", "open_sink"]
 
+#: SigV4 presigned URLs live at most 7 days.
+PRESIGN_MAX_SECONDS = 7 * 24 * 3600
 #: What ``open_sink`` understands, as the user would write it (a plain path is a folder too).
 SCHEMES = ("a folder", "file://", "s3://", "r2://")
 
@@ -60,6 +62,11 @@ class ResultSink(Protocol):
 
     def put(self, key: str, path: Path) -> None:
         """Store the file at ``path`` under ``key`` (``a/b.txt``), replacing what is there. Raises SyncError."""
+        ...
+
+    def presigned_put(self, key: str, *, expires_seconds: float) -> str | None:
+        """A URL anyone holding it can PUT one object at ``key`` to, for ``expires_seconds``, and nothing else;
+        None when the instance cannot reach the sink. The agent uploads a lapsed job's results there."""
         ...
 
 
@@ -89,6 +96,9 @@ class FolderSink:
                 shutil.copy2(path, tmp)
         except OSError as exc:
             raise SyncError(f"result sink {self._label}: could not store {key}: {exc.strerror or exc}") from exc
+
+    def presigned_put(self, key: str, *, expires_seconds: float) -> str | None:
+        return None  # a folder on this machine: a rented instance cannot reach it
 
 
 class S3Sink:
@@ -133,6 +143,17 @@ class S3Sink:
         except (botocore.ClientError, botocore.BotoCoreError, S3UploadFailedError, OSError) as exc:
             raise SyncError(f"result sink {self._label}: could not store {key}: {self._explain(exc)}") from exc
 
+    def presigned_put(self, key: str, *, expires_seconds: float) -> str | None:
+        """A SigV4 presigned ``PUT`` of ``<prefix>/<key>``: a signature for that one object, not the credentials.
+        Made locally (no request); SigV4 caps the lifetime at 7 days, so a longer one is cut to that."""
+        seconds = int(min(max(expires_seconds, 1.0), PRESIGN_MAX_SECONDS))
+        try:
+            url = self._client().generate_presigned_url(
+                "put_object", Params={"Bucket": self.bucket, "Key": self.key(key)}, ExpiresIn=seconds)
+        except (_botocore_exceptions().BotoCoreError, _botocore_exceptions().ClientError) as exc:
+            raise SyncError(f"result sink {self._label}: cannot sign an upload: {self._explain(exc)}") from exc
+        return str(url)
+
     def _client(self) -> Any:
         with self._lock:
             if self._s3 is None:
@@ -144,7 +165,9 @@ class S3Sink:
                                       "(or burst-jupyter[s3])") from None
                 # Bounded waits: check() runs in the cell before anything is rented, and a put holds the
                 # results transfer; botocore's defaults (60 s connect, legacy retries) would stall both.
-                config = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+                # SigV4 also for presigned URLs (older botocore presigns S3 with SigV2 in us-east-1).
+                config = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"},
+                                signature_version="s3v4")
                 # A session of our own: boto3's default session is not safe to share between threads.
                 self._s3 = boto3.session.Session().client(
                     "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)

@@ -28,6 +28,9 @@ __all__ = [
     "Offer",
     "OfferQuery",
     "Provider",
+    "SelfDestruct",
+    "SelfDestructing",
+    "self_destruct_of",
     "terminate_confirmed",
 ]
 
@@ -157,6 +160,36 @@ class Instance:
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SelfDestruct:
+    """How the agent on an instance ends that instance itself, with the credential the provider put there.
+
+    The agent reads the instance id from ``id_env`` and the instance-scoped key from ``key_env`` (its own
+    environment first, then PID 1's), puts the id where ``{id}`` stands in ``url`` and in every string of
+    ``body`` that is exactly ``"{id}"``, and sends ``method`` with ``Authorization: Bearer <key>`` from inside its
+    own process (never a command line). Nothing secret is in the recipe: the key never leaves the instance.
+    """
+
+    provider: str
+    method: str
+    url: str  # absolute, from the provider's own base URL (tests point it at their loopback fakes)
+    id_env: str
+    key_env: str
+    body: Mapping[str, Any] | None = None  # sent as JSON
+
+    def to_json(self) -> dict[str, Any]:
+        """The recipe as it goes into the job's manifest."""
+        return {"provider": self.provider, "method": self.method, "url": self.url, "id_env": self.id_env,
+                "key_env": self.key_env, "body": None if self.body is None else dict(self.body)}
+
+
+@runtime_checkable
+class SelfDestructing(Protocol):
+    """What a provider declaring :attr:`Capability.SELF_DESTRUCT` also implements."""
+
+    def self_destruct(self) -> SelfDestruct: ...
+
+
 @runtime_checkable
 class Provider(Protocol):
     """What every provider module implements. All calls are async and may raise :class:`ProviderError`.
@@ -215,3 +248,12 @@ async def terminate_confirmed(provider: Provider, instance_id: str, *, timeout: 
             return last
         await asyncio.sleep(delay)
         delay = min(delay * 2, 10.0)
+
+
+def self_destruct_of(provider: Provider) -> SelfDestruct | None:
+    """The provider's self-destruct recipe, or None when it declares no :attr:`Capability.SELF_DESTRUCT`."""
+    if Capability.SELF_DESTRUCT not in provider.capabilities:
+        return None
+    if not isinstance(provider, SelfDestructing):
+        raise TypeError(f"{provider.name} declares self_destruct but has no self_destruct() recipe")
+    return provider.self_destruct()

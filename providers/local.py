@@ -56,6 +56,8 @@ def _fitting(query: OfferQuery, gpus: tuple[tuple[str, int], ...]) -> list[tuple
 
 class LocalProvider:
     name: ClassVar[str] = "local"
+    # No SELF_DESTRUCT: there is no machine to end. When the lease lapses the agent stops the job and removes its
+    # work/ folder; the results wait in the job folder for the client or `burst cleanup`.
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.LOCAL_FILES})
     teardown_seconds: ClassVar[float] = 1.0
     bills_from_launch: ClassVar[bool] = False

@@ -22,7 +22,7 @@ from pydantic.alias_generators import to_camel
 
 from ..errors import OfferGone, ProviderError
 from ._http import ApiClient, RetryPolicy, default_error_text
-from .base import REMOTE_JOB_ROOT, Capability, Endpoint, Instance, InstanceState, Offer, OfferQuery
+from .base import REMOTE_JOB_ROOT, Capability, Endpoint, Instance, InstanceState, Offer, OfferQuery, SelfDestruct
 from .catalog import identify
 
 if TYPE_CHECKING:
@@ -153,7 +153,8 @@ class RunPodProvider:
     name: ClassVar[str] = "runpod"
     # SPOT: RunPod removed the spot docs on 2026-05-06 but kept podRentInterruptable in the schema; whether spot
     # can still be rented is UNCONFIRMED (2.1). Kept (2026-11-23): a refusal comes back as a GraphQL error.
-    capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.SPOT, Capability.STOP})
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {Capability.SPOT, Capability.STOP, Capability.SELF_DESTRUCT})
     teardown_seconds: ClassVar[float] = 15.0  # podTerminate is accepted at once; the pod is gone seconds later
     bills_from_launch: ClassVar[bool] = True
 
@@ -329,6 +330,15 @@ class RunPodProvider:
                         workdir=f"{REMOTE_JOB_ROOT}/{job_id or pod.id}",
                         price_usd_per_hour=pod.cost_per_hr or Decimal(0), tag=owner, job_id=job_id,
                         detail=detail, spot=spot)
+
+    def self_destruct(self) -> SelfDestruct:
+        """The agent's way to end its own pod: ``podTerminate`` with the pod's own ``RUNPOD_POD_ID`` and
+        ``RUNPOD_API_KEY``. RunPod's docs call the key every pod gets "Pod-scoped" (runpodctl page); that it can
+        terminate its own pod and nothing else is UNCONFIRMED live (2026-11-29). The account key never goes in.
+        """
+        return SelfDestruct(provider=self.name, method="POST", url=self._api.url("/graphql"),
+                            id_env="RUNPOD_POD_ID", key_env="RUNPOD_API_KEY",
+                            body={"query": _M_TERMINATE, "variables": {"podId": "{id}"}})
 
     # -- terminate ----------------------------------------------------------------------------------------------
 

@@ -37,6 +37,8 @@ def parse_host(text: str, *, trust_on_first_use: bool = False) -> Endpoint:
 
 class SSHProvider:
     name: ClassVar[str] = "ssh"
+    # No SELF_DESTRUCT: there is no machine to end. When the lease lapses the agent stops the job and removes its
+    # work/ folder; the results wait in the job folder for the client or `burst cleanup`.
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
     teardown_seconds: ClassVar[float] = 2.0
     bills_from_launch: ClassVar[bool] = False

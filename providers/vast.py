@@ -21,7 +21,7 @@ import httpx
 
 from ..errors import ApiError, ConnectFailed, OfferGone, ProviderError, ProvisioningFailed
 from ._http import ApiClient, RetryPolicy, money_from_json
-from .base import REMOTE_JOB_ROOT, Capability, Endpoint, Instance, InstanceState, Offer, OfferQuery
+from .base import REMOTE_JOB_ROOT, Capability, Endpoint, Instance, InstanceState, Offer, OfferQuery, SelfDestruct
 from .catalog import identify, spellings
 
 if TYPE_CHECKING:
@@ -260,6 +260,15 @@ class VastProvider:
         """Destroy; an unknown or already destroyed id (404 not_found, 1.7) returns quietly. Does not wait."""
         await self._api.request("DELETE", f"/api/v0/instances/{instance_id}/", json={},
                                 ok=lambda r: r.status_code == 404)
+
+    def self_destruct(self) -> SelfDestruct:
+        """The agent's way to destroy its own instance: ``DELETE /api/v0/instances/{id}/`` (1.7) with the key Vast
+        injects into every instance. Vast puts ``CONTAINER_ID`` and ``CONTAINER_API_KEY`` (a key that can only stop
+        or destroy that one instance) in the container's environment, PID 1's, which SSH sessions do not inherit
+        (seen in public code, 2026-11-29); the agent looks there too. The account key never reaches the machine.
+        """
+        return SelfDestruct(provider=self.name, method="DELETE", url=self._api.url("/api/v0/instances/{id}/"),
+                            id_env="CONTAINER_ID", key_env="CONTAINER_API_KEY", body={})
 
     # -- mapping -----------------------------------------------------------------------------------------------
 

@@ -28,6 +28,8 @@ The generated sshd_config, option by option:
   connections or 10 channels per connection.
 - ``UseDNS no``, ``PrintMotd no``, ``PrintLastLog no``: nothing slow or root-only between login and command.
 - No ``Subsystem`` line: burst never opens SFTP.
+- ``SetEnv``, only when :func:`start_sshd` is given ``env``: variables every session gets, as a provider injects
+  its own into an instance (the fakes give each machine its id and a key scoped to it).
 - ``ForceCommand``, only when :func:`start_sshd` is given a ``home``: every command runs there, with HOME set to it,
   through the user's shell as before (``$SHELL -c "$SSH_ORIGINAL_COMMAND"``). sshd itself always starts in the
   account's home from /etc/passwd, so this is how a test gets a remote home of its own (``~/.cache/burst/jobs``
@@ -147,12 +149,14 @@ def start_sshd(
     host_key_types: tuple[str, ...] = ("ed25519",),
     home: Path | None = None,
     path: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[SSHServer]:
     """Run sshd in the foreground until the block ends; yields once it answers with its SSH banner.
 
     ``host_key_types`` are ssh-keygen -t names; the first one's key is ``host_key_pub`` and is in known_hosts.
     ``home``, when given, is created and becomes HOME and the working directory of every command; ``path`` (with
-    ``home``) is put first on PATH (a fake ``nvidia-smi`` for a rented GPU box)."""
+    ``home``) is put first on PATH (a fake ``nvidia-smi`` for a rented GPU box). ``env`` is set in every session
+    (``SetEnv``): what a provider injects into its instances (the instance id, a key scoped to it)."""
     if not SSHD.exists():
         pytest.skip(f"OpenSSH server not installed ({SSHD} missing); apt-get install openssh-server")
     if os.geteuid() == 0:
@@ -181,6 +185,8 @@ def start_sshd(
             "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PermitRootLogin prohibit-password\nLogLevel VERBOSE\n"
             "MaxStartups 100\nMaxSessions 100\nUseDNS no\nPrintMotd no\nPrintLastLog no\n"
+            # One line: sshd keeps the first SetEnv it reads and ignores the rest.
+            + ("SetEnv " + " ".join(f"{name}={value}" for name, value in env.items()) + "\n" if env else "")
             + force
         )
         log_path = workdir / "sshd.log"

@@ -37,7 +37,8 @@ pytestmark = pytest.mark.timeout(60)
 
 # The order every job goes through (output, progress and budget warnings may come in between).
 LIFECYCLE = [EventType.QUEUED, EventType.OFFER_SELECTED, EventType.BUDGET_RESERVED, EventType.PROVISIONING,
-             EventType.PROVISIONED, EventType.SSH_READY, EventType.SYNCING_UP, EventType.STARTED]
+             EventType.PROVISIONED, EventType.SSH_READY, EventType.PROTECTED,
+             EventType.SYNCING_UP, EventType.STARTED]
 INTERLUDE = {EventType.OUTPUT, EventType.PROGRESS, EventType.BUDGET_WARNING}
 
 

@@ -56,11 +56,13 @@ class JobViewState:
     elapsed_s: float = 0.0
     last_output: str | None = None
     warning: str | None = None
+    protection: str | None = None  # which layers end the instance if the kernel dies (the protected event)
     error: str | None = None
     final: bool = False
     queued_at: float | None = None
     billing_since: float | None = None
     billing_until: float | None = None
+    earlier_attempts_usd: Decimal = Decimal(0)  # what instances lost to preemption cost (the preempted event)
 
     @property
     def cost_fraction(self) -> float | None:
@@ -109,12 +111,20 @@ class JobViewState:
         elif kind is EventType.BUDGET_WARNING:
             # A warning is a side note, not a phase: it can arrive mid-run and must not hide "running".
             self.warning = clean_text(event.message or event.describe())
+        elif kind is EventType.PROTECTED:
+            self.protection = clean_text(event.message) if event.message else None  # a side note too
+        elif kind is EventType.SYNCED:
+            pass  # a periodic pull while running: the text view prints it; the phase stays "running"
         else:
             self.status = "running" if kind is EventType.STARTED else kind.value
-            if kind is EventType.PROVISIONED:
-                self.billing_since = now
+            if kind is EventType.PROVISIONED and self.billing_since is None:
+                self.billing_since = now  # a re-quoted rate (provisioned again) bills on from the same start
             elif kind is EventType.TERMINATED:
                 self.billing_until = now
+            elif kind is EventType.PREEMPTED:
+                # That instance is ended and billed; the next one, if any, bills from its own provisioned event.
+                self.earlier_attempts_usd = event.cost_so_far_usd or self.cost_usd
+                self.billing_since = None
 
     def refresh(self, now: float) -> None:
         """Bring elapsed time and running cost up to ``now`` (no-op once final)."""
@@ -124,7 +134,7 @@ class JobViewState:
         if self.rate_per_hour_usd is not None and self.billing_since is not None:
             until = self.billing_until if self.billing_until is not None else now
             billed_s = Decimal(f"{max(until - self.billing_since, 0.0):.3f}")
-            self.cost_usd = self.rate_per_hour_usd * billed_s / 3600
+            self.cost_usd = self.earlier_attempts_usd + self.rate_per_hour_usd * billed_s / 3600
 
 
 def _last_line(text: str) -> str | None:
@@ -217,6 +227,8 @@ class JobView(LiveView):
         if event.type in _QUIET_EVENTS:
             return None
         title = f"job {self._state.name!r} ({self._state.job_id})"
+        if event.type is EventType.PROTECTED and event.message:
+            return clean_text(f"protected by: {event.message}")
         if not event.is_final:
             # The first line names the job; the rest are short (the [burst] prefix already says whose they are).
             text = f"{title} · {event.describe()}" if event.type is EventType.QUEUED else event.describe()
@@ -251,6 +263,7 @@ class JobView(LiveView):
                 ("Elapsed", escape(f.elapsed)),
                 ("Last output", f"<code>{escape(s.last_output)}</code>") if s.last_output else None,
                 ("Warning", escape(s.warning)) if s.warning else None,
+                ("Protected by", escape(s.protection)) if s.protection else None,
                 ("Error", f'<span style="color:#c62828">{escape(s.error)}</span>') if s.error else None,
             ]
         body = "".join(
@@ -307,7 +320,8 @@ class JobView(LiveView):
             # One state message per changed widget per render, however many traits change.
             for part in p.all():
                 stack.enter_context(part.hold_sync())
-            p.status.value = f"<b>{escape(f.title)}</b> · {status}{extra}"
+            guard = f"<br><small>protected by: {escape(s.protection)}</small>" if s.protection else ""
+            p.status.value = f"<b>{escape(f.title)}</b> · {status}{extra}{guard}"
             set_bar(p.progress, _bar_percent(s) / 100, _progress_style(s))
             p.progress_text.value = escape(f.progress)
             p.cost.value = escape(f.cost)

@@ -4,6 +4,8 @@
   create call returns at once and the instance becomes reachable later, as on a real cloud. Each machine has its
   own HOME (``ForceCommand``), its own host key and an ``authorized_keys`` the fake fills the provider's own way
   (Vast attaches a key, RunPod reads ``PUBLIC_KEY`` from the env, Thunder takes ``public_key`` at create).
+  Vast and RunPod machines also get their id and a random key scoped to them in every session's environment, as
+  the real ones inject theirs; the fake API takes that key only to end that one instance (:func:`scoped_key`).
   Destroying a machine stops its sshd, its connections and every process whose HOME is the machine's home (the
   agent, the cell): what a real terminate does to a rented box.
 - :class:`Switches`: 429 storms, 5xx, a lost reply after the work was done, an offer taken between search and
@@ -19,6 +21,7 @@ import contextlib
 import http.server
 import json
 import os
+import secrets
 import shlex
 import signal
 import sys
@@ -36,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ for ss
 
 from sshd import SSHServer, kill_connections, start_sshd
 
-__all__ = ["DropReply", "FakeCloud", "FakeMachine", "FakeMachines", "LoopbackServer", "Switches", "json_response"]
+__all__ = ["DropReply", "FakeCloud", "FakeMachine", "FakeMachines", "LoopbackServer", "Switches", "billed",
+           "json_response", "scoped_key"]
 
 
 class DropReply(Exception):
@@ -75,10 +79,12 @@ class Switches:
 class FakeMachine:
     """One rented box: a real sshd that starts after ``boot_delay``, with its own home."""
 
-    def __init__(self, root: Path, *, boot_delay: float, fail: bool = False, gpus: tuple[str, ...] = ()) -> None:
+    def __init__(self, root: Path, *, boot_delay: float, fail: bool = False, gpus: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
         self.home = root / "home"
         self.gpus = gpus  # what its nvidia-smi reports, one name per GPU
+        self.env = dict(env or {})  # what the provider injects into every session (its id, a key scoped to it)
         self.authorized: list[str] = []
         self.server: SSHServer | None = None
         self.failed = fail
@@ -96,7 +102,8 @@ class FakeMachine:
             if self.destroyed:
                 return
             bin_dir = self._fake_nvidia_smi()
-            self.server = self._stack.enter_context(start_sshd(self.root / "sshd", home=self.home, path=bin_dir))
+            self.server = self._stack.enter_context(start_sshd(self.root / "sshd", home=self.home, path=bin_dir,
+                                                               env=self.env))
             self._write_keys()
         self._booted.set()
 
@@ -151,8 +158,13 @@ class FakeMachine:
             self.destroyed = True
             server = self.server
         if server is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.pid, signal.SIGSTOP)  # accept nothing more: no session slips in while we clean up
             kill_connections(server)
         _kill_processes_with_home(self.home)
+        if server is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.pid, signal.SIGKILL)  # a stopped listener never sees a SIGTERM
         self._stack.close()
 
     def processes(self) -> list[int]:
@@ -196,8 +208,9 @@ class FakeMachines:
         self.all: list[FakeMachine] = []
 
     def create(self, *, boot_delay: float, fail: bool = False, gpu: tuple[str, str] | None = None,
-               count: int = 1) -> FakeMachine:
-        """A machine booting after ``boot_delay``; ``gpu`` is (provider, that provider's GPU spelling)."""
+               count: int = 1, env: dict[str, str] | None = None) -> FakeMachine:
+        """A machine booting after ``boot_delay``; ``gpu`` is (provider, that provider's GPU spelling); ``env`` is
+        set in its SSH sessions."""
         names: tuple[str, ...] = ()
         if gpu is not None:
             from burst_jupyter.providers.catalog import CATALOG, identify
@@ -206,7 +219,8 @@ class FakeMachines:
             names = (CATALOG[canonical].nvidia_smi[0],) * count if canonical else ()
         with self._lock:
             self._count += 1
-            machine = FakeMachine(self.root / f"m{self._count}", boot_delay=boot_delay, fail=fail, gpus=names)
+            machine = FakeMachine(self.root / f"m{self._count}", boot_delay=boot_delay, fail=fail, gpus=names,
+                                  env=env)
             self.all.append(machine)
         return machine
 
@@ -250,7 +264,16 @@ class FakeCloud:
         """Instances that are still billing (not destroyed); the end-to-end tests assert this is empty."""
         raise NotImplementedError
 
+    def bills(self) -> dict[str, Decimal]:
+        """What each instance ever created has been billed so far (see :func:`billed`), by instance id."""
+        raise NotImplementedError
+
     # -- shared -----------------------------------------------------------------------------------------------
+
+    def bearer(self, request: httpx.Request) -> str:
+        """The key a request came with (Bearer header or ``?api_key=``)."""
+        header = request.headers.get("authorization", "")
+        return header.removeprefix("Bearer ") if header.startswith("Bearer ") else request.url.params.get("api_key", "")
 
     def authorized(self, request: httpx.Request) -> bool:
         header = request.headers.get("authorization", "")
@@ -344,6 +367,19 @@ def _make_handler(cloud: FakeCloud) -> type[http.server.BaseHTTPRequestHandler]:
         do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
 
     return Handler
+
+
+def billed(rate: Decimal, created: float, ended: float | None) -> Decimal:
+    """The bill of an instance: its billed $/h from the create call to its destroy (or now, while it lives). The
+    fault-injection tests hold every bill to the job's --max-cost."""
+    seconds = (time.time() if ended is None else ended) - created
+    return rate * Decimal(repr(seconds)) / 3600
+
+
+def scoped_key() -> str:
+    """A fresh instance-scoped key (Vast's CONTAINER_API_KEY, RunPod's in-pod RUNPOD_API_KEY): random, so a test
+    can tell which key ended an instance."""
+    return f"scoped-{secrets.token_hex(16)}"
 
 
 def money(value: Decimal | float | str) -> float:

@@ -6,7 +6,9 @@ is read from ``variables`` (runpodctl's way) or from simple inlined literals (ru
 holds only the fields the query selected, as a GraphQL server's would. Bearer and ``?api_key=`` are both accepted;
 a bad key is HTTP 401; business errors are ``{"errors": [{"message"}], "data": null}`` in an HTTP 200.
 Pods have ``runtime: null`` until their machine (a real sshd, tests/fakes/base.py) answers; ``env`` comes back as
-``"KEY=value"`` strings and the ``PUBLIC_KEY`` one is authorized on the machine, as RunPod's images do.
+``"KEY=value"`` strings and the ``PUBLIC_KEY`` one is authorized on the machine, as RunPod's images do. The
+machine's sessions carry ``RUNPOD_POD_ID`` and a pod-scoped ``RUNPOD_API_KEY``, which may stop or terminate that pod
+and nothing else (403 otherwise); :meth:`FakeRunPod.terminated_by` tells which key ended a pod.
 The 429 shape of RunPod GraphQL is UNCONFIRMED: HTTP 429, with ``Retry-After`` when ``switches.retry_after`` is set.
 """
 
@@ -23,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from .base import DropReply, FakeCloud, FakeMachine, json_response, money
+from .base import DropReply, FakeCloud, FakeMachine, billed, json_response, money, scoped_key
 
 __all__ = ["CAPACITY_ERROR", "DEFAULT_GPU_TYPES", "FakeRunPod"]
 
@@ -73,10 +75,24 @@ class FakeRunPod(FakeCloud):
         with self.lock:
             return [self._render(p) for p in self.pods.values() if p["desiredStatus"] != "TERMINATED"]
 
+    def bills(self) -> dict[str, Decimal]:
+        """Each pod at its ``costPerHr``, created to terminated (an exited pod is counted in full meanwhile)."""
+        with self.lock:
+            return {pid: billed(Decimal(str(p["costPerHr"])), p["_created_at"], p["_terminated_at"])
+                    for pid, p in self.pods.items()}
+
     def pod(self, pod_id: str) -> dict[str, Any] | None:
         with self.lock:
             pod = self.pods.get(pod_id)
             return self._render(pod) if pod is not None else None
+
+    def terminated_by(self, pod_id: str) -> str | None:
+        """Which key terminated the pod: "account", "scoped" (its own RUNPOD_API_KEY), or None while it lives."""
+        with self.lock:
+            return self.pods[pod_id]["_terminated_by"]  # type: ignore[no-any-return]
+
+    def _key_owner(self, key: str) -> str | None:
+        return next((pid for pid, pod in self.pods.items() if key and pod["_scoped_key"] == key), None)
 
     def interrupt(self, pod_id: str) -> None:
         """Reclaim a spot pod: it shows EXITED and its machine is gone."""
@@ -97,7 +113,10 @@ class FakeRunPod(FakeCloud):
     def dispatch(self, request: httpx.Request, body: Any) -> httpx.Response:
         if request.method != "POST" or request.url.path != "/graphql":
             return json_response(404, {"error": "not found"})
-        if not self.authorized(request):
+        # A pod's own RUNPOD_API_KEY ("Pod-scoped", RunPod's docs; its exact reach UNCONFIRMED, 2026-11-29): the
+        # fake lets it stop or terminate its own pod and nothing else.
+        scope = None if self.authorized(request) else self._key_owner(self.bearer(request))
+        if not self.authorized(request) and scope is None:
             return json_response(401, {"error": "Unauthorized"})
         if not isinstance(body, dict) or not isinstance(body.get("query"), str):
             return json_response(400, {"errors": [{"message": "Must provide query string."}], "data": None})
@@ -106,6 +125,10 @@ class FakeRunPod(FakeCloud):
         if op is None:
             return json_response(400, {"errors": [{"message": f"unknown operation: {query[:80]!r}"}], "data": None})
         tree = _selection(query, op)
+        if scope is not None and (op not in ("podTerminate", "podStop")
+                                  or _input(query, variables, op).get("podId") != scope):
+            return json_response(403, {"errors": [{"message": "this key may only stop or terminate its own pod"}],
+                                       "data": None})
         if op == "gpuTypes":
             wanted = _input(query, variables, "gpuTypes").get("id")
             count = int(_input(query, variables, "lowestPrice").get("gpuCount") or 1)
@@ -127,7 +150,8 @@ class FakeRunPod(FakeCloud):
         if pod is None or pod["desiredStatus"] == "TERMINATED":
             return _error(f"Pod not found: {pod_id}")  # the real text is UNCONFIRMED
         if op == "podTerminate":
-            pod["desiredStatus"] = "TERMINATED"
+            pod["desiredStatus"], pod["_terminated_at"] = "TERMINATED", time.time()
+            pod["_terminated_by"] = "account" if scope is None else "scoped"
             self.pod_machines[pod["id"]].destroy()
             return _data(op, None, None)  # a bare scalar: no selection set
         if op == "podStop":
@@ -166,6 +190,8 @@ class FakeRunPod(FakeCloud):
                "lastStatusChange": f"Rented by User: {time.ctime()}"}
         self.pods[pod_id] = pod
         pod["_gpu"] = str(gpu["id"])
+        pod["_scoped_key"], pod["_terminated_by"] = scoped_key(), None  # its in-pod RUNPOD_API_KEY; who ended it
+        pod["_created_at"], pod["_terminated_at"] = time.time(), None  # its bill (see bills())
         self._boot(pod, fail=self.switches.take("boot_fails"), gpu=pod["_gpu"])
         if self.switches.take("drop_create_reply"):
             raise DropReply
@@ -173,7 +199,8 @@ class FakeRunPod(FakeCloud):
 
     def _boot(self, pod: dict[str, Any], *, fail: bool, gpu: str) -> None:
         machine = self.machines.create(boot_delay=self.switches.boot_delay, fail=fail, gpu=("runpod", gpu),
-                                       count=int(pod["gpuCount"]))
+                                       count=int(pod["gpuCount"]),
+                                       env={"RUNPOD_POD_ID": pod["id"], "RUNPOD_API_KEY": pod["_scoped_key"]})
         for item in pod["env"]:
             if item.startswith("PUBLIC_KEY="):
                 machine.authorize(item.removeprefix("PUBLIC_KEY="))

@@ -28,12 +28,13 @@ import copy
 import datetime as dt
 import time
 import uuid as uuidlib
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from .base import DropReply, FakeCloud, FakeMachine, json_response
+from .base import DropReply, FakeCloud, FakeMachine, billed, json_response
 
 __all__ = ["PRICING", "SPECS", "FakeThunder"]
 
@@ -94,6 +95,7 @@ class FakeThunder(FakeCloud):
         self._boot: dict[str, tuple[float, int]] = {}  # uuid -> (boot delay, lists left showing RUNNING, no ip)
         self._booting: set[str] = set()
         self._identifier = 0
+        self._bill: dict[str, tuple[Decimal, float, float | None]] = {}  # uuid -> ($/h, created, deleted)
 
     # -- inspection ------------------------------------------------------------------------------------------
 
@@ -105,6 +107,11 @@ class FakeThunder(FakeCloud):
         """The live record itself (tests may edit it, e.g. ``port = 0``), or None once deleted."""
         with self.lock:
             return self._refresh(uuid) if uuid in self.instances else None
+
+    def bills(self) -> dict[str, Decimal]:
+        """Each instance at the list price it was created at, created to deleted."""
+        with self.lock:
+            return {uuid: billed(*bill) for uuid, bill in self._bill.items()}
 
     def machine(self, uuid: str) -> FakeMachine:
         return self._machines[uuid]
@@ -188,6 +195,8 @@ class FakeThunder(FakeCloud):
             "promoted": False, "k8s": False, "provisioningTime": None, "lastRestart": None,
         }
         self._machines[uuid] = machine
+        self._bill[uuid] = (self._list_price(key, vcpus, disk, int(body.get("ephemeral_disk_gb") or 0)),
+                            machine.created_at, None)
         self._boot[uuid] = (self.switches.boot_delay, self.ip_lag)
         self._booting.add(uuid)
         if self.switches.take("drop_create_reply"):
@@ -205,7 +214,17 @@ class FakeThunder(FakeCloud):
         self.deleted[uuid] = self.instances.pop(uuid)  # every later index moves down by one
         self._booting.discard(uuid)
         self._machines[uuid].destroy()
+        rate, created, _ = self._bill[uuid]
+        self._bill[uuid] = (rate, created, time.time())
         return json_response(200, {"message": f"Instance {index} deleted"})
+
+    def _list_price(self, key: str, vcpus: int, disk: int, ephemeral: int) -> Decimal:
+        """The spec's rate, extra vCPUs past the first option, disk past 100 GB, ephemeral disk (reference 3)."""
+        def rate(name: str) -> Decimal:
+            return Decimal(str(self.pricing.get(name, 0)))  # a test may drop a row from the table
+
+        return (rate(key) + max(vcpus - self.specs[key]["vcpuOptions"][0], 0) * rate("additional_vcpus")
+                + max(disk - 100, 0) * rate("disk_gb") + ephemeral * rate("ephemeral_disk_gb"))
 
     def _refresh(self, uuid: str, *, listing: bool = False) -> dict[str, Any]:
         """Move a booting record along with its machine; once it has an ip (or gave up) it is left alone, so

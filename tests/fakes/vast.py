@@ -6,7 +6,9 @@ Emulated: offer search ``POST /api/v0/bundles/`` (filters eq/neq/gt/gte/lt/lte/i
 ``next_token``/``after_token``), show ``GET /api/v0/instances/{id}/`` (``{"instances": obj|null}``), destroy
 ``DELETE /api/v0/instances/{id}/``, per-instance keys ``/api/v0/instances/{id}/ssh/`` and
 ``GET /api/v0/users/current/``. Auth by Bearer or ``?api_key=``; 401 ``auth_error`` otherwise; 429 in plain text
-with no Retry-After.
+with no Retry-After. Each machine's sessions carry ``CONTAINER_ID`` and ``CONTAINER_API_KEY`` (also the create
+reply's ``instance_api_key``); that key may destroy its own instance and nothing else (403 otherwise), and each
+instance records which key destroyed it (``destroyed_by``).
 
 Each created instance is a real sshd (tests/fakes/base.py): ``actual_status`` is null until the boot delay ends,
 "loading" until sshd answers, then "running" with ``ports``/``ssh_host``/``ssh_port`` filled. A failed boot reads
@@ -29,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from .base import DropReply, FakeCloud, FakeMachine, json_response, money
+from .base import DropReply, FakeCloud, FakeMachine, billed, json_response, money, scoped_key
 
 __all__ = ["DEFAULT_OFFERS", "FakeVast", "VastInstance"]
 
@@ -73,7 +75,10 @@ class VastInstance:
     created: float = field(default_factory=time.time)
     boot_delay: float = 0.0
     destroyed: bool = False
+    destroyed_at: float | None = None  # billing ends here
     paused: bool = False
+    scoped_key: str | None = None  # its CONTAINER_API_KEY: may destroy this instance and do nothing else
+    destroyed_by: str | None = None  # "account" or "scoped": the key the destroy came with
 
 
 def _error(status: int, error: str, msg: str, **more: Any) -> httpx.Response:
@@ -140,12 +145,22 @@ class FakeVast(FakeCloud):
         with self.lock:
             return [self.instance(i) for i, inst in self.instances.items() if not inst.destroyed]
 
+    def bills(self) -> dict[str, Decimal]:
+        """Each instance at its billed ``dph_total``, created to destroyed; a paused bid bills on (its disk, at
+        most the full rate: counted in full here)."""
+        with self.lock:
+            return {str(i): billed(Decimal(str(inst.row["dph_total"])), inst.created, inst.destroyed_at)
+                    for i, inst in self.instances.items() if inst.machine is not None}
+
     def outbid(self, instance_id: int | str) -> None:
         """A bid that lost its machine: paused, data kept, Vast still means to resume it (reference 1.9)."""
         with self.lock:
             inst = self.instances[int(instance_id)]
             inst.paused = True
             inst.row.update(is_bid=True, cur_state="stopped", next_state="running", status_msg="outbid: paused")
+            machine = inst.machine
+        if machine is not None:
+            machine.destroy()  # the container stops: its processes and SSH sessions end (the row stays, billed)
 
     def too_many(self) -> httpx.Response:
         return httpx.Response(429, text="API requests too frequent", headers={"content-type": "text/plain"})
@@ -156,7 +171,7 @@ class FakeVast(FakeCloud):
         path, method = request.url.path, request.method
         self.queries.append((method, path, dict(request.url.params)))
         if not self.authorized(request):
-            return _error(401, "auth_error", "Invalid user key")
+            return self._scoped(request)
         if (method, path.rstrip("/")) == ("POST", "/api/v0/bundles"):
             return self._search(body or {})
         if (method, path.rstrip("/")) == ("GET", "/api/v0/users/current"):
@@ -172,8 +187,20 @@ class FakeVast(FakeCloud):
                 inst = self._live(int(m[1]))
                 return json_response(200, {"instances": inst.row if inst else None})
             if method == "DELETE":
-                return self._destroy(int(m[1]))
+                return self._destroy(int(m[1]), by="account")
         return _error(404, "not_found", f"no route {method} {path}")
+
+    def _scoped(self, request: httpx.Request) -> httpx.Response:
+        """A request without the account key: an instance's own CONTAINER_API_KEY may destroy that instance (the
+        fake grants that much of "stop or destroy"; 2026-11-29), anything else is refused."""
+        key = self.bearer(request)
+        owner = next((iid for iid, inst in self.instances.items() if key and inst.scoped_key == key), None)
+        if owner is None:
+            return _error(401, "auth_error", "Invalid user key")
+        m = re.fullmatch(r"/api/v0/instances/(\d+)/?", request.url.path)
+        if request.method != "DELETE" or m is None or int(m[1]) != owner:
+            return _error(403, "forbidden", "this instance key may only stop or destroy its own instance")
+        return self._destroy(owner, by="scoped")
 
     def _search(self, body: dict[str, Any]) -> httpx.Response:
         kind = body.get("type", "on-demand")
@@ -219,13 +246,16 @@ class FakeVast(FakeCloud):
         row = self._row(iid, offer, body, runtype)
         rate = Decimal(str(price if price is not None else offer["dph_total"])) * self.bill_markup
         row.update(dph_total=money(rate), is_bid=price is not None)
+        key = scoped_key()  # the create reply's instance_api_key, and CONTAINER_API_KEY on the machine
         machine = self.machines.create(boot_delay=self.switches.boot_delay, fail=self.switches.take("boot_fails"),
+                                       env={"CONTAINER_ID": str(iid), "CONTAINER_API_KEY": key},
                                        gpu=("vast", offer["gpu_name"]), count=int(offer["num_gpus"]))
         self.instances[iid] = VastInstance(row=row, machine=machine, ask_id=ask_id, boot_delay=self.switches.boot_delay,
-                                           direct="ssh_direc" in runtype and offer["direct_port_count"] > 0)
+                                           direct="ssh_direc" in runtype and offer["direct_port_count"] > 0,
+                                           scoped_key=key)
         if self.switches.take("drop_create_reply"):
             raise DropReply()
-        return json_response(200, {"success": True, "new_contract": iid, "instance_api_key": f"inst-{iid:x}"})
+        return json_response(200, {"success": True, "new_contract": iid, "instance_api_key": key})
 
     def _row(self, iid: int, offer: dict[str, Any], body: dict[str, Any], runtype: str) -> dict[str, Any]:
         keep = ("machine_id", "host_id", "num_gpus", "gpu_name", "gpu_ram", "cpu_ram", "inet_up", "inet_down",
@@ -306,13 +336,13 @@ class FakeVast(FakeCloud):
             inst.machine.authorize(key)
         return json_response(200, {"success": True, "msg": "SSH key attached successfully"})
 
-    def _destroy(self, iid: int) -> httpx.Response:
+    def _destroy(self, iid: int, *, by: str) -> httpx.Response:
         if self.switches.take("terminate_failures"):
             return _error(500, "server_error", "Internal error, try again")
         inst = self._live(iid)
         if inst is None:
             return _error(404, "not_found", "Instance not found")
-        inst.destroyed = True
+        inst.destroyed, inst.destroyed_at, inst.destroyed_by = True, time.time(), by
         if inst.machine is not None:
             inst.machine.destroy()
         if inst.ask_id in self.offers:

@@ -91,9 +91,11 @@ def test_a_preempted_job_finishes_on_another_offer(ip: Any, markets: Markets, tm
     assert state_row(burst_home, job.id).state == "terminated"
 
 
-def test_without_retries_a_preemption_fails_clearly_and_bills_the_attempt(ip: Any, markets: Markets,
+def test_without_retries_a_preemption_fails_clearly_and_bills_the_attempt(ip: Any, markets: Markets, tmp_path: Path,
                                                                            burst_home: Path) -> None:
-    result, _ = run_cell(ip, cell("--gpu RTX_4090 --spot --provider vast --max-cost 1 --background", CHECKPOINTED))
+    (tmp_path / "out").mkdir()
+    options = "--gpu RTX_4090 --spot --provider vast --max-cost 1 --mount ./out:out:rw --background"
+    result, _ = run_cell(ip, cell(options, CHECKPOINTED))
     job = result.result
     wait_until(lambda: any("step 1" in (e.text or "") for e in _events(job, EventType.OUTPUT)), "step 1")
     first = _instance_of(job)
