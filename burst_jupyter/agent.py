@@ -43,6 +43,7 @@ import re
 import selectors
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -1072,6 +1073,19 @@ def results_main(jobdir: str) -> int:
     return 0
 
 
+def _sendable(path: str, root: str) -> bool:
+    """What the client accepts back: files, folders and links that stay inside their mount. A cell's link to an
+    absolute path (``latest -> /ckpt/7``) or a FIFO is left here, not sent to be refused with the whole results."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    if stat.S_ISLNK(mode):
+        real, top = os.path.realpath(path), os.path.realpath(root)
+        return real == top or real.startswith(top + os.sep)
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+
 def _add_results(jobdir: str, tar: tarfile.TarFile) -> None:
     """The files the cell changed in rw mounts (``m/<i>/...``) and ``values.out.pkl``."""
     snapshots = _read_json(os.path.join(jobdir, "snapshot.json"), {})
@@ -1079,9 +1093,9 @@ def _add_results(jobdir: str, tar: tarfile.TarFile) -> None:
     for i, before in sorted(snapshots.items()):
         root = os.path.join(jobdir, "m", i)
         for rel, sig in sorted(_snapshot(root).items()):
-            if before.get(rel) != sig:
-                tar.add(os.path.join(root, rel.rstrip("/")), arcname="m/%s/%s" % (i, rel.rstrip("/")),
-                        recursive=False)
+            path = os.path.join(root, rel.rstrip("/"))
+            if before.get(rel) != sig and _sendable(path, root):
+                tar.add(path, arcname="m/%s/%s" % (i, rel.rstrip("/")), recursive=False)
     values = os.path.join(jobdir, "values.out.pkl")
     if os.path.exists(values):
         tar.add(values, arcname="values.out.pkl")

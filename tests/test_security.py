@@ -493,20 +493,23 @@ def test_results_inside_their_mounts_land_whole(landing: Landing, tmp_path: Path
                       "single.txt/single.txt": b"after"}
 
 
-def test_a_cell_linking_to_etc_passwd_gets_a_clear_error_and_no_link(ip: Any, tmp_path: Path,
-                                                                    burst_home: Path) -> None:
+def test_a_cell_linking_out_of_its_mount_keeps_its_results_but_not_the_link(ip: Any, tmp_path: Path,
+                                                                            burst_home: Path) -> None:
+    # The agent leaves such a link on the instance; a tampered agent that sends it anyway is refused by
+    # receive_results (the hostile streams above).
     (tmp_path / "out").mkdir()
-    result, _ = run_cell(ip, cell("--mount ./out:out:rw", """
+    result, streams = run_cell(ip, cell("--mount ./out:out:rw --pull answer", """
         import os
         open("out/ok.txt", "w").write("fine")
         os.symlink("/etc/passwd", "out/passwd")
+        os.symlink("ok.txt", "out/inside")
+        answer = 42
     """))
-    done = last_job().result()
-    assert done.status is JobStatus.FAILED and isinstance(done.error, SyncError)
-    assert "'m/0/passwd' -> '/etc/passwd': a link pointing outside its mount" in str(done.error)
-    assert not (tmp_path / "out" / "passwd").is_symlink()
+    ok(result, streams)
+    assert not (tmp_path / "out" / "passwd").exists() and not (tmp_path / "out" / "passwd").is_symlink()
+    assert (tmp_path / "out" / "inside").is_symlink() and (tmp_path / "out" / "inside").read_text() == "fine"
     assert (tmp_path / "out" / "ok.txt").read_text() == "fine"
-    assert "'m/0/passwd' -> '/etc/passwd'" in str(result.error_in_exec)  # said in the notebook
+    assert ip.user_ns["answer"] == 42
 
 
 # -- remote text is inert in every view -------------------------------------------------------------------------
