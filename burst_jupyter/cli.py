@@ -347,6 +347,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _print_output(events: list[JobEvent], limit: int) -> None:
+    from .widgets.render import clean_text
+
     if limit <= 0:
         return
     text = "".join(e.text or "" for e in events if e.type.value == "output")
@@ -358,7 +360,7 @@ def _print_output(events: list[JobEvent], limit: int) -> None:
     hidden = len(out) - len(shown)
     print(f"output (last {len(shown)} of {len(out)} lines; --lines N for more):" if hidden else "output:")
     for line in shown:
-        print(f"  {line}")
+        print(f"  {clean_text(line)}")  # remote text: no terminal escapes reach the user's terminal
 
 
 def _kill(args: argparse.Namespace) -> int:

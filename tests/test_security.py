@@ -622,3 +622,21 @@ def test_budget_labels_are_inert_in_the_budget_bars(dummy_comm: None) -> None:
     assert_inert(bars.snapshot_html(), PAYLOADS[0], PAYLOADS[1])
     assert_inert(widget_html(bars.widget), PAYLOADS[0], PAYLOADS[1])
     bars.close()
+
+
+def test_burst_show_sends_no_remote_escape_to_the_terminal(burst_home: Path, capsys: Any) -> None:
+    import sys
+
+    from burst_jupyter.budget import Budget
+    from burst_jupyter.cli import main
+
+    # OSC 52 writes the terminal's clipboard; OSC 0 sets its title; CSI 2J clears the screen.
+    evil = r"print('\x1b]52;c;ZXZpbA==\x07\x1b]0;owned\x07\x1b[2Jvisible')"
+    assert main(["submit", "--provider", "local", "--", sys.executable, "-c", evil]) == 0
+    capsys.readouterr()
+    with Budget(burst_home / "burst.sqlite3") as budget:
+        (row,) = budget.rows()
+    assert main(["show", row.job_id]) == 0
+    out, _ = capsys.readouterr()
+    assert "  visible" in out.splitlines()
+    assert "\x1b" not in out and "\x07" not in out
