@@ -439,7 +439,7 @@ class Supervisor:
                 exited_at = time.monotonic()
             if exited_at is not None and time.monotonic() > exited_at + 1.0:
                 break  # a background child of the cell keeps the pipes open: stop waiting for it
-            if self.stop_reason is None:
+            if self.stop_reason is None and exited_at is None:  # a cell that ended by itself ended so
                 if os.path.exists(self.path("stop")):
                     with open(self.path("stop")) as f:
                         self.request_stop(f.read().strip() or CANCELLED)

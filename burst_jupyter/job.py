@@ -996,7 +996,10 @@ class Lifecycle:
                 if pulled.problems and error is None and self.remote_error is None and self.stop_reason is None \
                         and self.setup_error is None:  # a cell that never ran defined nothing: say why it did not
                     error = VariableError("; ".join(pulled.problems))
-        reason = self.stop_reason or (self.exit_record or {}).get("reason")
+        recorded = (self.exit_record or {}).get("reason")
+        # A cell that ended by itself before our stop reached it, with its results back, ended as it says.
+        ended_itself = recorded in ("ok", "error") and self.received is not None
+        reason = recorded if ended_itself else (self.stop_reason or recorded)
         rc = (self.exit_record or {}).get("rc")
         if error is not None:
             result.status, result.error = JobStatus.FAILED, error

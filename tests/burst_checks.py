@@ -194,3 +194,23 @@ def write(path: Path, text: str) -> Path:
 def ok(result: Any, streams: Any) -> None:
     """The cell succeeded (else show what it printed)."""
     assert result.error_in_exec is None, streams.text()
+
+
+def gated_lines_cell(lines: int, gates: dict[int, str], *, pause: float) -> str:
+    """A cell printing ``line i`` (every third on stderr) that waits at each line in ``gates`` until its gate file
+    exists (the test opens it once the client has noticed a cut), then writes out/done.txt."""
+    return f"""
+import os, sys, time
+gates = {gates!r}
+for i in range({lines}):
+    print(f"line {{i}}", file=sys.stderr if i % 3 == 2 else sys.stdout, flush=True)
+    if i in gates:  # held here until the client has noticed the cut
+        for _ in range(6000):
+            if os.path.exists(gates[i]):
+                break
+            time.sleep(0.01)
+        else:
+            raise RuntimeError(f"gate {{i}} never opened")
+    time.sleep({pause})
+open("out/done.txt", "w").write("all {lines} lines")
+"""

@@ -29,6 +29,14 @@ def burst_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 
 
 @pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A working folder for kernels and CLI processes, with an empty rw mount folder out/ in it."""
+    folder = tmp_path / "work"
+    (folder / "out").mkdir(parents=True)
+    return folder
+
+
+@pytest.fixture
 def dummy_comm() -> Iterator[None]:
     """ipywidgets' test comm: widgets open without a kernel and record every message they would send."""
     utils = pytest.importorskip("ipywidgets.widgets.tests.utils")

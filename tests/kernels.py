@@ -20,7 +20,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Any, TypeVar
 
-from burst_checks import ledger_rows, local_jobdirs, state_row
+from burst_checks import ledger_rows, live_instances, local_jobdirs, state_row
 from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
@@ -28,6 +28,35 @@ from jupyter_client.manager import KernelManager
 from burst_jupyter.budget import LedgerRow
 
 T = TypeVar("T")
+
+def start_writer(kernel: Kernel, burst_home: Path, line: str, *, steps: int, background: bool) -> tuple[str, int]:
+    """Start :func:`writer_cell` under ``line`` (a ``%%burst`` line mounting out/ rw); return the job id and how
+    many files it reported written (at least 3)."""
+    cell = kernel.submit(f"{line}{' --background' if background else ''}\n{writer_cell(steps)}")
+    kernel.pump_until(lambda: "wrote 2\n" in cell.text("stdout"), timeout=60, what="the job's first files")
+    if background:
+        kernel.finish(cell)
+    (job,) = wait_for(lambda: live_instances(burst_home), timeout=10, what="the job's state row")
+    return job.job_id, cell.text("stdout").count("wrote ")
+
+
+def writer_cell(steps: int) -> str:
+    """One file per step into the rw mount out/, and a line saying so; a stop must reach it as KeyboardInterrupt
+    (not as a kill), which it records in the mount too. Ends by itself after ``steps`` tenths of a second."""
+    return f"""\
+import time
+try:
+    for i in range({steps}):
+        with open(f"out/f{{i}}.txt", "w") as f:
+            f.write(str(i))
+        print("wrote", i, flush=True)
+        time.sleep(0.1)
+except KeyboardInterrupt:
+    with open("out/stopped.txt", "w") as f:
+        f.write("KeyboardInterrupt")
+    raise
+"""
+
 
 KERNEL_NAME = "python3"  # the name the notebooks ask for; resolved to this interpreter by kernel_specs()
 

@@ -14,16 +14,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from burst_checks import db_file, live_instances
+from burst_checks import db_file
 from kernels import (
     Execution,
     Kernel,
     kill_processes_mentioning,
     leftovers,
     local_job_dirs,
-    wait_for,
     wait_until_clean,
 )
+from kernels import start_writer as start_writing
 
 from burst_jupyter.budget import Budget
 
@@ -41,28 +41,6 @@ while not os.path.exists(gate):
     time.sleep(0.02)
 """
 
-# Writes one file per step into the rw mount and says so; ends by itself after ~15 s if nobody stops it. A stop
-# must reach it as KeyboardInterrupt (not as a kill), which it records in the mount too.
-WRITER = """\
-import time
-try:
-    for i in range(150):
-        with open(f"out/f{i}.txt", "w") as f:
-            f.write(str(i))
-        print("wrote", i, flush=True)
-        time.sleep(0.1)
-except KeyboardInterrupt:
-    with open("out/stopped.txt", "w") as f:
-        f.write("KeyboardInterrupt")
-    raise
-"""
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Path:
-    folder = tmp_path / "work"
-    (folder / "out").mkdir(parents=True)
-    return folder
 
 
 @pytest.fixture
@@ -193,13 +171,8 @@ def test_notebook_functions_and_classes_travel_both_ways(start_kernel: Callable[
 
 
 def start_writer(kernel: Kernel, burst_home: Path, *, background: bool) -> tuple[str, int]:
-    """Start the file-writing job; return its id and how many files it reported written (at least 3)."""
-    cell = kernel.submit(f"{LOCAL} --mount ./out:out:rw{' --background' if background else ''}\n{WRITER}")
-    kernel.pump_until(lambda: "wrote 2\n" in cell.text("stdout"), timeout=30, what="the job's first files")
-    if background:
-        kernel.finish(cell)
-    (job,) = wait_for(lambda: live_instances(burst_home), timeout=10, what="the job's state row")
-    return job.job_id, cell.text("stdout").count("wrote ")
+    """The file-writing job on this machine, ending by itself after ~15 s if nobody stops it."""
+    return start_writing(kernel, burst_home, f"{LOCAL} --mount ./out:out:rw", steps=150, background=background)
 
 
 def check_synced(work: Path, written: int) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import paramiko
 import pytest
-from burst_checks import run_cell, wait_until
+from burst_checks import gated_lines_cell, run_cell, wait_until
 from ssh_boxes import Boxes, assert_settled, count, output_lines
 from sshd import SSHServer, TcpProxy, kill_connections
 
@@ -70,21 +70,7 @@ def test_dropped_connections_mid_run_lose_and_double_nothing(cut: str, boxes: Bo
     gates = {10: str(tmp_path / "gate10"), 25: str(tmp_path / "gate25"), 40: str(tmp_path / "gate40")}
     (tmp_path / "out").mkdir()
     try:
-        job = submit(host, f"""
-            import os, sys, time
-            gates = {gates!r}
-            for i in range(60):
-                print(f"line {{i}}", file=sys.stderr if i % 3 == 2 else sys.stdout, flush=True)
-                if i in gates:  # held here until the client has noticed the cut
-                    for _ in range(6000):
-                        if os.path.exists(gates[i]):
-                            break
-                        time.sleep(0.01)
-                    else:
-                        raise RuntimeError(f"gate {{i}} never opened")
-                time.sleep(0.03)
-            open("out/done.txt", "w").write("all 60 lines")
-        """, name="drops")
+        job = submit(host, gated_lines_cell(60, gates, pause=0.03), name="drops")
         for n, (at, gate) in enumerate(gates.items(), 1):
             wait_until(seen(job, "stdout", f"line {at}"), f"line {at}", limit=60)
             do_cut()
