@@ -32,6 +32,7 @@ from .errors import (
     Preempted,
     ProviderError,
     ProvisioningFailed,
+    RateLimited,
     RemoteError,
     RemoteSetupError,
     SyncError,
@@ -551,7 +552,13 @@ class Lifecycle:
                                          f"{self.plan.provision_timeout:.0f} s ({self.instance.detail or 'pending'})")
             await asyncio.sleep(delay)
             delay = min(delay * 2, provider.poll_seconds)
-            current = await provider.get(self.instance.instance_id)
+            try:
+                current = await provider.get(self.instance.instance_id)
+            except (RateLimited, ConnectFailed) as exc:
+                # Its own retries are spent, but the instance is booting either way: ask again at the next poll,
+                # until the provisioning deadline (a refused key or a 4xx is not waited out).
+                job.emit(EventType.PROVISIONING, provider=provider.name, message=f"status unknown for now: {exc}")
+                continue
             if current is None:
                 raise _BootFailed("vanished while booting")
             if current.state in (InstanceState.FAILED, InstanceState.STOPPED):

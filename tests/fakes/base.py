@@ -330,7 +330,9 @@ class LoopbackServer:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True, name=f"fake-{cloud.name}")
+        # shutdown() waits for the loop's next poll: 0.5 s by default, paid three times at the end of every test.
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True, name=f"fake-{cloud.name}")
         self._thread.start()
 
     def close(self) -> None:
