@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-# tests/sshd.py: a real OpenSSH sshd on loopback (fixtures sshd_server and friends), for every SSH test.
-pytest_plugins = ("sshd",)
+# tests/sshd.py: a real OpenSSH sshd on loopback (fixtures sshd_server and friends), for every SSH test;
+# tests/fault_figures.py: the fault suite's fault_ledger fixture and its table at the end of the run.
+pytest_plugins = ("sshd", "fault_figures")
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,13 @@
-"""The fault ledger of the fault-injection suite (issue 4): the check every case ends with, and per-case figures.
+"""The fault ledger of the fault-injection suite (issue 4, tests/faults/): the check every case ends with, and the
+figures they add up to. A pytest plugin (tests/conftest.py loads it, so the xdist controller has its hooks too).
 
-tests/faults/conftest.py gives it to the cases as the ``fault_ledger`` fixture and prints the figures at the end of
-the run; a case module imports :class:`FaultLedger` from here for its annotations.
+Every case ends by checking the provider fakes (:meth:`FaultLedger.check_clouds`): nothing left running at any
+fake (waited for: a detached reaper may still be at work), and every instance billed within its job's cap (a
+fake's bill is its billed rate from the create call to the destroy, tests/fakes/base.py ``billed``).
+
+The ``fault_ledger`` fixture records per case: trials, faults survived, instances leaked and the largest bill as
+a fraction of its cap. The figures are printed at the end of the run. Under pytest-xdist each worker sends its
+figures to the controller when it finishes (``workeroutput``), which adds them up and prints them once.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 if TYPE_CHECKING:
     from marketplaces import Markets
 
-__all__ = ["FaultLedger", "Figures"]
+__all__ = ["FaultLedger", "Figures", "fault_ledger"]
 
 
 @dataclass
@@ -72,3 +80,41 @@ class FaultLedger:
         over = {key: (bill, cap_of[key]) for key, bill in bills.items() if bill > cap_of[key]}
         assert over == {}, f"{case}: billed above the cap (bill, cap): {over}"
         return bills
+
+
+# -- the plugin: a fixture per test, figures gathered across xdist workers, one table at the end --------------
+
+_OUTPUT_KEY = "burst_fault_figures"  # in xdist's workeroutput
+_FIGURES = pytest.StashKey[dict[str, Figures]]()
+
+
+@pytest.fixture
+def fault_ledger(request: pytest.FixtureRequest) -> FaultLedger:
+    return FaultLedger(request.config.stash.setdefault(_FIGURES, {}))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)  # set on an xdist worker only
+    if workeroutput is not None:
+        figures = session.config.stash.get(_FIGURES, {})
+        workeroutput[_OUTPUT_KEY] = {case: f.to_json() for case, f in figures.items()}
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown (and never called) without xdist
+def pytest_testnodedown(node: Any, error: object) -> None:
+    sent = getattr(node, "workeroutput", {}).get(_OUTPUT_KEY, {})
+    figures = node.config.stash.setdefault(_FIGURES, {})
+    for case, data in sent.items():
+        figures.setdefault(case, Figures()).add(Figures.from_json(data))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    figures = config.stash.get(_FIGURES, {})
+    if not figures:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("fault injection (issue 4)")
+    write(f"{'case':<34} {'trials':>6} {'faults survived':>15} {'leaked':>6} {'largest bill / cap':>18}")
+    for case in sorted(figures, key=lambda c: (int(c.split()[0]), c) if c.split()[0].isdigit() else (99, c)):
+        f = figures[case]
+        write(f"{case:<34} {f.trials:>6} {f.faults:>15} {f.leaked:>6} {f'{f.worst * 100:.3g}%':>18}")
