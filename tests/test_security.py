@@ -640,3 +640,16 @@ def test_burst_show_sends_no_remote_escape_to_the_terminal(burst_home: Path, cap
     out, _ = capsys.readouterr()
     assert "  visible" in out.splitlines()
     assert "\x1b" not in out and "\x07" not in out
+
+
+def test_a_job_key_is_0600_in_a_0700_folder_even_if_the_folder_was_wider(tmp_path: Path) -> None:
+    from burst_jupyter.keys import create_job_key, remove_job_key
+
+    folder = tmp_path / "keys"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    key = create_job_key(folder, "job-1", comment="tag/job-1")
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert key.private_path.stat().st_mode & 0o777 == 0o600
+    remove_job_key(folder, "job-1")
+    assert list(folder.iterdir()) == []
