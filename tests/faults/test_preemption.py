@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from burst_checks import cell, ledger_rows, open_reservations, run_cell, state_row, wait_until
+from fault_figures import FaultLedger
 from marketplaces import Markets
 
 from burst_jupyter.events import EventType
@@ -60,7 +61,7 @@ def _synced_past_step(job: Any, tmp_path: Path, step: int) -> bool:
 
 @pytest.mark.parametrize("provider", ["vast", "runpod"])
 def test_a_preempted_job_finishes_on_another_offer(ip: Any, markets: Markets, tmp_path: Path, burst_home: Path,
-                                                    provider: str) -> None:
+                                                    provider: str, fault_ledger: FaultLedger) -> None:
     (tmp_path / "out").mkdir()
     options = f"--gpu RTX_4090 --spot --provider {provider} --retries 1 --sync-every 5 --max-cost 1 " \
               "--mount ./out:out:rw --background"
@@ -89,10 +90,13 @@ def test_a_preempted_job_finishes_on_another_offer(ip: Any, markets: Markets, tm
     assert total == done.total_cost_usd and total <= Decimal(1)
     assert open_reservations(burst_home) == []
     assert state_row(burst_home, job.id).state == "terminated"
+    bills = fault_ledger.check_clouds("8 preemption, --retries 1", markets, Decimal(1), faults=1)
+    assert len(bills) == 2 and sum(bills.values()) <= total  # both instances billed; the ledger never under
 
 
 def test_without_retries_a_preemption_fails_clearly_and_bills_the_attempt(ip: Any, markets: Markets, tmp_path: Path,
-                                                                           burst_home: Path) -> None:
+                                                                           burst_home: Path,
+                                                                           fault_ledger: FaultLedger) -> None:
     (tmp_path / "out").mkdir()
     options = "--gpu RTX_4090 --spot --provider vast --max-cost 1 --mount ./out:out:rw --background"
     result, _ = run_cell(ip, cell(options, CHECKPOINTED))
@@ -108,3 +112,4 @@ def test_without_retries_a_preemption_fails_clearly_and_bills_the_attempt(ip: An
     (row,) = [r for r in ledger_rows(burst_home) if r.job_id == job.id]
     assert (row.status, row.instance_id) == ("preempted", first) and row.actual_usd > 0
     assert open_reservations(burst_home) == []
+    fault_ledger.check_clouds("8 preemption, no retries", markets, Decimal(1), faults=1)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from burst_checks import cell, ledger_rows, run_cell, wait_until
+from fault_figures import FaultLedger
 from marketplaces import Markets
 from sshd import kill_connections
 
@@ -62,7 +63,8 @@ def _start(ip: Any, markets: Markets, tmp_path: Path, max_cost: str) -> Any:
     return job
 
 
-def test_results_that_come_back_late_are_whole(ip: Any, markets: Markets, tmp_path: Path) -> None:
+def test_results_that_come_back_late_are_whole(ip: Any, markets: Markets, tmp_path: Path,
+                                               fault_ledger: FaultLedger) -> None:
     job = _start(ip, markets, tmp_path, "1")
     server = _outage(markets, job)
     thaw = threading.Timer(4.0, _thaw, args=(server,))  # the cell ends meanwhile; its results wait on the instance
@@ -76,10 +78,11 @@ def test_results_that_come_back_late_are_whole(ip: Any, markets: Markets, tmp_pa
     assert any(e.type is EventType.RECONNECTING for e in job.events)
     assert (tmp_path / "out" / "result.txt").read_text() == "precious"
     assert done.total_cost_usd is not None and done.total_cost_usd <= Decimal(1)
+    fault_ledger.check_clouds("sync: results late", markets, Decimal(1), faults=1)
 
 
 def test_at_the_cap_the_job_ends_and_says_what_was_lost(ip: Any, markets: Markets, tmp_path: Path,
-                                                         burst_home: Path) -> None:
+                                                         burst_home: Path, fault_ledger: FaultLedger) -> None:
     job = _start(ip, markets, tmp_path, "0.4")  # 20 s at $72/h
     server = _outage(markets, job)
     try:
@@ -94,4 +97,4 @@ def test_at_the_cap_the_job_ends_and_says_what_was_lost(ip: Any, markets: Market
     (row,) = [r for r in ledger_rows(burst_home) if r.job_id == job.id]
     assert row.status == "budget_killed" and "not brought back: changes in out" in (row.message or "")
     assert row.actual_usd is not None and row.actual_usd <= Decimal("0.4")
-    assert markets.vast.running() == []
+    fault_ledger.check_clouds("sync: results lost at the cap", markets, Decimal("0.4"), faults=1)
