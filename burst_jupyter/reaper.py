@@ -16,11 +16,13 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+from .agent import LAPSE_ARCHIVE
 from .budget import Budget
 from .connections import Connections
 from .errors import BurstError
@@ -105,13 +107,23 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
             await asyncio.to_thread(budget.release, owned.job_id)
             return Outcome(owned.job_id, 0, True, None)
         instance_id = found[0].instance_id
-    synced, problem = 0, None
+    synced, problem, reached = 0, None, False
     if "endpoint" in h:
         try:
             synced, problem = await asyncio.to_thread(_stop_and_sync, owned, connections)
+            reached = True
         except (BurstError, OSError, EOFError) as exc:
             problem = f"sync back failed: {exc}"
             log.warning("%s: %s", owned.job_id, problem)
+    if not reached:
+        try:
+            restored = await asyncio.to_thread(_restore_lapse, owned)
+        except (BurstError, OSError, EOFError) as exc:
+            log.warning("%s: no results from the result sink either: %s", owned.job_id, exc)
+            restored = None
+        if restored is not None:
+            synced, problem = restored, None
+            log.info("%s: brought back %d file(s) the agent stored in the result sink", owned.job_id, restored)
     gone = await terminate_confirmed(provider, instance_id, timeout=120)
     if gone is not None:
         problem = f"terminate not confirmed: {gone}"
@@ -173,6 +185,23 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> tuple[int,
         done.set()
         renewer.join(5)
         client.release()
+
+
+def _restore_lapse(owned: OwnedInstance) -> int | None:
+    """The instance is out of reach (its agent ended it when the lease lapsed, or it is gone): what that agent
+    uploaded to the result sink lands in the rw mounts as a sync back would have put it. The number of files, or
+    None when the sink holds nothing of this job's."""
+    h = owned.handoff
+    sink, _ = _handoff_sink(h)
+    if sink is None:
+        return None
+    plans = [MountPlan.from_json(m) for m in h.get("mounts", [])]
+    with tempfile.TemporaryDirectory(prefix="burst-lapse-") as tmp:
+        archive = Path(tmp) / LAPSE_ARCHIVE
+        if not sink.fetch(LAPSE_ARCHIVE, archive):
+            return None
+        with open(archive, "rb") as f:
+            return len(receive_results(f, plans).files)
 
 
 def _handoff_sink(h: dict[str, object]) -> tuple[ResultSink | None, str | None]:

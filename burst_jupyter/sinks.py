@@ -69,6 +69,10 @@ class ResultSink(Protocol):
         None when the instance cannot reach the sink. The agent uploads a lapsed job's results there."""
         ...
 
+    def fetch(self, key: str, dest: Path) -> bool:
+        """Copy the object at ``key`` to ``dest``; False when there is none. Raises SyncError."""
+        ...
+
 
 class FolderSink:
     """A local folder (another disk, a synced share). Files are written atomically, like the results themselves."""
@@ -99,6 +103,15 @@ class FolderSink:
 
     def presigned_put(self, key: str, *, expires_seconds: float) -> str | None:
         return None  # a folder on this machine: a rented instance cannot reach it
+
+    def fetch(self, key: str, dest: Path) -> bool:
+        try:
+            shutil.copyfile(self.root / key, dest)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise SyncError(f"result sink {self._label}: could not read {key}: {exc.strerror or exc}") from exc
+        return True
 
 
 class S3Sink:
@@ -153,6 +166,19 @@ class S3Sink:
         except (_botocore_exceptions().BotoCoreError, _botocore_exceptions().ClientError) as exc:
             raise SyncError(f"result sink {self._label}: cannot sign an upload: {self._explain(exc)}") from exc
         return str(url)
+
+    def fetch(self, key: str, dest: Path) -> bool:
+        client = self._client()
+        botocore = _botocore_exceptions()
+        try:
+            client.download_file(self.bucket, self.key(key), str(dest))
+        except botocore.ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey"):
+                return False
+            raise SyncError(f"result sink {self._label}: could not read {key}: {self._explain(exc)}") from exc
+        except (botocore.BotoCoreError, OSError) as exc:
+            raise SyncError(f"result sink {self._label}: could not read {key}: {self._explain(exc)}") from exc
+        return True
 
     def _client(self) -> Any:
         with self._lock:

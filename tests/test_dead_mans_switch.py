@@ -122,6 +122,11 @@ def test_vast_lapse_uploads_the_results_then_destroys_the_instance_with_its_own_
     assert json.loads(manifest)["self_destruct"]["key_env"] == "CONTAINER_API_KEY"
     assert markets.vast.api_key not in manifest and str(inst.scoped_key) not in manifest
     assert "vast scoped key" in protected(job) and f"{store.bucket}/runs/{job.id}/lapse-results.tar" in protected(job)
+    # The next cleanup cannot reach the instance (its agent ended it), so it brings the results home from the sink.
+    assert not (tmp_path / "out" / "partial.txt").exists()
+    report = burst.cleanup()
+    assert report.ok, report
+    assert (tmp_path / "out" / "partial.txt").read_text() == "written before the client went silent"
 
 
 def test_runpod_lapse_terminates_the_pod_with_its_own_key(markets: Markets, tmp_path: Path) -> None:
