@@ -30,6 +30,8 @@ __all__ = [
     "Provider",
     "SelfDestruct",
     "SelfDestructing",
+    "find_created",
+    "lost_create",
     "self_destruct_of",
     "terminate_confirmed",
 ]
@@ -225,6 +227,29 @@ class Provider(Protocol):
     async def list_owned(self, tag: str) -> list[Instance]: ...
 
     async def terminate(self, instance_id: str) -> None: ...
+
+
+def lost_create(exc: BaseException) -> bool:
+    """Whether a create call failed so that the provider may have carried it out: the reply never came (the
+    connection broke, a timeout) or a 5xx came after the request was sent."""
+    from ..errors import ApiError, ConnectFailed
+
+    return isinstance(exc, ConnectFailed) or (isinstance(exc, ApiError) and exc.status >= 500)
+
+
+async def find_created(provider: Provider, *, tag: str, job_id: str, lost: BaseException) -> Instance:
+    """After a create whose answer was lost: the instance, if the provider made it, carries this install's tag and
+    the job id, so the job can go on with it. Raises ``lost`` when there is none (or the list fails too); the
+    job's teardown then looks again."""
+    from ..errors import ProviderError
+
+    try:
+        mine = [i for i in await provider.list_owned(tag) if i.job_id == job_id]
+    except ProviderError:
+        raise lost from None
+    if not mine:
+        raise lost
+    return mine[0]
 
 
 async def terminate_confirmed(provider: Provider, instance_id: str, *, timeout: float) -> BaseException | None:

@@ -22,7 +22,18 @@ from pydantic.alias_generators import to_camel
 
 from ..errors import OfferGone, ProviderError
 from ._http import ApiClient, RetryPolicy, default_error_text
-from .base import REMOTE_JOB_ROOT, Capability, Endpoint, Instance, InstanceState, Offer, OfferQuery, SelfDestruct
+from .base import (
+    REMOTE_JOB_ROOT,
+    Capability,
+    Endpoint,
+    Instance,
+    InstanceState,
+    Offer,
+    OfferQuery,
+    SelfDestruct,
+    find_created,
+    lost_create,
+)
 from .catalog import identify
 
 if TYPE_CHECKING:
@@ -267,6 +278,10 @@ class RunPodProvider:
                 raise OfferGone(f"runpod: no {offer.gpu_model or gpu_type} x{offer.gpus} left to rent "
                                 f"(taken since the search): {_one_line(exc.message)}") from None
             raise
+        except ProviderError as exc:
+            if not lost_create(exc):
+                raise
+            return await find_created(self, tag=tag, job_id=job_id, lost=exc)  # the pod named {tag}-{job_id}
         try:
             pod = _Pod.model_validate(data.get(op))
         except ValidationError as exc:

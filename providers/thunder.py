@@ -29,7 +29,17 @@ import httpx
 
 from ..errors import ApiError, ConfigError, ConnectFailed, OfferGone, ProviderError
 from ._http import RETRY_STATUSES, ApiClient, RetryPolicy, money_from_json
-from .base import REMOTE_JOB_ROOT, Capability, Endpoint, Instance, InstanceState, Offer, OfferQuery
+from .base import (
+    REMOTE_JOB_ROOT,
+    Capability,
+    Endpoint,
+    Instance,
+    InstanceState,
+    Offer,
+    OfferQuery,
+    find_created,
+    lost_create,
+)
 from .catalog import CATALOG, identify
 
 if TYPE_CHECKING:
@@ -265,7 +275,7 @@ class ThunderProvider:
     async def launch(self, offer: Offer, spec: JobSpec, *, job_id: str, tag: str,
                      ssh_public_key: str | None) -> Instance:
         """Create the instance for ``offer`` with the job's key. Never retried after the request may have
-        reached Thunder (a second create would rent a second machine); the caller finds a lost one by its key."""
+        reached Thunder (a second create would rent a second machine): a lost reply is found by its key."""
         if spec.image is not None:
             raise ConfigError(IMAGE_UNSUPPORTED)
         if not ssh_public_key:
@@ -282,7 +292,11 @@ class ThunderProvider:
             if _is_capacity(exc):
                 # /v1/status said available a moment ago: this offer went, the next one may not have.
                 raise OfferGone(f"thunder: {offer.offer_id} is out of capacity: {exc}") from exc
-            raise
+            if not lost_create(exc):
+                raise
+            return await find_created(self, tag=tag, job_id=job_id, lost=exc)  # by its key's comment TAG/JOB_ID
+        except ConnectFailed as exc:
+            return await find_created(self, tag=tag, job_id=job_id, lost=exc)
         # The reply's "key" (a private key Thunder may generate) is dropped here: never kept, never logged.
         uuid = reply.get("uuid") if isinstance(reply, Mapping) else None
         if not isinstance(uuid, str) or not uuid:

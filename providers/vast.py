@@ -21,7 +21,18 @@ import httpx
 
 from ..errors import ApiError, ConnectFailed, OfferGone, ProviderError, ProvisioningFailed
 from ._http import ApiClient, RetryPolicy, money_from_json
-from .base import REMOTE_JOB_ROOT, Capability, Endpoint, Instance, InstanceState, Offer, OfferQuery, SelfDestruct
+from .base import (
+    REMOTE_JOB_ROOT,
+    Capability,
+    Endpoint,
+    Instance,
+    InstanceState,
+    Offer,
+    OfferQuery,
+    SelfDestruct,
+    find_created,
+    lost_create,
+)
 from .catalog import identify, spellings
 
 if TYPE_CHECKING:
@@ -183,25 +194,15 @@ class VastProvider:
             if exc.status in (404, 410):  # no_such_ask: rented by someone else since the search (1.4)
                 raise OfferGone(f"vast: offer {offer.offer_id} ({offer.description}) was taken before it could "
                                 "be rented; search again") from exc
-            if exc.status < 500:
+            if not lost_create(exc):
                 raise
-            return await self._find_created(tag, job_id, exc)
+            return (await find_created(self, tag=tag, job_id=job_id, lost=exc)).instance_id
         except ConnectFailed as exc:
-            return await self._find_created(tag, job_id, exc)
+            return (await find_created(self, tag=tag, job_id=job_id, lost=exc)).instance_id
         contract = reply.get("new_contract") if isinstance(reply, Mapping) else None
         if contract is None:
             raise ProviderError(f"vast: the create call answered without an instance id: {str(reply)[:200]}")
         return str(contract)  # new_contract is the instance id (1.4)
-
-    async def _find_created(self, tag: str, job_id: str, exc: ProviderError) -> str:
-        """After a lost or failed create reply: the instance, if Vast made it, carries our label and job id."""
-        try:
-            mine = [i for i in await self.list_owned(tag) if i.job_id == job_id]
-        except ProviderError:
-            raise exc from None
-        if not mine:
-            raise exc
-        return mine[0].instance_id
 
     async def _attach_key(self, instance_id: str, public_key: str, *, tag: str) -> None:
         try:
