@@ -28,6 +28,7 @@ __all__ = [
     "SyncError",
     "UnsafeResults",
     "VariableError",
+    "one_line",
 ]
 
 
@@ -127,3 +128,9 @@ class RemoteError(BurstError):
 
     def _render_traceback_(self) -> list[str]:
         return ["Remote traceback (most recent call last):", *self.traceback]
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message, for job views, ledger rows and reports (its type's name if empty)."""
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .agent import pid_alive
+from .errors import one_line
 from .money import format_usd
 from .state import LIVE_STATES
 
@@ -220,7 +221,7 @@ class Reconciler:
             if isinstance(answer, asyncio.TimeoutError):
                 errors[name] = f"no answer in {_LIST_TIMEOUT:.0f} s"
             elif isinstance(answer, Exception):
-                errors[name] = _one_line(answer)
+                errors[name] = one_line(answer)
                 log.info("%s: could not list owned instances: %s", name, errors[name])
             elif isinstance(answer, BaseException):
                 raise answer
@@ -339,11 +340,11 @@ class Reconciler:
             if await provider.get(inst.instance_id) is None:
                 return None  # ended meanwhile (the listing was older than the job's own terminate)
         except Exception as exc:
-            return replace(finding, problem=_one_line(exc))
+            return replace(finding, problem=one_line(exc))
         problem = await terminate_confirmed(provider, inst.instance_id, timeout=_TERMINATE_TIMEOUT)
         if problem is not None:
             log.info("%s %s: terminate not confirmed: %s", name, inst.instance_id, problem)
-            return replace(finding, problem=f"terminate not confirmed: {_one_line(problem)}")
+            return replace(finding, problem=f"terminate not confirmed: {one_line(problem)}")
         ended_at = dt.datetime.now(dt.timezone.utc)
         rate, since = finding.rate_usd_per_hour, finding.since
         cost = None if rate is None or since is None else cost_of(rate, (ended_at - since).total_seconds())
@@ -371,12 +372,6 @@ class Reconciler:
             actual_usd=f.cost_usd, status="leaked", name=row.handoff.get("name") if row else None,
             message=f"leaked: {f.why}; ended by {reason}",
             attempt=int(row.handoff.get("attempt", 1)) if row is not None else 1)
-
-
-def _one_line(exc: BaseException) -> str:
-    from .job import _one_line as one_line
-
-    return one_line(exc)
 
 
 # -- which providers --------------------------------------------------------------------------------------------
@@ -442,7 +437,7 @@ async def periodic_pass(session: Session) -> None:
         report = await _session_pass(session, reason=WHILE_JOBS_RUN)
     except Exception as exc:
         log.exception("reconciliation while jobs ran failed")
-        report = Report(WHILE_JOBS_RUN, False, dt.datetime.now(dt.timezone.utc), errors={"reconcile": _one_line(exc)})
+        report = Report(WHILE_JOBS_RUN, False, dt.datetime.now(dt.timezone.utc), errors={"reconcile": one_line(exc)})
     finally:
         _busy.release()
     await asyncio.to_thread(_record, report, session.home, tell=True)
@@ -473,7 +468,7 @@ def _background_pass() -> None:
             report = _standalone_pass(home)
     except Exception as exc:  # nobody to raise to in this thread: the log and the next %burst say it
         log.exception("reconciliation at load failed")
-        report = Report(AT_LOAD, False, dt.datetime.now(dt.timezone.utc), errors={"reconcile": _one_line(exc)})
+        report = Report(AT_LOAD, False, dt.datetime.now(dt.timezone.utc), errors={"reconcile": one_line(exc)})
     _record(report, home, tell=True)
 
 

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import Settings, load_settings
 from .errors import ConfigError
-from .job import Job, JobPlan, Lifecycle, check_cap, job_cap
+from .job import Job, JobPlan, check_cap, job_cap
 from .job_log import JobLogWriter
+from .lifecycle import Lifecycle
 from .money import format_usd
 from .offer_book import OfferBook, SearchResult
 from .paths import burst_home, db_path
