@@ -1161,11 +1161,26 @@ def _started_pid(jobdir: str) -> int | None:
     return None
 
 
+def _log_end(path: str) -> int:
+    """The byte offset just past the log's last whole line: where a client that needs no past output attaches."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            tail_start = max(0, size - _MAX_RECORD * 2)
+            f.seek(tail_start)
+            tail = f.read()
+    except OSError:
+        return 0
+    cut = tail.rfind(b"\n")
+    return tail_start + cut + 1 if cut >= 0 else 0
+
+
 def status_main(jobdir: str) -> int:
     info: dict[str, object] = {"exists": os.path.isdir(jobdir)}
     if info["exists"]:
         info["exit"] = _read_json(os.path.join(jobdir, "exit.json"))
         info["running"] = info["exit"] is None and _supervisor_alive(jobdir)
+        info["log_end"] = _log_end(os.path.join(jobdir, "events.jsonl"))
     sys.stdout.write(json.dumps(info) + "\n")
     return 0
 

@@ -154,9 +154,10 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> tuple[int,
     h = owned.handoff
     endpoint = Endpoint.from_json(h["endpoint"])
     client = connections.agent(endpoint, h["python"], h["workdir"])
-    if not client.status().get("exists"):
+    status = client.status()
+    if not status.get("exists"):
         return 0, None
-    stream = client.attach(0)
+    stream = client.attach(int(status.get("log_end") or 0))  # no past output needed: the end, then the results
     stream.send("lease")
     stream.send("stop cancelled")  # ignored by an agent whose cell has ended already
     done = threading.Event()

@@ -260,3 +260,14 @@ def test_the_job_view_shows_the_layers_escaped() -> None:
     assert view.text_line(event) == f"protected by: {text}"
     html = view.snapshot_html()
     assert "Protected by" in html and "&lt;script&gt;x&lt;/script&gt;" in html and "<script>" not in html
+
+
+def test_a_reaper_attaches_past_the_last_whole_line_of_the_log(tmp_path: Path) -> None:
+    """``status`` tells a reaper where the log's whole lines end, so it replays no past output (a half-written
+    last line is left for the stream to deliver whole)."""
+    log = tmp_path / "events.jsonl"
+    assert agent._log_end(str(log)) == 0  # no log yet
+    log.write_bytes(b'{"k":"out","d":"a"}\n{"k":"out","d":"b"}\n{"k":"ou')
+    assert agent._log_end(str(log)) == len(b'{"k":"out","d":"a"}\n{"k":"out","d":"b"}\n')
+    log.write_bytes(b'{"k":"out","d":"' + b"x" * (3 * agent._MAX_RECORD) + b'"}')  # no newline in reach
+    assert agent._log_end(str(log)) == 0
