@@ -97,7 +97,7 @@ class Lifecycle:
     offer: Offer | None = None
     cap: Decimal = Decimal(0)
     rate: Decimal = Decimal(0)
-    spent: Decimal = Decimal(0)  # what earlier launch attempts cost (instances that never became usable)
+    spent: Decimal = Decimal(0)  # what earlier attempts cost (never booted, or preempted): billed on rows of their own
     key: JobKey | None = None
     launched_at: float | None = None  # monotonic, at the create request of the current attempt
     launched_wall: dt.datetime | None = None  # at the create request of the current attempt (its ledger row)
