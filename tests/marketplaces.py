@@ -1,6 +1,6 @@
 """The three marketplace fakes behind real loopback HTTP servers, configured the way a user would configure them.
 
-A pytest plugin (``pytest_plugins = ("marketplaces",)``) with the fixture ``markets``: FakeVast, FakeRunPod and
+A pytest plugin (tests/conftest.py loads it) with the fixture ``markets``: FakeVast, FakeRunPod and
 FakeThunder each serve on 127.0.0.1; VAST_API_KEY/VAST_URL, RUNPOD_API_KEY/RUNPOD_API_BASE_URL and
 TNR_API_TOKEN/TNR_API_URL point at them (the variables each provider's own CLI reads; a test module chooses the
 keys by overriding the fixture ``market_keys``, e.g. with canaries to hunt for), and the user config file

@@ -25,7 +25,6 @@ from burst_jupyter.cli import main
 from burst_jupyter.events import JobEvent
 from burst_jupyter.job_log import JobLogWriter, job_log_path, read_events
 
-pytest_plugins = ("marketplaces",)
 pytestmark = pytest.mark.timeout(60)
 
 Capsys = pytest.CaptureFixture[str]

@@ -44,7 +44,6 @@ from burst_jupyter.spec import JobSpec
 from burst_jupyter.sync import write_bundle
 from burst_jupyter.widgets import JobView
 
-pytest_plugins = ("marketplaces",)
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 
 LEASE = 2

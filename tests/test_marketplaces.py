@@ -20,7 +20,6 @@ from marketplaces import Markets
 from burst_jupyter.events import EventType
 from burst_jupyter.job import JobStatus
 
-pytest_plugins = ("marketplaces",)
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 
 # The fakes' books (tests/fakes/*.py): the cheapest fitting single RTX 4090 is Vast ask 4102 at $0.298/h

@@ -31,7 +31,6 @@ from burst_jupyter.paths import burst_home as home_dir
 from burst_jupyter.session import install_tag
 from burst_jupyter.state import Owner, StateStore
 
-pytest_plugins = ("marketplaces",)
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 
 

@@ -51,7 +51,6 @@ from burst_jupyter.spec import Mount
 from burst_jupyter.sync import MountPlan, receive_results
 from burst_jupyter.widgets import JobView
 
-pytest_plugins = ("marketplaces",)
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 
 # Remote text that would run or break the page if a view put it into HTML as it stands.

@@ -32,8 +32,6 @@ from marketplaces import Markets
 
 from burst_jupyter.budget import Budget, format_usd
 
-pytest_plugins = ("marketplaces",)
-
 # --- case 9 ------------------------------------------------------------------------------------------------
 
 RACERS, FITS = 8, 5

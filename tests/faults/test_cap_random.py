@@ -42,7 +42,6 @@ from burst_jupyter.providers.vast import VastProvider
 from burst_jupyter.session import Session
 from burst_jupyter.spec import JobSpec
 
-pytest_plugins = ("marketplaces",)
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(240)]
 
 SEED = int(os.environ.get("BURST_FAULT_SEED") or 20261123)

@@ -23,7 +23,6 @@ from marketplaces import Markets
 
 import burst_jupyter as burst
 
-pytest_plugins = ("marketplaces",)
 pytestmark = [pytest.mark.kernel, pytest.mark.ssh, pytest.mark.timeout(150)]
 
 CAP = Decimal(1)

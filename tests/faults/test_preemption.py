@@ -19,7 +19,6 @@ from marketplaces import Markets
 from burst_jupyter.events import EventType
 from burst_jupyter.job import JobStatus
 
-pytest_plugins = ("marketplaces",)
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(150)]
 
 # Resumes from the checkpoint in its rw mount: a relaunch starts where the last --sync-every pull left it.

@@ -29,7 +29,6 @@ from burst_jupyter.events import EventType, JobEvent
 from burst_jupyter.job import Job, JobStatus
 from burst_jupyter.spec import JobSpec
 
-pytest_plugins = ("marketplaces",)
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 
 CAP = Decimal(1)

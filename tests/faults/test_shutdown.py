@@ -22,12 +22,10 @@ from kernels import Kernel, kill_processes_mentioning, wait_until_clean
 from kernels import start_writer as start_writing
 from marketplaces import Markets
 
-pytest_plugins = ("marketplaces",)
 pytestmark = [pytest.mark.kernel, pytest.mark.ssh, pytest.mark.timeout(150)]
 
 CAP = Decimal(1)
 CELL = f"%%burst --provider vast --gpu RTX_4090 --max-cost {CAP} --mount ./out:out:rw"
-
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from burst_jupyter.events import EventType
 from burst_jupyter.job import JobStatus
 from burst_jupyter.spec import JobSpec
 
-pytest_plugins = ("marketplaces",)
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 
 CAP = Decimal(1)

@@ -25,7 +25,6 @@ from sshd import kill_connections
 from burst_jupyter.events import EventType
 from burst_jupyter.job import JobStatus
 
-pytest_plugins = ("marketplaces",)
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 
 # A pricey machine, so a small cap runs out within seconds: $72/h is 2 cents a second.
