@@ -305,7 +305,7 @@ def _show(args: argparse.Namespace) -> int:
     if provider:
         where = ", ".join(x for x in (f"instance {instance}" if instance else None, gpu) if x)
         lines.append(f"  provider: {provider}" + (f" ({where})" if where else ""))
-    rate = _first(rec.latest("cost_per_hour_usd"), Decimal(h["rate"]) if h.get("rate") else None,
+    rate = _first(rec.latest("cost_per_hour_usd"), o.rate_usd_per_hour if o else None,
                   led.rate_usd_per_hour if led else None)
     if rate is not None:
         lines.append(f"  rate:     {format_usd(rate)}/h")
@@ -315,10 +315,9 @@ def _show(args: argparse.Namespace) -> int:
         cost = f"{format_usd(final.total_cost_usd)} in all"
     elif led is not None and not rec.live:
         cost = f"{format_usd(rec.billed)} in all"
-    elif rec.live and rate is not None and h.get("launched_at"):
+    elif o is not None and rec.live and rate is not None and h.get("launched_at"):
         # As the reaper counts it: from this attempt's create request, at the last known rate (never under).
-        launched = dt.datetime.fromisoformat(h["launched_at"])
-        so_far = cost_of(rate, (dt.datetime.now(dt.timezone.utc) - launched).total_seconds())
+        so_far = cost_of(rate, (dt.datetime.now(dt.timezone.utc) - o.billing_since).total_seconds())
         cost = f"about {format_usd(so_far)} so far"
     else:
         cost = None
@@ -455,10 +454,10 @@ def _list() -> int:
         return 0
     rows = [("JOB", "PROVIDER", "INSTANCE", "$/H", "STATE", "OWNER")]
     for o in live:
-        rate = o.handoff.get("rate")
+        rate = o.rate_usd_per_hour
         whose = "orphaned" if o.orphaned else f"pid {o.owner.pid}@{o.owner.host}"
         rows.append((o.job_id, o.provider, o.instance_id or "(launching)",
-                     format_usd(Decimal(rate)) if rate else "-", o.state, whose))
+                     format_usd(rate) if rate is not None else "-", o.state, whose))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())

@@ -133,8 +133,7 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
     await asyncio.to_thread(remove_job_key, home / "keys", owned.job_id)
     # This attempt's row, from its create request at the last known rate (never under); earlier attempts of the
     # job (preempted, never booted) were billed on rows of their own when they ended.
-    rate = Decimal(h.get("rate") or 0)
-    launched = dt.datetime.fromisoformat(h["launched_at"]) if "launched_at" in h else owned.created_at
+    rate, launched = owned.rate_usd_per_hour or Decimal(0), owned.billing_since
     now = dt.datetime.now(dt.timezone.utc)
     cost = cost_of(rate, (now - launched).total_seconds())
     await asyncio.to_thread(

@@ -258,9 +258,7 @@ class Reconciler:
         from .job import cost_of
         from .providers.accounts import MARKETPLACES
 
-        h = o.handoff
-        rate = Decimal(h["rate"]) if h.get("rate") else None
-        since = dt.datetime.fromisoformat(h["launched_at"]) if "launched_at" in h else o.created_at
+        rate, since = o.rate_usd_per_hour, o.billing_since
         cost = None if rate is None else cost_of(rate, (at - since).total_seconds())
         gone = "its job here has ended" if o.job_id in self.finished else \
             f"its process (pid {o.owner.pid} on {o.owner.host}) is gone"
@@ -317,7 +315,7 @@ class Reconciler:
         rate: Decimal | None = inst.price_usd_per_hour
         if not rate and self.providers[name].bills_from_launch:
             # A marketplace listing $0/h does not know the rate (a Thunder SKU gone from its price table).
-            rate = Decimal(row.handoff["rate"]) if row and row.handoff.get("rate") else None
+            rate = row.rate_usd_per_hour if row else None
         # An instance whose provider reports no creation time was given "now" when the listing was read
         # (providers/base.py), after ``at``, the moment the pass began: then how long it billed is unknown.
         since = inst.created_at if inst.created_at < at else None

@@ -16,6 +16,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,19 @@ class OwnedInstance:
         if self.reaper_pid is not None and pid_alive(self.reaper_pid):
             return False
         return not self.owner.is_alive()
+
+    @property
+    def rate_usd_per_hour(self) -> Decimal | None:
+        """The current attempt's billed $/h as the job last recorded it; None before an instance was recorded."""
+        rate = self.handoff.get("rate")
+        return Decimal(rate) if rate else None
+
+    @property
+    def billing_since(self) -> dt.datetime:
+        """The current attempt's create request (the row's creation before the launch was recorded): what it has
+        billed counts from here, never less."""
+        at = self.handoff.get("launched_at")
+        return dt.datetime.fromisoformat(at) if at else self.created_at
 
 
 def _now() -> str:
