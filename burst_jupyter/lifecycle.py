@@ -606,38 +606,37 @@ class Lifecycle:
         self.job.emit(EventType.RECONNECTING, message=f"connection lost; re-attaching at byte {old.offset}")
         deadline = time.monotonic() + self.reconnect_timeout
         delay, next_check = 0.25, 0.0
+        last: BaseException | None = None
         while True:
             if self.job.cancel_requested.is_set():
                 # Cancelled during an outage: a short last chance to bring the results back, then tear down
                 # (an unconfirmed terminate leaves the state row for `%burst cleanup`).
                 deadline = min(deadline, time.monotonic() + _CANCEL_RECONNECT_SECONDS)
             try:
+                if last is not None:
+                    self._check_budget()  # unreachable at the cap or the maximum duration: end it now
                 stream = await self._within_budget(lambda: self._attach_again(old.offset))
                 stream.exit = old.exit
                 return stream
-            except _StopRequested:
-                self.lost = _unsynced(self.plan)  # the cap or the maximum duration came while it was unreachable
+            except _StopRequested as stop:
+                self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {_STOP_TEXT[stop.reason]} while "
+                              f"{self.instance.endpoint} was unreachable ({last or 'no answer'})\n")
+                self.lost = _unsynced(self.plan)
                 raise
             except HostKeyError:
                 raise  # another host answering on the instance's address is never waited out
             except (ProviderError, OSError, EOFError) as exc:
+                last = exc
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + self.chosen.poll_seconds
                     await self._check_preempted()
-                what = _unsynced(self.plan)
-                stop = self._should_stop()
-                if stop in ("budget", "deadline"):
-                    # Unreachable at the cap or the maximum duration: end it now, or the bill passes the cap.
-                    self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {_STOP_TEXT[stop]} while "
-                                  f"{self.instance.endpoint} was unreachable ({exc})\n")
-                    self.lost = what
-                    raise _StopRequested(stop) from exc
-                gave_up = time.monotonic() + delay > deadline
-                if gave_up and (old.exit is None or self.job.cancel_requested.is_set()):
+                if time.monotonic() + delay > deadline and (old.exit is None or self.job.cancel_requested.is_set()):
+                    what = _unsynced(self.plan)
                     raise ConnectFailed(f"lost the connection to {self.instance.endpoint} and could not get it "
                                         f"back within {self.reconnect_timeout:.0f} s: {exc}"
                                         + (f"; not brought back: {what}" if what else "")) from exc
-                await asyncio.sleep(delay)
+                left = self._seconds_left()  # the pause before the next try never outlasts the cap
+                await asyncio.sleep(delay if left is None else min(delay, left))
                 delay = min(delay * 2, 5.0)
 
     def _attach_again(self, offset: int) -> AgentStream:
