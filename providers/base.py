@@ -31,7 +31,6 @@ __all__ = [
     "SelfDestruct",
     "SelfDestructing",
     "find_created",
-    "lost_create",
     "self_destruct_of",
     "terminate_confirmed",
 ]
@@ -229,20 +228,15 @@ class Provider(Protocol):
     async def terminate(self, instance_id: str) -> None: ...
 
 
-def lost_create(exc: BaseException) -> bool:
-    """Whether a create call failed so that the provider may have carried it out: the reply never came (the
-    connection broke, a timeout) or a 5xx came after the request was sent."""
-    from ..errors import ApiError, ConnectFailed
-
-    return isinstance(exc, ConnectFailed) or (isinstance(exc, ApiError) and exc.status >= 500)
-
-
 async def find_created(provider: Provider, *, tag: str, job_id: str, lost: BaseException) -> Instance:
-    """After a create whose answer was lost: the instance, if the provider made it, carries this install's tag and
-    the job id, so the job can go on with it. Raises ``lost`` when there is none (or the list fails too); the
-    job's teardown then looks again."""
-    from ..errors import ProviderError
+    """After a create call failed with ``lost``: if the provider may have carried it out anyway (the reply never
+    came: the connection broke, a timeout; or a 5xx came after the request was sent), the instance it made carries
+    this install's tag and the job id, and the job goes on with it. Raises ``lost`` when the failure made nothing
+    or none is found (or the list fails too); the job's teardown then looks again."""
+    from ..errors import ApiError, ConnectFailed, ProviderError
 
+    if not (isinstance(lost, ConnectFailed) or (isinstance(lost, ApiError) and lost.status >= 500)):
+        raise lost
     try:
         mine = [i for i in await provider.list_owned(tag) if i.job_id == job_id]
     except ProviderError:

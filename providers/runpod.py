@@ -32,7 +32,6 @@ from .base import (
     OfferQuery,
     SelfDestruct,
     find_created,
-    lost_create,
 )
 from .catalog import identify
 
@@ -279,8 +278,6 @@ class RunPodProvider:
                                 f"(taken since the search): {_one_line(exc.message)}") from None
             raise
         except ProviderError as exc:
-            if not lost_create(exc):
-                raise
             return await find_created(self, tag=tag, job_id=job_id, lost=exc)  # the pod named {tag}-{job_id}
         try:
             pod = _Pod.model_validate(data.get(op))

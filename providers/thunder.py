@@ -38,7 +38,6 @@ from .base import (
     Offer,
     OfferQuery,
     find_created,
-    lost_create,
 )
 from .catalog import CATALOG, identify
 
@@ -288,15 +287,11 @@ class ThunderProvider:
                 "public_key": _with_comment(ssh_public_key, f"{tag}/{job_id}")}
         try:
             reply = await self._api.json("POST", "/instances/create", json=body, idempotent=False)
-        except ApiError as exc:
-            if _is_capacity(exc):
+        except ProviderError as exc:
+            if isinstance(exc, ApiError) and _is_capacity(exc):
                 # /v1/status said available a moment ago: this offer went, the next one may not have.
                 raise OfferGone(f"thunder: {offer.offer_id} is out of capacity: {exc}") from exc
-            if not lost_create(exc):
-                raise
             return await find_created(self, tag=tag, job_id=job_id, lost=exc)  # by its key's comment TAG/JOB_ID
-        except ConnectFailed as exc:
-            return await find_created(self, tag=tag, job_id=job_id, lost=exc)
         # The reply's "key" (a private key Thunder may generate) is dropped here: never kept, never logged.
         uuid = reply.get("uuid") if isinstance(reply, Mapping) else None
         if not isinstance(uuid, str) or not uuid:

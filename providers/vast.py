@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
-from ..errors import ApiError, ConnectFailed, OfferGone, ProviderError, ProvisioningFailed
+from ..errors import ApiError, OfferGone, ProviderError, ProvisioningFailed
 from ._http import ApiClient, RetryPolicy, money_from_json
 from .base import (
     REMOTE_JOB_ROOT,
@@ -31,7 +31,6 @@ from .base import (
     OfferQuery,
     SelfDestruct,
     find_created,
-    lost_create,
 )
 from .catalog import identify, spellings
 
@@ -190,14 +189,10 @@ class VastProvider:
         try:
             # Never retried blindly after it may have been carried out: a second try would rent a second box.
             reply = await self._api.json("PUT", f"/api/v0/asks/{offer.offer_id}/", json=body, idempotent=False)
-        except ApiError as exc:
-            if exc.status in (404, 410):  # no_such_ask: rented by someone else since the search (1.4)
+        except ProviderError as exc:
+            if isinstance(exc, ApiError) and exc.status in (404, 410):  # no_such_ask: taken since the search (1.4)
                 raise OfferGone(f"vast: offer {offer.offer_id} ({offer.description}) was taken before it could "
                                 "be rented; search again") from exc
-            if not lost_create(exc):
-                raise
-            return (await find_created(self, tag=tag, job_id=job_id, lost=exc)).instance_id
-        except ConnectFailed as exc:
             return (await find_created(self, tag=tag, job_id=job_id, lost=exc)).instance_id
         contract = reply.get("new_contract") if isinstance(reply, Mapping) else None
         if contract is None:
