@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from .agent import LAPSE_ARCHIVE
 from .budget import Budget
@@ -173,7 +174,7 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> tuple[int,
     try:
         for _ in stream.records():  # the whole log up to the exit record: the cell has stopped once it ends
             pass
-        plans = [MountPlan.from_json(m) for m in h.get("mounts", [])]
+        plans = _handoff_mounts(h)
         sink, problem = _handoff_sink(h)
         got = stream.read_results(lambda f: receive_results(f, plans, sink=sink))
         if sink is not None:
@@ -195,13 +196,18 @@ def _restore_lapse(owned: OwnedInstance) -> int | None:
     sink, _ = _handoff_sink(h)
     if sink is None:
         return None
-    plans = [MountPlan.from_json(m) for m in h.get("mounts", [])]
+    plans = _handoff_mounts(h)
     with tempfile.TemporaryDirectory(prefix="burst-lapse-") as tmp:
         archive = Path(tmp) / LAPSE_ARCHIVE
         if not sink.fetch(LAPSE_ARCHIVE, archive):
             return None
         with open(archive, "rb") as f:
             return len(receive_results(f, plans).files)
+
+
+def _handoff_mounts(h: dict[str, Any]) -> list[MountPlan]:
+    """The job's mounts, as session.plan() put them in the handoff: where rw results land on this machine."""
+    return [MountPlan.from_json(m) for m in h.get("mounts", [])]
 
 
 def _handoff_sink(h: dict[str, object]) -> tuple[ResultSink | None, str | None]:
