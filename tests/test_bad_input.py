@@ -176,3 +176,21 @@ def test_an_empty_line_magic_command_is_refused_in_one_line(ip: Any) -> None:
         ip.run_line_magic("burst", "budget --daily")
     with pytest.raises(UsageError, match="cannot be negative"):
         ip.run_line_magic("burst", "budget --daily -5")
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ("--retries -1", "retries: Input should be greater than or equal to 0"),
+    ("--retries 11", "retries: Input should be less than or equal to 10"),
+    ("--sync-every 2", "sync_every_seconds: Input should be greater than or equal to 5"),
+    ("--lease -5", "lease_seconds: Input should be greater than or equal to 0"),
+])
+def test_bad_retries_sync_every_or_lease(ip: Any, burst_home: Path, seeded: list[Any], options: str,
+                                         expected: str) -> None:
+    assert expected in refused(ip, burst_home, seeded, f"--provider local --max-cost 1 {options}")
+
+
+def test_cleanup_refuses_an_unknown_option(ip: Any) -> None:
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="unknown option '--force'"):
+        ip.run_line_magic("burst", "cleanup --force")
