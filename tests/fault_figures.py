@@ -34,19 +34,23 @@ class Figures:
     faults: int = 0  # faults injected that the trials came through
     leaked: int = 0  # instances still running at a fake when the case was over
     worst: Decimal = Decimal(0)  # the largest bill / cap
+    lost: int = 0  # files of the user's that the case lost or silently replaced (issue 9: must be 0)
 
     def add(self, other: Figures) -> None:
         self.trials += other.trials
         self.faults += other.faults
         self.leaked += other.leaked
         self.worst = max(self.worst, other.worst)
+        self.lost += other.lost
 
     def to_json(self) -> dict[str, Any]:
-        return {"trials": self.trials, "faults": self.faults, "leaked": self.leaked, "worst": str(self.worst)}
+        return {"trials": self.trials, "faults": self.faults, "leaked": self.leaked, "worst": str(self.worst),
+                "lost": self.lost}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Figures:
-        return cls(int(data["trials"]), int(data["faults"]), int(data["leaked"]), Decimal(data["worst"]))
+        return cls(int(data["trials"]), int(data["faults"]), int(data["leaked"]), Decimal(data["worst"]),
+                   int(data["lost"]))
 
 
 class FaultLedger:
@@ -56,14 +60,16 @@ class FaultLedger:
         self._figures = figures
 
     def record(self, case: str, *, trials: int = 1, faults: int = 0, leaked: int = 0,
-               worst: Decimal = Decimal(0)) -> None:
-        self._figures.setdefault(case, Figures()).add(Figures(trials, faults, leaked, worst))
+               worst: Decimal = Decimal(0), lost: int = 0) -> None:
+        self._figures.setdefault(case, Figures()).add(Figures(trials, faults, leaked, worst, lost))
 
     def check_clouds(self, case: str, markets: Markets, caps: Decimal | Mapping[str, Decimal], *, faults: int,
-                     trials: int = 1, timeout: float = 60.0) -> dict[str, Decimal]:
+                     trials: int = 1, timeout: float = 60.0, lost: int = 0) -> dict[str, Decimal]:
         """Wait until no fake has an instance running (up to ``timeout``), record the case, then assert that none
         leaked and that every instance's bill is within its cap. ``caps``: one cap for every instance the case
         made, or a cap per ``"provider:instance_id"`` (then every billed instance must have one).
+
+        ``lost``: files of the user's the case found lost or silently replaced; recorded, and must be 0.
 
         Returns every bill, by ``"provider:instance_id"``."""
         deadline = time.monotonic() + timeout
@@ -74,7 +80,8 @@ class FaultLedger:
         cap_of = caps if isinstance(caps, Mapping) else dict.fromkeys(bills, caps)
         fractions = [bill / cap_of[key] for key, bill in bills.items() if key in cap_of and cap_of[key] > 0]
         self.record(case, trials=trials, faults=faults, leaked=sum(len(v) for v in left.values()),
-                    worst=max(fractions, default=Decimal(0)))
+                    worst=max(fractions, default=Decimal(0)), lost=lost)
+        assert lost == 0, f"{case}: {lost} file(s) of the user's lost or silently replaced"
         assert left == {}, f"{case}: left running after {timeout:.0f} s: {left}"
         assert set(bills) <= set(cap_of), f"{case}: instances no job accounts for: {set(bills) - set(cap_of)}"
         over = {key: (bill, cap_of[key]) for key, bill in bills.items() if bill > cap_of[key]}
@@ -113,8 +120,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if not figures:
         return
     write = terminalreporter.write_line
-    terminalreporter.section("fault injection (issue 4)")
-    write(f"{'case':<34} {'trials':>6} {'faults survived':>15} {'leaked':>6} {'largest bill / cap':>18}")
+    terminalreporter.section("fault injection (issues 4 and 9)")
+    write(f"{'case':<34} {'trials':>6} {'faults survived':>15} {'leaked':>6} {'largest bill / cap':>18} "
+          f"{'files lost':>10}")
     for case in sorted(figures, key=lambda c: (int(c.split()[0]), c) if c.split()[0].isdigit() else (99, c)):
         f = figures[case]
-        write(f"{case:<34} {f.trials:>6} {f.faults:>15} {f.leaked:>6} {f'{f.worst * 100:.3g}%':>18}")
+        write(f"{case:<34} {f.trials:>6} {f.faults:>15} {f.leaked:>6} {f'{f.worst * 100:.3g}%':>18} {f.lost:>10}")
