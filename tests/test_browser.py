@@ -6,8 +6,9 @@ text/plain snapshot), its progress bar at an intermediate value before the final
 the end, the remote lines in the cell's output in order, and the BudgetBars widget. Every wait polls the DOM
 with a generous deadline; nothing asserts a duration. A screenshot of the finished notebook is saved in tmp.
 
-Needs /usr/bin/chromium (Debian's chromium), jupyterlab and playwright; skipped without any of them. Never run
-``playwright install``: its browser download is not needed, the test drives Debian's chromium.
+Needs /usr/bin/chromium (Debian's chromium), jupyterlab and playwright; fails without any of them (`./dev test`
+installs chromium: a green run never hides a skipped browser). Never run ``playwright install``: its browser
+download is not needed, the test drives Debian's chromium.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def lab(tmp_path: Path, burst_home: Path) -> Iterator[Lab]:
     a python3 kernelspec for this interpreter; stopped (and its kernels with it) at the end."""
     reason = missing_requirement()
     if reason:
-        pytest.skip(reason)
+        pytest.fail(reason)
     root = tmp_path / "root"
     root.mkdir()
     write_notebook(root / NOTEBOOK)

@@ -384,7 +384,7 @@ def test_default_key_in_home(sshd_server: SSHServer, no_user_ssh: Path) -> None:
 @pytest.fixture
 def ssh_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     if not shutil.which("ssh-agent"):
-        pytest.skip("ssh-agent not installed")
+        pytest.fail("ssh-agent not installed (Debian: openssh-client; `./dev test` installs it)")
     sock = tmp_path / "agent.sock"
     # Without -D, ssh-agent returns once its socket is listening and prints the daemon's pid.
     started = subprocess.run(["ssh-agent", "-s", "-a", str(sock)], check=True, capture_output=True, text=True)
