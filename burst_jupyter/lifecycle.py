@@ -44,7 +44,7 @@ from .keys import JobKey, create_job_key, remove_job_key
 from .money import format_usd
 from .protection import dead_mans_switch, protection
 from .providers.accounts import MARKETPLACES
-from .providers.base import Instance, InstanceState, Offer, Provider, terminate_confirmed
+from .providers.base import BootWatch, Instance, InstanceState, Offer, Provider, terminate_confirmed
 from .providers.catalog import ANY, CATALOG
 from .remote import AgentClient, AgentStream, Record
 from .sync import MountPlan, Received, receive_results, write_bundle
@@ -197,10 +197,14 @@ class Lifecycle:
         for i, offer in enumerate(offers[:_MAX_LAUNCH_ATTEMPTS]):
             if i:
                 self._choose(offer)
+            # The rate and the time go with the intent: a kernel that dies during the create leaves cleanup a row
+            # without an instance id, and an instance that was made bills from here at this rate.
+            intent = {**self._handoff(), "rate": str(self.rate), "attempt": self.attempt, "gpu": offer.gpu_model,
+                      "launched_at": dt.datetime.now(dt.timezone.utc).isoformat()}
             if self.recorded:
-                await asyncio.to_thread(self.state.record_attempt, job.id, offer.provider, self._handoff())
+                await asyncio.to_thread(self.state.record_attempt, job.id, offer.provider, intent)
             else:
-                await asyncio.to_thread(self.state.record_intent, job.id, offer.provider, self.owner, self._handoff())
+                await asyncio.to_thread(self.state.record_intent, job.id, offer.provider, self.owner, intent)
                 self.recorded = True
             self._check_cancel()
             provider = self.chosen
@@ -213,7 +217,8 @@ class Lifecycle:
             self.launched_wall = dt.datetime.now(dt.timezone.utc)
             try:
                 instance = await provider.launch(offer, plan.spec, job_id=job.id, tag=plan.tag,
-                                                 ssh_public_key=self.key.public_line if self.key else None)
+                                                 ssh_public_key=self.key.public_line if self.key else None,
+                                                 watch=self._boot_watch())
             except NoCapacity as exc:
                 # Taken between search and create: nothing was made; the next offer may still be there.
                 self.launched_at = None
@@ -380,6 +385,13 @@ class Lifecycle:
                                              f"{one_line(exc)}") from exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 3.0)
+
+    def _boot_watch(self) -> BootWatch:
+        """The boot watchdog's terms (providers/_boot_watchdog.py): this job's lease, and when its money or its
+        maximum duration runs out, on the wall clock, from this create request."""
+        left = self._seconds_left()
+        return BootWatch(lease_seconds=self.plan.spec.lease_seconds,
+                         end_by=0.0 if left is None else time.time() + max(left, 0.0))
 
     def _instance_handoff(self) -> dict[str, Any]:
         assert self.instance is not None and self.launched_wall is not None

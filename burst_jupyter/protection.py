@@ -3,7 +3,8 @@
 1. the job's own ``finally`` (sync, terminate, verify), 2. the kernel-exit reaper, 3. the agent's dead-man's
 switch (the lease, and the job's hard maximum duration enforced on the instance too), 4. reconciliation on the
 next load or ``burst cleanup``. Layer 3 differs by provider: it ends the instance only where the provider puts
-an instance-scoped credential on it (:attr:`~.providers.base.Capability.SELF_DESTRUCT`); elsewhere it stops the
+an instance-scoped credential on it (:attr:`~.providers.base.Capability.SELF_DESTRUCT`), and there it is armed in
+the create request, so it also ends an instance whose kernel died before any agent ran; elsewhere it stops the
 job and an orphaned instance waits for layer 4. Whether a dead kernel's results survive depends on the result
 sink: only one the instance can reach (a presigned upload into S3/R2) receives them from the agent.
 
@@ -75,10 +76,13 @@ def protection(provider: Provider, sink: ResultSink | None, *, lease_seconds: in
     if not lease_seconds:
         layers.append("no agent lease (--lease 0): a dead kernel's job runs to its maximum duration")
     elif self_destructs:
-        layers.append(f"agent lease {lease_seconds} s → ends the instance ({provider.name} scoped key)")
+        # From the create on: the boot watchdog (providers/_boot_watchdog.py) until the agent takes over.
+        layers.append(f"agent lease {lease_seconds} s → ends the instance, from its boot on ({provider.name} "
+                      "scoped key)")
     elif rented:
         layers.append(f"agent lease {lease_seconds} s stops the job only ({provider.name} has no scoped key): an "
-                      "orphan is ended by reconciliation on the next load or `burst cleanup`")
+                      "orphan, and an instance whose kernel died while it was created or booting, is ended by "
+                      "reconciliation on the next load or `burst cleanup`")
     else:
         layers.append(f"agent lease {lease_seconds} s stops the job and clears its work folder")
     layers.append(f"hard max {_span(max_seconds)}, on the instance too")

@@ -100,14 +100,14 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
     h = owned.handoff
     provider = build_provider(ProviderConfig.from_json(h["provider_config"]), connections=connections, home=home)
     instance_id = owned.instance_id
+    listed_rate: Decimal | None = None
     if instance_id is None:
         # Handed over between "intent" and "launched": look for it at the provider by this install's tag.
         found = [i for i in await provider.list_owned(h.get("tag", "")) if i.job_id == owned.job_id]
         if not found:
-            await asyncio.to_thread(state.mark_abandoned, owned.job_id)
-            await asyncio.to_thread(budget.release, owned.job_id)
-            return Outcome(owned.job_id, 0, True, None)
-        instance_id = found[0].instance_id
+            return await _settle_unseen(owned, provider.bills_from_launch, state=state, budget=budget,
+                                        reason=reason)
+        instance_id, listed_rate = found[0].instance_id, found[0].price_usd_per_hour
     synced, problem, reached = 0, None, False
     if "endpoint" in h:
         try:
@@ -133,10 +133,12 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
     await asyncio.to_thread(state.mark_terminated, owned.job_id)
     await asyncio.to_thread(remove_job_key, home / "keys", owned.job_id)
     # This attempt's row, from its create request at the last known rate (never under); earlier attempts of the
-    # job (preempted, never booted) were billed on rows of their own when they ended.
-    rate, launched = owned.rate_usd_per_hour or Decimal(0), owned.billing_since
+    # job (preempted, never booted) were billed on rows of their own when they ended. A marketplace instance
+    # whose rate nobody recorded (a row from before the intent carried it) bills at the listed rate, else its
+    # cost is unknown: never $0.
+    rate, launched = owned.rate_usd_per_hour or listed_rate or Decimal(0), owned.billing_since
     now = dt.datetime.now(dt.timezone.utc)
-    cost = cost_of(rate, (now - launched).total_seconds())
+    cost = cost_of(rate, (now - launched).total_seconds()) if rate or not provider.bills_from_launch else None
     await asyncio.to_thread(
         budget.settle, owned.job_id, provider=owned.provider, instance_id=instance_id,
         gpu=h.get("gpu") or "", rate_usd_per_hour=rate, started_at=launched, ended_at=now, actual_usd=cost,
@@ -144,6 +146,35 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
         attempt=int(h.get("attempt", 1)))
     log.info("%s: synced %d file(s), terminated, settled %s", owned.job_id, synced, cost)
     return Outcome(owned.job_id, synced, True, cost, problem)
+
+
+async def _settle_unseen(owned: OwnedInstance, bills_from_launch: bool, *, state: StateStore, budget: Budget,
+                         reason: str) -> Outcome:
+    """A row whose create may have been sent (its kernel died during it) and whose provider lists no instance of
+    the job. Either nothing was made, or the instance was made and is gone: its boot watchdog ended it
+    (providers/_boot_watchdog.py), at the latest when the job's money ran out. Which, nobody can tell, so a
+    marketplace's is billed as made: at the rate recorded with the intent, from the create request until now,
+    at most the job's cap, on a ``leaked`` row that the daily and weekly caps count. Nothing rented, or no rate
+    recorded: abandoned, and the reservation released."""
+    h, rate = owned.handoff, owned.rate_usd_per_hour
+    if not (bills_from_launch and rate):
+        await asyncio.to_thread(state.mark_abandoned, owned.job_id)
+        await asyncio.to_thread(budget.release, owned.job_id)
+        return Outcome(owned.job_id, 0, True, None)
+    launched, now = owned.billing_since, dt.datetime.now(dt.timezone.utc)
+    cost = cost_of(rate, (now - launched).total_seconds())
+    cap = h.get("max_cost_usd")
+    if cap:
+        cost = min(cost, Decimal(cap))
+    await asyncio.to_thread(state.mark_terminated, owned.job_id)
+    await asyncio.to_thread(
+        budget.settle, owned.job_id, provider=owned.provider, instance_id=None, gpu=h.get("gpu") or "",
+        rate_usd_per_hour=rate, started_at=launched, ended_at=now, actual_usd=cost, status="leaked",
+        name=h.get("name"), message=f"{reason}: its kernel died during the create, and {owned.provider} lists no "
+        "instance of it (never made, or it ended itself): billed as made, until now, at most the cap",
+        attempt=int(h.get("attempt", 1)))
+    log.info("%s: no instance found; billed %s as if one was made", owned.job_id, cost)
+    return Outcome(owned.job_id, 0, True, cost)
 
 
 def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> tuple[int, str | None]:

@@ -316,9 +316,10 @@ class Reconciler:
         if not rate and self.providers[name].bills_from_launch:
             # A marketplace listing $0/h does not know the rate (a Thunder SKU gone from its price table).
             rate = row.rate_usd_per_hour if row else None
-        # An instance whose provider reports no creation time was given "now" when the listing was read
-        # (providers/base.py), after ``at``, the moment the pass began: then how long it billed is unknown.
-        since = inst.created_at if inst.created_at < at else None
+        # An instance whose provider reports no creation time (RunPod) was given "now" when the listing was read
+        # (providers/base.py), after ``at``, the moment the pass began: then it billed since its row's create
+        # request, where a row knows it, and for an unknown time otherwise.
+        since = inst.created_at if inst.created_at < at else (row.billing_since if row else None)
         cost = None if rate is None or since is None else cost_of(rate, (at - since).total_seconds())
         return Finding(name, inst.instance_id, inst.job_id, "leaked", why, rate, since, cost)
 

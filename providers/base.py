@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REMOTE_JOB_ROOT",
+    "BootWatch",
     "Capability",
     "Endpoint",
     "Instance",
@@ -184,6 +185,20 @@ class SelfDestruct:
                 "key_env": self.key_env, "body": None if self.body is None else dict(self.body)}
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BootWatch:
+    """The terms of the dead-man's switch a marketplace instance holds from its first second, before any agent
+    runs (``_boot_watchdog.py``): what covers a kernel that dies while the instance is created or boots.
+
+    ``lease_seconds``: the job's lease; an instance that no client takes over within it (plus the provider's own
+    poll interval, see there) ends itself; 0: never for silence. ``end_by``: the client's wall clock (epoch
+    seconds) at which the job's money or its maximum duration runs out, counted from the create request; 0: none.
+    """
+
+    lease_seconds: int
+    end_by: float
+
+
 @runtime_checkable
 class SelfDestructing(Protocol):
     """What a provider declaring :attr:`Capability.SELF_DESTRUCT` also implements."""
@@ -198,7 +213,8 @@ class Provider(Protocol):
     Contracts:
       - ``offers`` returns live offers that fit ``query``, cheapest first; an empty list means none fit.
       - ``launch`` creates one instance labelled with ``tag`` (the owner tag of this install) and returns it
-        once the provider has accepted it; the caller waits for SSH separately.
+        once the provider has accepted it; the caller waits for SSH separately. A provider that declares
+        :attr:`Capability.SELF_DESTRUCT` arms ``watch`` in the create request (others have nothing to arm it with).
       - ``get`` returns the current state, or ``None`` once the instance is gone.
       - ``list_owned`` asks the provider (not memory) for every instance carrying ``tag``.
       - ``terminate`` is idempotent: an unknown or gone id returns quietly. It returns once the provider has
@@ -218,7 +234,8 @@ class Provider(Protocol):
     async def offers(self, query: OfferQuery) -> list[Offer]: ...
 
     async def launch(
-        self, offer: Offer, spec: JobSpec, *, job_id: str, tag: str, ssh_public_key: str | None
+        self, offer: Offer, spec: JobSpec, *, job_id: str, tag: str, ssh_public_key: str | None,
+        watch: BootWatch | None = None,
     ) -> Instance: ...
 
     async def get(self, instance_id: str) -> Instance | None: ...

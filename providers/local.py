@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 from ..errors import NoCapacity
 from ..paths import local_jobs_dir
 from ._agent_hosts import AgentHost
-from .base import Capability, Endpoint, Instance, Offer, OfferQuery
+from .base import BootWatch, Capability, Endpoint, Instance, Offer, OfferQuery
 from .catalog import ANY, CATALOG
 
 if TYPE_CHECKING:
@@ -84,7 +84,8 @@ class LocalProvider:
                       description="this machine")]
 
     async def launch(self, offer: Offer, spec: JobSpec, *, job_id: str, tag: str,
-                     ssh_public_key: str | None) -> Instance:
+                     ssh_public_key: str | None, watch: BootWatch | None = None) -> Instance:
+        # ``watch`` is not armed: the user's own machine bills nothing before the job runs, and is never ended.
         return self.host.instance(provider=self.name, instance_id=job_id, job_id=job_id, rate=self.rate, tag=tag,
                                   gpu_model=offer.gpu_model)
 

@@ -13,6 +13,7 @@ as the ``PUBLIC_KEY`` env var, which RunPod's images append to root's authorized
 
 from __future__ import annotations
 
+import shlex
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,9 +22,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
 from ..errors import OfferGone, ProviderError
+from ._boot_watchdog import boot_command
 from ._http import ApiClient, RetryPolicy, default_error_text
 from .base import (
     REMOTE_JOB_ROOT,
+    BootWatch,
     Capability,
     Endpoint,
     Instance,
@@ -129,6 +132,15 @@ class _Pod(_Model):
             if port.private_port == 22 and port.is_ip_public and port.ip and port.public_port:
                 return port.ip, port.public_port
         return None
+
+
+def _start_command(watchdog: str) -> str:
+    """The pod's ``dockerArgs``: its container start command ("container arguments", runpodctl ``--args``), which
+    replaces the image's CMD. It starts the boot watchdog, then what RunPod's own images run as their CMD,
+    ``/start.sh`` (it starts sshd and installs PUBLIC_KEY); an image without one is kept alive for startSsh.
+    That dockerArgs is the CMD, split into words as docker does, and RunPod's length limit for it are UNCONFIRMED
+    (2026-12-06): the line is held to Vast's 4096 characters."""
+    return "bash -c " + shlex.quote(f"{watchdog} [ -x /start.sh ] && exec /start.sh; exec sleep infinity")
 
 
 def _one_line(text: str) -> str:
@@ -248,8 +260,9 @@ class RunPodProvider:
     # -- launch -------------------------------------------------------------------------------------------------
 
     async def launch(self, offer: Offer, spec: JobSpec, *, job_id: str, tag: str,
-                     ssh_public_key: str | None) -> Instance:
-        """Create the pod; return it PENDING. RunPod places it on any host with that GPU type in stock.
+                     ssh_public_key: str | None, watch: BootWatch | None = None) -> Instance:
+        """Create the pod; return it PENDING. RunPod places it on any host with that GPU type in stock. ``watch``
+        arms the boot watchdog in the pod's start command.
 
         The create is never retried after it may have reached RunPod (``idempotent=False``): a lost reply leaves
         a pod named ``{tag}-{job_id}`` that ``list_owned`` finds. The capacity error raises OfferGone.
@@ -265,6 +278,9 @@ class RunPodProvider:
             "ports": "22/tcp",  # one comma-joined string; a public 22 is what direct SSH needs
             "supportPublicIp": True, "startSsh": True, "env": env,
         }
+        if watch is not None:
+            pod_input["dockerArgs"] = _start_command(boot_command(
+                self.self_destruct(), watch, workdir=f"{REMOTE_JOB_ROOT}/{job_id}", poll_seconds=self.poll_seconds))
         if offer.spot:
             bid = offer.extra.get("bid_per_gpu") or offer.price_per_gpu_hour
             pod_input["bidPerGpu"] = float(Decimal(str(bid)))  # GraphQL Float on the wire only; no arithmetic

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError
 from ._agent_hosts import AgentHost
-from .base import REMOTE_JOB_ROOT, Capability, Endpoint, Instance, Offer, OfferQuery
+from .base import REMOTE_JOB_ROOT, BootWatch, Capability, Endpoint, Instance, Offer, OfferQuery
 
 if TYPE_CHECKING:
     from ..connections import Connections
@@ -70,7 +70,8 @@ class SSHProvider:
                       price_usd_per_hour=self.rate, description=h) for h in order]
 
     async def launch(self, offer: Offer, spec: JobSpec, *, job_id: str, tag: str,
-                     ssh_public_key: str | None) -> Instance:
+                     ssh_public_key: str | None, watch: BootWatch | None = None) -> Instance:
+        # ``watch`` is not armed: the user's own machine bills nothing before the job runs, and is never ended.
         agent = self._agent(offer.offer_id)
         # Connect now: an unreachable host, a refused key or an unknown host key fail before anything runs.
         await asyncio.to_thread(agent.connections.get, agent.endpoint)

@@ -31,6 +31,7 @@ from ..errors import ApiError, ConfigError, ConnectFailed, OfferGone, ProviderEr
 from ._http import RETRY_STATUSES, ApiClient, RetryPolicy, money_from_json
 from .base import (
     REMOTE_JOB_ROOT,
+    BootWatch,
     Capability,
     Endpoint,
     Instance,
@@ -272,9 +273,10 @@ class ThunderProvider:
     # -- instances -------------------------------------------------------------------------------------------
 
     async def launch(self, offer: Offer, spec: JobSpec, *, job_id: str, tag: str,
-                     ssh_public_key: str | None) -> Instance:
+                     ssh_public_key: str | None, watch: BootWatch | None = None) -> Instance:
         """Create the instance for ``offer`` with the job's key. Never retried after the request may have
-        reached Thunder (a second create would rent a second machine): a lost reply is found by its key."""
+        reached Thunder (a second create would rent a second machine): a lost reply is found by its key.
+        ``watch`` is not armed: Thunder puts no instance-scoped key on an instance to end it with."""
         if spec.image is not None:
             raise ConfigError(IMAGE_UNSUPPORTED)
         if not ssh_public_key:

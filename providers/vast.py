@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 
 from ..errors import ApiError, OfferGone, ProviderError, ProvisioningFailed
+from ._boot_watchdog import boot_command
 from ._http import ApiClient, RetryPolicy, money_from_json
 from .base import (
     REMOTE_JOB_ROOT,
+    BootWatch,
     Capability,
     Endpoint,
     Instance,
@@ -158,8 +160,9 @@ class VastProvider:
     # -- launch ----------------------------------------------------------------------------------------------
 
     async def launch(self, offer: Offer, spec: JobSpec, *, job_id: str, tag: str,
-                     ssh_public_key: str | None) -> Instance:
-        """Rent ``offer`` (its ask id), label it ``tag`` and attach ``ssh_public_key`` to it alone.
+                     ssh_public_key: str | None, watch: BootWatch | None = None) -> Instance:
+        """Rent ``offer`` (its ask id), label it ``tag`` and attach ``ssh_public_key`` to it alone; ``watch`` arms
+        the boot watchdog in ``onstart``.
 
         Raises OfferGone when the ask was taken meanwhile (404/410). A create whose reply was lost is found
         again by tag and job id. If the key cannot be attached the new instance is destroyed before raising.
@@ -176,13 +179,20 @@ class VastProvider:
             "runtype": "ssh_direc ssh_proxy" if offer.extra.get("direct", True) else "ssh_proxy",
             "cancel_unavail": True,  # a taken ask answers 410 at once instead of queueing (1.4)
         }
+        workdir = f"{REMOTE_JOB_ROOT}/{job_id}"
+        if watch is not None:
+            # onstart is a shell script Vast runs when the container starts, under the container's environment
+            # (CONTAINER_ID, CONTAINER_API_KEY); with an ssh runtype it replaces the image's entrypoint (Vast's
+            # "Docker execution environment" guide, read 2026-12-06). At most 4096 characters (1.4).
+            body["onstart"] = boot_command(self.self_destruct(), watch, workdir=workdir,
+                                           poll_seconds=self.poll_seconds)
         if offer.spot:
             body["price"] = float(offer.price_usd_per_hour)  # the bid, $/h for the whole machine (1.4, 1.9)
         instance_id = await self._create(offer, body, job_id=job_id, tag=tag)
         if ssh_public_key:
             await self._attach_key(instance_id, ssh_public_key, tag=tag)
         return Instance(provider=self.name, instance_id=instance_id, state=InstanceState.PENDING, endpoint=None,
-                        workdir=f"{REMOTE_JOB_ROOT}/{job_id}", price_usd_per_hour=offer.price_usd_per_hour,
+                        workdir=workdir, price_usd_per_hour=offer.price_usd_per_hour,
                         tag=tag, gpu_model=offer.gpu_model, job_id=job_id, detail="created", spot=offer.spot)
 
     async def _create(self, offer: Offer, body: dict[str, Any], *, job_id: str, tag: str) -> str:

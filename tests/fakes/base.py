@@ -7,7 +7,10 @@
   Vast and RunPod machines also get their id and a random key scoped to them in every session's environment, as
   the real ones inject theirs; the fake API takes that key only to end that one instance (:func:`scoped_key`).
   Destroying a machine stops its sshd, its connections and every process whose HOME is the machine's home (the
-  agent, the cell): what a real terminate does to a rented box.
+  agent, the cell): what a real terminate does to a rented box. A machine created with a ``start`` command runs it
+  once it is up, in the instance's environment (HOME, PATH, the injected id and scoped key) as the provider runs
+  the create request's start script (Vast ``onstart``, RunPod ``dockerArgs``), so the boot watchdog a test sees
+  end an instance is the real one.
 - :class:`Switches`: 429 storms, 5xx, a lost reply after the work was done, an offer taken between search and
   create, capacity errors, slow boot, terminate failures. Each fake reads them where its API would misbehave.
 - :class:`FakeCloud`: ``handler(request) -> httpx.Response`` serves as an ``httpx.MockTransport`` handler in unit
@@ -24,6 +27,7 @@ import os
 import secrets
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -41,6 +45,9 @@ from sshd import SSHServer, kill_connections, start_sshd
 
 __all__ = ["DropReply", "FakeCloud", "FakeMachine", "FakeMachines", "LoopbackServer", "Switches", "billed",
            "json_response", "scoped_key"]
+
+
+_HOLD = "burst_fake_hold_seconds"  # a response extension: how long the handler holds the reply back
 
 
 class DropReply(Exception):
@@ -65,6 +72,7 @@ class Switches:
     terminate_failures: int = 0  # the next N terminates answer 500 and do nothing
     boot_delay: float = 0.0  # seconds from create until the machine answers SSH
     boot_fails: int = 0  # the next N instances never boot: they end up exited/error
+    slow_create: float = 0.0  # seconds each create's reply is held after the instance is made (a create in flight)
     latency: float = 0.0  # seconds added to every answer (offer-search benchmarks)
 
     def take(self, name: str) -> bool:
@@ -80,11 +88,13 @@ class FakeMachine:
     """One rented box: a real sshd that starts after ``boot_delay``, with its own home."""
 
     def __init__(self, root: Path, *, boot_delay: float, fail: bool = False, gpus: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, start: list[str] | None = None) -> None:
         self.root = root
         self.home = root / "home"
         self.gpus = gpus  # what its nvidia-smi reports, one name per GPU
         self.env = dict(env or {})  # what the provider injects into every session (its id, a key scoped to it)
+        self.start = start  # the create request's start script, as the provider runs it at container start
+        self.started: subprocess.Popen[bytes] | None = None
         self.authorized: list[str] = []
         self.server: SSHServer | None = None
         self.failed = fail
@@ -105,6 +115,10 @@ class FakeMachine:
             self.server = self._stack.enter_context(start_sshd(self.root / "sshd", home=self.home, path=bin_dir,
                                                                env=self.env))
             self._write_keys()
+            if self.start:
+                env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(self.home), **self.env}
+                self.started = subprocess.Popen(self.start, env=env, cwd=self.home, stdin=subprocess.DEVNULL,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._booted.set()
 
     def _fake_nvidia_smi(self) -> Path:
@@ -165,6 +179,9 @@ class FakeMachine:
         if server is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(server.pid, signal.SIGKILL)  # a stopped listener never sees a SIGTERM
+        if self.started is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.started.wait(5)  # killed with the rest of the machine's processes above
         self._stack.close()
 
     def processes(self) -> list[int]:
@@ -208,9 +225,9 @@ class FakeMachines:
         self.all: list[FakeMachine] = []
 
     def create(self, *, boot_delay: float, fail: bool = False, gpu: tuple[str, str] | None = None,
-               count: int = 1, env: dict[str, str] | None = None) -> FakeMachine:
+               count: int = 1, env: dict[str, str] | None = None, start: list[str] | None = None) -> FakeMachine:
         """A machine booting after ``boot_delay``; ``gpu`` is (provider, that provider's GPU spelling); ``env`` is
-        set in its SSH sessions."""
+        set in its SSH sessions and its ``start`` command."""
         names: tuple[str, ...] = ()
         if gpu is not None:
             from burst_jupyter.providers.catalog import CATALOG, identify
@@ -220,7 +237,7 @@ class FakeMachines:
         with self._lock:
             self._count += 1
             machine = FakeMachine(self.root / f"m{self._count}", boot_delay=boot_delay, fail=fail, gpus=names,
-                                  env=env)
+                                  env=env, start=start)
             self.all.append(machine)
         return machine
 
@@ -295,7 +312,17 @@ class FakeCloud:
                 return self.too_many()
             if self.switches.take("server_errors_next"):
                 return httpx.Response(503, text="Service Unavailable")
-            return self.dispatch(request, body)
+            response = self.dispatch(request, body)
+        hold = response.extensions.get(_HOLD)
+        if hold:
+            time.sleep(hold)  # outside the lock: the instance's own calls (its watchdog's destroy) go through
+        return response
+
+    def created(self, response: httpx.Response) -> httpx.Response:
+        """A create's reply, held ``switches.slow_create`` seconds after the instance was made."""
+        if self.switches.slow_create:
+            response.extensions[_HOLD] = self.switches.slow_create
+        return response
 
     def transport(self) -> httpx.MockTransport:
         def handle(request: httpx.Request) -> httpx.Response:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shlex
 import string
 import time
 from decimal import Decimal
@@ -185,6 +186,7 @@ class FakeRunPod(FakeCloud):
                "gpuCount": count, "podType": "INTERRUPTABLE" if spot else "RESERVED", "desiredStatus": "RUNNING",
                "costPerHr": per_gpu * count * self.bill_markup, "containerDiskInGb": inp.get("containerDiskInGb"),
                "volumeInGb": inp.get("volumeInGb"), "ports": inp.get("ports"), "machineId": f"m{pod_id[:11]}",
+               "dockerArgs": inp.get("dockerArgs") or "",
                "machine": {"podHostId": f"{pod_id}-{self._rng.getrandbits(32):08x}",
                            "gpuDisplayName": gpu["displayName"]},
                "lastStatusChange": f"Rented by User: {time.ctime()}"}
@@ -195,12 +197,14 @@ class FakeRunPod(FakeCloud):
         self._boot(pod, fail=self.switches.take("boot_fails"), gpu=pod["_gpu"])
         if self.switches.take("drop_create_reply"):
             raise DropReply
-        return _data(op, self._render(pod), tree)
+        return self.created(_data(op, self._render(pod), tree))
 
     def _boot(self, pod: dict[str, Any], *, fail: bool, gpu: str) -> None:
+        # dockerArgs is the container's start command (the image's CMD otherwise), run in the pod's environment.
         machine = self.machines.create(boot_delay=self.switches.boot_delay, fail=fail, gpu=("runpod", gpu),
                                        count=int(pod["gpuCount"]),
-                                       env={"RUNPOD_POD_ID": pod["id"], "RUNPOD_API_KEY": pod["_scoped_key"]})
+                                       env={"RUNPOD_POD_ID": pod["id"], "RUNPOD_API_KEY": pod["_scoped_key"]},
+                                       start=shlex.split(pod["dockerArgs"]) if pod.get("dockerArgs") else None)
         for item in pod["env"]:
             if item.startswith("PUBLIC_KEY="):
                 machine.authorize(item.removeprefix("PUBLIC_KEY="))

@@ -240,6 +240,10 @@ class FakeVast(FakeCloud):
         if price is not None and not (max(0.001, offer["min_bid"]) <= float(price) <= 128):
             return _error(400, "invalid_price", f"error 400/3467: bid {price} below min_bid {offer['min_bid']}",
                           ask_id=ask_id)
+        onstart = body.get("onstart")
+        if onstart is not None and len(str(onstart)) + len(str(body.get("args") or "")) > 4096:
+            return _error(400, "invalid_args", "error 400/3467: onstart and args may hold 4096 characters",
+                          ask_id=ask_id)
         offer["rented"] = True
         iid = next(self._ids)
         runtype = str(body.get("runtype") or "ssh_proxy")
@@ -247,15 +251,17 @@ class FakeVast(FakeCloud):
         rate = Decimal(str(price if price is not None else offer["dph_total"])) * self.bill_markup
         row.update(dph_total=money(rate), is_bid=price is not None)
         key = scoped_key()  # the create reply's instance_api_key, and CONTAINER_API_KEY on the machine
+        # Vast runs onstart as a shell script when the container starts, in the container's environment.
         machine = self.machines.create(boot_delay=self.switches.boot_delay, fail=self.switches.take("boot_fails"),
                                        env={"CONTAINER_ID": str(iid), "CONTAINER_API_KEY": key},
-                                       gpu=("vast", offer["gpu_name"]), count=int(offer["num_gpus"]))
+                                       gpu=("vast", offer["gpu_name"]), count=int(offer["num_gpus"]),
+                                       start=["bash", "-c", str(onstart)] if onstart else None)
         self.instances[iid] = VastInstance(row=row, machine=machine, ask_id=ask_id, boot_delay=self.switches.boot_delay,
                                            direct="ssh_direc" in runtype and offer["direct_port_count"] > 0,
                                            scoped_key=key)
         if self.switches.take("drop_create_reply"):
             raise DropReply()
-        return json_response(200, {"success": True, "new_contract": iid, "instance_api_key": key})
+        return self.created(json_response(200, {"success": True, "new_contract": iid, "instance_api_key": key}))
 
     def _row(self, iid: int, offer: dict[str, Any], body: dict[str, Any], runtype: str) -> dict[str, Any]:
         keep = ("machine_id", "host_id", "num_gpus", "gpu_name", "gpu_ram", "cpu_ram", "inet_up", "inet_down",
