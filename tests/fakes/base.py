@@ -268,6 +268,7 @@ class FakeCloud:
         self.switches = Switches()
         self.requests: list[Recorded] = []
         self.lock = threading.RLock()
+        self._closing = threading.Event()  # ends a held reply early when the fake closes
 
     # -- to override ----------------------------------------------------------------------------------------
 
@@ -315,7 +316,7 @@ class FakeCloud:
             response = self.dispatch(request, body)
         hold = response.extensions.get(_HOLD)
         if hold:
-            time.sleep(hold)  # outside the lock: the instance's own calls (its watchdog's destroy) go through
+            self._closing.wait(hold)  # outside the lock: the instance's own calls (its watchdog's) go through
         return response
 
     def created(self, response: httpx.Response) -> httpx.Response:
@@ -346,6 +347,7 @@ class FakeCloud:
             server.close()
 
     def close(self) -> None:
+        self._closing.set()
         self.machines.close()
 
 
@@ -385,13 +387,15 @@ def _make_handler(cloud: FakeCloud) -> type[http.server.BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             data = response.read()
-            self.send_response(response.status_code)
-            for key, value in response.headers.items():
-                if key.lower() not in ("content-length", "transfer-encoding", "connection"):
-                    self.send_header(key, value)
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            # A reply held back (switches.slow_create) may find its client dead: a kill -9 is what it waits for.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.send_response(response.status_code)
+                for key, value in response.headers.items():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
         do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
 
