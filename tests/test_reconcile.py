@@ -203,6 +203,35 @@ def test_rows_of_a_dead_kernel_are_reaped_even_when_their_instance_is_gone(ip: A
         assert Decimal("0.06") <= row.actual_usd < Decimal("0.1")  # 10 min at $0.40/h, and the seconds since
 
 
+def test_a_kernel_that_died_during_the_create_is_billed_never_0_and_counts_against_the_caps(
+        markets: Markets, burst_home: Path, store: StateStore) -> None:
+    dead, tag = dead_owner(), install_tag(home_dir())
+    # Its instance was made and is still there, and its intent (written before intents carried the rate) has no
+    # rate: it bills at the rate the provider lists.
+    store.record_intent("midcreate-1", "vast", dead, {"provider_config": {"name": "vast"}, "tag": tag})
+    alive = plant(markets, "midcreate-1", minutes_ago=10, rate="0.40")
+    # Its instance is gone (its boot watchdog ended it), or was never made: billed as made, at the intent's rate,
+    # from the intent until now, at most the job's cap.
+    intent_at = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)).isoformat()
+    store.record_intent("midcreate-2", "vast", dead, {"provider_config": {"name": "vast"}, "tag": tag, "rate": "0.40",
+                                                      "launched_at": intent_at, "max_cost_usd": "0.05",
+                                                      "gpu": "RTX_4090", "name": "held"})
+
+    report = burst.cleanup()
+    assert report.ok and {f.job_id for f in report.ended} == {"midcreate-1", "midcreate-2"}
+    assert gone(markets, alive)
+    rows = {r.job_id: r for r in ledger_rows(burst_home)}
+    assert rows["midcreate-1"].rate_usd_per_hour == Decimal("0.4") and rows["midcreate-1"].actual_usd > 0
+    unseen = rows["midcreate-2"]
+    assert (unseen.status, unseen.rate_usd_per_hour, unseen.actual_usd, unseen.gpu) == (
+        "leaked", Decimal("0.4"), Decimal("0.05"), "RTX_4090")  # 10 min at $0.40/h is $0.067: held to the cap
+    assert "lists no instance of it" in unseen.message
+    assert {state_of(burst_home, j) for j in rows} == {"terminated"}
+    with Budget(db_file(burst_home)) as budget:
+        usage = budget.snapshot()
+    assert usage.day.spent == usage.week.spent == sum(r.actual_usd for r in rows.values())
+
+
 def test_a_live_job_survives_reconciliation_mid_job_and_the_periodic_pass_ends_a_leak(
         ip: Any, markets: Markets, burst_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "pyproject.toml").write_text("[tool.burst]\nreconcile-interval-seconds = 0.2\n")
