@@ -191,16 +191,19 @@ class Lifecycle:
         return {**self.plan.handoff, "provider_config": self.plan.configs[self.chosen.name].to_json(),
                 "max_cost_usd": str(self.cap)}
 
+    def _billing_handoff(self, since: dt.datetime) -> dict[str, Any]:
+        """The handoff with what the attempt bills, for a row that has no instance recorded yet: a kernel that
+        dies during the create leaves cleanup only this, and an instance that was made bills from ``since``."""
+        return {**self._handoff(), "rate": str(self.rate), "attempt": self.attempt,
+                "gpu": self.offer.gpu_model if self.offer else None, "launched_at": since.isoformat()}
+
     async def _launch(self, offers: list[Offer]) -> None:
         """Rent the best offer; move to the next when one is taken, or never boots and is confirmed gone."""
         job, plan = self.job, self.plan
         for i, offer in enumerate(offers[:_MAX_LAUNCH_ATTEMPTS]):
             if i:
                 self._choose(offer)
-            # The rate and the time go with the intent: a kernel that dies during the create leaves cleanup a row
-            # without an instance id, and an instance that was made bills from here at this rate.
-            intent = {**self._handoff(), "rate": str(self.rate), "attempt": self.attempt, "gpu": offer.gpu_model,
-                      "launched_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+            intent = self._billing_handoff(dt.datetime.now(dt.timezone.utc))
             if self.recorded:
                 await asyncio.to_thread(self.state.record_attempt, job.id, offer.provider, intent)
             else:
@@ -748,8 +751,9 @@ class Lifecycle:
                           f"create may have made ({exc}); `%burst cleanup` will look again\n")
             return None
         if found:
+            since = self.launched_wall or dt.datetime.now(dt.timezone.utc)
             await asyncio.to_thread(self.state.record_launched, self.job.id, found[0].instance_id,
-                                    {**self._handoff(), "instance_id": found[0].instance_id})
+                                    {**self._billing_handoff(since), "instance_id": found[0].instance_id})
         return found[0] if found else None
 
     async def _terminate(self) -> bool:
