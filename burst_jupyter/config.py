@@ -9,6 +9,10 @@ Lowest to highest precedence:
    directory (like mypy and ruff, a ``pyproject.toml`` without the table is passed over);
 4. explicit options, applied with :meth:`Settings.merged`.
 
+A project file comes with a cloned repository and is not trusted: :data:`PROJECT_RULES` says, key by key, what it
+may do. It may shape jobs and tighten limits; it may never say where credentials, results or commands go, what is
+trusted, or loosen a limit past the user's own value (the user file's, else the default).
+
 A key set at a higher level replaces the lower value whole (``hosts`` lists are not concatenated). Keys may be
 spelled with hyphens (``max-cost`` is ``max_cost``). Every problem is one :class:`ConfigError` line naming the
 file and the key.
@@ -28,10 +32,13 @@ Example:
 from __future__ import annotations
 
 import difflib
+import math
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
@@ -44,7 +51,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-__all__ = ["ACCOUNT_TABLES", "AccountSettings", "Settings", "load_settings"]
+__all__ = ["ACCOUNT_TABLES", "PROJECT_RULES", "AccountSettings", "ProjectRule", "Settings", "load_settings"]
 
 ACCOUNT_TABLES = ("vast", "runpod", "thunder")
 
@@ -132,23 +139,24 @@ def load_settings(*, cwd: Path | None = None, user_file: Path | None = None) -> 
 
     ``cwd`` (default: the current directory) is where the walk up for ``pyproject.toml`` starts; ``user_file``
     defaults to ``paths.user_config_path()``. Raises :class:`ConfigError` for unreadable or invalid TOML, an
-    unknown key or a bad value.
+    unknown key, a bad value, or a project key that :data:`PROJECT_RULES` refuses.
     """
     user_path = user_config_path() if user_file is None else user_file
-    layers: list[tuple[str, dict[str, Any]]] = []
-    user_table = _read_toml(user_path)
-    if user_table is not None:
-        layers.append((str(user_path), user_table))
-    project = _find_project_table((Path.cwd() if cwd is None else cwd).resolve())
-    if project is not None:
-        layers.append(project)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for label, table in layers:
-        if label != str(user_path):
-            _refuse_keys_in_project(label, table)
+    user_table = _read_toml(user_path)
+    if user_table is not None:
         # Validate each file on its own so that an error names the file it is in.
+        values = _validate(user_table, label=str(user_path))._explicit()
+        sources = dict.fromkeys(values, str(user_path))
+    project = _find_project_table((Path.cwd() if cwd is None else cwd).resolve())
+    if project is not None:
+        label, table = project
+        _refuse_account_tables(label, table, user_path)
         explicit = _validate(table, label=label)._explicit()
+        users = _validate(values, label=str(user_path))
+        for key, written in _written_names(table).items():
+            PROJECT_RULES[key].check(f"{label} {written}", explicit[key], getattr(users, key), user_path)
         values |= explicit
         sources |= dict.fromkeys(explicit, label)
     settings = _validate(values, label="settings")
@@ -156,13 +164,96 @@ def load_settings(*, cwd: Path | None = None, user_file: Path | None = None) -> 
     return settings
 
 
-def _refuse_keys_in_project(label: str, table: dict[str, Any]) -> None:
-    """A project file gets committed and shared: API keys belong in the user file or the environment."""
+@dataclass(frozen=True)
+class ProjectRule:
+    """What a project file may do with one key. ``may``: ``shape`` (anything), ``lower`` or ``raise`` (only
+    tighten against the user's value, compared through ``order``), ``never`` (only the user sets it: ``why``)."""
+
+    may: Literal["shape", "lower", "raise", "never"]
+    why: str = ""
+    order: Callable[[Any], Any] = lambda value: value
+
+    def check(self, where: str, value: Any, users: Any, user_path: Path) -> None:
+        if self.may == "never":
+            raise ConfigError(f"{where}: a project file cannot {self.why}; set it in {user_path} or as an option")
+        if self.may == "shape":
+            return
+        looser = self.order(value) > self.order(users) if self.may == "lower" else \
+            self.order(value) < self.order(users)
+        if looser:
+            raise ConfigError(f"{where}: a project file may only tighten this limit, and {_show(value)} is looser "
+                              f"than {_show(users)} (yours or the default); change it in {user_path} or as an "
+                              f"option")
+
+
+def _none_is_unlimited(value: Any) -> Any:
+    return math.inf if value is None else value
+
+
+def _zero_is_never(value: Any) -> Any:
+    return math.inf if value == 0 else value  # lease 0: no lease, the agent never stops a silent client's job
+
+
+def _none_is_zero(value: Any) -> Any:
+    return 0 if value is None else value
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+#: Every key of :class:`Settings`, and what a project's ``[tool.burst]`` may do with it (issue 9: a cloned
+#: repository shapes jobs, never redirects credentials or loosens limits). A limit compares against the user's
+#: value (the user file's, else the default): ``lower`` keys may only go down, ``raise`` keys only up.
+PROJECT_RULES: dict[str, ProjectRule] = {
+    "provider": ProjectRule("shape"),  # which of the user's own accounts or machines: its limits still hold
+    "image": ProjectRule("shape"),
+    "prefer": ProjectRule("shape"),
+    "max_cost": ProjectRule("lower", order=_none_is_unlimited),
+    "max_duration_minutes": ProjectRule("lower", order=_none_is_unlimited),
+    "daily_budget": ProjectRule("lower", order=_none_is_unlimited),
+    "weekly_budget": ProjectRule("lower", order=_none_is_unlimited),
+    "lease_seconds": ProjectRule("lower", order=_zero_is_never),
+    "provision_timeout_seconds": ProjectRule("lower"),  # the boot is billed
+    "reconcile_interval_seconds": ProjectRule("lower"),  # a leak is looked for at least this often
+    "offer_ttl_seconds": ProjectRule("lower"),  # an older price is a looser one
+    "rate": ProjectRule("raise", order=_none_is_zero),  # a lower declared rate lets a cap buy more hours
+    "min_reliability": ProjectRule("raise", order=_none_is_zero),
+    "hosts": ProjectRule("never", "choose the machines your jobs and their keys go to"),
+    "trust_new_hosts": ProjectRule("never", "decide which SSH host keys are trusted"),
+    "remote_python": ProjectRule("never", "choose the command run on your machines"),
+    "result_sink": ProjectRule("never", "choose where your results (and your storage credentials) are sent"),
+    "vast": ProjectRule("never", "hold account settings"),  # refused key by key first: _refuse_account_tables
+    "runpod": ProjectRule("never", "hold account settings"),
+    "thunder": ProjectRule("never", "hold account settings"),
+}
+
+#: Why each key of an account table belongs to the user (``[tool.burst.vast] url`` and the like).
+_ACCOUNT_KEYS = {"api_key": "hold an API key", "url": "set where credentials go",
+                 "ssh_user": "choose the user your account logs in as"}
+
+
+def _refuse_account_tables(label: str, table: dict[str, Any], user_path: Path) -> None:
+    """One line naming the first account setting in a project table, and where it belongs instead."""
+    from .providers.accounts import MARKETPLACES
+
     for name in ACCOUNT_TABLES:
         account = table.get(name)
-        if isinstance(account, dict) and {"api-key", "api_key"} & set(account):
-            raise ConfigError(f"{label}: [{name}] api-key does not belong in a project file; put it in "
-                              f"{user_config_path()} or the environment")
+        if not isinstance(account, dict):
+            continue
+        source = MARKETPLACES[name]
+        env = {"api_key": source.key_var, "url": source.url_var}
+        where = label.removesuffix("]") + f".{name}]"
+        for written in account:
+            key = str(written).replace("-", "_")
+            why = _ACCOUNT_KEYS.get(key, "hold account settings")
+            instead = f"{env[key]} or {written}" if key in env else str(written)
+            raise ConfigError(f"{where} {written}: a project file cannot {why}; set {instead} in {user_path}")
+
+
+def _written_names(table: dict[str, Any]) -> dict[str, str]:
+    """Each Settings key of a (validated) table, as the file spells it."""
+    return {str(key).replace("-", "_"): str(key) for key in table}
 
 
 def _find_project_table(start: Path) -> tuple[str, dict[str, Any]] | None:

@@ -10,7 +10,9 @@
   AuthFailed (401/403), RateLimited (429 past the budget), ApiError (any other status, with ``status``), and
   ConnectFailed (no answer). Providers read their own error bodies through ``error_text``.
 
-The ``httpx.AsyncClient`` is injected (tests pass one with a ``MockTransport``) or made on first use.
+The ``httpx.AsyncClient`` is injected (tests pass one with a ``MockTransport``) or made on first use. The key
+goes only to paths under ``base_url``, which must pass :func:`~.accounts.key_url_problem` (https, or http to a
+loopback address); httpx follows no redirects.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any
 
 import httpx
 
-from ..errors import ApiError, AuthFailed, ConnectFailed, RateLimited
+from ..errors import ApiError, AuthFailed, ConfigError, ConnectFailed, RateLimited
+from .accounts import key_url_problem
 
 __all__ = ["ApiClient", "RetryPolicy", "default_error_text", "money_from_json"]
 
@@ -97,6 +100,9 @@ class ApiClient:
         error_text: Callable[[httpx.Response], str] = default_error_text,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        problem = key_url_problem(base_url)
+        if problem is not None:  # the last gate before the key is attached: no caller can send it elsewhere
+            raise ConfigError(f"{provider}: {problem}, not {base_url!r}")
         self.provider = provider
         self.base_url = base_url.rstrip("/")
         self._token = token
@@ -119,7 +125,8 @@ class ApiClient:
             await self._client.aclose()
 
     def url(self, path: str) -> str:
-        return path if path.startswith(("http://", "https://")) else f"{self.base_url}/{path.lstrip('/')}"
+        """Always under the checked base URL: a full URL (from an answer, say) is never where the key goes."""
+        return f"{self.base_url}/{path.lstrip('/')}"
 
     async def request(
         self,

@@ -3,11 +3,18 @@
 A marketplace without a key is simply not configured: ``auto`` leaves it out, and asking for it by name is one
 clear error. The key lives only here and in the provider's HTTP client (an ``Authorization`` header): never in
 the state store, the ledger, an instance's environment, an onstart script or a command line.
+
+Where the key goes is the user's choice alone: a base URL comes from the environment or the user config file
+(config.py refuses one in a project's pyproject.toml), and a key is sent only over https, or over plain http to a
+loopback address (a local proxy, the test fakes). :func:`key_url_problem` is that rule; the HTTP client checks it
+again where it attaches the key.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,7 +25,7 @@ from ..paths import user_config_path
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["MARKETPLACES", "Account", "accounts", "require_account"]
+__all__ = ["MARKETPLACES", "Account", "accounts", "key_url_problem", "require_account"]
 
 
 @dataclass(frozen=True)
@@ -45,8 +52,29 @@ class Account:
     ssh_user: str | None = None  # None: the provider's own (root on Vast and RunPod, ubuntu on Thunder)
 
 
+def key_url_problem(url: str) -> str | None:
+    """Why an API key must not be sent to ``url``, or None when it may: https, or http to a loopback address."""
+    parts = urllib.parse.urlsplit(url.strip())
+    host = parts.hostname or ""
+    if parts.scheme == "https" and host:
+        return None
+    if parts.scheme == "http" and _loopback(host):
+        return None
+    return "an API key is sent only over https, or over http to a loopback address (127.0.0.1, ::1, localhost)"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def accounts(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, Account]:
-    """Every configured marketplace, in MARKETPLACES order."""
+    """Every configured marketplace, in MARKETPLACES order. A base URL a key may not be sent to is one
+    :class:`ConfigError` naming the variable or file that set it."""
     env = os.environ if environ is None else environ
     found = {}
     for name, source in MARKETPLACES.items():
@@ -54,8 +82,15 @@ def accounts(settings: Settings, environ: Mapping[str, str] | None = None) -> di
         key = env.get(source.key_var) or (table.api_key if table else None)
         if not key:
             continue
-        url = env.get(source.url_var) or (table.url if table else None) or source.default_url
-        found[name] = Account(name, key.strip(), url.rstrip("/"), table.ssh_user if table else None)
+        url, where = source.default_url, "the default"
+        if env.get(source.url_var):
+            url, where = env[source.url_var], source.url_var
+        elif table is not None and table.url:
+            url, where = table.url, f"url under [{name}] in {user_config_path()}"
+        problem = key_url_problem(url)
+        if problem is not None:
+            raise ConfigError(f"{where} = {url!r}: {problem}; {name}'s key was not sent")
+        found[name] = Account(name, key.strip(), url.strip().rstrip("/"), table.ssh_user if table else None)
     return found
 
 

