@@ -162,9 +162,10 @@ class CellDisplay:
             if self._last_stream not in (None, stream):
                 # Keep stdout/stderr interleaving: push out what the other stream buffered first.
                 (sys.stdout if stream == "stderr" else sys.stderr).flush()
-            if self.kernel is None and out.isatty():
-                # A real terminal (`burst submit`, terminal IPython): remote escapes could set its title, write
-                # its clipboard (OSC 52) or hide lines. A notebook renders ANSI colours safely, so they stay there.
+            if self.kernel is None:
+                # A terminal (`burst submit`, terminal IPython), now or when a redirected log is shown in one:
+                # remote escapes could set its title, write its clipboard (OSC 52) or hide lines. A notebook
+                # renders ANSI colours safely, so they stay there.
                 from .widgets.render import clean_text
 
                 text = clean_text(text)

@@ -263,3 +263,18 @@ def test_a_cli_job_on_vast_and_a_notebook_job_share_the_ledger(markets: Markets,
     assert out.startswith(f"job {cli_row.job_id}: completed\n")
     assert f"  provider: vast (instance {cli_row.instance_id}, RTX_4090)" in out and "  rate:     $0.30/h" in out
     assert "output:\n  42\n" in out
+
+
+def test_submit_sends_no_remote_escape_to_the_terminal(burst_home: Path, tmp_path: Path) -> None:
+    """A real `burst submit` process: what the cell prints and the traceback it raises carry a clipboard write
+    (OSC 52), a title and cursor moves; none of it reaches the terminal (or a log shown in one later)."""
+    hostile = "\x1b]52;c;Y3VybCBldmlsIHwgc2g=\x07\x1b]0;pwned\x07\x1b[2A\x1b[2K"
+    script = tmp_path / "hostile.py"
+    script.write_text(f"print({'printed' + hostile!r})\nraise ValueError({'boom' + hostile!r})\n")
+    proc = subprocess.run([sys.executable, "-m", "burst_jupyter.cli", "submit", "--provider", "local", "--max-cost",
+                           "1", "--file", str(script)], capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert b"printed" in proc.stdout and b"Remote traceback" in proc.stderr and b"ValueError: boom" in proc.stderr
+    for stream in (proc.stdout, proc.stderr):
+        assert b"\x1b" not in stream and b"\x07" not in stream, stream
+    assert_clean(burst_home)
