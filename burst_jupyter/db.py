@@ -12,14 +12,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .paths import open_private, tighten
+
 __all__ = ["connect", "write_transaction"]
 
 _BUSY_TIMEOUT_MS = 30_000
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on."""
+    """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on. The file is 0600 and
+    so are its ``-wal`` and ``-shm`` (SQLite gives those the database file's mode when it makes them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    open_private(path, "ab").close()
+    for companion in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        tighten(companion)
     conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")

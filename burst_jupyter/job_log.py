@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from .events import JobEvent
-from .paths import burst_home
+from .paths import burst_home, open_private, private_dir
 
 __all__ = ["JobLogWriter", "job_log_path", "known_job_ids", "read_events", "valid_job_id"]
 
@@ -54,8 +54,8 @@ class JobLogWriter:
             return
         try:
             if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  # closed at the final event
+                private_dir(self.path.parent)
+                self._file = open_private(self.path, "a", encoding="utf-8")  # closed at the final event
             self._file.write(json.dumps(event.to_json(), ensure_ascii=False) + "\n")
             self._file.flush()
             if event.is_final:

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .paths import open_private, private_dir
+
 __all__ = ["JobKey", "create_job_key", "remove_job_key"]
 
 
@@ -32,8 +34,7 @@ def create_job_key(folder: Path, job_id: str, *, comment: str) -> JobKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    folder.chmod(0o700)  # mkdir's mode applies only when it creates the folder: an older one may be wider
+    private_dir(folder)  # mkdir's mode applies only when it creates the folder: an older one may be wider
     private_path, public_path, known = _paths(folder, job_id)
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
@@ -44,7 +45,8 @@ def create_job_key(folder: Path, job_id: str, *, comment: str) -> JobKey:
     with os.fdopen(fd, "wb") as file:
         file.write(private)
     line = f"{public.decode()} {comment}"
-    public_path.write_text(line + "\n")
+    with open_private(public_path, "w") as file:
+        file.write(line + "\n")
     return JobKey(private_path, line, known)
 
 

@@ -29,7 +29,7 @@ from .connections import Connections
 from .errors import BurstError
 from .job import cost_of
 from .keys import remove_job_key
-from .paths import burst_home, db_path, logs_dir
+from .paths import burst_home, db_path, logs_dir, open_private
 from .providers import ProviderConfig, build_provider
 from .providers.base import Endpoint, terminate_confirmed
 from .sinks import ResultSink, open_sink
@@ -55,7 +55,7 @@ class Outcome:
 def spawn_reaper(job_ids: list[str], *, reason: str) -> int:
     """Start a detached reaper for ``job_ids`` and return its pid. Fast: the kernel may be seconds from death."""
     log_path = logs_dir() / f"reaper-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
-    with open(log_path, "ab") as out:
+    with open_private(log_path, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "burst_jupyter.reaper", "--reason", reason, *job_ids],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True,

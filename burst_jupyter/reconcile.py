@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .agent import pid_alive
 from .errors import one_line
 from .money import format_usd
+from .paths import open_private, private_dir
 from .state import LIVE_STATES
 
 if TYPE_CHECKING:
@@ -508,9 +509,8 @@ def _record(report: Report, home: Path, *, tell: bool = False) -> None:
         with _unseen_lock:
             _unseen.append(report)
     with contextlib.suppress(OSError):  # a full disk must not fail the pass that did the work
-        logs = home / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with open(logs / _LOG_NAME, "a", encoding="utf-8") as out:
+        logs = private_dir(home / "logs")
+        with open_private(logs / _LOG_NAME, "a", encoding="utf-8") as out:
             out.write(f"{report.at.astimezone():%Y-%m-%d %H:%M:%S} pid {os.getpid()} {report}\n")
 
 

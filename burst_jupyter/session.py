@@ -27,7 +27,7 @@ from .job_log import JobLogWriter
 from .lifecycle import Lifecycle
 from .money import format_usd
 from .offer_book import OfferBook, SearchResult
-from .paths import burst_home, db_path
+from .paths import burst_home, db_path, open_private, secure_home
 from .providers import REGISTRY, ProviderConfig, build_provider
 from .providers.accounts import MARKETPLACES, accounts, require_account
 from .providers.base import Capability, Offer, OfferQuery, Provider
@@ -61,7 +61,8 @@ def install_tag(home: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         tag = f"burst-{secrets.token_hex(4)}"
-        path.write_text(tag + "\n")
+        with open_private(path, "w") as file:
+            file.write(tag + "\n")
         return tag
 
 
@@ -74,7 +75,7 @@ class Session:
         from .connections import Connections
         from .state import Owner, StateStore
 
-        self.home = home or burst_home()
+        self.home = secure_home(home) if home else burst_home()
         self.settings = settings if settings is not None else load_settings()
         path = self.home / db_path().name if home else db_path()
         self.budget: Budget = Budget(path)

@@ -60,9 +60,10 @@ class _Context:
 
 
 def _local(cfg: ProviderConfig, ctx: _Context) -> Provider:
+    from ..paths import private_dir
     from .local import LocalProvider
 
-    return LocalProvider(connections=ctx.connections, rate=cfg.rate, root=ctx.home / "local",
+    return LocalProvider(connections=ctx.connections, rate=cfg.rate, root=private_dir(ctx.home / "local"),
                          python=cfg.python or sys.executable)
 
 
