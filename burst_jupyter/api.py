@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from .errors import ConfigError
 from .session import Session
-from .spec import JobSpec, parse_money
+from .spec import JobSpec, gpus_problem, parse_money
 
 if TYPE_CHECKING:
     from .budget import LedgerTable
@@ -149,6 +150,9 @@ def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float 
     from .providers.catalog import CATALOG, canonical_gpu
     from .widgets.offer_browser import OfferBrowser, OfferFilter
 
+    problem = gpus_problem(gpus)
+    if problem is not None:
+        raise ConfigError(f"--gpus {problem}")
     session = Session.current()
     namespace = _caller_namespace(1)
     initial = OfferFilter(gpu=canonical_gpu(gpu) if gpu else None, gpus=gpus,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import shlex
 import sys
 import time
@@ -369,6 +370,8 @@ def _kill(args: argparse.Namespace) -> int:
     from .money import format_usd
     from .session import Session
 
+    if not math.isfinite(args.wait) or args.wait < 0:
+        raise ConfigError(f"--wait must be a number of seconds, 0 or more, not {args.wait}")
     session = Session.current()
     rec = _find(session, args.job)
     if rec.ended and not (rec.live and rec.owned is not None and rec.owned.orphaned):

@@ -90,12 +90,16 @@ class Settings(BaseModel):
     image: str | None = Field(default=None, description="Container image for marketplace jobs.")
     prefer: list[str] = Field(default_factory=lambda: ["runpod", "thunder", "vast"],
                               description="Tie-break between equal prices: the more reliable provider first.")
-    min_reliability: float | None = Field(default=None, ge=0, le=1, description="Skip offers scored below this.")
-    offer_ttl_seconds: float = Field(default=30.0, ge=0, description="How long searched offers are reused.")
+    min_reliability: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
+                                          description="Skip offers scored below this.")
+    offer_ttl_seconds: float = Field(default=30.0, ge=0, allow_inf_nan=False,
+                                     description="How long searched offers are reused.")
     provision_timeout_seconds: float = Field(
-        default=900.0, gt=0, description="One limit on boot, image pull and SSH readiness of a rented instance.")
+        default=900.0, gt=0, allow_inf_nan=False,
+        description="One limit on boot, image pull and SSH readiness of a rented instance.")
     reconcile_interval_seconds: float = Field(
-        default=300.0, gt=0, description="While jobs run, how often instances no live job owns are looked for "
+        default=300.0, gt=0, allow_inf_nan=False,
+        description="While jobs run, how often instances no live job owns are looked for "
         "at the providers and ended.")
     vast: AccountSettings | None = Field(default=None, description="Vast.ai account ([vast] table).")
     runpod: AccountSettings | None = Field(default=None, description="RunPod account ([runpod] table).")

@@ -186,8 +186,9 @@ class Session:
             if self.live_jobs():
                 await periodic_pass(self)
 
-    def plan(self, spec: JobSpec, *, namespace: Mapping[str, Any]) -> JobPlan:
-        """Every check that needs no provider call: bad input fails here, with one clear line."""
+    def plan(self, spec: JobSpec, *, namespace: Mapping[str, Any], dry_run: bool = False) -> JobPlan:
+        """Every check that needs no provider call: bad input fails here, with one clear line. A ``dry_run``
+        plan writes nothing in the user's folders."""
         spec = self._with_defaults(spec)
         configs = {c.name: c for c in self._provider_configs(spec)}
         providers = {name: self.provider(cfg) for name, cfg in configs.items()}
@@ -211,7 +212,7 @@ class Session:
                               f"not {', '.join(providers)}")
         if spec.cell is not None:
             check_pulls(spec.pull, _parse_cell(spec.cell), spec.push)
-        mounts = plan_mounts(spec.mounts)
+        mounts = plan_mounts(spec.mounts, create=not dry_run)
         pushed = pack_push(spec.push, namespace)
         minutes = spec.max_duration_minutes or HARD_MAX_MINUTES
         cap: Decimal | None = spec.max_cost_usd
@@ -278,7 +279,7 @@ class Session:
 
     def dry_run(self, spec: JobSpec) -> DryRun:
         """What the job would rent and its worst case, renting nothing."""
-        plan = self.plan(spec, namespace={})
+        plan = self.plan(spec, namespace={}, dry_run=True)
         offers, errors = self.run_sync(plan.search())
         if not offers:
             raise plan.no_offer(errors)

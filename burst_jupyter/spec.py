@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -18,10 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .errors import ConfigError
 
-__all__ = ["HARD_MAX_MINUTES", "JobSpec", "Mount", "parse_money", "parse_mount"]
+__all__ = ["HARD_MAX_MINUTES", "MAX_GPUS", "JobSpec", "Mount", "gpus_problem", "parse_money", "parse_mount"]
 
 #: No job runs longer than this, whatever it asks (architecture: "hard max 12 h").
 HARD_MAX_MINUTES = 12 * 60
+#: The most GPUs one job (or offer search) asks for: no marketplace rents more in one machine.
+MAX_GPUS = 16
+
+#: ``C:\\...`` or ``C:/...``: a Windows drive, whose colon is not the LOCAL:REMOTE separator.
+_DRIVE_RE = re.compile(r"^[A-Za-z]:[\\/]")
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -70,8 +76,18 @@ class Mount(BaseModel):
         return f"{self.local}:{self.remote}:{self.mode}"
 
 
+def gpus_problem(gpus: int) -> str | None:
+    """What is wrong with a GPU count a job or an offer search asks for, or None: 1 to :data:`MAX_GPUS`. 0 is
+    not "no GPU" (every provider would rent one): a job that needs none leaves out ``--gpu``."""
+    if 1 <= gpus <= MAX_GPUS:
+        return None
+    return f"must be 1 to {MAX_GPUS}, not {gpus} (a job that needs no GPU leaves out --gpu and --gpus)"
+
+
 def parse_mount(text: str | tuple[Any, ...] | Mount) -> Mount:
-    """``LOCAL:REMOTE[:ro|:rw]`` or the seed's tuple form ``("./configs", "/data/configs:ro")``."""
+    """``LOCAL:REMOTE[:ro|:rw]`` or the seed's tuple form ``("./configs", "/data/configs:ro")``. On Windows, LOCAL
+    may start with a drive (``C:\\data:data:rw``); elsewhere such a path is refused, never read as a folder
+    ``C``."""
     if isinstance(text, Mount):
         return text
     if isinstance(text, tuple):
@@ -79,9 +95,14 @@ def parse_mount(text: str | tuple[Any, ...] | Mount) -> Mount:
             raise ConfigError(f"mount {text!r} must be (local, 'remote[:ro|:rw]')")
         local, rest = str(text[0]), str(text[1])
     else:
-        local, sep, rest = str(text).partition(":")
+        drive = 2 if _DRIVE_RE.match(str(text)) else 0
+        local, sep, rest = str(text)[drive:].partition(":")
+        local = str(text)[:drive] + local
         if not sep:
             raise ConfigError(f"mount {text!r} must look like LOCAL:REMOTE[:ro|:rw], e.g. ./data:/work/data:ro")
+    if _DRIVE_RE.match(local) and os.name != "nt":
+        raise ConfigError(f"mount {text!r}: {local} is a Windows path and this machine is not Windows; name the "
+                          f"folder as this machine sees it (for example /mnt/c/... under WSL)")
     mode = "ro"
     remote = rest
     if rest.endswith((":ro", ":rw")):
@@ -117,7 +138,7 @@ class JobSpec(BaseModel):
     cell: str | None = Field(None, description="Python source to run remotely (exactly one of cell/command).")
     command: list[str] | None = Field(None, description="A program and its arguments to run remotely.")
     image: str | None = Field(None, description="Container image (marketplace providers only).")
-    gpus: int = Field(1, ge=0, le=16, description="Number of GPUs.")
+    gpus: int = Field(1, description=f"Number of GPUs (1 to {MAX_GPUS}).")
     gpu_model: str | None = Field(
         None, description="Canonical GPU name (RTX_4090, H100, A100_80GB, ANY); None: no GPU required."
     )
@@ -134,10 +155,12 @@ class JobSpec(BaseModel):
     provider: str = Field("auto", description="auto (the cheapest configured marketplace, else your hosts, else "
                           "this machine), local, ssh, vast, runpod, thunder.")
     spot: bool = Field(False, description="Rent interruptible capacity (cheaper; may be preempted).")
-    min_reliability: float | None = Field(None, ge=0, le=1, description="Skip offers scored below this (0..1).")
+    min_reliability: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                          description="Skip offers scored below this (0..1).")
     offer: str | None = Field(None, description="Rent exactly this offer, PROVIDER:OFFER_ID (from the offer browser).")
     provision_timeout_seconds: float | None = Field(
-        None, gt=0, description="One limit on boot, image pull and SSH readiness of a rented instance.")
+        None, gt=0, allow_inf_nan=False, description="One limit on boot, image pull and SSH readiness of a rented "
+        "instance.")
     ssh_hosts: list[str] = Field(default_factory=list, description="Hosts for provider ssh, round-robin.")
     ssh_trust_on_first_use: bool = Field(False, description="Accept and remember unknown SSH host keys.")
     remote_python: str | None = Field(None, description="Python on the instance (default python3).")
@@ -159,6 +182,14 @@ class JobSpec(BaseModel):
             return parse_money(v, what=info.field_name)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: int) -> int:
+        problem = gpus_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     @field_validator("mount_local", mode="before")
     @classmethod

@@ -58,15 +58,17 @@ class MountPlan:
         return entry
 
 
-def plan_mounts(mounts: list[Mount], *, cwd: Path | None = None) -> list[MountPlan]:
-    """Resolve local paths; a missing one is a :class:`ConfigError` before anything is rented."""
+def plan_mounts(mounts: list[Mount], *, cwd: Path | None = None, create: bool = True) -> list[MountPlan]:
+    """Resolve local paths; a missing one is a :class:`ConfigError` before anything is rented. A missing rw
+    folder whose parent exists is made (``create``), or only allowed (a dry run writes nothing)."""
     base = cwd or Path.cwd()
     plans = []
     for i, m in enumerate(mounts):
         local = (base / m.local).resolve() if not m.local.is_absolute() else m.local.resolve()
         if not local.exists():
             if m.mode == "rw" and local.parent.is_dir():
-                local.mkdir()  # an output folder the cell will fill: create it, as `mkdir -p out` would
+                if create:
+                    local.mkdir()  # an output folder the cell will fill: create it, as `mkdir -p out` would
             else:
                 raise ConfigError(f"--mount {m}: local path {m.local} does not exist")
         plans.append(MountPlan(i, m, local, local.is_file()))

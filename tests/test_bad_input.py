@@ -20,6 +20,8 @@ from burst_checks import (
     state_row_count,
     usage_line,
 )
+from IPython.core.error import UsageError
+from marketplaces import Markets
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -194,3 +196,50 @@ def test_cleanup_refuses_an_unknown_option(ip: Any) -> None:
 
     with pytest.raises(UsageError, match="unknown option '--force'"):
         ip.run_line_magic("burst", "cleanup --force")
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ("--gpus 0", "gpus: must be 1 to 16, not 0 (a job that needs no GPU leaves out --gpu and --gpus)"),
+    ("--gpu ANY --gpus 0", "gpus: must be 1 to 16, not 0"),
+    ("--gpus -2", "gpus: must be 1 to 16, not -2"),
+    ("--gpus 17", "gpus: must be 1 to 16, not 17"),
+    ("--provision-timeout inf", "provision_timeout_seconds: Input should be a finite number"),
+    ("--provision-timeout nan", "provision_timeout_seconds: Input should be a finite number"),
+    ("--provision-timeout 0", "provision_timeout_seconds: Input should be greater than 0"),
+    ("--min-reliability nan", "min_reliability: Input should be a finite number"),
+    ("--min-reliability -0.5", "min_reliability: Input should be greater than or equal to 0"),
+    ("--memory 0", "memory_gb: Input should be greater than or equal to 1"),
+])
+def test_a_count_or_limit_of_zero_negative_or_infinite(ip: Any, burst_home: Path, seeded: list[Any], options: str,
+                                                       expected: str) -> None:
+    assert refused(ip, burst_home, seeded, f"--provider local --max-cost 1 {options}").startswith(expected)
+
+
+@pytest.mark.parametrize("provider", ["vast", "thunder"])
+def test_zero_gpus_rents_nothing_at_a_marketplace(ip: Any, burst_home: Path, seeded: list[Any], markets: Markets,
+                                                  provider: str) -> None:
+    """Vast and Thunder would round 0 up and rent one GPU."""
+    line = refused(ip, burst_home, seeded, f"--provider {provider} --gpu ANY --gpus 0 --max-cost 1")
+    assert line.startswith("gpus: must be 1 to 16, not 0")
+    with pytest.raises(UsageError, match=r"^--gpus must be 1 to 16, not 0"):
+        ip.run_line_magic("burst", "offers --gpus 0")
+    assert markets.creates() == 0
+
+
+def test_a_dry_run_writes_nothing_in_your_folders(ip: Any, burst_home: Path, seeded: list[Any],
+                                                 tmp_path: Path) -> None:
+    result, streams = run_cell(ip, "%%burst --provider local --max-cost 1 --dry-run --mount ./new-out:out:rw\n"
+                                   "print('must not run')\n")
+    assert result.error_in_exec is None, streams.text()
+    assert "nothing was rented (--dry-run)" in repr(result.result)
+    assert not (tmp_path / "new-out").exists()
+    assert local_jobdirs(burst_home) == [] and state_row_count(burst_home) == 0
+    assert ledger_rows(burst_home) == seeded
+
+
+@pytest.mark.parametrize("spec", [r"C:\Users\me\data:data:rw", "C:/Users/me/data:data", r"d:\runs:out:rw"])
+def test_a_windows_path_is_not_a_folder_named_by_its_drive_letter(ip: Any, burst_home: Path, seeded: list[Any],
+                                                                  tmp_path: Path, spec: str) -> None:
+    line = refused(ip, burst_home, seeded, f"--provider local --max-cost 1 --mount {spec}")
+    assert "is a Windows path and this machine is not Windows" in line
+    assert sorted(p.name for p in tmp_path.iterdir() if len(p.name) == 1) == []  # no ./C, no ./d

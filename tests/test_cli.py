@@ -78,6 +78,12 @@ def test_submit_exit_status_and_bad_input(burst_home: Path, capsys: Capsys) -> N
         (["submit", "--provider", "locl", "--command", "true"], "did you mean local"),
         (["submit", "--file", "missing.py"], "--file missing.py"),
         (["submit", "--provider", "local", "--image", "python:3.12", "--command", "true"], "--image needs a market"),
+        (["submit", "--provider", "local", "--gpus", "0", "--command", "true"], "gpus: must be 1 to 16, not 0"),
+        (["submit", "--provider", "local", "--provision-timeout", "inf", "--command", "true"], "a finite number"),
+        (["submit", "--provider", "local", "--mount", r"C:\Users\me\data:data:rw", "--command", "true"],
+         "is a Windows path"),
+        (["offers", "--gpus", "0"], "--gpus must be 1 to 16, not 0"),
+        (["kill", "some-job", "--wait", "nan"], "--wait must be a number of seconds, 0 or more"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -85,6 +91,10 @@ def test_submit_exit_status_and_bad_input(burst_home: Path, capsys: Capsys) -> N
     assert main(["submit", "--gpus", "two"]) == 2  # argparse's own usage error, not a traceback
     assert "invalid int value" in capsys.readouterr().err
     assert len(ledger_rows(burst_home)) == 1 and local_jobdirs(burst_home) == []
+    assert not Path("C").exists()
+    # A dry run is not bad input, and it writes nothing in the user's folders.
+    assert main(["submit", "--provider", "local", "--dry-run", "--mount", "./new-out:out:rw", "--command", "true"]) == 0
+    assert "nothing was rented (--dry-run)" in capsys.readouterr().out and not Path("new-out").exists()
 
 
 def test_list_show_and_kill_a_running_notebook_job(burst_home: Path, capsys: Capsys) -> None:
