@@ -138,12 +138,14 @@ class Settings(BaseModel):
         return {key: getattr(self, key) for key in self.model_fields_set}
 
 
-def load_settings(*, cwd: Path | None = None, user_file: Path | None = None) -> Settings:
+def load_settings(*, cwd: Path | None = None, user_file: Path | None = None, project: bool = True) -> Settings:
     """Merge the defaults, the user file and the nearest ``[tool.burst]``; missing files are skipped.
 
     ``cwd`` (default: the current directory) is where the walk up for ``pyproject.toml`` starts; ``user_file``
-    defaults to ``paths.user_config_path()``. Raises :class:`ConfigError` for unreadable or invalid TOML, an
-    unknown key, a bad value, or a project key that :data:`PROJECT_RULES` refuses.
+    defaults to ``paths.user_config_path()``. ``project=False`` reads the user file alone: ending instances (the
+    reaper, cleanup) needs only the user's accounts, and works whatever the folder it runs in says. Raises
+    :class:`ConfigError` for unreadable or invalid TOML, an unknown key, a bad value, or a project key that
+    :data:`PROJECT_RULES` refuses.
     """
     user_path = user_config_path() if user_file is None else user_file
     values: dict[str, Any] = {}
@@ -153,9 +155,9 @@ def load_settings(*, cwd: Path | None = None, user_file: Path | None = None) -> 
         # Validate each file on its own so that an error names the file it is in.
         values = _validate(user_table, label=str(user_path))._explicit()
         sources = dict.fromkeys(values, str(user_path))
-    project = _find_project_table((Path.cwd() if cwd is None else cwd).resolve())
-    if project is not None:
-        label, table = project
+    found = _find_project_table((Path.cwd() if cwd is None else cwd).resolve()) if project else None
+    if found is not None:
+        label, table = found
         _refuse_account_tables(label, table, user_path)
         explicit = _validate(table, label=label)._explicit()
         users = _validate(values, label=str(user_path))

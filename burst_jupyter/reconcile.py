@@ -481,7 +481,7 @@ def _standalone_pass(home: Path) -> Report:
     from .session import install_tag
     from .state import StateStore
 
-    settings = load_settings()
+    settings = load_settings(project=False)  # accounts only: the user's, whatever this folder's pyproject says
     state, budget, connections = StateStore(db_path()), Budget(db_path()), Connections()
     try:
         providers = providers_to_ask(

@@ -55,7 +55,7 @@ class _Context:
         if self.settings is None:
             from ..config import load_settings
 
-            self.settings = load_settings()
+            self.settings = load_settings(project=False)  # accounts are the user's alone (config.PROJECT_RULES)
         return self.settings
 
 
