@@ -53,8 +53,11 @@ def secure_home(home: Path) -> Path:
 
 
 def private_dir(path: Path) -> Path:
-    """``path`` (with its parents) made and kept 0700, even if it already existed wider."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """``path`` made and kept 0700, even if it already existed wider; a missing parent is made 0700 too (mkdir's
+    own ``parents`` would make those under the umask)."""
+    for folder in [*reversed(path.parents), path]:
+        if not folder.is_dir():
+            folder.mkdir(mode=0o700, exist_ok=True)
     tighten(path)
     return path
 

@@ -68,3 +68,16 @@ def test_the_state_folder_and_its_files_are_private_under_a_permissive_umask(bur
 
     assert stat.S_IMODE(burst_home.stat().st_mode) == 0o700
     assert wide(burst_home) == {}
+
+
+def test_a_new_state_folder_is_private_from_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh = tmp_path / "not-yet" / "burst-home"
+    monkeypatch.setenv("BURST_HOME", str(fresh))
+    cell = tmp_path / "cell.py"
+    cell.write_text("print('private')\n")
+    done = burst("submit", "--provider", "local", "--max-cost", "1", "--file", str(cell))
+    assert done.returncode == 0, done.stderr
+    assert burst("cleanup").returncode == 0
+    assert (fresh / "logs" / "jobs").is_dir() and (fresh / "burst.sqlite3").is_file()
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    assert wide(fresh) == {}
