@@ -295,6 +295,7 @@ def _show(args: argparse.Namespace) -> int:
     from .job import cost_of
     from .money import format_usd
     from .session import Session
+    from .widgets.render import clean_text
 
     rec = _find(Session.current(), args.job)
     o, led = rec.owned, rec.ledger
@@ -336,12 +337,12 @@ def _show(args: argparse.Namespace) -> int:
         lines.append(f"  note:     {led.message}")
     if not rec.events and led is None:
         lines.append("  (no event log for this job: it was started before job logs were kept, or elsewhere)")
-    print("\n".join(lines))
+    print(clean_text("\n".join(lines)))  # the error and the note quote the instance: no escapes reach the terminal
     if args.events:
         print("events:")
         for e in rec.events:
             if e.type.value != "output":
-                print(f"  {e.at.astimezone():%H:%M:%S}  {e.describe()}")
+                print(f"  {e.at.astimezone():%H:%M:%S}  {clean_text(e.describe())}")
     _print_output(rec.events, args.lines)
     if led is not None:
         print("ledger:")

@@ -287,4 +287,10 @@ def test_submit_sends_no_remote_escape_to_the_terminal(burst_home: Path, tmp_pat
     assert b"printed" in proc.stdout and b"Remote traceback" in proc.stderr and b"ValueError: boom" in proc.stderr
     for stream in (proc.stdout, proc.stderr):
         assert b"\x1b" not in stream and b"\x07" not in stream, stream
+    # Later, from any process: the error it failed with and its events quote the same text.
+    [row] = ledger_rows(burst_home)
+    shown = subprocess.run([sys.executable, "-m", "burst_jupyter.cli", "show", row.job_id, "--events"],
+                           capture_output=True, timeout=60, check=False)
+    assert shown.returncode == 0 and b"error:    ValueError: boom" in shown.stdout, shown
+    assert b"\x1b" not in shown.stdout + shown.stderr and b"\x07" not in shown.stdout + shown.stderr, shown.stdout
     assert_clean(burst_home)
