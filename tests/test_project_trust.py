@@ -194,3 +194,38 @@ def test_the_http_client_itself_refuses_to_attach_a_key_to_plain_http(proxy: Cat
         with pytest.raises(ConfigError, match=r"an API key is sent only over https.*not 'http://api\.example"):
             cls(api_key="canary", base_url="http://api.example")
     assert proxy.seen == []
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("https://console.vast.ai", True),
+    ("https://api.thundercompute.com:8443/v1", True),
+    ("http://127.0.0.1:8080", True),
+    ("http://127.3.2.1", True),
+    ("http://[::1]:8080/api", True),
+    ("http://localhost:9", True),
+    ("http://api.runpod.io", False),
+    ("http://127.0.0.1.evil.test", False),
+    ("http://localhost.evil.test", False),
+    ("http://0.0.0.0:80", False),
+    ("ftp://127.0.0.1", False),
+    ("console.vast.ai", False),
+    ("https://", False),
+])
+def test_where_a_key_may_go(url: str, allowed: bool) -> None:
+    from burst_jupyter.providers.accounts import key_url_problem
+
+    assert (key_url_problem(url) is None) == allowed
+
+
+def test_ending_instances_reads_accounts_from_the_user_file_alone(tmp_path: Path, keys: dict[str, str],
+                                                                  home_api: Catcher, evil: Catcher) -> None:
+    """The reaper and the load-time cleanup read the user's settings only, so a folder whose pyproject.toml is
+    refused (or changed while a job ran) can neither stop them nor point them elsewhere."""
+    from burst_jupyter.config import load_settings
+    from burst_jupyter.providers.accounts import accounts
+
+    write(tmp_path / "pyproject.toml", f'[tool.burst.vast]\nurl = "{evil.url}"\n')
+    with pytest.raises(ConfigError, match=r"\[tool\.burst\.vast\] url: a project file cannot set where credentials"):
+        load_settings(cwd=tmp_path)
+    found = accounts(load_settings(cwd=tmp_path, project=False))
+    assert {name: a.base_url for name, a in found.items()} == dict.fromkeys(ENV, home_api.url)
