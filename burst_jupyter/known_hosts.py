@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import HostKeyError
+from .paths import open_private
 
 __all__ = ["Host", "KnownKey", "check_host_key", "prefer_known_key_types", "read_known_hosts"]
 
@@ -152,7 +153,7 @@ def _remember_host_key(key: Any, target: Host) -> None:
         if existing and not existing.endswith(b"\n"):
             line = b"\n" + line
         # One O_APPEND write per line, so kernels connecting at the same time do not interleave.
-        with path.open("ab") as f:
+        with open_private(path, "ab") as f:  # a new file (a job's own, in the 0700 keys folder) is 0600
             f.write(line)
     except OSError as exc:
         raise HostKeyError(f"cannot add the host key of {target.hostname} to {path}: {exc.strerror}") from exc

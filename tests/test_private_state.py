@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from burst_checks import ledger_rows
+from marketplaces import Markets
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,3 +82,13 @@ def test_a_new_state_folder_is_private_from_the_start(tmp_path: Path, monkeypatc
     assert (fresh / "logs" / "jobs").is_dir() and (fresh / "burst.sqlite3").is_file()
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
     assert wide(fresh) == {}
+
+
+def test_a_marketplace_job_leaves_nothing_readable(markets: Markets, burst_home: Path, tmp_path: Path) -> None:
+    """Its SSH key, the instance's pinned host key and the handoff with the endpoint, under umask 000."""
+    cell = tmp_path / "cell.py"
+    cell.write_text("print('on a stranger\\'s machine')\n")
+    done = burst("submit", "--provider", "vast", "--gpu", "ANY", "--max-cost", "1", "--file", str(cell))
+    assert done.returncode == 0, done.stderr
+    assert (burst_home / "keys").is_dir()
+    assert wide(burst_home) == {}
