@@ -14,6 +14,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 from burst_jupyter.offer_book import SearchResult
+from burst_jupyter.spec import MAX_GPUS
 from burst_jupyter.widgets.offer_table import (
     COLUMNS,
     NUMERIC,
@@ -327,7 +328,7 @@ class OfferBrowser(LiveView):
                 layout=w.Layout(width="14em"),
             ),
             gpus=w.BoundedIntText(
-                description="GPUs", value=f.gpus, min=1, max=64, style=wide, layout=w.Layout(width="7em")
+                description="GPUs", value=f.gpus, min=1, max=MAX_GPUS, style=wide, layout=w.Layout(width="7em")
             ),
             max_price=w.Text(
                 description="max $/h",
