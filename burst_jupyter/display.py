@@ -14,6 +14,7 @@ Without a kernel (terminal IPython) the view's text lines are printed instead of
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import sys
 import threading
@@ -93,6 +94,14 @@ class CellDisplay:
         result = self.job.result()
         if interrupted:
             raise KeyboardInterrupt
+        error = result.error
+        if self.kernel is None and isinstance(error, RemoteError):
+            # A terminal prints the remote traceback as it stands (a notebook renders it inert): no escapes.
+            from .widgets.render import clean_text
+
+            error = RemoteError(clean_text(error.ename), clean_text(error.evalue),
+                                [clean_text(line) for line in error.traceback])
+            result = dataclasses.replace(result, error=error)
         return result
 
     # -- background -------------------------------------------------------------------------------------------

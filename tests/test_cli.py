@@ -16,12 +16,21 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from burst_checks import ledger_rows, live_instances, local_jobdirs, open_reservations, state_row, wait_until
+from burst_checks import (
+    ledger_rows,
+    live_instances,
+    local_jobdirs,
+    open_reservations,
+    run_cell,
+    state_row,
+    wait_until,
+)
 from marketplaces import Markets
 
 import burst_jupyter as burst
 from burst_jupyter import EventType, JobSpec, JobStatus
 from burst_jupyter.cli import main
+from burst_jupyter.errors import RemoteError
 from burst_jupyter.events import JobEvent
 from burst_jupyter.job_log import JobLogWriter, job_log_path, read_events
 
@@ -294,3 +303,13 @@ def test_submit_sends_no_remote_escape_to_the_terminal(burst_home: Path, tmp_pat
     assert shown.returncode == 0 and b"error:    ValueError: boom" in shown.stdout, shown
     assert b"\x1b" not in shown.stdout + shown.stderr and b"\x07" not in shown.stdout + shown.stderr, shown.stdout
     assert_clean(burst_home)
+
+
+def test_terminal_ipython_shows_a_remote_traceback_without_its_escapes(ip: object, burst_home: Path) -> None:
+    """Terminal IPython (no kernel) prints what ``_render_traceback_`` returns as it stands."""
+    hostile = "\x1b]52;c;Y3VybCBldmlsIHwgc2g=\x07\x1b[2A"
+    result, _ = run_cell(ip, f"%%burst --provider local --max-cost 1\nraise ValueError({'boom' + hostile!r})\n")
+    error = result.error_in_exec
+    assert isinstance(error, RemoteError)
+    shown = "\n".join(error._render_traceback_())
+    assert "ValueError: boom" in shown and "\x1b" not in shown and "\x07" not in shown, shown
