@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--retries", type=int, metavar="N", help="after a preemption, relaunch on the next offer N times")
     s.add_argument("--sync-every", type=int, metavar="SECONDS", help="bring rw mounts back this often while running")
     s.add_argument("--sink", metavar="URL", help="also store rw results in URL/<job id>/ (folder, s3://, r2://)")
+    s.add_argument("--max-results", metavar="SIZE", help="most rw results brought back (default 20GB)")
     s.add_argument("--dry-run", action="store_true", help="show the offer and the worst case; rent nothing")
     s.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS",
                    help="the command (unless --file or --command)")
@@ -162,7 +163,7 @@ def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
              "offer": args.offer, "provision_timeout_seconds": args.provision_timeout,
              "remote_python": args.python, "ssh_trust_on_first_use": args.trust_new_host,
              "lease_seconds": args.lease, "retries": args.retries, "sync_every_seconds": args.sync_every,
-             "result_sink": args.sink, "mount_local": args.mount or None,
+             "result_sink": args.sink, "max_results_bytes": args.max_results, "mount_local": args.mount or None,
              "ssh_hosts": [h.strip() for h in args.host.split(",") if h.strip()] if args.host else None}
     fields.update({key: value for key, value in plain.items() if value is not None})
     return fields

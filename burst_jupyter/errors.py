@@ -25,6 +25,7 @@ __all__ = [
     "RateLimited",
     "RemoteError",
     "RemoteSetupError",
+    "ResultsTooLarge",
     "SyncError",
     "UnsafeResults",
     "VariableError",
@@ -103,6 +104,15 @@ class SyncError(BurstError):
 
 class UnsafeResults(SyncError):
     """The instance sent a result that would land outside its destination; fetching it again changes nothing."""
+
+
+class ResultsTooLarge(SyncError):
+    """The results passed the ``--max-results`` limit; fetching them again changes nothing. ``received`` holds what
+    landed before the limit (a ``sync.Received``)."""
+
+    def __init__(self, message: str, received: object = None) -> None:
+        super().__init__(message)
+        self.received = received
 
 
 class BudgetKilled(BurstError):

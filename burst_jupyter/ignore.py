@@ -6,10 +6,11 @@ Rules, lowest to highest precedence (the last rule that matches a path decides, 
 2. for each directory from the mounted folder down to the path: its ``.gitignore``, then its ``.burstignore``
    (same syntax, so it can add patterns and ``!``-re-include what ``.gitignore`` excludes).
 
-``.git`` is never uploaded. Ignored directories are not walked (a huge ignored ``data/`` or ``.venv/`` costs
-nothing), which is also why nothing inside an excluded directory can be re-included, as in git. Symlinks are
-yielded as themselves, never followed. Files above the mounted folder (a parent repository's ``.gitignore``)
-and the user's global ``core.excludesFile`` are not read: the mount is the unit that is uploaded.
+``.git`` (and burst's own scratch folder, ``.burst-tmp``) is never uploaded. Ignored directories are not
+walked (a huge ignored ``data/`` or ``.venv/`` costs nothing), which is also why nothing inside an excluded
+directory can be re-included, as in git. Symlinks are yielded as themselves, never followed. Files above the
+mounted folder (a parent repository's ``.gitignore``) and the user's global ``core.excludesFile`` are not read:
+the mount is the unit that is uploaded.
 
 Patterns follow gitignore(5) and git's ``wildmatch``, checked against ``git ls-files --others
 --exclude-standard`` in tests/test_ignore.py.
@@ -29,10 +30,14 @@ from pathlib import Path
 
 from .errors import SyncError
 
-__all__ = ["Entry", "iter_entries", "iter_files"]
+__all__ = ["NEVER_SYNCED", "Entry", "excluded", "iter_entries", "iter_files"]
 
 # Per-directory rule files, in the order they apply (a later file wins).
 _IGNORE_FILES = (".gitignore", ".burstignore")
+_EXCLUDE = ".git/info/exclude"
+#: Names never uploaded nor written back, wherever they are: git's own folder (hooks there run code) and the
+#: scratch folder results are written through (sync.py). Lower case: a case-insensitive disk takes ``.GIT`` too.
+NEVER_SYNCED = frozenset({".git", ".burst-tmp"})
 
 # git's wildmatch takes these ASCII classes from its own ctype table, not the locale's.
 _POSIX_CLASSES = {
@@ -88,22 +93,45 @@ def iter_files(root: Path) -> Iterator[tuple[str, Path]]:
             yield entry.rel, entry.path
 
 
-def iter_entries(root: Path) -> Iterator[Entry]:
+def iter_entries(root: Path, *, rules_read: dict[str, str] | None = None) -> Iterator[Entry]:
     """Like :func:`iter_files` but directories too (each before its contents), so empty ones can be recreated.
 
     A symlink to a directory is an entry with ``is_symlink=True`` and ``is_dir=False``; it is not walked.
+    ``rules_read``, when given, receives the text of every rule file read, by its path below ``root``: what
+    :func:`excluded` needs to judge a path later exactly as this upload did.
     """
     root = Path(root).absolute()
     exclude = root / ".git" / "info" / "exclude"
-    rules = _read_rules(exclude, base="") if exclude.is_file() else ()
-    yield from _walk(root, "", rules)
+    rules = _read_rules(exclude, base="", record=rules_read, rel=_EXCLUDE) if exclude.is_file() else ()
+    yield from _walk(root, "", rules, rules_read)
 
 
-def _walk(directory: Path, rel_dir: str, inherited: tuple[_Rule, ...]) -> Iterator[Entry]:
+def excluded(rules_read: dict[str, str], rel: str, *, is_dir: bool = False) -> bool:
+    """Whether the upload that recorded ``rules_read`` (see :func:`iter_entries`) left ``rel`` out: a name in
+    :data:`NEVER_SYNCED`, a path an ignore rule matches, or one inside an ignored folder. Judged by the rule
+    files as they were then, so a results transfer cannot loosen them by writing a ``.gitignore`` first."""
+    parts = rel.split("/")
+    rules = _parse_text(rules_read[_EXCLUDE], base="") if _EXCLUDE in rules_read else ()
+    for depth, name in enumerate(parts):
+        if name.lower() in NEVER_SYNCED:
+            return True
+        base = "".join(f"{p}/" for p in parts[:depth])
+        for rule_file in _IGNORE_FILES:
+            text = rules_read.get(base + rule_file)
+            if text is not None:
+                rules += _parse_text(text, base=base)
+        last = depth == len(parts) - 1
+        if _ignored(rules, "/".join(parts[: depth + 1]), name, is_dir or not last):
+            return True
+    return False
+
+
+def _walk(directory: Path, rel_dir: str, inherited: tuple[_Rule, ...],
+          record: dict[str, str] | None) -> Iterator[Entry]:
     entries = _scan(directory)
-    rules = inherited + _local_rules(directory, rel_dir, entries)
+    rules = inherited + _local_rules(directory, rel_dir, entries, record)
     for entry in entries:
-        if entry.name == ".git":
+        if entry.name.lower() in NEVER_SYNCED:
             continue
         is_link = entry.is_symlink()
         is_dir = not is_link and entry.is_dir(follow_symlinks=False)
@@ -115,7 +143,7 @@ def _walk(directory: Path, rel_dir: str, inherited: tuple[_Rule, ...]) -> Iterat
         path = directory / entry.name
         yield Entry(rel, path, is_dir, is_link)
         if is_dir:
-            yield from _walk(path, rel + "/", rules)
+            yield from _walk(path, rel + "/", rules, record)
 
 
 def _scan(directory: Path) -> list[os.DirEntry[str]]:
@@ -126,13 +154,14 @@ def _scan(directory: Path) -> list[os.DirEntry[str]]:
         raise SyncError(f"cannot read folder {directory}: {exc.strerror or exc}") from exc
 
 
-def _local_rules(directory: Path, rel_dir: str, entries: list[os.DirEntry[str]]) -> tuple[_Rule, ...]:
+def _local_rules(directory: Path, rel_dir: str, entries: list[os.DirEntry[str]],
+                 record: dict[str, str] | None) -> tuple[_Rule, ...]:
     # Like git >= 2.32, an ignore file that is a symlink is not followed.
     present = {e.name for e in entries if e.name in _IGNORE_FILES and e.is_file(follow_symlinks=False)}
     rules: tuple[_Rule, ...] = ()
     for name in _IGNORE_FILES:
         if name in present:
-            rules += _read_rules(directory / name, base=rel_dir)
+            rules += _read_rules(directory / name, base=rel_dir, record=record, rel=rel_dir + name)
     return rules
 
 
@@ -143,12 +172,18 @@ def _ignored(rules: tuple[_Rule, ...], rel: str, name: str, is_dir: bool) -> boo
     return False
 
 
-def _read_rules(path: Path, *, base: str) -> tuple[_Rule, ...]:
+def _read_rules(path: Path, *, base: str, record: dict[str, str] | None = None, rel: str = "") -> tuple[_Rule, ...]:
     try:
         # surrogateescape: a pattern with undecodable bytes still matches the same bytes in a file name.
         text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     except OSError as exc:
         raise SyncError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if record is not None:
+        record[rel] = text
+    return _parse_text(text, base=base)
+
+
+def _parse_text(text: str, *, base: str) -> tuple[_Rule, ...]:
     lines = text.removeprefix("\ufeff").split("\n")
     return tuple(rule for line in lines if (rule := _parse_rule(line.removesuffix("\r"), base=base)))
 

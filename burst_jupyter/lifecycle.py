@@ -33,6 +33,7 @@ from .errors import (
     RateLimited,
     RemoteError,
     RemoteSetupError,
+    ResultsTooLarge,
     SyncError,
     UnsafeResults,
     VariableError,
@@ -62,6 +63,8 @@ T = TypeVar("T")
 _MAX_RECONNECTS = 20
 _CANCEL_RECONNECT_SECONDS = 15.0
 _MAX_LAUNCH_ATTEMPTS = 4  # offers tried in turn when one is taken or never boots
+# Results this machine could not write (a full disk) stay on the kept instance; asked for again this often.
+_REFETCH_SECONDS = 5.0
 
 _FINAL_EVENT = {
     JobStatus.COMPLETED: EventType.COMPLETED,
@@ -453,6 +456,7 @@ class Lifecycle:
         self._check_cancel()
         stream = await asyncio.to_thread(client.start, self._manifest(), bundle)
         self.sync_up_seconds = time.monotonic() - t0
+        await self._record_mounts()  # what went up: a reaper finishing the job tells local edits from it
         for note in notes:
             job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {note}\n")
         await self._follow(client, stream)
@@ -466,6 +470,7 @@ class Lifecycle:
         last_lease = last_pull = time.monotonic()
         pull: asyncio.Future[None] | None = None
         reconnects = 0
+        refetch_at: float | None = None  # results are missing here (a local write error): ask again then
         self._start_reader(stream, queue, loop)
         while True:
             try:
@@ -477,10 +482,12 @@ class Lifecycle:
                 if payload.get("k") == "exit" and payload.get("reason") == "agent-died":
                     await self._check_preempted()  # a container stopped under the agent: taken away, or a crash
             elif kind == "results":
-                self.received = payload
-                if payload.sink_note:
-                    job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {payload.sink_note}\n")
-                return
+                await self._on_results(payload)
+                if not payload.unwritten:
+                    return
+                refetch_at = time.monotonic() + _REFETCH_SECONDS  # kept, with its results, until the cap
+            elif kind == "refetch-failed":
+                refetch_at = time.monotonic() + _REFETCH_SECONDS
             elif kind in ("eof", "results-failed"):
                 # Dropped mid-stream, or while the results came back: the job (and its files) wait on the
                 # instance; attach again where we stopped (after the exit line that means: only the results).
@@ -500,6 +507,15 @@ class Lifecycle:
                 last_lease = now
                 await self._send(stream, "lease")
             if self.exit_record is not None:
+                if self.received is not None and self.received.unwritten:
+                    # Waiting on this machine's disk, never past the cap, the maximum duration or a cancel.
+                    reason = self._should_stop()
+                    if reason is not None:
+                        self.lost = self.received.missing()
+                        raise _StopRequested(reason)
+                    if refetch_at is not None and now >= refetch_at:
+                        refetch_at = None
+                        self._start_refetch(queue, loop)
                 continue  # the cell is over: only the results remain
             if spec.sync_every_seconds and self.started and now - last_pull >= spec.sync_every_seconds \
                     and (pull is None or pull.done()):
@@ -560,10 +576,53 @@ class Lifecycle:
         except OSError:
             pass  # the connection is dropping; the reader notices and we re-attach
 
+    def _receive(self, stream: AgentStream) -> Received:
+        """The results from ``stream`` into the rw mounts (and the sink), one transfer at a time. Past the results
+        limit the stream is closed, not read to its end."""
+        plans, sink = self.plan.mounts, self.plan.sink
+        with self.sync_lock:
+            try:
+                return stream.read_results(lambda f: receive_results(
+                    f, plans, sink=sink, job_id=self.job.id, max_bytes=self.plan.spec.max_results_bytes))
+            except ResultsTooLarge as exc:
+                stream.close()
+                assert isinstance(exc.received, Received)
+                return exc.received
+
+    async def _on_results(self, got: Received) -> None:
+        """Results landed: keep them, tell what did not land as sent, and record what is here now."""
+        self.received = got
+        for note in got.notes:
+            self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {note}\n")
+        if got.unwritten:
+            self.job.emit(EventType.OUTPUT, stream="stderr", text=(
+                f"burst: the instance is kept with these results and asked again every {_REFETCH_SECONDS:.0f} s "
+                "until the cost cap or the maximum duration (free some space, or cancel to end it now)\n"))
+        await self._record_mounts()
+
+    async def _record_mounts(self) -> None:
+        """The rw mounts as uploaded and synced back so far, into the handoff a reaper would work from."""
+        mounts = [m.to_json() for m in self.plan.mounts]
+        self.plan.handoff["mounts"] = mounts
+        await asyncio.to_thread(self.state.update_handoff, self.job.id, mounts=mounts)
+
+    def _start_refetch(self, queue: asyncio.Queue[tuple[str, Any]], loop: asyncio.AbstractEventLoop) -> None:
+        def fetch() -> None:
+            stream = self._client().results()
+            try:
+                for _ in stream.records():
+                    pass
+                result: tuple[str, Any] = ("results", self._receive(stream))
+            except (BurstError, OSError, EOFError) as exc:
+                result = ("refetch-failed", exc)
+            finally:
+                stream.close()
+            loop.call_soon_threadsafe(queue.put_nowait, result)
+
+        threading.Thread(target=fetch, name=f"burst-{self.job.id}-refetch", daemon=True).start()
+
     def _start_reader(self, stream: AgentStream, queue: asyncio.Queue[tuple[str, Any]],
                       loop: asyncio.AbstractEventLoop) -> None:
-        plans, sink = self.plan.mounts, self.plan.sink
-
         def post(kind: str, payload: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
 
@@ -574,8 +633,7 @@ class Lifecycle:
                 if stream.exit is None:
                     post("eof", None)
                     return
-                with self.sync_lock:
-                    post("results", stream.read_results(lambda f: receive_results(f, plans, sink=sink)))
+                post("results", self._receive(stream))
             except (RemoteSetupError, UnsafeResults) as exc:  # fetching again would change nothing
                 post("error", exc)
             except Exception as exc:  # a transport failure: re-attach, or fetch the results again
@@ -588,15 +646,12 @@ class Lifecycle:
     async def _pull(self) -> None:
         """A --sync-every pull: the rw changes so far (and into the sink), over a channel of its own beside the
         stream. A failure costs nothing but this pull: the final results still come back at the end."""
-        plans, sink = self.plan.mounts, self.plan.sink
-
         def pull() -> Received:
             stream = self._client().results()
             try:
                 for _ in stream.records():
                     pass
-                with self.sync_lock:
-                    return stream.read_results(lambda f: receive_results(f, plans, sink=sink))
+                return self._receive(stream)
             finally:
                 stream.close()
 
@@ -606,6 +661,9 @@ class Lifecycle:
             self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: periodic sync failed ({one_line(exc)}); "
                           "the final sync still runs\n")
             return
+        await self._record_mounts()
+        for line in got.notes:
+            self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {line}\n")
         note = f"; {got.sink_note}" if got.sink_note else ""
         self.job.emit(EventType.SYNCED, message=f"{len(got.files)} changed file(s) from rw mounts{note}",
                       cost_so_far_usd=self.cost_so_far())
@@ -786,10 +844,14 @@ class Lifecycle:
         ended_itself = recorded in ("ok", "error") and self.received is not None
         reason = recorded if ended_itself else (self.stop_reason or recorded)
         rc = (self.exit_record or {}).get("rc")
+        if error is None and self.received is not None and self.received.over_limit:
+            error = ResultsTooLarge(f"results over the limit: not brought back: {self.received.over_limit}")
         if error is not None:
             result.status, result.error = JobStatus.FAILED, error
         elif reason == "cancelled":
             result.status = JobStatus.CANCELLED
+            if self.lost:  # cancelled while results waited for this machine's disk: the ledger says which
+                result.error = SyncError("cancelled" + self._lost_text())
         elif reason == "budget":
             result.status = JobStatus.BUDGET_KILLED
             result.error = BudgetKilled(f"stopped at its cost cap ({format_usd(self.cap)})" + self._lost_text())

@@ -103,6 +103,7 @@ class BurstMagics(Magics):
     @argument("--retries", type=int, metavar="N", help="After a preemption, relaunch on the next offer up to N times.")
     @argument("--sync-every", type=int, metavar="SECONDS",
               help="Also bring rw mounts back this often while the job runs (a relaunch continues from them).")
+    @argument("--max-results", metavar="SIZE", help="Most rw results brought back (default 20GB), e.g. 100GB.")
     @argument("--name", "-n", help="A name for the job in views and the ledger.")
     @argument("--sink", metavar="URL", help="Also store rw results in URL/<job id>/: a folder, s3://bucket/prefix "
               "or r2://bucket/prefix; {job_id} in URL places the id itself (IPython expands {name} in magic "
@@ -167,6 +168,7 @@ class BurstMagics(Magics):
         put("lease_seconds", args.lease if args.lease is not None else self.lease)
         put("retries", args.retries)
         put("sync_every_seconds", args.sync_every)
+        put("max_results_bytes", args.max_results)
         put("name", args.name)
         put("result_sink", args.sink)
         return JobSpec.build(**fields)

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .errors import ConfigError
 
-__all__ = ["HARD_MAX_MINUTES", "MAX_GPUS", "JobSpec", "Mount", "gpus_problem", "parse_money", "parse_mount"]
+__all__ = ["DEFAULT_MAX_RESULTS", "HARD_MAX_MINUTES", "MAX_GPUS", "JobSpec", "Mount", "gpus_problem", "parse_money",
+           "parse_mount", "parse_size"]
 
 #: No job runs longer than this, whatever it asks (architecture: "hard max 12 h").
 HARD_MAX_MINUTES = 12 * 60
@@ -29,7 +30,26 @@ MAX_GPUS = 16
 #: ``C:\\...`` or ``C:/...``: a Windows drive, whose colon is not the LOCAL:REMOTE separator.
 _DRIVE_RE = re.compile(r"^[A-Za-z]:[\\/]")
 
+#: What one job's results may bring back unless ``--max-results`` says more: bounds a hostile instance's flood.
+DEFAULT_MAX_RESULTS = 20 * 10**9
+
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*$")
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(value: object, *, what: str = "size") -> int:
+    """A number of bytes: an int, or text like ``500MB``, ``20GB``, ``1.5T`` (decimal units, as disks count)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE_RE.match(str(value))
+        if match is None or isinstance(value, bool):
+            raise ConfigError(f"{what} must be a size like 500MB or 20GB, not {value!r}")
+        size = int(Decimal(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size < 1:
+        raise ConfigError(f"{what} must be at least 1 byte (got {value!r})")
+    return size
 
 
 def parse_money(value: object, *, what: str = "cost") -> Decimal:
@@ -172,6 +192,17 @@ class JobSpec(BaseModel):
     result_sink: str | None = Field(
         None, description="Also store rw results here, under <job id>/: a folder, file://, s3:// or r2:// URL "
         "({job_id} in it places the id).")
+    max_results_bytes: int = Field(
+        DEFAULT_MAX_RESULTS, description="Most bytes of rw results brought back (--max-results 50GB); past it the "
+        "transfer stops and the job fails saying what was left out.")
+
+    @field_validator("max_results_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> int:
+        try:
+            return parse_size(v, what="--max-results")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("max_cost_usd", "max_price_usd_per_hour", "rate_usd_per_hour", mode="before")
     @classmethod

@@ -1,18 +1,20 @@
 """Moving files: the upload bundle (mounts, cell, pushed variables) and the results coming back.
 
-Uploads honour .gitignore and .burstignore (ignore.py). Results are only the files the cell changed in rw
-mounts (the agent compares against what it unpacked); they are written atomically, and nothing may land
-outside its mount (no absolute paths, no ``..``, no links pointing out).
+Uploads honour .gitignore and .burstignore (ignore.py) and record what they sent (``MountPlan.uploaded``).
+Results are only the files the cell changed in rw mounts (the agent compares against what it unpacked); they
+are written atomically, nothing may land outside its mount (no absolute paths, no ``..``, no links pointing
+out), into ``.git`` or into a path the upload left out, and a file edited here meanwhile is never replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import os
 import pickle
-import shutil
+import stat
 import tarfile
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -20,24 +22,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from .errors import ConfigError, SyncError, UnsafeResults
-from .ignore import iter_entries
+from .errors import ConfigError, ResultsTooLarge, SyncError, UnsafeResults
+from .ignore import NEVER_SYNCED, excluded, iter_entries
 from .spec import Mount
 
 if TYPE_CHECKING:
     from .sinks import ResultSink
 
-__all__ = ["MountPlan", "Received", "plan_mounts", "receive_results", "write_bundle"]
+__all__ = ["SCRATCH", "MountPlan", "Received", "conflict_name", "format_bytes", "plan_mounts", "receive_results",
+           "replace_atomically", "sweep_scratch", "write_bundle"]
 
 _VALUES = "values.out.pkl"  # the pulled variables, beside m/<i>/ in the results tar (agent.results_main)
 
 
-@dataclass(frozen=True, slots=True)
+#: A file as uploaded (or as last synced back): ``[size, mtime_ns, sha256]``; a link's digest is ``link:TARGET``.
+Signature = list[Any]
+
+
+@dataclass(slots=True)
 class MountPlan:
     index: int
     mount: Mount
     local: Path  # absolute
     is_file: bool
+    # Filled by write_bundle, kept up to date by receive_results, and carried to a reaper in the handoff: each
+    # file as uploaded, so a local edit made since is told from the file the instance started from. None: no
+    # record (never uploaded by this version), so every file already here counts as the user's.
+    uploaded: dict[str, Signature] | None = None
+    rules: dict[str, str] = field(default_factory=dict)  # the ignore files the upload obeyed (ignore.excluded)
 
     @property
     def rw(self) -> bool:
@@ -45,17 +57,27 @@ class MountPlan:
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "mount": self.mount.model_dump(mode="json"), "local": str(self.local),
-                "is_file": self.is_file}
+                "is_file": self.is_file, "uploaded": self.uploaded, "rules": self.rules}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MountPlan:
-        return cls(data["index"], Mount.model_validate(data["mount"]), Path(data["local"]), data["is_file"])
+        return cls(data["index"], Mount.model_validate(data["mount"]), Path(data["local"]), data["is_file"],
+                   data.get("uploaded"), data.get("rules") or {})
 
     def manifest(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"remote": self.mount.remote, "mode": self.mount.mode}
         if self.is_file:
             entry["file"] = self.local.name
         return entry
+
+    @property
+    def root(self) -> Path:
+        """The real local folder results land in (a file mount's folder)."""
+        return Path(os.path.realpath(self.local.parent if self.is_file else self.local))
+
+    def shown(self, rel: str) -> str:
+        """A result's path as the user wrote the mount, for notes: ``out/model.pt``."""
+        return str(self.mount.local) if self.is_file else f"{self.mount.local}/{rel}"
 
 
 def plan_mounts(mounts: list[Mount], *, cwd: Path | None = None, create: bool = True) -> list[MountPlan]:
@@ -94,24 +116,73 @@ def write_bundle(
         _add_bytes(tar, "values.pkl", pickle.dumps(dict(pushed), protocol=4))
         for plan in plans:
             prefix = f"m/{plan.index}"
+            plan.uploaded, plan.rules = {}, {}
             if plan.is_file:
-                tar.add(plan.local, arcname=f"{prefix}/{plan.local.name}", recursive=False)
+                plan.uploaded[plan.local.name] = _add_file(tar, plan.local, plan.local, f"{prefix}/{plan.local.name}")
                 continue
-            for entry in iter_entries(plan.local):
+            for entry in iter_entries(plan.local, rules_read=plan.rules):
                 arcname = f"{prefix}/{entry.rel}"
-                if entry.is_symlink:
-                    target = entry.path.resolve()
-                    if target.is_file():
-                        # Links are uploaded as the content they point to: the instance has no such target.
-                        with target.open("rb") as content:
-                            tar.addfile(tar.gettarinfo(str(target), arcname=arcname), content)
-                    else:
-                        notes.append(f"{plan.mount.local}/{entry.rel}: symlink to a folder left out")
-                    continue
-                tar.add(entry.path, arcname=arcname, recursive=False)
+                if entry.is_dir:
+                    tar.add(entry.path, arcname=arcname, recursive=False)
+                elif not entry.is_symlink:
+                    plan.uploaded[entry.rel] = _add_file(tar, entry.path, entry.path, arcname)
+                elif (target := entry.path.resolve()).is_file():
+                    # Links are uploaded as the content they point to: the instance has no such target.
+                    _add_file(tar, entry.path, target, arcname)
+                    plan.uploaded[entry.rel] = _signature(entry.path)
+                else:
+                    notes.append(f"{plan.mount.local}/{entry.rel}: symlink to a folder left out")
     if compress:
         out.close()  # writes the gzip trailer; the sink itself stays open
     return notes
+
+
+def _add_file(tar: tarfile.TarFile, path: Path, content: Path, arcname: str) -> Signature:
+    """Add ``content`` as ``arcname``, hashing it as it goes; the signature of ``path`` as uploaded."""
+    st = os.stat(content)
+    info = tar.gettarinfo(str(content), arcname=arcname)
+    with content.open("rb") as f:
+        hashing = _Hashing(f)
+        tar.addfile(info, hashing)  # type: ignore[arg-type]
+    return [st.st_size, st.st_mtime_ns, hashing.digest.hexdigest()]
+
+
+class _Hashing:
+    """A file read through, hashing what passes."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.digest = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.digest.update(data)
+        return data
+
+
+def _signature(path: Path) -> Signature | None:
+    """``path`` as it is now (a link as itself), or None when there is nothing there."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return [st.st_size, st.st_mtime_ns, f"link:{os.readlink(path)}"]
+        if not stat.S_ISREG(st.st_mode):
+            return [st.st_size, st.st_mtime_ns, "not a file"]
+    except FileNotFoundError:
+        return None
+    return [st.st_size, st.st_mtime_ns, None]
+
+
+def _unchanged(path: Path, recorded: Signature) -> bool:
+    """Whether the file at ``path`` is still what was recorded: same size and mtime, or else the same bytes
+    (a ``touch`` or a checkout of the same content is not an edit)."""
+    now = _signature(path)
+    if now is None or now[0] != recorded[0]:
+        return False
+    if now[1] == recorded[1] and (now[2] is None or now[2] == recorded[2]):
+        return True
+    if now[2] is not None:
+        return bool(now[2] == recorded[2])
+    return _digest(path) == recorded[2]
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -128,9 +199,25 @@ class Received:
     notes: list[str] = field(default_factory=list)
     stored: int = 0  # files also stored in the result sink
     sink_note: str | None = None  # why some files are not in the sink (also in ``notes``)
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (the user's file, kept; the instance's copy)
+    refused: list[str] = field(default_factory=list)  # results written nowhere: into .git or an excluded path
+    unwritten: list[str] = field(default_factory=list)  # results this machine could not write (disk full, ...)
+    write_error: str | None = None  # why (the first local error)
+    over_limit: str | None = None  # what the results limit kept out
+    bytes: int = 0  # file bytes taken in
+
+    def missing(self) -> str | None:
+        """What did not come back and why, in one line (the job view and the ledger say it); None: nothing."""
+        parts = []
+        if self.unwritten:
+            parts.append(f"{', '.join(self.unwritten)} (could not be written here: {self.write_error})")
+        if self.over_limit:
+            parts.append(self.over_limit)
+        return "; ".join(parts) or None
 
 
-def receive_results(stream: IO[bytes], plans: list[MountPlan], *, sink: ResultSink | None = None) -> Received:
+def receive_results(stream: IO[bytes], plans: list[MountPlan], *, sink: ResultSink | None = None,
+                    job_id: str = "", max_bytes: int | None = None) -> Received:
     """Unpack the agent's results tar: rw-mount changes into their local folders, and each file, as it lands,
     into ``sink`` as ``<mount name>/<path>``. A sink failure never costs a local file: it becomes ``sink_note``.
 
@@ -138,22 +225,42 @@ def receive_results(stream: IO[bytes], plans: list[MountPlan], *, sink: ResultSi
     ``values.out.pkl`` or ``m/<i>/<path>`` of an rw mount, and a file, folder, symlink or hardlink that lands inside
     that mount's folder. Anything else (``..``, an absolute name, a link pointing out, a path leading out through a
     link, a device file or FIFO, any other name) is written nowhere: the rest of the transfer still lands,
-    then one :class:`SyncError` names what was refused.
+    then one :class:`UnsafeResults` names what was refused.
+
+    Nothing of the user's is replaced unnoticed: a file changed (or deleted, or created) here since the upload
+    stays as it is, and the instance's version lands beside it as ``NAME.burst-conflict-JOBID.EXT``
+    (``Received.conflicts``). Nothing is written into ``.git`` or into a path the upload excluded
+    (``Received.refused``), and a new file never gets execute bits. A local write error (a full disk) is not a
+    broken transfer: the rest is still read, and ``Received.unwritten`` names what is missing. Past ``max_bytes``
+    of files the transfer stops: :class:`ResultsTooLarge`, carrying what landed.
     """
     mounts = {str(p.index): p for p in plans if p.rw}
+    sweep_scratch(plans)
     got = Received()
     feed = _SinkFeed(sink, got) if sink is not None else None
     refused: list[str] = []
     links: list[tuple[Path, Path, str]] = []  # (mount root, symlink made, member name)
+    context = _Context(mounts, got, feed, links, job_id or "job", max_bytes)
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 try:
-                    _receive(tar, member, mounts, got, feed, links)
+                    _receive(tar, member, context)
                 except _Refused as exc:
                     refused.append(str(exc))
+                except _Skipped as exc:
+                    got.refused.append(str(exc))
+                    got.notes.append(f"refused {exc}")
+                except _TooMuch as exc:
+                    got.over_limit = str(exc)
+                    got.notes.append(f"not brought back: {exc}")
+                    break
+    except _BrokeOff as exc:
+        raise SyncError(f"results transfer broke off: {exc.__cause__}") from exc.__cause__
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise SyncError(f"results transfer broke off: {exc}") from exc
+    finally:
+        sweep_scratch(plans)
     # Each link pointed inside when it was made, but a later member may have re-pointed a link it goes through
     # (b -> sub/deeper, a -> b/.., then b -> .): look again now that every member is in place.
     for root, link, name in links:
@@ -163,10 +270,14 @@ def receive_results(stream: IO[bytes], plans: list[MountPlan], *, sink: ResultSi
             got.files = [f for f in got.files if f != link]
     if feed is not None:
         feed.finish()
+    if got.unwritten:
+        got.notes.append(f"not brought back: {got.missing()}")
     if refused:
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
         raise UnsafeResults(f"refused a result from the instance: {refused[0]}{more}; nothing was written outside "
-                        "the rw mounts")
+                            "the rw mounts")
+    if got.over_limit is not None:
+        raise ResultsTooLarge(f"results over the limit: not brought back: {got.over_limit}", got)
     return got
 
 
@@ -174,58 +285,142 @@ class _Refused(Exception):
     """A results member that must not be written; the message names it."""
 
 
-def _receive(tar: tarfile.TarFile, member: tarfile.TarInfo, mounts: Mapping[str, MountPlan], got: Received,
-             feed: _SinkFeed | None, links: list[tuple[Path, Path, str]]) -> None:
-    name = member.name
+class _Skipped(Exception):
+    """A results member burst will not write (into .git, into an excluded path); reported, the job goes on."""
+
+
+class _TooMuch(Exception):
+    """The results limit is reached: the message says what was kept out."""
+
+
+class _BrokeOff(Exception):
+    """Reading the results stream failed (the cause): a transport failure, unlike a local write error."""
+
+
+@dataclass
+class _Context:
+    mounts: Mapping[str, MountPlan]
+    got: Received
+    feed: _SinkFeed | None
+    links: list[tuple[Path, Path, str]]
+    job_id: str
+    max_bytes: int | None
+
+
+def _receive(tar: tarfile.TarFile, member: tarfile.TarInfo, cx: _Context) -> None:
+    name, got = member.name, cx.got
     if name == _VALUES:
         if not member.isfile():
             raise _Refused(f"{name!r}: not a regular file")
         f = tar.extractfile(member)
         got.values_blob = f.read() if f else None
         return
-    plan, root, dest, rel = _landing(name, mounts)
-    note: str | None = None
+    plan, root, dest, rel = _landing(name, cx.mounts, is_dir=member.isdir())
     if plan.is_file and (dest != plan.local or not member.isfile()):
         raise _Refused(f"{name!r}: a file mount takes back only its one file")
-    if member.issym():
-        _make_link(member, root, dest, got)
-        links.append((root, dest, name))
-        return
-    if member.isdir():
-        if dest.is_dir():
-            return  # already there (or a link to a folder inside the mount)
-        if dest.exists() or dest.is_symlink():
-            got.notes.append(f"skipped {name!r}: a file of that name exists locally")
-        else:
-            dest.mkdir(parents=True)
-        return
-    if member.islnk():
-        # Names an earlier member of this archive: it lands as a copy of the file that member wrote.
-        try:
-            source: Path | None = _landing(member.linkname, mounts)[2]
-        except _Refused:
-            source = None
-        if source is None or source not in got.files or source.is_symlink() or not source.is_file():
-            raise _Refused(f"{name!r}: a hardlink to {member.linkname!r}, which is no file of these results")
-        with source.open("rb") as copy:
-            note = _write(dest, copy, member, got)
-    elif member.isfile():
-        data = tar.extractfile(member)
-        if data is None:
+    key = plan.local.name if plan.is_file else rel
+    try:
+        if member.issym():
+            link = _make_link(member, root, _destination(plan, key, dest, cx), got)
+            if link is not None:
+                cx.links.append((root, link, name))
+                if link == dest and plan.uploaded is not None:
+                    plan.uploaded[key] = _signature(link)  # type: ignore[assignment]
             return
-        note = _write(dest, data, member, got)
-    else:
-        raise _Refused(f"{name!r}: not a regular file, folder or link")
-    if note is not None:
-        got.notes.append(note)
-    elif feed is not None:
-        feed.put(f"{_sink_name(plan)}/{rel}", dest)
+        if member.isdir():
+            if dest.is_dir():
+                return  # already there (or a link to a folder inside the mount)
+            if dest.exists() or dest.is_symlink():
+                got.notes.append(f"skipped {name!r}: a file of that name exists locally")
+            else:
+                dest.mkdir(parents=True)
+            return
+        if member.islnk():
+            # Names an earlier member of this archive: it lands as a copy of the file that member wrote.
+            try:
+                source: Path | None = _landing(member.linkname, cx.mounts)[2]
+            except (_Refused, _Skipped):
+                source = None
+            if source is None or source not in got.files or source.is_symlink() or not source.is_file():
+                raise _Refused(f"{name!r}: a hardlink to {member.linkname!r}, which is no file of these results")
+            size = source.stat().st_size
+            _count(cx, plan.shown(rel), size)
+            with source.open("rb") as copy:
+                written = _write(_destination(plan, key, dest, cx), copy, member, root, got)
+        elif member.isfile():
+            _count(cx, plan.shown(rel), member.size)
+            data = tar.extractfile(member)
+            if data is None:
+                return
+            written = _write(_destination(plan, key, dest, cx), data, member, root, got)
+        else:
+            raise _Refused(f"{name!r}: not a regular file, folder or link")
+    except OSError as exc:  # writing here failed (reading the stream raises _BrokeOff): name it, go on
+        got.unwritten.append(plan.shown(rel))
+        got.write_error = got.write_error or exc.strerror or str(exc)
+        return
+    if written is None:
+        return
+    path, digest = written
+    if path == dest and plan.uploaded is not None:
+        # What is here now is the instance's, as this transfer left it: a later transfer may replace it.
+        st = os.stat(dest)
+        plan.uploaded[key] = [st.st_size, st.st_mtime_ns, digest]
+    if cx.feed is not None:
+        cx.feed.put(f"{_sink_name(plan)}/{rel}", path)
 
 
-def _landing(name: str, mounts: Mapping[str, MountPlan]) -> tuple[MountPlan, Path, Path, str]:
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _count(cx: _Context, shown: str, size: int) -> None:
+    cx.got.bytes += size
+    if cx.max_bytes is not None and cx.got.bytes > cx.max_bytes:
+        raise _TooMuch(f"{shown} ({size} bytes) and any results after it, past the {format_bytes(cx.max_bytes)} "
+                       "limit (raise it with --max-results)")
+
+
+def _destination(plan: MountPlan, key: str, dest: Path, cx: _Context) -> Path:
+    """Where a result for ``dest`` lands: ``dest`` itself when the local file is still the one uploaded (or there
+    is none, and none was uploaded); otherwise the user's file stays and the instance's version goes beside it."""
+    recorded = plan.uploaded.get(key) if plan.uploaded is not None else None
+    present = os.path.lexists(dest)
+    if recorded is None and not present:
+        return dest
+    if recorded is not None and present and _unchanged(dest, recorded):
+        return dest
+    why = ("created here since the upload" if recorded is None else
+           "deleted here since the upload" if not present else "changed here since the upload")
+    if plan.uploaded is None and present:
+        why = "already here"
+    copy = conflict_name(dest, cx.job_id)
+    cx.got.conflicts.append((plan.shown(key), str(copy)))
+    cx.got.notes.append(f"{plan.shown(key)} was {why}: kept as it is; the instance's version is in {copy}")
+    return copy
+
+
+def conflict_name(dest: Path, job_id: str) -> Path:
+    """``results.csv`` -> ``results.burst-conflict-JOBID.csv``: the instance's version beside the user's file."""
+    return dest.with_name(f"{dest.stem}.burst-conflict-{job_id}{dest.suffix}")
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:g} {unit}"
+    return f"{n} bytes"
+
+
+def _landing(name: str, mounts: Mapping[str, MountPlan], *, is_dir: bool = False) -> tuple[MountPlan, Path, Path, str]:
     """(mount, its real local root, the local path, the clean relative path) for ``m/<i>/<path>``, else
-    :class:`_Refused`. The local path is the real parent folder plus the last name: a local link on the way is
-    followed here, once, and must keep the path inside the mount; the last name is replaced, never followed."""
+    :class:`_Refused` (an escape) or :class:`_Skipped` (``.git``, a path the upload excluded). The local path is
+    the real parent folder plus the last name: a local link on the way is followed here, once, and must keep the
+    path inside the mount; the last name is replaced, never followed."""
     if name.startswith("/"):
         raise _Refused(f"{name!r}: an absolute path")
     parts = name.split("/")
@@ -235,37 +430,65 @@ def _landing(name: str, mounts: Mapping[str, MountPlan]) -> tuple[MountPlan, Pat
     if ".." in rel:
         raise _Refused(f"{name!r}: a path that escapes its mount")
     plan = mounts[parts[1]]
-    root = Path(os.path.realpath(plan.local.parent if plan.is_file else plan.local))
+    root = plan.root
     parent = Path(os.path.realpath(root.joinpath(*rel[:-1])))
     if not _inside(root, parent):
         raise _Refused(f"{name!r}: its folder leads outside its mount through a link")
+    real = "/".join([*parent.relative_to(root).parts, rel[-1]])
+    if not plan.is_file:
+        for path in {"/".join(rel), real}:
+            if excluded(plan.rules, path, is_dir=is_dir):
+                raise _Skipped(f"{plan.shown(path)}: the upload left this path out (.git, .gitignore, "
+                               ".burstignore), so results may not add to it")
     return plan, root, parent / rel[-1], "/".join(rel)
 
 
-def _make_link(member: tarfile.TarInfo, root: Path, dest: Path, got: Received) -> None:
+def _make_link(member: tarfile.TarInfo, root: Path, dest: Path, got: Received) -> Path | None:
     target = Path(os.path.realpath(dest.parent / member.linkname))
     if os.path.isabs(member.linkname) or not _inside(root, target):
         raise _Refused(f"{member.name!r} -> {member.linkname!r}: a link pointing outside its mount")
+    if any(part.lower() in NEVER_SYNCED for part in target.relative_to(root).parts):
+        raise _Skipped(f"{member.name!r} -> {member.linkname!r}: a link into .git")
     if dest.is_dir() and not dest.is_symlink():
         got.notes.append(f"skipped {member.name!r}: a folder of that name exists locally")
-        return
+        return None
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.unlink(missing_ok=True)
     os.symlink(member.linkname, dest)
     got.files.append(dest)
+    return dest
 
 
-def _write(dest: Path, content: IO[bytes], member: tarfile.TarInfo, got: Received) -> str | None:
-    """``content`` as the file at ``dest``, replacing a file or link there in one rename; a note when skipped."""
+def _write(dest: Path, content: IO[bytes], member: tarfile.TarInfo, root: Path,
+           got: Received) -> tuple[Path, str] | None:
+    """``content`` as the file at ``dest``, replacing a file or link there in one rename: ``(dest, its sha256)``,
+    or None when skipped.
+
+    Execute bits come only from the local file it replaces: an instance cannot make a file executable here."""
     if dest.is_dir() and not dest.is_symlink():
-        return f"skipped {member.name!r}: a folder of that name exists locally"
-    with replace_atomically(dest) as tmp:
+        got.notes.append(f"skipped {member.name!r}: a folder of that name exists locally")
+        return None
+    try:
+        local_exec = os.stat(dest).st_mode & 0o111 if dest.is_file() and not dest.is_symlink() else 0
+    except FileNotFoundError:
+        local_exec = 0
+    digest = hashlib.sha256()
+    with replace_atomically(dest, scratch=root / SCRATCH) as tmp:
         with open(tmp, "wb") as out:
-            shutil.copyfileobj(content, out, 1 << 20)
-        os.chmod(tmp, member.mode & 0o777 or 0o644)  # never setuid/setgid/sticky bits from the instance
+            while True:
+                try:
+                    chunk = content.read(1 << 20)
+                except (tarfile.TarError, EOFError, OSError) as exc:
+                    raise _BrokeOff() from exc
+                if not chunk:
+                    break
+                out.write(chunk)
+                digest.update(chunk)
+        # Never setuid/setgid/sticky bits, and execute bits only where the user's own file had them.
+        os.chmod(tmp, (member.mode & 0o666 or 0o644) | (member.mode & local_exec))
         os.utime(tmp, (member.mtime, member.mtime))
     got.files.append(dest)
-    return None
+    return dest, digest.hexdigest()
 
 
 class _SinkFeed:
@@ -304,14 +527,25 @@ def _inside(root: Path, path: Path) -> bool:
     return path == root or root in path.parents
 
 
+#: The folder, at the top of each rw mount, that results are written through before their one rename.
+SCRATCH = ".burst-tmp"
+
+
 @contextlib.contextmanager
-def replace_atomically(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest`` to fill; on success it replaces ``dest`` in one rename.
+def replace_atomically(dest: Path, *, scratch: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary path to fill; on success it replaces ``dest`` in one rename.
 
     A result is either the old file or the whole new one, never half of it; a failure leaves no temporary file.
+    With ``scratch`` (on ``dest``'s disk) the temporary file lives there, named by this process, so that one left
+    by a process killed mid-write is found and removed by :func:`sweep_scratch`; otherwise it lives beside ``dest``.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".burst-tmp")
+    where, prefix = dest.parent, f".{dest.name}."
+    if scratch is not None:
+        scratch.mkdir(mode=0o700, exist_ok=True)
+        if scratch.stat().st_dev == dest.parent.stat().st_dev:  # a rename cannot cross disks
+            where, prefix = scratch, f"{os.getpid()}."
+    fd, name = tempfile.mkstemp(dir=where, prefix=prefix, suffix=".burst-tmp")
     os.close(fd)
     tmp = Path(name)
     try:
@@ -319,3 +553,33 @@ def replace_atomically(dest: Path) -> Iterator[Path]:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sweep_scratch(plans: list[MountPlan]) -> None:
+    """Remove what a killed sync left in the rw mounts' scratch folders (files of processes no longer alive),
+    and each folder once it is empty."""
+    for plan in plans:
+        if not plan.rw:
+            continue
+        scratch = plan.root / SCRATCH
+        try:
+            names = os.listdir(scratch)
+        except OSError:
+            continue
+        for name in names:
+            pid = name.partition(".")[0]
+            if not (pid.isdigit() and _alive(int(pid))):
+                with contextlib.suppress(OSError):
+                    os.unlink(scratch / name)
+        with contextlib.suppress(OSError):
+            scratch.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

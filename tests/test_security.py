@@ -48,7 +48,7 @@ from burst_jupyter.events import EventType, JobEvent
 from burst_jupyter.job import JobStatus
 from burst_jupyter.sinks import FolderSink
 from burst_jupyter.spec import Mount
-from burst_jupyter.sync import MountPlan, receive_results
+from burst_jupyter.sync import MountPlan, receive_results, write_bundle
 from burst_jupyter.widgets import JobView
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
@@ -407,6 +407,7 @@ class Landing:
                       MountPlan(1, Mount(local=self.root / "ro", remote="ro"), self.root / "ro", False),
                       MountPlan(2, Mount(local=self.root / "single.txt", remote="single.txt", mode="rw"),
                                 self.root / "single.txt", True)]
+        write_bundle(io.BytesIO(), self.plans, cell=None, pushed={}, compress=False)  # records what went up
 
     @property
     def out(self) -> Path:
