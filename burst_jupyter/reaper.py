@@ -26,7 +26,7 @@ from typing import Any
 from .agent import LAPSE_ARCHIVE
 from .budget import Budget
 from .connections import Connections
-from .errors import BurstError
+from .errors import BurstError, ResultsTooLarge
 from .job import cost_of
 from .keys import remove_job_key
 from .paths import burst_home, db_path, logs_dir, open_private
@@ -34,7 +34,7 @@ from .providers import ProviderConfig, build_provider
 from .providers.base import Endpoint, terminate_confirmed
 from .sinks import ResultSink, open_sink
 from .state import OwnedInstance, StateStore
-from .sync import MountPlan, receive_results
+from .sync import MountPlan, Received, receive_results, sweep_scratch
 
 __all__ = ["Outcome", "reap", "spawn_reaper"]
 
@@ -62,6 +62,8 @@ def spawn_reaper(job_ids: list[str], *, reason: str) -> int:
             start_new_session=True,  # out of the kernel's process group: its SIGTERM/SIGKILL miss us
             env={**os.environ, "BURST_HOME": str(burst_home())},
         )
+    # Reap it when it ends, so a killed reaper leaves no zombie that still looks alive to `%burst cleanup`.
+    threading.Thread(target=proc.wait, name="burst-reaper-wait", daemon=True).start()
     return proc.pid
 
 
@@ -108,6 +110,8 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
             return await _settle_unseen(owned, provider.bills_from_launch, state=state, budget=budget,
                                         reason=reason)
         instance_id, listed_rate = found[0].instance_id, found[0].price_usd_per_hour
+    # What a reaper killed mid-sync left in the mounts' scratch folders goes, whatever happens next.
+    await asyncio.to_thread(sweep_scratch, _handoff_mounts(h))
     synced, problem, reached = 0, None, False
     if "endpoint" in h:
         try:
@@ -142,7 +146,8 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
     await asyncio.to_thread(
         budget.settle, owned.job_id, provider=owned.provider, instance_id=instance_id,
         gpu=h.get("gpu") or "", rate_usd_per_hour=rate, started_at=launched, ended_at=now, actual_usd=cost,
-        status="cancelled", name=h.get("name"), message=f"{reason}; finished by the reaper",
+        status="cancelled", name=h.get("name"),
+        message=f"{reason}; finished by the reaper" + (f"; {problem}" if problem else ""),
         attempt=int(h.get("attempt", 1)))
     log.info("%s: synced %d file(s), terminated, settled %s", owned.job_id, synced, cost)
     return Outcome(owned.job_id, synced, True, cost, problem)
@@ -207,16 +212,32 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> tuple[int,
             pass
         plans = _handoff_mounts(h)
         sink, problem = _handoff_sink(h)
-        got = stream.read_results(lambda f: receive_results(f, plans, sink=sink))
+        got = _receive(stream, plans, sink, owned)
         if sink is not None:
             log.info("%s: stored %d file(s) in %s", owned.job_id, got.stored, sink.describe())
-        if got.sink_note:
-            log.warning("%s: %s", owned.job_id, got.sink_note)
-        return len(got.files), problem or got.sink_note
+        for note in got.notes:
+            log.warning("%s: %s", owned.job_id, note)
+        missing = got.missing()
+        return len(got.files), "; ".join(p for p in (problem, got.sink_note, missing and f"not brought back: {missing}")
+                                         if p) or None
     finally:
         done.set()
         renewer.join(5)
         client.release()
+
+
+def _receive(stream: Any, plans: list[MountPlan], sink: ResultSink | None, owned: OwnedInstance) -> Received:
+    """The results into the rw mounts, as the job itself would have taken them (its id names conflict copies;
+    past its results limit the stream is closed, not read to its end)."""
+    limit = owned.handoff.get("max_results")
+    try:
+        got: Received = stream.read_results(lambda f: receive_results(
+            f, plans, sink=sink, job_id=owned.job_id, max_bytes=limit if isinstance(limit, int) else None))
+    except ResultsTooLarge as exc:
+        stream.close()
+        assert isinstance(exc.received, Received)
+        return exc.received
+    return got
 
 
 def _restore_lapse(owned: OwnedInstance) -> int | None:
@@ -233,7 +254,7 @@ def _restore_lapse(owned: OwnedInstance) -> int | None:
         if not sink.fetch(LAPSE_ARCHIVE, archive):
             return None
         with open(archive, "rb") as f:
-            return len(receive_results(f, plans).files)
+            return len(receive_results(f, plans, job_id=owned.job_id).files)
 
 
 def _handoff_mounts(h: dict[str, Any]) -> list[MountPlan]:

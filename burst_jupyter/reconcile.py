@@ -9,8 +9,10 @@ Each instance a provider lists, and each live row of the state store, is one of:
   touched. A launch in flight has no instance id recorded yet, so an instance that carries no job id is left
   alone while any live launch at that provider has none.
 - stranded: its row is live, but its process is gone (or, in this process, its job ended without a confirmed
-  terminate) and no reaper holds it. Finished by :func:`reaper.reap`: stop, sync back, terminate, settle; a row
-  whose instance is already gone ends up terminated and settled the same way.
+  terminate) and no reaper holds it; or it was handed to a reaper that is gone, whether or not the kernel that
+  handed it over still lives (that kernel never touches a handed-off job again). Finished by
+  :func:`reaper.reap`: stop, sync back, terminate, settle; a row whose instance is already gone ends up
+  terminated and settled the same way.
 - leaked: no row knows it, or its row says terminated or abandoned (a lost create reply, a terminate that did not
   take). Ended with ``terminate_confirmed``; its row, if any, is marked terminated; and when its job has no ledger
   row yet, one is settled with status ``leaked`` at the listed rate from the provider's creation time.
@@ -237,8 +239,9 @@ class Reconciler:
         than this process (an earlier pass, serialized by ``_busy``) holds it."""
         if o.state not in LIVE_STATES:
             return False
-        if o.reaper_pid is not None and o.reaper_pid != os.getpid() and pid_alive(o.reaper_pid):
-            return False
+        if o.reaper_pid is not None and o.reaper_pid != os.getpid():
+            # Handed off: its kernel let go of it (and stays away, alive or not); the reaper alone finishes it.
+            return not pid_alive(o.reaper_pid)
         return o.job_id in self.finished or not o.owner.is_alive()
 
     def _classify(self, name: str, inst: Instance, live: list[OwnedInstance]) -> tuple[str, OwnedInstance | None]:
@@ -263,6 +266,8 @@ class Reconciler:
         cost = None if rate is None else cost_of(rate, (at - since).total_seconds())
         gone = "its job here has ended" if o.job_id in self.finished else \
             f"its process (pid {o.owner.pid} on {o.owner.host}) is gone"
+        if o.reaper_pid is not None and o.reaper_pid != os.getpid():
+            gone = f"the reaper it was handed to (pid {o.reaper_pid}) is gone"
         problem = None
         if o.provider in MARKETPLACES and o.provider not in self.providers:
             problem = f"no {o.provider} account here"

@@ -226,6 +226,7 @@ class Session:
             "name": spec.name,
             "tag": self.tag,
             "mounts": [m.to_json() for m in mounts],
+            "max_results": spec.max_results_bytes,
         }
         sink = None
         if spec.result_sink:

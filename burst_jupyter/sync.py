@@ -118,18 +118,19 @@ def write_bundle(
             prefix = f"m/{plan.index}"
             plan.uploaded, plan.rules = {}, {}
             if plan.is_file:
-                plan.uploaded[plan.local.name] = _add_file(tar, plan.local, plan.local, f"{prefix}/{plan.local.name}")
+                plan.uploaded[plan.local.name] = _add_file(tar, plan.local, f"{prefix}/{plan.local.name}")
                 continue
             for entry in iter_entries(plan.local, rules_read=plan.rules):
                 arcname = f"{prefix}/{entry.rel}"
                 if entry.is_dir:
                     tar.add(entry.path, arcname=arcname, recursive=False)
                 elif not entry.is_symlink:
-                    plan.uploaded[entry.rel] = _add_file(tar, entry.path, entry.path, arcname)
+                    plan.uploaded[entry.rel] = _add_file(tar, entry.path, arcname)
                 elif (target := entry.path.resolve()).is_file():
-                    # Links are uploaded as the content they point to: the instance has no such target.
-                    _add_file(tar, entry.path, target, arcname)
-                    plan.uploaded[entry.rel] = _signature(entry.path)
+                    # Links are uploaded as the content they point to: the instance has no such target. What is
+                    # recorded is the link itself: a local edit is re-pointing it.
+                    _add_file(tar, target, arcname)
+                    plan.uploaded[entry.rel] = _signature(entry.path) or []
                 else:
                     notes.append(f"{plan.mount.local}/{entry.rel}: symlink to a folder left out")
     if compress:
@@ -137,13 +138,13 @@ def write_bundle(
     return notes
 
 
-def _add_file(tar: tarfile.TarFile, path: Path, content: Path, arcname: str) -> Signature:
-    """Add ``content`` as ``arcname``, hashing it as it goes; the signature of ``path`` as uploaded."""
+def _add_file(tar: tarfile.TarFile, content: Path, arcname: str) -> Signature:
+    """Add ``content`` as ``arcname``, hashing it as it goes; its signature as uploaded."""
     st = os.stat(content)
     info = tar.gettarinfo(str(content), arcname=arcname)
     with content.open("rb") as f:
         hashing = _Hashing(f)
-        tar.addfile(info, hashing)  # type: ignore[arg-type]
+        tar.addfile(info, hashing)
     return [st.st_size, st.st_mtime_ns, hashing.digest.hexdigest()]
 
 
@@ -182,7 +183,7 @@ def _unchanged(path: Path, recorded: Signature) -> bool:
         return True
     if now[2] is not None:
         return bool(now[2] == recorded[2])
-    return _digest(path) == recorded[2]
+    return bool(_digest(path) == recorded[2])
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -321,7 +322,10 @@ def _receive(tar: tarfile.TarFile, member: tarfile.TarInfo, cx: _Context) -> Non
     key = plan.local.name if plan.is_file else rel
     try:
         if member.issym():
-            link = _make_link(member, root, _destination(plan, key, dest, cx), got)
+            target, why = _destination(plan, key, dest, cx.job_id)
+            link = _make_link(member, root, target, got)
+            if link is not None and why is not None:
+                _settle_conflict(plan, key, dest, link, why, None, got)
             if link is not None:
                 cx.links.append((root, link, name))
                 if link == dest and plan.uploaded is not None:
@@ -346,26 +350,30 @@ def _receive(tar: tarfile.TarFile, member: tarfile.TarInfo, cx: _Context) -> Non
             size = source.stat().st_size
             _count(cx, plan.shown(rel), size)
             with source.open("rb") as copy:
-                written = _write(_destination(plan, key, dest, cx), copy, member, root, got)
+                target, why = _destination(plan, key, dest, cx.job_id)
+                written = _write(target, copy, member, root, got)
         elif member.isfile():
             _count(cx, plan.shown(rel), member.size)
             data = tar.extractfile(member)
             if data is None:
                 return
-            written = _write(_destination(plan, key, dest, cx), data, member, root, got)
+            target, why = _destination(plan, key, dest, cx.job_id)
+            written = _write(target, data, member, root, got)
         else:
             raise _Refused(f"{name!r}: not a regular file, folder or link")
+        if written is None:
+            return
+        path, digest = written
+        if why is not None:
+            path = _settle_conflict(plan, key, dest, path, why, digest, got)
+        if path == dest and plan.uploaded is not None:
+            # What is here now is the instance's, as this transfer left it: a later transfer may replace it.
+            st = os.stat(dest)
+            plan.uploaded[key] = [st.st_size, st.st_mtime_ns, digest]
     except OSError as exc:  # writing here failed (reading the stream raises _BrokeOff): name it, go on
         got.unwritten.append(plan.shown(rel))
         got.write_error = got.write_error or exc.strerror or str(exc)
         return
-    if written is None:
-        return
-    path, digest = written
-    if path == dest and plan.uploaded is not None:
-        # What is here now is the instance's, as this transfer left it: a later transfer may replace it.
-        st = os.stat(dest)
-        plan.uploaded[key] = [st.st_size, st.st_mtime_ns, digest]
     if cx.feed is not None:
         cx.feed.put(f"{_sink_name(plan)}/{rel}", path)
 
@@ -385,22 +393,33 @@ def _count(cx: _Context, shown: str, size: int) -> None:
                        "limit (raise it with --max-results)")
 
 
-def _destination(plan: MountPlan, key: str, dest: Path, cx: _Context) -> Path:
+def _destination(plan: MountPlan, key: str, dest: Path, job_id: str) -> tuple[Path, str | None]:
     """Where a result for ``dest`` lands: ``dest`` itself when the local file is still the one uploaded (or there
-    is none, and none was uploaded); otherwise the user's file stays and the instance's version goes beside it."""
+    is none, and none was uploaded); otherwise the user's file stays and the instance's version goes beside it,
+    and the second value says why."""
     recorded = plan.uploaded.get(key) if plan.uploaded is not None else None
     present = os.path.lexists(dest)
     if recorded is None and not present:
-        return dest
+        return dest, None
     if recorded is not None and present and _unchanged(dest, recorded):
-        return dest
+        return dest, None
     why = ("created here since the upload" if recorded is None else
            "deleted here since the upload" if not present else "changed here since the upload")
     if plan.uploaded is None and present:
         why = "already here"
-    copy = conflict_name(dest, cx.job_id)
-    cx.got.conflicts.append((plan.shown(key), str(copy)))
-    cx.got.notes.append(f"{plan.shown(key)} was {why}: kept as it is; the instance's version is in {copy}")
+    return conflict_name(dest, job_id), why
+
+
+def _settle_conflict(plan: MountPlan, key: str, dest: Path, copy: Path, why: str, digest: str | None,
+                     got: Received) -> Path:
+    """The instance's version went to ``copy``. The same bytes as the local file are no conflict (a killed sync
+    had written it already): the copy goes. Otherwise both are named. Returns where the result now is."""
+    if digest is not None and dest.is_file() and not dest.is_symlink() and _digest(dest) == digest:
+        copy.unlink()
+        got.files[got.files.index(copy)] = dest
+        return dest
+    got.conflicts.append((plan.shown(key), str(copy)))
+    got.notes.append(f"{plan.shown(key)} was {why}: kept as it is; the instance's version is in {copy}")
     return copy
 
 
