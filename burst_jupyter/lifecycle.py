@@ -591,10 +591,11 @@ class Lifecycle:
 
     async def _on_results(self, got: Received) -> None:
         """Results landed: keep them, tell what did not land as sent, and record what is here now."""
+        again = self.received is not None and self.received.notes == got.notes  # a refetch, still short: said
         self.received = got
-        for note in got.notes:
+        for note in [] if again else got.notes:
             self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {note}\n")
-        if got.unwritten:
+        if got.unwritten and not again:
             self.job.emit(EventType.OUTPUT, stream="stderr", text=(
                 f"burst: the instance is kept with these results and asked again every {_REFETCH_SECONDS:.0f} s "
                 "until the cost cap or the maximum duration (free some space, or cancel to end it now)\n"))
@@ -841,7 +842,8 @@ class Lifecycle:
                     error = VariableError("; ".join(pulled.problems))
         recorded = (self.exit_record or {}).get("reason")
         # A cell that ended by itself before our stop reached it, with its results back, ended as it says.
-        ended_itself = recorded in ("ok", "error") and self.received is not None
+        # (Not when results waited on this machine's disk until a stop: the stop ended the job, and says why.)
+        ended_itself = recorded in ("ok", "error") and self.received is not None and not self.lost
         reason = recorded if ended_itself else (self.stop_reason or recorded)
         rc = (self.exit_record or {}).get("rc")
         if error is None and self.received is not None and self.received.over_limit:
