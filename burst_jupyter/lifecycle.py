@@ -115,6 +115,7 @@ class Lifecycle:
     setup_error: str | None = None
     exit_record: Record | None = None
     received: Received | None = None
+    said: set[str] = field(default_factory=set)  # notes on results already shown in the job view
     lost: str | None = None  # what never came back when the job had to end with its instance unreachable
     sync_up_seconds: float = 0.0
     # One results transfer at a time writes into the local rw folders: a --sync-every pull or the final results.
@@ -591,15 +592,19 @@ class Lifecycle:
 
     async def _on_results(self, got: Received) -> None:
         """Results landed: keep them, tell what did not land as sent, and record what is here now."""
-        again = self.received is not None and self.received.notes == got.notes  # a refetch, still short: said
         self.received = got
-        for note in [] if again else got.notes:
-            self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {note}\n")
-        if got.unwritten and not again:
-            self.job.emit(EventType.OUTPUT, stream="stderr", text=(
-                f"burst: the instance is kept with these results and asked again every {_REFETCH_SECONDS:.0f} s "
-                "until the cost cap or the maximum duration (free some space, or cancel to end it now)\n"))
+        self._say(got.notes)
+        if got.unwritten:
+            self._say([f"the instance is kept with these results and asked again every {_REFETCH_SECONDS:.0f} s "
+                       "until the cost cap or the maximum duration (free some space, or cancel to end it now)"])
         await self._record_mounts()
+
+    def _say(self, notes: list[str]) -> None:
+        """Notes on a results transfer into the job view, each once (a pull or a refetch repeats them)."""
+        for note in notes:
+            if note not in self.said:
+                self.said.add(note)
+                self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {note}\n")
 
     async def _record_mounts(self) -> None:
         """The rw mounts as uploaded and synced back so far, into the handoff a reaper would work from."""
@@ -663,8 +668,7 @@ class Lifecycle:
                           "the final sync still runs\n")
             return
         await self._record_mounts()
-        for line in got.notes:
-            self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {line}\n")
+        self._say(got.notes)
         note = f"; {got.sink_note}" if got.sink_note else ""
         self.job.emit(EventType.SYNCED, message=f"{len(got.files)} changed file(s) from rw mounts{note}",
                       cost_so_far_usd=self.cost_so_far())

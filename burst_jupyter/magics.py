@@ -53,6 +53,8 @@ class BurstMagics(Magics):
     remote_python = Unicode(None, allow_none=True, help="Python on the instance.").tag(config=True)
     lease = Int(None, allow_none=True, help="Seconds of client silence after which the agent stops the job.").tag(
         config=True)
+    max_results = Union([Int(), Unicode()], default_value=None, allow_none=True,
+                        help="Most rw results one job brings back, e.g. '50GB' (default 20GB).").tag(config=True)
 
     def __init__(self, shell: Any, session_factory: Any = None) -> None:
         super().__init__(shell)
@@ -168,7 +170,7 @@ class BurstMagics(Magics):
         put("lease_seconds", args.lease if args.lease is not None else self.lease)
         put("retries", args.retries)
         put("sync_every_seconds", args.sync_every)
-        put("max_results_bytes", args.max_results)
+        put("max_results_bytes", args.max_results if args.max_results is not None else self.max_results)
         put("name", args.name)
         put("result_sink", args.sink)
         return JobSpec.build(**fields)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from .agent import pid_alive
 from .errors import ConfigError, ResultsTooLarge, SyncError, UnsafeResults
 from .ignore import NEVER_SYNCED, excluded, iter_entries
 from .spec import Mount
@@ -587,18 +588,9 @@ def sweep_scratch(plans: list[MountPlan]) -> None:
             continue
         for name in names:
             pid = name.partition(".")[0]
-            if not (pid.isdigit() and _alive(int(pid))):
+            if not (pid.isdigit() and pid_alive(int(pid))):
                 with contextlib.suppress(OSError):
                     os.unlink(scratch / name)
         with contextlib.suppress(OSError):
             scratch.rmdir()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

