@@ -7,9 +7,10 @@ refetch storm. The instance is kept with its results and asked again every few s
 and the ledger row name exactly the file that did not come back.
 
 18, reaper killed mid-sync: ``burst.shutdown()`` hands a job to a detached reaper, which is killed (-9) while it
-writes a result. The kernel that handed the job over is still alive (this test process), and ``burst.cleanup()``
-finishes the job anyway: the results land whole, nothing temporary is left in the user's folder, the instance is
-gone and billed within its cap.
+writes a result (the job also changed a file the user edited meanwhile). The kernel that handed the job over is
+still alive (this test process), and ``burst.cleanup()`` finishes the job anyway: the results land whole, the
+user's edit stays with the instance's version beside it, nothing temporary is left in the user's folder, the
+instance is gone and billed within its cap.
 
 Both count the user's own files (one edited locally while the job ran) that were lost or replaced: none may be.
 """
@@ -142,6 +143,7 @@ REAPED_CELL = """
     with open("out/big.bin", "wb") as f:
         f.truncate(300_000_000)  # sparse here; 300 MB on the wire and on the user's disk
     open("out/z.txt", "w").write("z")
+    open("out/mine.txt", "w").write("the instance's")
     print("written", flush=True)
     time.sleep(120)
 """
@@ -174,6 +176,8 @@ def test_18_reaper_killed_mid_sync_then_cleanup_finishes_the_job(ip: Any, market
     assert (out / "a.txt").read_text() == "a" and (out / "z.txt").read_text() == "z"
     assert (out / "big.bin").stat().st_size == 300_000_000
     assert [p for p in out.rglob("*") if "burst-tmp" in p.name] == []
+    # The upload's record reached the reaper with the job: the user's edit stays, the instance's version beside it.
+    assert (out / f"mine.burst-conflict-{job_id}.txt").read_text() == "the instance's"
     (row,) = [r for r in ledger_rows(burst_home) if r.job_id == job_id]
     assert row.actual_usd is not None and row.actual_usd <= Decimal(2)
     lost = lost_user_files(out, {USER_FILE: "the user's, edited meanwhile"})
