@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterator
@@ -183,6 +184,7 @@ def _read_rules(path: Path, *, base: str, record: dict[str, str] | None = None, 
     return _parse_text(text, base=base)
 
 
+@functools.lru_cache(maxsize=256)  # excluded() asks again for every result, with the same few rule files
 def _parse_text(text: str, *, base: str) -> tuple[_Rule, ...]:
     lines = text.removeprefix("\ufeff").split("\n")
     return tuple(rule for line in lines if (rule := _parse_rule(line.removesuffix("\r"), base=base)))

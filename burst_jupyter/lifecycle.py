@@ -608,9 +608,13 @@ class Lifecycle:
 
     async def _record_mounts(self) -> None:
         """The rw mounts as uploaded and synced back so far, into the handoff a reaper would work from."""
-        mounts = [m.to_json() for m in self.plan.mounts]
-        self.plan.handoff["mounts"] = mounts
-        await asyncio.to_thread(self.state.update_handoff, self.job.id, mounts=mounts)
+        def record() -> None:
+            with self.sync_lock:  # not while a transfer changes them
+                mounts = [m.to_json() for m in self.plan.mounts]
+            self.plan.handoff["mounts"] = mounts
+            self.state.update_handoff(self.job.id, mounts=mounts)
+
+        await asyncio.to_thread(record)
 
     def _start_refetch(self, queue: asyncio.Queue[tuple[str, Any]], loop: asyncio.AbstractEventLoop) -> None:
         def fetch() -> None:

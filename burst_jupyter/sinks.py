@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigError, SyncError
-from .sync import replace_atomically
+from .sync import SCRATCH, replace_atomically, sweep
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -80,6 +80,7 @@ class FolderSink:
     def __init__(self, root: Path, *, label: str | None = None) -> None:
         self.root = root
         self._label = label or str(root)  # what the user wrote, for messages
+        self._swept = False
 
     def describe(self) -> str:
         return str(self.root)
@@ -95,8 +96,11 @@ class FolderSink:
             raise ConfigError(f"result sink {self._label}: cannot write into {existing}")
 
     def put(self, key: str, path: Path) -> None:
+        if not self._swept:  # what a sync killed mid-put left here goes first (once: puts come file by file)
+            self._swept = True
+            sweep(self.root / SCRATCH)
         try:
-            with replace_atomically(self.root / key) as tmp:
+            with replace_atomically(self.root / key, scratch=self.root / SCRATCH) as tmp:
                 shutil.copy2(path, tmp)
         except OSError as exc:
             raise SyncError(f"result sink {self._label}: could not store {key}: {exc.strerror or exc}") from exc

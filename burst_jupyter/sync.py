@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .sinks import ResultSink
 
 __all__ = ["SCRATCH", "MountPlan", "Received", "conflict_name", "format_bytes", "plan_mounts", "receive_results",
-           "replace_atomically", "sweep_scratch", "write_bundle"]
+           "replace_atomically", "sweep", "sweep_scratch", "write_bundle"]
 
 _VALUES = "values.out.pkl"  # the pulled variables, beside m/<i>/ in the results tar (agent.results_main)
 
@@ -58,7 +58,8 @@ class MountPlan:
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "mount": self.mount.model_dump(mode="json"), "local": str(self.local),
-                "is_file": self.is_file, "uploaded": self.uploaded, "rules": self.rules}
+                "is_file": self.is_file, "uploaded": None if self.uploaded is None else dict(self.uploaded),
+                "rules": dict(self.rules)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MountPlan:
@@ -573,24 +574,29 @@ def replace_atomically(dest: Path, *, scratch: Path | None = None) -> Iterator[P
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+        if where != dest.parent:
+            with contextlib.suppress(OSError):
+                where.rmdir()  # only once empty: no folder of ours stays behind in the user's
 
 
 def sweep_scratch(plans: list[MountPlan]) -> None:
-    """Remove what a killed sync left in the rw mounts' scratch folders (files of processes no longer alive),
-    and each folder once it is empty."""
+    """Remove what a killed sync left in the rw mounts' scratch folders, and each folder once it is empty."""
     for plan in plans:
-        if not plan.rw:
-            continue
-        scratch = plan.root / SCRATCH
-        try:
-            names = os.listdir(scratch)
-        except OSError:
-            continue
-        for name in names:
-            pid = name.partition(".")[0]
-            if not (pid.isdigit() and pid_alive(int(pid))):
-                with contextlib.suppress(OSError):
-                    os.unlink(scratch / name)
-        with contextlib.suppress(OSError):
-            scratch.rmdir()
+        if plan.rw:
+            sweep(plan.root / SCRATCH)
+
+
+def sweep(scratch: Path) -> None:
+    """Remove the temporary files of processes no longer alive from ``scratch``, and the folder once empty."""
+    try:
+        names = os.listdir(scratch)
+    except OSError:
+        return
+    for name in names:
+        pid = name.partition(".")[0]
+        if not (pid.isdigit() and pid_alive(int(pid))):
+            with contextlib.suppress(OSError):
+                os.unlink(scratch / name)
+    with contextlib.suppress(OSError):
+        scratch.rmdir()
 

@@ -32,6 +32,7 @@ from test_security import member, results_tar
 from burst_jupyter.errors import ResultsTooLarge
 from burst_jupyter.events import EventType
 from burst_jupyter.job import JobStatus
+from burst_jupyter.sinks import FolderSink
 from burst_jupyter.spec import Mount
 from burst_jupyter.sync import MountPlan, receive_results, write_bundle
 
@@ -150,14 +151,17 @@ def test_results_past_the_limit_stop_with_one_clear_error(out: Path) -> None:
     assert not (out / "b.bin").exists() and not (out / "c.bin").exists()
 
 
-def test_a_killed_syncs_temporary_file_is_swept_and_none_is_left_beside_results(out: Path) -> None:
+def test_a_killed_syncs_temporary_file_is_swept_and_none_is_left_beside_results(out: Path, tmp_path: Path) -> None:
     plans = uploaded(out)
     dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # a process that cannot exist
     stray = write(out / ".burst-tmp" / f"{dead}.abc.burst-tmp", "half a file")
-    receive_results(results_tar(member("m/0/sub/r.txt", data=b"r")), plans)
+    sink = FolderSink(tmp_path / "sink")
+    in_sink = write(sink.root / ".burst-tmp" / f"{dead}.def.burst-tmp", "half a file")
+    receive_results(results_tar(member("m/0/sub/r.txt", data=b"r")), plans, sink=sink)
     assert not stray.exists() and not (out / ".burst-tmp").exists()
     assert [p for p in out.rglob("*") if "burst-tmp" in p.name] == []
     assert (out / "sub" / "r.txt").read_bytes() == b"r"
+    assert not (sink.root / ".burst-tmp").exists() and files(sink.root) == {"out/sub/r.txt": b"r"}
 
 
 # -- real jobs on the local provider ------------------------------------------------------------------------
