@@ -156,7 +156,7 @@ def test_a_killed_syncs_temporary_file_is_swept_and_none_is_left_beside_results(
     dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # a process that cannot exist
     stray = write(out / ".burst-tmp" / f"{dead}.abc.burst-tmp", "half a file")
     sink = FolderSink(tmp_path / "sink")
-    in_sink = write(sink.root / ".burst-tmp" / f"{dead}.def.burst-tmp", "half a file")
+    write(sink.root / ".burst-tmp" / f"{dead}.def.burst-tmp", "half a file")
     receive_results(results_tar(member("m/0/sub/r.txt", data=b"r")), plans, sink=sink)
     assert not stray.exists() and not (out / ".burst-tmp").exists()
     assert [p for p in out.rglob("*") if "burst-tmp" in p.name] == []
