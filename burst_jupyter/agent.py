@@ -69,7 +69,11 @@ OK, ERROR, CANCELLED, DEADLINE, LEASE, BUDGET, AGENT_DIED = (
     "ok", "error", "cancelled", "deadline", "lease", "budget", "agent-died"
 )
 _STOP_REASONS = {CANCELLED, DEADLINE, LEASE, BUDGET}
-_MAX_RECORD = 64 * 1024  # split huge writes so one log line stays small
+_MAX_RECORD = 64 * 1024  # characters: huge writes are split so one log line stays small
+_MAX_FRAME = 8 << 20  # bytes of one cell -> supervisor frame; a larger one means the pipe was written over
+_MAX_DISPLAY = 512 * 1024  # characters of one display format of the cell's value (repr, HTML, a base64 image)
+_MAX_TB_LINES = 200  # of a remote traceback: its last lines (the frame that raised)
+_MAX_NOTE = 1000  # characters of a progress message
 _GRACE_SIGINT = 3.0  # seconds a stopped cell gets to handle KeyboardInterrupt before SIGTERM
 _GRACE_SIGTERM = 3.0
 _WATCH_TICK = 0.5  # how often the watchdog looks at the lease once the cell has ended
@@ -154,18 +158,32 @@ class FrameWriter:
 
 
 class FrameReader:
+    """Frames out of the pipe's bytes. The buffer holds at most one frame (writers keep each under _MAX_FRAME),
+    and consumed bytes are dropped once per feed, so a flood costs linear time."""
+
     def __init__(self) -> None:
-        self.buf = b""
+        self.buf = bytearray()
+        self.broken = False
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        if self.broken:
+            return []
         self.buf += data
-        frames = []
-        while len(self.buf) >= _FRAME.size:
-            kind, n = _FRAME.unpack_from(self.buf)
-            if len(self.buf) < _FRAME.size + n:
+        frames: list[tuple[bytes, bytes]] = []
+        pos = 0
+        while len(self.buf) - pos >= _FRAME.size:
+            kind, n = _FRAME.unpack_from(self.buf, pos)
+            if n > _MAX_FRAME:
+                # Not a frame any writer here makes (the cell wrote to the pipe itself): stop reading frames
+                # rather than hold an unbounded one.
+                self.broken, self.buf = True, bytearray()
+                frames.append((b"e", b"burst: the cell wrote over its event pipe; its later prints are lost\n"))
+                return frames
+            if len(self.buf) - pos < _FRAME.size + n:
                 break
-            frames.append((kind, self.buf[_FRAME.size : _FRAME.size + n]))
-            self.buf = self.buf[_FRAME.size + n :]
+            frames.append((kind, bytes(self.buf[pos + _FRAME.size : pos + _FRAME.size + n])))
+            pos += _FRAME.size + n
+        del self.buf[:pos]
         return frames
 
 
@@ -179,8 +197,10 @@ class _CellStream:
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError("write() argument must be str, not %s" % type(text).__name__)
-        if text:
-            self._writer.send(self._kind, text.encode("utf-8", "surrogateescape"))
+        # In pieces of at most _MAX_RECORD characters (never inside a character): one frame stays small and
+        # the supervisor never has to hold a huge write whole.
+        for i in range(0, len(text), _MAX_RECORD):
+            self._writer.send(self._kind, text[i : i + _MAX_RECORD].encode("utf-8", "surrogateescape"))
         return len(text)
 
     def writelines(self, lines: list[str]) -> None:
@@ -214,7 +234,7 @@ class BurstHelper:
     def progress(self, percent: float, message: str | None = None) -> None:
         """Report progress (0-100); it shows in the notebook's job view."""
         pct = max(0.0, min(100.0, float(percent)))
-        payload = {"p": pct, "m": None if message is None else str(message)}
+        payload = {"p": pct, "m": None if message is None else str(message)[:_MAX_NOTE]}
         self._writer.send(b"p", json.dumps(payload).encode())
 
     def __repr__(self) -> str:
@@ -274,6 +294,30 @@ def _dump_value(value: object) -> bytes:
         return cloudpickle.dumps(value, protocol=4)  # type: ignore[no-any-return]
 
 
+VALUES_MAGIC = b"burst-values-1\n"
+
+
+def write_values(path: str, table: dict[str, tuple[str, object]]) -> None:
+    """The pulled variables, in a container the client reads without unpickling anything: a magic line, one
+    JSON line ``{name: ["ok", size] | ["missing"] | ["error", why]}``, then each ``ok`` pickle in that order.
+    The client unpickles only the names it asked for (variables.py ``unpack_pulled``)."""
+    index: dict[str, list[object]] = {}
+    blobs: list[bytes] = []
+    for name, (status, payload) in table.items():
+        if status == "ok":
+            assert isinstance(payload, bytes)
+            index[name] = ["ok", len(payload)]
+            blobs.append(payload)
+        else:
+            index[name] = [status] if payload is None else [status, str(payload)[:_MAX_NOTE]]
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(VALUES_MAGIC + json.dumps(index).encode() + b"\n")
+        for blob in blobs:
+            f.write(blob)
+    os.replace(tmp, path)
+
+
 def _remote_traceback(exc: BaseException) -> list[str]:
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILENAME:
@@ -298,7 +342,8 @@ def cell_main(jobdir: str) -> int:
     sys.path.insert(0, os.getcwd())
 
     def report(exc: BaseException) -> None:
-        err = {"ename": type(exc).__name__, "evalue": str(exc), "tb": _remote_traceback(exc)}
+        tb = [line[:_MAX_RECORD // 16] for line in _remote_traceback(exc)[-_MAX_TB_LINES:]]
+        err = {"ename": type(exc).__name__[:_MAX_NOTE], "evalue": _safe_str(exc)[:_MAX_RECORD], "tb": tb}
         writer.send(b"x", json.dumps(err).encode())
 
     rc = 0
@@ -320,7 +365,8 @@ def cell_main(jobdir: str) -> int:
         if last is not None:
             value = eval(compile(ast.Expression(last.value), CELL_FILENAME, "eval"), ns)
             if value is not None:
-                ns["__burst_result__"] = value
+                # What the notebook would show, as data: the value itself never travels back unasked.
+                writer.send(b"r", json.dumps(_display_data(value)).encode())
     except SystemExit as exc:
         code = exc.code
         rc = code if isinstance(code, int) else (0 if code is None else 1)
@@ -338,8 +384,10 @@ def cell_main(jobdir: str) -> int:
 
 def _save_pulls(jobdir: str, names: list[str], ns: dict[str, object]) -> None:
     """Pickle each pulled variable on its own so one bad value does not hide the others."""
+    if not names:
+        return
     out: dict[str, tuple[str, object]] = {}
-    for name in [*names, "__burst_result__"]:
+    for name in names:
         if name not in ns:
             out[name] = ("missing", None)
             continue
@@ -347,19 +395,50 @@ def _save_pulls(jobdir: str, names: list[str], ns: dict[str, object]) -> None:
             out[name] = ("ok", _dump_value(ns[name]))
         except Exception as exc:
             out[name] = ("error", "%s: %s" % (type(exc).__name__, exc))
-    if "__burst_result__" in ns and out["__burst_result__"][0] == "error":
-        out["__burst_result__"] = ("repr", _safe_repr(ns["__burst_result__"]))
-    tmp = os.path.join(jobdir, "values.out.pkl.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(out, f, protocol=4)
-    os.replace(tmp, os.path.join(jobdir, "values.out.pkl"))
+    write_values(os.path.join(jobdir, "values.out.pkl"), out)
 
 
-def _safe_repr(value: object) -> str:
+def _safe_str(value: object, show: object = str) -> str:
     try:
-        return repr(value)
+        return str(show(value))  # type: ignore[operator]
     except Exception as exc:
         return "<unrepresentable %s: %s>" % (type(value).__name__, exc)
+
+
+# The display formats of a cell's value that travel back (as Jupyter writes them: text, images in base64), and
+# the method that gives each. Others (JavaScript, SVG, Markdown with raw HTML) could act in the notebook: not sent.
+_DISPLAY_METHODS = (("text/html", "_repr_html_"), ("image/png", "_repr_png_"), ("image/jpeg", "_repr_jpeg_"))
+
+
+def _display_data(value: object) -> dict[str, str]:
+    """What the notebook would show for ``value``: its repr and the display formats it offers, each bounded."""
+    import base64
+
+    data = {"text/plain": _safe_str(value, repr)}
+    bundle: object = None
+    if hasattr(value, "_repr_mimebundle_"):
+        try:
+            bundle = value._repr_mimebundle_()  # type: ignore[attr-defined]
+        except Exception:
+            bundle = None
+        if isinstance(bundle, tuple):
+            bundle = bundle[0]
+    for mime, method in _DISPLAY_METHODS:
+        try:
+            shown = bundle.get(mime) if isinstance(bundle, dict) else None
+            if shown is None and hasattr(value, method):
+                shown = getattr(value, method)()
+        except Exception:
+            continue
+        if isinstance(shown, tuple):
+            shown = shown[0]  # (data, metadata)
+        if isinstance(shown, bytes):
+            shown = base64.b64encode(shown).decode("ascii")
+        if isinstance(shown, str) and len(shown) <= _MAX_DISPLAY:
+            data[mime] = shown
+    if len(data["text/plain"]) > _MAX_RECORD:
+        data["text/plain"] = data["text/plain"][:_MAX_RECORD] + "... (%d characters in all)" % len(data["text/plain"])
+    return data
 
 
 # ------------------------------------------------------------------------------------------- supervisor
@@ -537,6 +616,8 @@ class Supervisor:
             elif kind == b"p":
                 info = json.loads(payload)
                 records.append({"k": "progress", "p": info.get("p"), "m": info.get("m"), "t": t})
+            elif kind == b"r":
+                records.append({"k": "result", "data": json.loads(payload), "t": t})
             elif kind == b"x":
                 err = json.loads(payload)
                 err.update(k="error", t=t)
@@ -707,13 +788,16 @@ def _why(status: int, text: str) -> str:
 
 
 def _coalesce(records: list[dict[str, object]]) -> list[dict[str, object]]:
-    """Merge neighbouring output records of the same stream (print writes text and newline separately)."""
+    """Merge neighbouring output records of the same stream (print writes text and newline separately), and
+    neighbouring progress records into the last one."""
     merged: list[dict[str, object]] = []
     for r in records:
         prev = merged[-1] if merged else None
         if (prev is not None and r["k"] == "out" and prev["k"] == "out" and prev["s"] == r["s"]
                 and len(str(prev["d"])) + len(str(r["d"])) <= _MAX_RECORD):
             prev["d"] = str(prev["d"]) + str(r["d"])
+        elif prev is not None and r["k"] == "progress" and prev["k"] == "progress":
+            merged[-1] = dict(r)  # a progress flood: only the latest of a batch matters
         else:
             merged.append(dict(r))
     return merged
@@ -850,8 +934,9 @@ class ChunkWriter:
 
     def write(self, data: bytes) -> int:
         self._buf += data
-        if len(self._buf) >= _CHUNK:
-            self.flush()
+        while len(self._buf) >= _CHUNK:
+            self._write(struct.pack(">I", _CHUNK) + bytes(self._buf[:_CHUNK]))  # type: ignore[operator]
+            del self._buf[:_CHUNK]
         return len(data)
 
     def flush(self) -> None:
@@ -865,28 +950,46 @@ class ChunkWriter:
 
 
 class ChunkedReader:
-    """Reads what :class:`ChunkWriter` framed, up to its end marker, as a plain file object."""
+    """Reads what :class:`ChunkWriter` framed, up to its end marker, as a plain file object.
+
+    The other side may be hostile: a chunk is at most _CHUNK bytes (else EOFError), and what is buffered is
+    one chunk, consumed by offset (no copy of the rest on each read)."""
 
     def __init__(self, stream: object) -> None:
         self.stream = stream
         self.buf = b""
+        self.pos = 0
         self.done = False
 
-    def read(self, n: int = -1) -> bytes:
-        while not self.done and (n < 0 or len(self.buf) < n):
-            head = self.stream.read(4)  # type: ignore[attr-defined]
-            if len(head) < 4:
-                raise EOFError("transfer cut short")
-            (size,) = struct.unpack(">I", head)
-            if size == 0:
-                self.done = True
-                break
-            self.buf += self.stream.read(size)  # type: ignore[attr-defined]
-        if n < 0:
-            data, self.buf = self.buf, b""
-        else:
-            data, self.buf = self.buf[:n], self.buf[n:]
+    def _next_chunk(self) -> bool:
+        head = self.stream.read(4)  # type: ignore[attr-defined]
+        if len(head) < 4:
+            raise EOFError("transfer cut short")
+        (size,) = struct.unpack(">I", head)
+        if size == 0:
+            self.done = True
+            return False
+        if size > _CHUNK:
+            raise EOFError("a transfer chunk of %d bytes (at most %d)" % (size, _CHUNK))
+        chunk = self.stream.read(size)  # type: ignore[attr-defined]
+        if len(chunk) < size:
+            raise EOFError("transfer cut short")
+        self.buf, self.pos = self.buf[self.pos :] + chunk, 0
+        return True
+
+    def read(self, n: int) -> bytes:
+        while not self.done and len(self.buf) - self.pos < n:
+            self._next_chunk()
+        data = self.buf[self.pos : self.pos + n]
+        self.pos += len(data)
         return data
+
+    def drain(self) -> None:
+        """Skip whatever is left, up to the end marker, holding one chunk at a time."""
+        while not self.done:
+            self.buf, self.pos = b"", 0
+            self._next_chunk()
+        self.buf, self.pos = b"", 0
 
 
 def _write_exit(jobdir: str, record: dict[str, object], before: list[dict[str, object]] = ()) -> None:  # type: ignore[assignment]
@@ -909,7 +1012,7 @@ def run_main(jobdir: str, stdin: object) -> int:
     upload = ChunkedReader(stdin)
     with tarfile.open(fileobj=upload, mode="r|*") as tar:  # type: ignore[call-overload]  # gzip or plain
         _extract(tar, jobdir)
-    upload.read()  # the rest of the upload, up to its end marker
+    upload.drain()  # the rest of the upload, up to its end marker
     _write_json_atomic(os.path.join(jobdir, "job.json"), manifest)
     mounts = manifest.get("mounts") or []
     with open(os.path.join(jobdir, "lease"), "w"):

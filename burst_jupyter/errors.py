@@ -103,7 +103,8 @@ class SyncError(BurstError):
 
 
 class UnsafeResults(SyncError):
-    """The instance sent a result that would land outside its destination; fetching it again changes nothing."""
+    """The instance sent what the client refuses (a result that would land outside its destination, a record
+    line past its limit); fetching it again changes nothing."""
 
 
 class ResultsTooLarge(SyncError):

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, JobCancelled, NoCapacity
-from .events import EventType, JobEvent
+from .events import FINAL_EVENTS, EventType, JobEvent
 from .offer_book import rank
+from .output import OutputBounds
 from .providers.base import Offer, OfferQuery, Provider
 from .sync import MountPlan
 from .variables import NO_RESULT
@@ -45,6 +46,9 @@ class JobStatus(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+
+#: The events after which the cell prints nothing more: the tail of its output is shown before them.
+_OUTPUT_OVER = frozenset({EventType.SYNCING_DOWN, EventType.TERMINATED}) | FINAL_EVENTS
 
 #: The one final event each way a job can end.
 def cost_of(rate: Decimal, seconds: float) -> Decimal:
@@ -149,12 +153,15 @@ class Job:
         <JobStatus.COMPLETED: 'completed'>
     """
 
-    def __init__(self, plan: JobPlan, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, plan: JobPlan, loop: asyncio.AbstractEventLoop, *, output_log: Path | None = None) -> None:
         self.id = plan.job_id
         self.spec = plan.spec
         self.plan = plan
         self._loop = loop
+        # The remote output: bounded for the notebook and this list, whole (up to a cap) in ``output_log``.
+        self._output = OutputBounds(output_log)
         self._events: list[JobEvent] = []
+        self._progress_at: int | None = None  # where the one progress event kept in ``_events`` is
         self._listeners: list[Callable[[JobEvent], None]] = []
         self._lock = threading.Lock()
         self._future: concurrent.futures.Future[JobResult] = concurrent.futures.Future()
@@ -163,10 +170,23 @@ class Job:
 
     # -- produced on the loop thread ------------------------------------------------------------------------
 
+    def remote_output(self, stream: str, text: str) -> None:
+        """The cell's output, as the instance sent it: emitted while within the notebook's bounds."""
+        for name, shown in self._output.feed(stream, text):
+            self.emit(EventType.OUTPUT, stream=name, text=shown)
+
     def emit(self, type: EventType, **fields: Any) -> JobEvent:
+        if type in _OUTPUT_OVER:
+            for name, shown in self._output.finish():  # the kept tail of the output, before the end of the job
+                self.emit(EventType.OUTPUT, stream=name, text=shown)
         event = JobEvent(type=type, job_id=self.id, **fields)
         with self._lock:
-            self._events.append(event)
+            if type is EventType.PROGRESS and self._progress_at is not None:
+                self._events[self._progress_at] = event  # listeners see every one; the history keeps the latest
+            else:
+                if type is EventType.PROGRESS:
+                    self._progress_at = len(self._events)
+                self._events.append(event)
             listeners = list(self._listeners)
         for listener in listeners:
             try:

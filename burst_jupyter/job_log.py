@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import IO
 
-from .events import JobEvent
+from .events import EventType, JobEvent
+from .limits import env_limit
 from .paths import burst_home, open_private, private_dir
 
 __all__ = ["JobLogWriter", "job_log_path", "known_job_ids", "read_events", "valid_job_id"]
@@ -41,22 +42,30 @@ def job_log_path(job_id: str, home: Path | None = None) -> Path:
 class JobLogWriter:
     """A Job listener (``job.add_listener(JobLogWriter(job.id, home))``): appends each event, flushed per line.
 
-    It never raises into the job: the first write that fails is logged and the log stops there.
+    It never raises into the job: the first write that fails is logged and the log stops there. Past
+    ``BURST_LOG_BYTES`` (default 64 MiB) it keeps only the job's turning points, not its output or progress: a
+    flood cannot fill the disk (the output has its own capped file, output.py).
     """
 
     def __init__(self, job_id: str, home: Path | None = None) -> None:
         self.path = job_log_path(job_id, home)
         self._file: IO[str] | None = None
         self._broken = False
+        self._room = env_limit("BURST_LOG_BYTES", 64 << 20)
 
     def __call__(self, event: JobEvent) -> None:
         if self._broken:
             return
         try:
+            line = json.dumps(event.to_json(), ensure_ascii=False) + "\n"
+            if event.type in (EventType.OUTPUT, EventType.PROGRESS):
+                if len(line) > self._room:
+                    return
+                self._room -= len(line)
             if self._file is None:
                 private_dir(self.path.parent)
                 self._file = open_private(self.path, "a", encoding="utf-8")  # closed at the final event
-            self._file.write(json.dumps(event.to_json(), ensure_ascii=False) + "\n")
+            self._file.write(line)
             self._file.flush()
             if event.is_final:
                 self.close()

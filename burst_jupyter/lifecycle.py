@@ -43,13 +43,14 @@ from .events import EventType
 from .job import Job, JobPlan, JobResult, JobStatus, check_cap, cost_of
 from .keys import JobKey, create_job_key, remove_job_key
 from .money import format_usd
+from .output import RemoteDisplay
 from .protection import dead_mans_switch, protection
 from .providers.accounts import MARKETPLACES
 from .providers.base import BootWatch, Instance, InstanceState, Offer, Provider, terminate_confirmed
 from .providers.catalog import ANY, CATALOG
 from .remote import AgentClient, AgentStream, Record
 from .sync import MountPlan, Received, receive_results, write_bundle
-from .variables import unpack_pulled
+from .variables import PulledValues, unpack_pulled
 
 if TYPE_CHECKING:
     from .budget import Budget
@@ -116,6 +117,7 @@ class Lifecycle:
     exit_record: Record | None = None
     received: Received | None = None
     said: set[str] = field(default_factory=set)  # notes on results already shown in the job view
+    shown: RemoteDisplay | None = None  # the cell's value, as the notebook would show it
     lost: str | None = None  # what never came back when the job had to end with its instance unreachable
     sync_up_seconds: float = 0.0
     # One results transfer at a time writes into the local rw folders: a --sync-every pull or the final results.
@@ -743,8 +745,10 @@ class Lifecycle:
 
     def _on_record(self, r: Record) -> None:
         job, k = self.job, r.get("k")
-        if k == "out":
-            job.emit(EventType.OUTPUT, stream=r.get("s", "stdout"), text=r.get("d", ""))
+        if k == "out":  # the instance's data, shown inert: a stream of the two, text bounded by the job
+            job.remote_output("stderr" if r.get("s") == "stderr" else "stdout", str(r.get("d", "")))
+        elif k == "result" and isinstance(r.get("data"), dict):
+            self.shown = RemoteDisplay(r["data"])
         elif k == "progress":
             job.emit(EventType.PROGRESS, percent=r.get("p"), message=r.get("m"))
         elif k == "started":
@@ -842,12 +846,17 @@ class Lifecycle:
         result = JobResult(job_id=job.id, status=JobStatus.COMPLETED, total_cost_usd=total)
         if self.received is not None:
             result.files, result.notes = self.received.files, self.received.notes
-            if job.spec.cell is not None:
+            try:
                 pulled = unpack_pulled(self.received.values_blob, job.spec.pull)
-                result.values, result.result = pulled.values, pulled.result
-                if pulled.problems and error is None and self.remote_error is None and self.stop_reason is None \
-                        and self.setup_error is None:  # a cell that never ran defined nothing: say why it did not
-                    error = VariableError("; ".join(pulled.problems))
+            except VariableError as exc:  # a values file the agent never writes: nothing of it is unpickled
+                pulled = PulledValues()
+                error = error or exc
+            result.values = pulled.values
+            if pulled.problems and error is None and self.remote_error is None and self.stop_reason is None \
+                    and self.setup_error is None:  # a cell that never ran defined nothing: say why it did not
+                error = VariableError("; ".join(pulled.problems))
+        if self.shown is not None:
+            result.result = self.shown
         recorded = (self.exit_record or {}).get("reason")
         # A cell that ended by itself before our stop reached it, with its results back, ended as it says.
         # (Not when results waited on this machine's disk until a stop: the stop ended the job, and says why.)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from . import agent
-from .errors import ProviderError, RemoteSetupError, SyncError
+from .errors import ProviderError, RemoteSetupError, SyncError, UnsafeResults
 from .runner import RemoteProcess, Runner, run
 
 if TYPE_CHECKING:
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 __all__ = ["AGENT_SOURCE", "AgentClient", "AgentStream", "Record"]
 
 AGENT_SOURCE: bytes = Path(agent.__file__).read_bytes()
+# The longest record line accepted from an instance. The agent's own lines stay far below it (output is cut into
+# 64 Ki-character records; a cell's display data is bounded); a longer one is a hostile or broken instance.
+MAX_LINE = 8 << 20
 
 Record = dict[str, Any]
 T = TypeVar("T")
@@ -47,13 +50,13 @@ class _Exact:
         return data
 
     def readline(self) -> bytes:
-        while b"\n" not in self.buf:
+        while b"\n" not in self.buf and len(self.buf) <= MAX_LINE:
             chunk = self.proc.read()
             if not chunk:
                 break
             self.buf += chunk
         line, _, self.buf = self.buf.partition(b"\n")
-        return line
+        return line[:MAX_LINE]
 
 
 class AgentStream:
@@ -68,7 +71,7 @@ class AgentStream:
         self.offset = offset
         self._where = where
         self._client = client  # set for a `run`: told when the agent never started, so nothing is there to end
-        self._buf = b""
+        self._buf = bytearray()
         self._lock = threading.Lock()
         self._rest: _Exact | None = None
         self.exit: Record | None = None
@@ -80,21 +83,32 @@ class AgentStream:
             self._proc.write(line.encode() + b"\n")
 
     def records(self) -> Iterator[Record]:
-        """Yield log records until the results marker or EOF (a dropped connection, or the agent died)."""
+        """Yield log records until the results marker or EOF (a dropped connection, or the agent died).
+
+        The instance is not trusted: a line longer than :data:`MAX_LINE` (a stream with no newline) or one that
+        is not a JSON object raises :class:`UnsafeResults` instead of growing a buffer. Each byte is scanned
+        once and the consumed lines are dropped once per read, so a flood costs linear time."""
+        scanned = 0
         while True:
-            nl = self._buf.find(b"\n")
+            nl = self._buf.find(b"\n", scanned)
             if nl < 0:
+                if len(self._buf) > MAX_LINE:
+                    raise UnsafeResults(f"{self._where} sent a record longer than {MAX_LINE} bytes; nothing of it "
+                                        "was used")
+                scanned = len(self._buf)
                 chunk = self._proc.read(65536)
                 if not chunk:
                     self._check_startup_failure()
                     return  # the caller re-attaches at self.offset
                 self._buf += chunk
                 continue
-            line, self._buf = self._buf[: nl + 1], self._buf[nl + 1 :]
-            record: Record = json.loads(line)
+            line = bytes(self._buf[: nl + 1])
+            del self._buf[: nl + 1]
+            scanned = 0
+            record = _parse(line, self._where)
             if record.get("k") == "results":
-                self._rest = _Exact(self._buf, self._proc)
-                self._buf = b""
+                self._rest = _Exact(bytes(self._buf), self._proc)
+                self._buf = bytearray()
                 return
             self.offset += len(line)
             if record.get("k") == agent.EXIT_KIND:
@@ -121,7 +135,7 @@ class AgentStream:
             raise SyncError(f"no results came from {self._where}")
         framed = agent.ChunkedReader(self._rest)
         value = consume(framed)  # type: ignore[arg-type]
-        framed.read()  # up to the end marker, whatever tar left unread
+        framed.drain()  # up to the end marker, whatever tar left unread
         self.results_read = True
         return value
 
@@ -134,6 +148,16 @@ class AgentStream:
 
     def close(self) -> None:
         self._proc.close()
+
+
+def _parse(line: bytes, where: str) -> Record:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise UnsafeResults(f"{where} sent a record that is not a JSON object: {line[:80]!r}")
+    return record
 
 
 class AgentClient:

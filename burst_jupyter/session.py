@@ -27,6 +27,7 @@ from .job_log import JobLogWriter
 from .lifecycle import Lifecycle
 from .money import format_usd
 from .offer_book import OfferBook, SearchResult
+from .output import output_log_path
 from .paths import burst_home, db_path, open_private, secure_home
 from .providers import REGISTRY, ProviderConfig, build_provider
 from .providers.accounts import MARKETPLACES, accounts, require_account
@@ -159,8 +160,9 @@ class Session:
     def submit(self, spec: JobSpec, *, namespace: Mapping[str, Any] | None = None) -> Job:
         """Validate ``spec`` (raising :class:`ConfigError` before anything is rented) and start the job."""
         plan = self.plan(spec, namespace=namespace or {})
-        job = Job(plan, self.loop)
-        job.add_listener(JobLogWriter(job.id, self.home))  # `burst show` reads the job from any process
+        log = JobLogWriter(job_id=plan.job_id, home=self.home)
+        job = Job(plan, self.loop, output_log=output_log_path(log.path.parent, plan.job_id))
+        job.add_listener(log)  # `burst show` reads the job from any process
         self.jobs[job.id] = job
         lifecycle = Lifecycle(job=job, budget=self.budget, state=self.state, connections=self.connections,
                               owner=self.owner)

@@ -26,6 +26,7 @@ from .agent import pid_alive
 from .errors import ConfigError, ResultsTooLarge, SyncError, UnsafeResults
 from .ignore import NEVER_SYNCED, excluded, iter_entries
 from .spec import Mount
+from .variables import pull_limit
 
 if TYPE_CHECKING:
     from .sinks import ResultSink
@@ -315,8 +316,12 @@ def _receive(tar: tarfile.TarFile, member: tarfile.TarInfo, cx: _Context) -> Non
     if name == _VALUES:
         if not member.isfile():
             raise _Refused(f"{name!r}: not a regular file")
+        limit = pull_limit()
+        if member.size > limit:  # skipped, never read into memory
+            raise _Refused(f"{name!r}: {member.size} bytes of pulled values, over the limit of {limit} "
+                           "(BURST_PULL_BYTES)")
         f = tar.extractfile(member)
-        got.values_blob = f.read() if f else None
+        got.values_blob = f.read(member.size) if f else None
         return
     plan, root, dest, rel = _landing(name, cx.mounts, is_dir=member.isdir())
     if plan.is_file and (dest != plan.local or not member.isfile()):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import io
+import json
 import pickle
 import types
 from collections.abc import Iterable, Mapping
@@ -15,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import VariableError
+from .limits import env_limit
 
-__all__ = ["NO_RESULT", "PulledValues", "assigned_names", "check_pulls", "pack_push", "unpack_pulled"]
-
-RESULT_KEY = "__burst_result__"
+__all__ = ["NO_RESULT", "PulledValues", "assigned_names", "check_pulls", "pack_push", "pull_limit", "unpack_pulled"]
 
 
 class _NoResult:
@@ -152,41 +152,68 @@ def check_pulls(pulls: Iterable[str], tree: ast.AST, pushed: Iterable[str]) -> N
 @dataclass
 class PulledValues:
     values: dict[str, Any] = field(default_factory=dict)
-    result: Any = NO_RESULT
     problems: list[str] = field(default_factory=list)
 
 
-class _ReprResult:
-    """The last expression's value when it could not travel back: its repr, shown as the cell's output."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
+def pull_limit() -> int:
+    """The most bytes of pulled values a job may bring back: ``BURST_PULL_BYTES`` (default 512 MiB)."""
+    return env_limit("BURST_PULL_BYTES", 512 << 20)
 
 
 def unpack_pulled(blob: bytes | None, names: Iterable[str]) -> PulledValues:
-    """Decode ``values.out.pkl``. Missing or unpicklable variables become problems naming them."""
+    """Decode the agent's values file (``agent.write_values``). Only the names asked for are unpickled, each from
+    its own bytes: the container is JSON, so reading it runs nothing. Missing or unpicklable variables become
+    problems naming them. A file that is not what the agent writes (malformed, a name not asked for, larger
+    than :func:`pull_limit`) raises one :class:`VariableError` and nothing of it is unpickled."""
+    wanted = list(names)
     out = PulledValues()
-    table: dict[str, tuple[str, Any]] = pickle.loads(blob) if blob else {}
-    for name in names:
-        status, payload = table.get(name, ("missing", None))
-        if status == "ok":
+    if not wanted:
+        return out  # nothing asked for: whatever came back is never read
+    index, blobs = _read_values(blob or b"", wanted)
+    for name in wanted:
+        entry = index.get(name, ["missing"])
+        if entry[0] == "ok":
             try:
-                out.values[name] = pickle.loads(payload)
+                out.values[name] = pickle.loads(blobs[name])
             except Exception as exc:
                 out.problems.append(f"--pull {name}: cannot unpickle it here: {type(exc).__name__}: {exc}")
-        elif status == "missing":
+        elif entry[0] == "missing":
             out.problems.append(f"--pull {name}: the cell did not define {name!r}")
         else:
-            out.problems.append(f"--pull {name}: cannot pickle it on the instance: {payload}")
-    status, payload = table.get(RESULT_KEY, ("missing", None))
-    if status == "ok":
-        try:
-            out.result = pickle.loads(payload)
-        except Exception as exc:
-            out.result = _ReprResult(f"<result could not be unpickled: {type(exc).__name__}: {exc}>")
-    elif status == "repr":
-        out.result = _ReprResult(str(payload))
+            out.problems.append(f"--pull {name}: cannot pickle it on the instance: {entry[1:]}")
     return out
+
+
+def _read_values(blob: bytes, wanted: list[str]) -> tuple[dict[str, list[Any]], dict[str, bytes]]:
+    """The index and each name's pickle bytes, checked against the file's own sizes and the names asked for."""
+    from .agent import VALUES_MAGIC  # the agent's module is loaded with the first job, not with the extension
+
+    limit = pull_limit()
+    if len(blob) > limit:
+        raise VariableError(f"--pull: the values from the instance are over {limit} bytes (BURST_PULL_BYTES); "
+                            "nothing was unpickled")
+    magic, _, rest = blob.partition(b"\n")
+    head, _, body = rest.partition(b"\n")
+    try:
+        index = json.loads(head) if magic + b"\n" == VALUES_MAGIC else None
+    except ValueError:
+        index = None
+    if not isinstance(index, dict) or not all(
+            isinstance(e, list) and e and e[0] in ("ok", "missing", "error")
+            and (e[0] != "ok" or (len(e) == 2 and isinstance(e[1], int) and e[1] >= 0)) for e in index.values()):
+        raise VariableError("--pull: the values file from the instance is not one burst writes; nothing was "
+                            "unpickled")
+    extra = sorted(set(index) - set(wanted))
+    if extra:
+        raise VariableError(f"--pull: the instance sent variables that were not asked for ({', '.join(extra)}); "
+                            "nothing was unpickled")
+    blobs: dict[str, bytes] = {}
+    at = 0
+    for name, entry in index.items():
+        if entry[0] == "ok":
+            blobs[name] = body[at : at + entry[1]]
+            at += entry[1]
+    if at != len(body):
+        raise VariableError("--pull: the values file from the instance does not match its own index; nothing was "
+                            "unpickled")
+    return index, blobs

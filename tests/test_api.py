@@ -36,7 +36,7 @@ def test_run_returns_values_result_and_a_decimal_cost(burst_home: Path, capsys: 
     assert isinstance(result, JobResult)
     assert result.status is JobStatus.COMPLETED and result.error is None
     assert result.values == {"x": 42}
-    assert result.result == 43
+    assert repr(result.result) == "43"
     assert isinstance(result.total_cost_usd, Decimal) and Decimal(0) < result.total_cost_usd <= Decimal("0.5")
     out, err = capsys.readouterr()
     assert "hello\n" in out and "oops\n" in err

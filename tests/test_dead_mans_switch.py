@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import sys
 import tarfile
 import textwrap
@@ -42,6 +41,7 @@ from burst_jupyter.providers.vast import VastProvider
 from burst_jupyter.sinks import open_sink
 from burst_jupyter.spec import JobSpec
 from burst_jupyter.sync import write_bundle
+from burst_jupyter.variables import unpack_pulled
 from burst_jupyter.widgets import JobView
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
@@ -91,7 +91,7 @@ def exit_reason(jobdir: Path) -> str:
 
 
 def pulled(values_pkl: bytes) -> dict[str, Any]:
-    return {name: pickle.loads(blob) for name, (status, blob) in pickle.loads(values_pkl).items() if status == "ok"}
+    return unpack_pulled(values_pkl, ["answer"]).values
 
 
 # -- marketplaces with an instance-scoped key ---------------------------------------------------------------------

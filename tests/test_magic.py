@@ -101,9 +101,9 @@ def test_burst_progress_without_import_and_last_expression_is_the_value(ip: Any)
         {"answer": 6 * 7}
     """))
     assert result.error_in_exec is None, streams.text()
-    assert result.result == {"answer": 42}
+    assert repr(result.result) == "{'answer': 42}"  # what the notebook shows; the value stays remote
     progress = [(e.percent, e.message) for e in last_job().events if e.type is EventType.PROGRESS]
-    assert progress == [(25.0, None), (100.0, "done")]
+    assert progress == [(100.0, "done")]  # the job's history keeps the latest progress (a flood stays bounded)
 
 
 def test_a_cell_ending_in_a_statement_has_no_value(ip: Any) -> None:

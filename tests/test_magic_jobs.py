@@ -235,7 +235,7 @@ def test_await_job_and_stream_events(ip: Any, burst_home: Path) -> None:
         return seen, await job
 
     seen, done = asyncio.run(follow())
-    assert done.status is JobStatus.COMPLETED and done.result == "the value"
+    assert done.status is JobStatus.COMPLETED and repr(done.result) == "'the value'"
     assert seen == job.events  # past and future events, each once, ending with the final one
     assert seen[-1].type is EventType.COMPLETED and sum(e.is_final for e in seen) == 1
     assert [e.type for e in seen if e.type not in INTERLUDE] == [

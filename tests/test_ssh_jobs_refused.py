@@ -83,13 +83,13 @@ def test_trust_new_host_records_the_key_and_later_jobs_use_it(ip: Any, boxes: Bo
     boxes.alias("box1", box1, known_hosts=known)  # no file yet: ssh creates it on first use too
     result, streams = run_cell(ip, cell(f"--host box1 --python {PY} --trust-new-host", "6 * 7"))
     assert result.error_in_exec is None, streams.text(ours=True)
-    assert result.result == 42
+    assert repr(result.result) == "42"
     assert known.read_text() == box1.known_hosts_line()
     assert_settled(boxes, burst_home, last_job(), status="completed", host="box1")
     # The recorded key is the one checked from now on: no flag needed, nothing appended.
     result, streams = run_cell(ip, cell(f"--host box1 --python {PY}", "7 * 6"))
     assert result.error_in_exec is None, streams.text(ours=True)
-    assert result.result == 42
+    assert repr(result.result) == "42"
     assert known.read_text() == box1.known_hosts_line()
 
 
