@@ -1,0 +1,116 @@
+"""Issue 9, section 7: a flood of output, or a stream with no newline, is bounded everywhere on this machine.
+
+The limits are the real options (``BURST_NOTEBOOK_OUTPUT_CHARS``, ``BURST_LOG_BYTES``), lowered so tens of MB
+make the point. Memory is measured on a real kernel (``VmRSS`` from ``/proc``), never a duration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from burst_checks import cell, ledger_rows, local_jobdirs, open_reservations, run_cell
+from kernels import Kernel
+
+from burst_jupyter.errors import UnsafeResults
+from burst_jupyter.job import JobStatus
+from burst_jupyter.remote import MAX_LINE
+
+pytestmark = pytest.mark.timeout(180)
+
+NOTEBOOK_CHARS = 200_000
+LOG_BYTES = 4 << 20
+FLOOD_MB = 64
+
+# 1 KiB numbered lines, FLOOD_MB MiB of them, then a line with no newline as long as the flood itself, then the
+# last words: the head, the tail and the count in between can all be checked.
+FLOOD_CELL = f"""
+import sys
+line = "." * 1013 + "\\n"
+for i in range({FLOOD_MB} * 1024):
+    sys.stdout.write(f"line {{i:06d}}" + line)
+sys.stdout.write("y" * ({FLOOD_MB} << 20))
+print()
+open("out/after.txt", "w").write("written after the flood")
+print("the last words")
+"""
+
+
+def _rss_kb(kernel: Kernel) -> int:
+    out = kernel.run_ok("print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0])").text("stdout")
+    return int(out.split()[1])
+
+
+@pytest.fixture
+def limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BURST_NOTEBOOK_OUTPUT_CHARS", str(NOTEBOOK_CHARS))
+    monkeypatch.setenv("BURST_LOG_BYTES", str(LOG_BYTES))
+
+
+def test_a_flood_shows_a_head_and_a_tail_and_the_kernel_stays_flat(limits: None, tmp_path: Path, work: Path,
+                                                                   burst_home: Path) -> None:
+    (work / "out").mkdir(exist_ok=True)
+    kernel = Kernel(tmp_path, burst_home=burst_home, cwd=work)
+    try:
+        kernel.run_ok("%load_ext burst_jupyter")
+        kernel.run_ok("%%burst --provider local --rate 1\nprint('warm')")  # imports and first-job costs paid
+        before = _rss_kb(kernel)
+        run = kernel.run_ok(f"%%burst --provider local --rate 1 --mount ./out:out:rw\n{FLOOD_CELL}", timeout=150)
+        grown_mb = (_rss_kb(kernel) - before) / 1024
+        shown = run.text()
+        print(f"the kernel grew by {grown_mb:.1f} MB for {2 * FLOOD_MB} MB of output")
+    finally:
+        kernel.close()
+    # The notebook got a bounded head and tail, and a line saying how much was left out and where all of it is.
+    assert len(shown) < 2 * NOTEBOOK_CHARS
+    assert shown.startswith("line 000000") and "line 000001" in shown
+    assert shown.rstrip().endswith("the last words")
+    (job_id,) = [row.job_id for row in ledger_rows(burst_home)][-1:]
+    log = burst_home / "logs" / "jobs" / f"{job_id}.out"
+    assert "characters of output left out here" in shown and f"is in {log}" in shown
+    # The logs on disk are capped, and say so.
+    assert log.stat().st_size < LOG_BYTES + 1024
+    assert log.read_text().startswith("line 000000") and "more output was not kept" in log.read_text()
+    events = burst_home / "logs" / "jobs" / f"{job_id}.jsonl"
+    assert events.stat().st_size < LOG_BYTES + 1024
+    assert json.loads(events.read_text().splitlines()[-1])["type"] == "completed"
+    # The kernel held none of it: well under the flood's size (it grew by more than the flood before).
+    assert grown_mb < FLOOD_MB / 4, f"the kernel grew by {grown_mb:.0f} MB for {2 * FLOOD_MB} MB of output"
+    assert (work / "out" / "after.txt").read_text() == "written after the flood"
+
+
+# A hostile machine: the real agent runs the cell, but what it streams back is one line that never ends.
+ENDLESS_LINE_PYTHON = """#!{python}
+import sys
+n, command = int(sys.argv[3]), sys.argv[4:]
+ns = {{"__name__": "burst-agent"}}
+exec(compile(sys.stdin.buffer.read(n), "burst-agent", "exec"), ns)
+
+def endless(jobdir, offset, stdin):
+    sys.stdout.buffer.write(b'{{"k":"started","pid":1,"t":0}}\\n')
+    chunk = b"x" * (1 << 20)
+    for _ in range({megabytes}):
+        sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()
+    return 0
+
+ns["attach_main"] = endless
+sys.exit(ns["main"](command))
+"""
+
+
+def test_a_record_line_that_never_ends_is_refused_and_the_job_settles(ip: Any, tmp_path: Path,
+                                                                      burst_home: Path) -> None:
+    python = tmp_path / "hostile-python"
+    python.write_text(ENDLESS_LINE_PYTHON.format(python=sys.executable, megabytes=3 * MAX_LINE >> 20))
+    python.chmod(0o755)
+    result, streams = run_cell(ip, cell(f"--provider local --rate 1 --python {python} --background", "x = 1"))
+    assert result.error_in_exec is None, streams.text(ours=True)
+    done = result.result.wait(timeout=120)
+    assert done.status is JobStatus.FAILED and isinstance(done.error, UnsafeResults)
+    assert f"longer than {MAX_LINE} bytes" in str(done.error)
+    assert [row.job_id for row in ledger_rows(burst_home)] == [done.job_id]
+    assert open_reservations(burst_home) == [] and local_jobdirs(burst_home) == []
