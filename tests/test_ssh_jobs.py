@@ -140,13 +140,13 @@ def test_remote_exception_fails_the_cell_with_its_remote_traceback(ip: Any, boxe
 
 
 def test_the_default_python3_of_the_box_runs_the_cell(ip: Any, boxes: Boxes, burst_home: Path) -> None:
-    result, streams = run_cell(ip, cell("--host box1 --pull exe", """
+    result, streams = run_cell(ip, cell("--host box1 --pull exe,version", """
         import sys
         exe = sys.executable
-        sys.version_info[:2]
+        version = sys.version_info[:2]
     """))
     ok(result, streams)
-    assert result.result >= (3, 8)
+    assert ip.user_ns["version"] >= (3, 8)
     assert ip.user_ns["exe"] != sys.executable  # the box's own python3, not this venv's
     job = last_job()
     assert list(job.plan.providers) == ["ssh"]
@@ -164,10 +164,10 @@ def test_hosts_alternate_and_the_declared_rate_is_billed(ip: Any, boxes: Boxes, 
             os.environ["HOME"]
         """))
         ok(result, streams)
-        homes.append(result.result)
+        homes.append(repr(result.result))
     jobs = burst.jobs()[-3:]
     hosts = ["box1", "box2", "box1"]
-    assert homes == [str(boxes.home(h)) for h in hosts]
+    assert homes == [repr(str(boxes.home(h))) for h in hosts]
     rows = {r.job_id: r for r in ledger_rows(burst_home)}
     for job, host in zip(jobs, hosts, strict=True):
         assert_settled(boxes, burst_home, job, status="completed", host=host, rate="0.40")
