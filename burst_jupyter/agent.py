@@ -54,6 +54,7 @@ import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Callable
 
 # Read N bytes of agent source from stdin and run them as __main__: no file needs to exist on the instance.
 BOOT = (
@@ -398,9 +399,9 @@ def _save_pulls(jobdir: str, names: list[str], ns: dict[str, object]) -> None:
     write_values(os.path.join(jobdir, "values.out.pkl"), out)
 
 
-def _safe_str(value: object, show: object = str) -> str:
+def _safe_str(value: object, show: Callable[[object], str] = str) -> str:
     try:
-        return str(show(value))  # type: ignore[operator]
+        return str(show(value))
     except Exception as exc:
         return "<unrepresentable %s: %s>" % (type(value).__name__, exc)
 
@@ -418,7 +419,7 @@ def _display_data(value: object) -> dict[str, str]:
     bundle: object = None
     if hasattr(value, "_repr_mimebundle_"):
         try:
-            bundle = value._repr_mimebundle_()  # type: ignore[attr-defined]
+            bundle = value._repr_mimebundle_()
         except Exception:
             bundle = None
         if isinstance(bundle, tuple):
