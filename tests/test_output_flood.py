@@ -114,3 +114,16 @@ def test_a_record_line_that_never_ends_is_refused_and_the_job_settles(ip: Any, t
     assert f"longer than {MAX_LINE} bytes" in str(done.error)
     assert [row.job_id for row in ledger_rows(burst_home)] == [done.job_id]
     assert open_reservations(burst_home) == [] and local_jobdirs(burst_home) == []
+
+
+def test_a_transfer_chunk_over_its_bound_is_refused_before_it_is_read() -> None:
+    """A results transfer whose chunk header claims 2 GiB: refused at the header, nothing of it held."""
+    import io
+    import struct
+
+    from burst_jupyter import agent
+
+    hostile = io.BytesIO(struct.pack(">I", 1 << 31) + b"x" * (1 << 20))
+    with pytest.raises(EOFError, match="a transfer chunk of 2147483648 bytes"):
+        agent.ChunkedReader(hostile).read(512)
+    assert hostile.tell() == 4
