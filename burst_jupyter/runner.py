@@ -15,7 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Completed", "LocalRunner", "RemoteProcess", "Runner"]
+__all__ = ["MAX_ANSWER", "Completed", "ErrorTail", "LocalRunner", "RemoteProcess", "Runner"]
+
+# The most a short command's stdout may hold (an agent's ``status``, ``list``, ``destroy``), and how much of any
+# command's stderr is kept (its last lines explain a failure). An instance is not trusted to stop talking.
+MAX_ANSWER = 8 << 20
+_ERROR_TAIL = 64 * 1024
 
 
 class RemoteProcess(Protocol):
@@ -56,15 +61,35 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
+class ErrorTail:
+    """The last bytes a command wrote to stderr: fed by a draining thread, bounded whatever the command writes."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+        if len(self._buf) > 2 * _ERROR_TAIL:
+            del self._buf[:-_ERROR_TAIL]
+
+    def value(self) -> bytes:
+        return bytes(self._buf[-_ERROR_TAIL:])
+
+
 def run(runner: Runner, argv: Sequence[str], *, input: bytes = b"", timeout: float = 60.0) -> Completed:
-    """Run a short command to completion through any runner."""
+    """Run a short command to completion through any runner. An answer over :data:`MAX_ANSWER` bytes is an
+    ``OSError``: nothing that long is a short command's answer."""
     proc = runner.start(argv)
     try:
         if input:
             proc.write(input)
         proc.close_stdin()
         chunks = []
+        size = 0
         while chunk := proc.read():
+            size += len(chunk)
+            if size > MAX_ANSWER:
+                raise OSError(f"{runner.description} answered with more than {MAX_ANSWER} bytes")
             chunks.append(chunk)
         rc = proc.wait(timeout)
         return Completed(-1 if rc is None else rc, b"".join(chunks), proc.stderr())
@@ -85,14 +110,14 @@ class _LocalProcess:
             # agent detaches anyway, and the front command must not die mid-stream on an interrupt.
             start_new_session=True,
         )
-        self._err: list[bytes] = []
+        self._err = ErrorTail()
         self._err_thread = threading.Thread(target=self._drain_stderr, daemon=True)
         self._err_thread.start()
 
     def _drain_stderr(self) -> None:
         assert isinstance(self._p.stderr, io.BufferedReader)
         while chunk := self._p.stderr.read1(65536):
-            self._err.append(chunk)
+            self._err.feed(chunk)
 
     def write(self, data: bytes) -> None:
         assert self._p.stdin is not None
@@ -112,7 +137,7 @@ class _LocalProcess:
 
     def stderr(self) -> bytes:
         self._err_thread.join(timeout=5)
-        return b"".join(self._err)
+        return self._err.value()
 
     def wait(self, timeout: float | None = None) -> int | None:
         try:

@@ -29,7 +29,7 @@ import paramiko
 
 from .errors import AuthFailed, ConfigError, ConnectFailed, ProviderError
 from .known_hosts import check_host_key, prefer_known_key_types, read_known_hosts
-from .runner import RemoteProcess
+from .runner import ErrorTail, RemoteProcess
 
 if TYPE_CHECKING:
     from .providers.base import Endpoint
@@ -120,13 +120,13 @@ class _SSHProcess:
         self._runner = runner
         self._chan = channel
         self._closed_here = False
-        self._err: list[bytes] = []
+        self._err = ErrorTail()
         self._err_thread = threading.Thread(target=self._drain_stderr, name="burst-ssh-stderr", daemon=True)
         self._err_thread.start()
 
     def _drain_stderr(self) -> None:
         while chunk := self._chan.recv_stderr(65536):
-            self._err.append(chunk)
+            self._err.feed(chunk)
 
     def _check_connection(self) -> None:
         # The channel ended without the remote's EOF and not by our close(): most likely the connection died.
@@ -161,7 +161,7 @@ class _SSHProcess:
 
     def stderr(self) -> bytes:
         self._err_thread.join(timeout=5)
-        return b"".join(self._err)
+        return self._err.value()
 
     def wait(self, timeout: float | None = None) -> int | None:
         """The exit status; -1 when the command was killed by a signal (paramiko drops the signal's name)."""

@@ -127,3 +127,45 @@ def test_a_transfer_chunk_over_its_bound_is_refused_before_it_is_read() -> None:
     with pytest.raises(EOFError, match="a transfer chunk of 2147483648 bytes"):
         agent.ChunkedReader(hostile).read(512)
     assert hostile.tell() == 4
+
+
+# A hostile machine that never stops answering a short command, on stdout and on stderr.
+CHATTY_PYTHON = """#!{python}
+import sys
+chunk = b"z" * (1 << 20)
+for _ in range({megabytes}):
+    sys.stderr.buffer.write(chunk)
+    sys.stdout.buffer.write(chunk)
+"""
+
+
+@pytest.mark.ssh
+def test_a_short_command_that_never_stops_answering_is_cut_off(tmp_path: Path) -> None:
+    """Over a real sshd: ``status`` answered with more than MAX_ANSWER bytes is an error, not a buffer, and of
+    the stderr only its last bytes are kept (a flood there fills nothing)."""
+    from sshd import start_sshd
+
+    from burst_jupyter.connections import Connections
+    from burst_jupyter.providers.base import Endpoint
+    from burst_jupyter.runner import MAX_ANSWER
+
+    python = tmp_path / "chatty-python"
+    python.write_text(CHATTY_PYTHON.format(python=sys.executable, megabytes=2 * MAX_ANSWER >> 20))
+    python.chmod(0o755)
+    with start_sshd(tmp_path / "sshd") as server:
+        endpoint = Endpoint(host=server.host, port=server.port, user=server.user,
+                            key_path=str(server.client_key_path), trust_on_first_use=True,
+                            known_hosts=str(tmp_path / "known_hosts"))
+        connections = Connections()
+        try:
+            client = connections.agent(endpoint, str(python), str(tmp_path / "job"))
+            with pytest.raises(OSError, match=f"answered with more than {MAX_ANSWER} bytes"):
+                client.status()
+            proc = connections.get(endpoint).start([str(python)])
+            while proc.read():
+                pass
+            assert proc.wait(30) == 0
+            assert 0 < len(proc.stderr()) <= 64 * 1024
+            proc.close()
+        finally:
+            connections.close_all()
