@@ -25,7 +25,7 @@ Files in the job directory:
     m/<i>/                                   the content of mount i; its remote path is a symlink to it
     work/                                    the cell's current directory
     events.jsonl                             the append-only event log (one JSON object per line)
-    exit.json  values.out.pkl                written when the cell ends
+    exit.json  values.out.pkl                written when the cell ends (values: only for --pull, write_values)
     lease  stop  supervisor.pid  links.json  control files
     agent.log                                the supervisor's own log (what the dead-man's switch did)
 
