@@ -12,12 +12,12 @@ import base64
 import binascii
 import collections
 import html
-import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .limits import env_limit
+from .paths import open_private, private_dir
 
 __all__ = ["OutputBounds", "RemoteDisplay", "output_log_path"]
 
@@ -36,44 +36,44 @@ def _size(n: int) -> str:
 
 
 class _CappedFile:
-    """Appends text to a file (0600) until ``cap`` bytes, then one line saying how much more was cut off."""
+    """Appends text to a private file (0600) until ``cap`` bytes, then one line saying how much was cut off."""
 
     def __init__(self, path: Path, cap: int) -> None:
         self.path, self.cap = path, cap
         self.written = self.cut = 0
-        self._fd: int | None = None
+        self._file: IO[bytes] | None = None
         self._broken = self._noted = False
 
     def write(self, text: str) -> None:
         if self._broken:
             return
         data = text.encode("utf-8", "replace")
-        room = self.cap - self.written
-        keep, self.cut = data[: max(room, 0)], self.cut + max(len(data) - max(room, 0), 0)
+        room = max(self.cap - self.written, 0)
+        keep, self.cut = data[:room], self.cut + max(len(data) - room, 0)
         if not keep:
             return
         try:
-            if self._fd is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            os.write(self._fd, keep)
+            if self._file is None:
+                private_dir(self.path.parent)
+                self._file = open_private(self.path, "ab", buffering=0)
+            self._file.write(keep)
             self.written += len(keep)
         except OSError:
             self._broken = True  # the log is a convenience: a full disk must not fail the job
             self.close()
 
     def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if self.cut and not self._broken and not self._noted:
-            self._noted = True
-            try:
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(f"\n[burst: the log stops at {_size(self.cap)} (BURST_LOG_BYTES); "
-                            f"{_size(self.cut)} more output was not kept]\n")
-            except OSError:
-                pass
-        if fd is not None:
-            os.close(fd)
+        file, self._file = self._file, None
+        try:
+            if file is not None and self.cut and not self._noted:
+                self._noted = True
+                file.write(f"\n[burst: the log stops at {_size(self.cap)} (BURST_LOG_BYTES); "
+                           f"{_size(self.cut)} more output was not kept]\n".encode())
+        except OSError:
+            pass
+        finally:
+            if file is not None:
+                file.close()
 
 
 class OutputBounds:
