@@ -7,12 +7,13 @@ Several kernels, the CLI and reaper processes write the same file. WAL lets read
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .paths import open_private, tighten
+from .paths import tighten
 
 __all__ = ["connect", "write_transaction"]
 
@@ -23,9 +24,13 @@ def connect(path: Path) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, foreign keys on. The file is 0600 and
     so are its ``-wal`` and ``-shm`` (SQLite gives those the database file's mode when it makes them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    open_private(path, "ab").close()
+    # Made 0600 only when it does not exist yet: opening and closing a file SQLite already has open in this
+    # process drops every POSIX lock the process holds on it (SQLite's own warning, "How To Corrupt An SQLite
+    # Database File", 2.2), and another process may then checkpoint and delete a WAL that holds our commits.
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     for companion in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        tighten(companion)
+        tighten(companion)  # chmod only: no file is opened
     conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
