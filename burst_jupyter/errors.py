@@ -109,7 +109,7 @@ class UnsafeResults(SyncError):
 
 class ResultsTooLarge(SyncError):
     """The results passed the ``--max-results`` limit; fetching them again changes nothing. ``received`` holds what
-    landed before the limit (a ``sync.Received``)."""
+    landed before the limit (a ``sync_back.Received``)."""
 
     def __init__(self, message: str, received: object = None) -> None:
         super().__init__(message)

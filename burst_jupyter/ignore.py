@@ -37,7 +37,7 @@ __all__ = ["NEVER_SYNCED", "Entry", "excluded", "iter_entries", "iter_files"]
 _IGNORE_FILES = (".gitignore", ".burstignore")
 _EXCLUDE = ".git/info/exclude"
 #: Names never uploaded nor written back, wherever they are: git's own folder (hooks there run code) and the
-#: scratch folder results are written through (sync.py). Lower case: a case-insensitive disk takes ``.GIT`` too.
+#: scratch folder results are written through (sync_back.py). Lower case: a case-insensitive disk takes ``.GIT`` too.
 NEVER_SYNCED = frozenset({".git", ".burst-tmp"})
 
 # git's wildmatch takes these ASCII classes from its own ctype table, not the locale's.

@@ -49,7 +49,8 @@ from .providers.accounts import MARKETPLACES
 from .providers.base import BootWatch, Instance, InstanceState, Offer, Provider, terminate_confirmed
 from .providers.catalog import ANY, CATALOG
 from .remote import AgentClient, AgentStream, Record
-from .sync import MountPlan, Received, receive_results, write_bundle
+from .sync import MountPlan, write_bundle
+from .sync_back import Received, receive_results
 from .variables import PulledValues, unpack_pulled
 
 if TYPE_CHECKING:

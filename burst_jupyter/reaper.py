@@ -34,7 +34,8 @@ from .providers import ProviderConfig, build_provider
 from .providers.base import Endpoint, terminate_confirmed
 from .sinks import ResultSink, open_sink
 from .state import OwnedInstance, StateStore
-from .sync import MountPlan, Received, receive_results, sweep_scratch
+from .sync import MountPlan
+from .sync_back import Received, receive_results, sweep_scratch
 
 __all__ = ["Outcome", "reap", "spawn_reaper"]
 

@@ -3,7 +3,7 @@
 A sink is a tiny protocol (``describe``, ``check``, ``put``) with two kinds behind it: a local folder, and an
 S3-compatible object store (AWS S3, Cloudflare R2, or any endpoint boto3 is pointed at). :func:`open_sink`
 parses the URL the user wrote. A sink stores keys under its root and knows nothing of mounts: the layout inside
-(``<mount name>/<path>``) belongs to ``sync.receive_results``.
+(``<mount name>/<path>``) belongs to ``sync_back.receive_results``.
 
 =====================  ==========================================================================================
 ``./runs``, ``/abs``   a folder (relative to the directory the job was submitted from)
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigError, SyncError
-from .sync import SCRATCH, replace_atomically, sweep
+from .sync_back import SCRATCH, replace_atomically, sweep
 
 if TYPE_CHECKING:
     from collections.abc import Callable

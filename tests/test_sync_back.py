@@ -34,7 +34,8 @@ from burst_jupyter.events import EventType
 from burst_jupyter.job import JobStatus
 from burst_jupyter.sinks import FolderSink
 from burst_jupyter.spec import Mount
-from burst_jupyter.sync import MountPlan, receive_results, write_bundle
+from burst_jupyter.sync import MountPlan, write_bundle
+from burst_jupyter.sync_back import receive_results
 
 pytestmark = [pytest.mark.timeout(120)]
 
