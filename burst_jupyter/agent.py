@@ -14,8 +14,9 @@ on the instance and client and agent never disagree on versions. Commands (``BOO
 
 ``run`` forks (no new interpreter) a detached supervisor, which owns the event log, the lease and the deadline,
 and which forks the cell (run with a ``burst`` helper) or execs the command. Once the cell has ended the supervisor
-stays on as a watchdog until the client destroys the job. The dead-man's switch: when the client's lease lapses
-(or the job's own deadline passes, which means the client failed to stop it), the supervisor stops the cell,
+stays on as a watchdog until the client destroys the job. The dead-man's switch: when the client's lease lapses,
+the job's own deadline passes or its money runs out (the manifest's rate and cap: see :class:`Money`; either
+means the client failed to stop it, or is gone), the supervisor stops the cell,
 uploads the results to the manifest's presigned URL when there is one, and ends the instance with the recipe the
 provider declared (its instance-scoped key, read here, never sent by the client); without a recipe (ssh, local,
 thunder) it removes the job's ``work/`` and keeps the results in the job directory for the client or a cleanup.
@@ -54,6 +55,7 @@ import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
+from decimal import Decimal, InvalidOperation
 from typing import Callable
 
 # Read N bytes of agent source from stdin and run them as __main__: no file needs to exist on the instance.
@@ -80,6 +82,9 @@ _GRACE_SIGTERM = 3.0
 _WATCH_TICK = 0.5  # how often the watchdog looks at the lease once the cell has ended
 _RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)  # between the tries of a lapse upload or self-destruct call
 _HTTP_TIMEOUT = 60.0
+# Seconds kept back beyond the provider's terminate when the job's money runs out with nobody stopping it: the
+# watchdog's tick and the self-destruct call itself.
+_MONEY_MARGIN = 1.0
 LAPSE_ARCHIVE = "lapse-results.tar"  # what a lapse uploads: the same tar ``results`` sends
 
 
@@ -442,6 +447,51 @@ def _display_data(value: object) -> dict[str, str]:
     return data
 
 
+# ------------------------------------------------------------------------------------------------ money
+
+
+def _decimal(value: object) -> Decimal | None:
+    try:
+        return None if value is None else Decimal(str(value))
+    except InvalidOperation:
+        return None
+
+
+class Money:
+    """The job's money as the instance sees it, from the manifest: the billed rate ($/h) and the cap (decimal
+    strings), what earlier attempts spent, and the seconds this attempt had billed when the client wrote the
+    manifest (``billed_seconds``); the agent adds its own wall-clock time since it read the manifest
+    (``received_at``). No rate or no cap: nothing to hold."""
+
+    def __init__(self, manifest: dict[str, object]) -> None:
+        self.rate = _decimal(manifest.get("rate_usd_per_hour")) or Decimal(0)
+        self.cap = _decimal(manifest.get("cap_usd"))
+        self.spent = _decimal(manifest.get("spent_usd")) or Decimal(0)
+        self.billed = float(manifest.get("billed_seconds") or 0.0)  # type: ignore[arg-type]
+        self.since = float(manifest.get("received_at") or _now())  # type: ignore[arg-type]
+        # The client's own budget stop comes this long before the cap; the end of the instance only takes this.
+        self.stop_reserve = float(manifest.get("stop_reserve_seconds") or 0.0)  # type: ignore[arg-type]
+        self.end_reserve = float(manifest.get("teardown_seconds") or 0.0) + _MONEY_MARGIN  # type: ignore[arg-type]
+
+    def cost(self) -> Decimal:
+        seconds = self.billed + max(_now() - self.since, 0.0)
+        return self.spent + self.rate * Decimal(repr(seconds)) / 3600
+
+    def seconds_left(self, reserve: float) -> float | None:
+        """Seconds until only ``reserve`` seconds of money are left (0 once they are); None: nothing to hold."""
+        if self.cap is None or self.rate <= 0:
+            return None
+        left = (self.cap - self.cost()) / self.rate * 3600 - Decimal(repr(reserve))
+        return max(float(left), 0.0)
+
+    def out(self, reserve: float) -> bool:
+        left = self.seconds_left(reserve)
+        return left is not None and left <= 0.0
+
+    def describe(self) -> str:
+        return "$%s of its $%s cap spent at $%s/h" % (self.cost().quantize(Decimal("0.0001")), self.cap, self.rate)
+
+
 # ------------------------------------------------------------------------------------------- supervisor
 
 
@@ -452,9 +502,10 @@ class Supervisor:
         assert isinstance(manifest, dict)
         self.manifest = manifest
         self.log = EventLog(self.path("events.jsonl"))
+        self.money = Money(manifest)
         self.stop_reason: str | None = None
         self.stop_at: float | None = None
-        self.lapsed: str | None = None  # LEASE or DEADLINE when this supervisor itself decided the job must end
+        self.lapsed: str | None = None  # LEASE, DEADLINE or BUDGET when this supervisor itself decided the job ends
         self.proc: _Child | None = None
 
     def path(self, *parts: str) -> str:
@@ -534,19 +585,28 @@ class Supervisor:
         self.finish(rc, reason)
         # The cell is over: a machine shutting down simply ends the watchdog.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        uploaded = False
+        if self.lapsed == BUDGET:
+            # Stopped at the cap: a client may still fetch the results and end the instance; until only its end is
+            # left of the money, wait for one (with the results in the sink first, while there is money for it).
+            uploaded = self.upload_lapse_results()
+            self.lapsed = None
         if self.lapsed is None:
             self.lapsed = self.watch(started, deadline, lease)
         if self.lapsed is not None:
-            self.lapse(self.lapsed, lease)
+            self.lapse(self.lapsed, lease, upload=not uploaded)
         return 0
 
     def lapse_reason(self, started: float, deadline: float, lease: int) -> str | None:
-        """LEASE when the client has been silent for the lease, DEADLINE past the job's own hard maximum (the
-        client stops it before that; reaching it means the client could not), else None."""
+        """LEASE when the client has been silent for the lease, DEADLINE past the job's own hard maximum, BUDGET
+        when the job's money reaches the client's own budget stop (the client stops it then; an agent that gets
+        there first means the client could not), else None."""
         if deadline and time.monotonic() - started > deadline:
             return DEADLINE
         if lease and _now() - _mtime(self.path("lease")) > lease:
             return LEASE
+        if self.money.out(self.money.stop_reserve):
+            return BUDGET
         return None
 
     def watch(self, started: float, deadline: float, lease: int) -> str | None:
@@ -556,14 +616,16 @@ class Supervisor:
 
         A client that still renews the lease is fetching the results, however long past the deadline that takes:
         only its silence counts now. Without a lease the deadline is the one backstop left."""
-        if not lease and not deadline:
+        if not lease and not deadline and self.money.seconds_left(0.0) is None:
             return None
         while True:
             time.sleep(_WATCH_TICK)
             if not os.path.exists(self.path("lease")):
                 return None  # the client's destroy is removing the job
+            if self.money.out(self.money.end_reserve):
+                return BUDGET  # only the end of the instance is left of the money, whoever is fetching results
             reason = self.lapse_reason(started, 0.0 if lease else deadline, lease)
-            if reason is not None:
+            if reason in (LEASE, DEADLINE):
                 return reason
 
     def spawn(self, env: dict[str, str], frame_w: int) -> _Child:
@@ -634,7 +696,15 @@ class Supervisor:
                 _kill_group(self.proc.pid, signal.SIGINT)
 
     def escalate(self) -> None:
-        if self.stop_at is None or self.proc is None or self.proc.poll() is not None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if self.money.out(self.money.end_reserve):
+            # Only the end of the instance is left of the money: no more grace for the cell, whoever stopped it.
+            self.lapsed = BUDGET
+            self.request_stop(BUDGET)
+            _kill_group(self.proc.pid, signal.SIGKILL)
+            return
+        if self.stop_at is None:
             return
         waited = time.monotonic() - self.stop_at
         if waited > _GRACE_SIGINT + _GRACE_SIGTERM:
@@ -654,17 +724,19 @@ class Supervisor:
         sys.stderr.write("%s burst-agent: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), message))
         sys.stderr.flush()
 
-    def lapse(self, reason: str, lease: int) -> None:
-        """The client is gone (``reason`` LEASE) or failed to stop the job in time (DEADLINE), and the cell has
-        stopped: save the results where the manifest says, then end the instance by the provider's recipe; with
-        none (or if it fails), remove the scratch ``work/`` and keep the results here for a later cleanup."""
+    def lapse(self, reason: str, lease: int, *, upload: bool = True) -> None:
+        """The client is gone (``reason`` LEASE), failed to stop the job in time (DEADLINE) or the job's money is
+        spent but for the end of the instance (BUDGET), and the cell has stopped: save the results where the
+        manifest says, then end the instance by the provider's recipe; with none (or if it fails), remove the
+        scratch ``work/`` and keep the results here for a later cleanup."""
         if reason == LEASE:
             self.say("no word from the client for %d s (the lease lapsed)" % lease)
+        elif reason == BUDGET:
+            self.say("the job's money ran out (%s); nobody ended the instance" % self.money.describe())
         else:
             self.say("the job ran past its hard maximum duration and the client did not stop it")
-        upload = self.manifest.get("lapse_upload")
         if upload:
-            self.upload_results(str(upload))
+            self.upload_lapse_results()
         recipe = self.manifest.get("self_destruct")
         if isinstance(recipe, dict) and self.end_instance(recipe):
             return
@@ -672,8 +744,16 @@ class Supervisor:
         self.say("job stopped and its work folder removed; its results wait in %s for the client or "
                  "`burst cleanup`" % self.jobdir)
 
+    def upload_lapse_results(self) -> bool:
+        """The results into the manifest's result sink, if it has one. True when one was tried."""
+        upload = self.manifest.get("lapse_upload")
+        if upload:
+            self.upload_results(str(upload))
+        return bool(upload)
+
     def upload_results(self, url: str) -> None:
-        """PUT the results (what ``results`` sends: rw changes and pulled values) as one tar to a presigned URL."""
+        """PUT the results (what ``results`` sends: rw changes and pulled values) as one tar to a presigned URL,
+        while the job's money lasts beyond the end of the instance."""
         path = self.path(LAPSE_ARCHIVE)
         try:
             with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -685,9 +765,14 @@ class Supervisor:
         self.say("uploading the results (%d bytes) to the result sink" % size)
         try:
             for attempt in range(len(_RETRY_DELAYS) + 1):
+                left = self.money.seconds_left(self.money.end_reserve)
+                if left is not None and left < 1.0:
+                    self.say("no money left for the result sink upload: the instance is ended without it")
+                    return
                 with open(path, "rb") as archive:
                     status, text = _http("PUT", url, archive, {"Content-Length": str(size),
-                                                               "Content-Type": "application/x-tar"})
+                                                               "Content-Type": "application/x-tar"},
+                                         timeout=_HTTP_TIMEOUT if left is None else min(left, _HTTP_TIMEOUT))
                 if 200 <= status < 300:
                     self.say("results stored in the result sink as %s" % LAPSE_ARCHIVE)
                     return
@@ -757,12 +842,13 @@ def _fill_id(value: object, ident: str) -> object:
     return value
 
 
-def _http(method: str, url: str, data: object, headers: dict[str, str]) -> tuple[int, str]:
+def _http(method: str, url: str, data: object, headers: dict[str, str],
+          timeout: float = _HTTP_TIMEOUT) -> tuple[int, str]:
     """One request from inside this process (a command line would show the key in ``ps``). (status, body text);
     status 0 when no answer came."""
     request = urllib.request.Request(url, data=data, headers=headers, method=method)  # type: ignore[arg-type]
     try:
-        with urllib.request.urlopen(request, timeout=_HTTP_TIMEOUT) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return int(response.status), response.read(4096).decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read(4096).decode("utf-8", "replace")
@@ -1008,6 +1094,7 @@ def _fail_setup(jobdir: str, message: str) -> None:
 def run_main(jobdir: str, stdin: object) -> int:
     (n,) = struct.unpack(">I", stdin.read(4))  # type: ignore[attr-defined]
     manifest = json.loads(stdin.read(n))  # type: ignore[attr-defined]
+    manifest["received_at"] = _now()  # the job's money counts on from here on this machine's clock (see Money)
     os.makedirs(os.path.join(jobdir, "work"), exist_ok=True)
     os.chmod(jobdir, 0o700)
     upload = ChunkedReader(stdin)

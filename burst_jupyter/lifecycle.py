@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import datetime as dt
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -40,8 +39,9 @@ from .errors import (
     one_line,
 )
 from .events import EventType
-from .job import Job, JobPlan, JobResult, JobStatus, check_cap, cost_of
+from .job import Job, JobPlan, JobResult, JobStatus, check_cap
 from .keys import JobKey, create_job_key, remove_job_key
+from .meter import WALL_CLOCK, Clock, Meter
 from .money import format_usd
 from .output import RemoteDisplay
 from .protection import dead_mans_switch, protection
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from .connections import Connections
     from .state import Owner, StateStore
 
-__all__ = ["Lifecycle"]
+__all__ = ["STOP_GRACE_SECONDS", "Lifecycle", "unsynced"]
 
 T = TypeVar("T")
 
@@ -67,6 +67,14 @@ _CANCEL_RECONNECT_SECONDS = 15.0
 _MAX_LAUNCH_ATTEMPTS = 4  # offers tried in turn when one is taken or never boots
 # Results this machine could not write (a full disk) stay on the kept instance; asked for again this often.
 _REFETCH_SECONDS = 5.0
+# A stop the agent has not confirmed (its "stopping" note or the exit record) within this many seconds becomes a
+# terminate through the provider's API: a frozen instance or agent never answers. A budget stop has less: the
+# money left after its stop point (``_STOPPING_SECONDS``) ends it first.
+STOP_GRACE_SECONDS = 5.0
+# Kept back at the budget stop beyond the provider's terminate: the agent's answer to the stop, and the results'
+# way back. Past it the instance is ended through the provider's API, results or not (``_must_end``).
+_STOPPING_SECONDS = 2.0
+_TICK_SECONDS = 0.25  # how often the stream loop looks at the cap, the deadline and a cancel
 
 _FINAL_EVENT = {
     JobStatus.COMPLETED: EventType.COMPLETED,
@@ -104,15 +112,18 @@ class Lifecycle:
     rate: Decimal = Decimal(0)
     spent: Decimal = Decimal(0)  # what earlier attempts cost (never booted, or preempted): billed on rows of their own
     key: JobKey | None = None
-    launched_at: float | None = None  # monotonic, at the create request of the current attempt
-    launched_wall: dt.datetime | None = None  # at the create request of the current attempt (its ledger row)
-    first_launch: float | None = None  # monotonic, at the first create request: the job's duration counts from it
+    clock: Clock = WALL_CLOCK  # what money and the maximum duration run on: the provider bills on the wall clock
+    launched_at: float | None = None  # clock seconds, at the create request of the current attempt
+    first_launch: float | None = None  # clock seconds, at the first create request: the job's duration counts from it
     attempt: int = 1  # instances rented so far for this job, counting the current one; one ledger row each
     retries_left: int = 0  # relaunches still allowed after a preemption (--retries)
     tried: set[str] = field(default_factory=set)  # PROVIDER:OFFER_ID already rented and lost
     recorded: bool = False  # the state store has this job's row (intent first, then one per attempt)
     started: bool = False
     stop_reason: str | None = None
+    stop_sent: float | None = None  # monotonic, when this client sent its stop (its grace counts from here)
+    stop_confirmed: bool = False  # the agent said it is stopping (or the cell ended)
+    cancel_by: float | None = None  # monotonic: a cancel that came while stopping ends the instance by then
     remote_error: RemoteError | None = None
     setup_error: str | None = None
     exit_record: Record | None = None
@@ -133,10 +144,16 @@ class Lifecycle:
         assert self.provider is not None
         return self.provider
 
+    @property
+    def launched_wall(self) -> dt.datetime | None:
+        """The current attempt's create request, for its ledger row."""
+        return None if self.launched_at is None else _utc(self.launched_at)
+
+    def meter(self) -> Meter:
+        return Meter(rate=self.rate, cap=self.cap, since=self.launched_at, spent=self.spent, clock=self.clock)
+
     def cost_so_far(self) -> Decimal:
-        if self.launched_at is None:
-            return self.spent
-        return self.spent + cost_of(self.rate, time.monotonic() - self.launched_at)
+        return self.meter().cost()
 
     # -- the whole thing ------------------------------------------------------------------------------------
 
@@ -195,8 +212,10 @@ class Lifecycle:
                       message=offer.description or None)
 
     def _handoff(self) -> dict[str, Any]:
+        # What bounds a reaper's wait on the agent: the cap, what earlier attempts spent, the maximum duration.
         return {**self.plan.handoff, "provider_config": self.plan.configs[self.chosen.name].to_json(),
-                "max_cost_usd": str(self.cap)}
+                "max_cost_usd": str(self.cap), "spent_usd": str(self.spent), "max_seconds": self.plan.max_seconds,
+                **({"first_launch": self.first_launch} if self.first_launch is not None else {})}
 
     def _billing_handoff(self, since: dt.datetime) -> dict[str, Any]:
         """The handoff with what the attempt bills, for a row that has no instance recorded yet: a kernel that
@@ -210,7 +229,7 @@ class Lifecycle:
         for i, offer in enumerate(offers[:_MAX_LAUNCH_ATTEMPTS]):
             if i:
                 self._choose(offer)
-            intent = self._billing_handoff(dt.datetime.now(dt.timezone.utc))
+            intent = self._billing_handoff(_utc(self.clock.time()))
             if self.recorded:
                 await asyncio.to_thread(self.state.record_attempt, job.id, offer.provider, intent)
             else:
@@ -222,9 +241,8 @@ class Lifecycle:
                 self.key = await asyncio.to_thread(create_job_key, plan.keys_dir, job.id,
                                                    comment=f"{plan.tag}/{job.id}")
             job.emit(EventType.PROVISIONING, provider=provider.name, message=offer.description or None)
-            self.launched_at = time.monotonic()  # cost counts from the create request
+            self.launched_at = self.clock.time()  # cost counts from the create request, on the wall clock
             self.first_launch = self.first_launch or self.launched_at
-            self.launched_wall = dt.datetime.now(dt.timezone.utc)
             try:
                 instance = await provider.launch(offer, plan.spec, job_id=job.id, tag=plan.tag,
                                                  ssh_public_key=self.key.public_line if self.key else None,
@@ -261,7 +279,7 @@ class Lifecycle:
         if problem is not None:
             raise ProvisioningFailed(f"{self.chosen.name} instance {instance.instance_id} {why}, and could not "
                                      f"be confirmed gone: {problem}")
-        cost = cost_of(self.rate, time.monotonic() - self.launched_at)
+        cost = self.meter().attempt_cost()
         self.spent += cost
         await asyncio.to_thread(self.state.mark_terminated, self.job.id)
         if instance.endpoint is not None:
@@ -272,7 +290,7 @@ class Lifecycle:
         await asyncio.to_thread(
             self.budget.record_attempt, self.job.id, attempt=self.attempt, provider=self.chosen.name,
             instance_id=instance.instance_id, gpu=instance.gpu_model or "", rate_usd_per_hour=self.rate,
-            started_at=self.launched_wall, ended_at=dt.datetime.now(dt.timezone.utc), actual_usd=cost,
+            started_at=self.launched_wall, ended_at=_utc(self.clock.time()), actual_usd=cost,
             status=status, name=self.job.spec.name, message=why)
         self.instance, self.launched_at = None, None
         self.attempt += 1
@@ -314,18 +332,19 @@ class Lifecycle:
         """Forget what the lost attempt's agent said: the relaunch runs the job from the start."""
         self.started, self.stop_reason, self.remote_error, self.setup_error = False, None, None, None
         self.exit_record, self.received = None, None
+        self.stop_sent, self.stop_confirmed, self.cancel_by = None, False, None
 
     async def _wait_ready(self) -> None:
         """Poll the provider until the instance runs, then SSH until it answers: one overall timeout."""
         assert self.instance is not None
         provider, job = self.chosen, self.job
-        deadline = time.monotonic() + self.plan.provision_timeout
+        deadline = self.clock.monotonic() + self.plan.provision_timeout
         delay = min(1.0, provider.poll_seconds)
         last = ""
         while self.instance.state is not InstanceState.RUNNING or self.instance.endpoint is None:
             self._check_cancel()
             self._check_budget()
-            if time.monotonic() + delay > deadline:
+            if self.clock.monotonic() + delay > deadline:
                 raise ProvisioningFailed(f"{provider.name} instance {self.instance.instance_id} did not start within "
                                          f"{self.plan.provision_timeout:.0f} s ({self.instance.detail or 'pending'})")
             await asyncio.sleep(delay)
@@ -389,7 +408,7 @@ class Lifecycle:
             except HostKeyError:
                 raise  # a different host answering is never waited out
             except (ProviderError, OSError, EOFError) as exc:  # refused, not up yet, key not installed yet
-                if time.monotonic() + delay > deadline:
+                if self.clock.monotonic() + delay > deadline:
                     raise ProvisioningFailed(f"{self.chosen.name} instance {self.instance.instance_id} did not answer "
                                              f"SSH at {endpoint} within {self.plan.provision_timeout:.0f} s: "
                                              f"{one_line(exc)}") from exc
@@ -401,7 +420,7 @@ class Lifecycle:
         maximum duration runs out, on the wall clock, from this create request."""
         left = self._seconds_left()
         return BootWatch(lease_seconds=self.plan.spec.lease_seconds,
-                         end_by=0.0 if left is None else time.time() + max(left, 0.0))
+                         end_by=0.0 if left is None else self.clock.time() + max(left, 0.0))
 
     def _instance_handoff(self) -> dict[str, Any]:
         assert self.instance is not None and self.launched_wall is not None
@@ -429,7 +448,7 @@ class Lifecycle:
         return {
             "job_id": self.job.id,
             "tag": plan.tag,
-            "created": time.time(),
+            "created": self.clock.time(),
             "mounts": [m.manifest() for m in plan.mounts],
             "pull": list(spec.pull),
             "command": spec.command,
@@ -438,8 +457,18 @@ class Lifecycle:
             "deadline_seconds": plan.max_seconds + 60,
             "require_gpu": require_gpu,
             "gpus": spec.gpus,
+            **self._money_manifest(),
             **dead_mans_switch(self.chosen, plan.sink, max_seconds=plan.max_seconds, lease_seconds=spec.lease_seconds),
         }
+
+    def _money_manifest(self) -> dict[str, Any]:
+        """What the agent needs to hold the cap with nobody watching (decimal strings: money is never a float).
+        ``billed_seconds``: this attempt's time since its create request, on this machine's wall clock; the agent
+        adds its own from when it reads the manifest, so a clock set wrong on either side changes nothing."""
+        assert self.launched_at is not None
+        return {"rate_usd_per_hour": str(self.rate), "cap_usd": str(self.cap), "spent_usd": str(self.spent),
+                "billed_seconds": max(self.clock.time() - self.launched_at, 0.0),
+                "stop_reserve_seconds": self._reserve_seconds(), "teardown_seconds": self.chosen.teardown_seconds}
 
     async def _run_remote(self) -> None:
         job, plan = self.job, self.plan
@@ -450,7 +479,7 @@ class Lifecycle:
                                                          max_seconds=plan.max_seconds).describe())
         self._check_cancel()
         job.emit(EventType.SYNCING_UP, message=_describe_mounts(plan.mounts))
-        t0 = time.monotonic()
+        t0 = self.clock.monotonic()
         compress = self.instance.endpoint is not None and not self.instance.endpoint.is_local
         notes: list[str] = []
 
@@ -459,7 +488,7 @@ class Lifecycle:
 
         self._check_cancel()
         stream = await asyncio.to_thread(client.start, self._manifest(), bundle)
-        self.sync_up_seconds = time.monotonic() - t0
+        self.sync_up_seconds = self.clock.monotonic() - t0
         await self._record_mounts()  # what went up: a reaper finishing the job tells local edits from it
         for note in notes:
             job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {note}\n")
@@ -471,7 +500,7 @@ class Lifecycle:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         lease_every = min(max(spec.lease_seconds / 4, 1.0), 20.0) if spec.lease_seconds else None
-        last_lease = last_pull = time.monotonic()
+        last_lease = last_pull = self.clock.monotonic()
         pull: asyncio.Future[None] | None = None
         reconnects = 0
         refetch_at: float | None = None  # results are missing here (a local write error): ask again then
@@ -489,9 +518,9 @@ class Lifecycle:
                 await self._on_results(payload)
                 if not payload.unwritten:
                     return
-                refetch_at = time.monotonic() + _REFETCH_SECONDS  # kept, with its results, until the cap
+                refetch_at = self.clock.monotonic() + _REFETCH_SECONDS  # kept, with its results, until the cap
             elif kind == "refetch-failed":
-                refetch_at = time.monotonic() + _REFETCH_SECONDS
+                refetch_at = self.clock.monotonic() + _REFETCH_SECONDS
             elif kind in ("eof", "results-failed"):
                 # Dropped mid-stream, or while the results came back: the job (and its files) wait on the
                 # instance; attach again where we stopped (after the exit line that means: only the results).
@@ -505,11 +534,14 @@ class Lifecycle:
                 raise payload
             if self.job.handed_off.is_set():
                 raise _StopRequested("cancelled")  # a reaper owns the instance now: hands off
-            now = time.monotonic()
+            now = self.clock.monotonic()
             if lease_every and now - last_lease >= lease_every:
                 # Also while the results come back: the agent's watchdog outlives the cell until they are fetched.
                 last_lease = now
                 await self._send(stream, "lease")
+            end = self._must_end()
+            if end is not None:
+                raise self._end_now(end)
             if self.exit_record is not None:
                 if self.received is not None and self.received.unwritten:
                     # Waiting on this machine's disk, never past the cap, the maximum duration or a cancel.
@@ -528,31 +560,69 @@ class Lifecycle:
             if self.stop_reason is None:
                 reason = self._should_stop()
                 if reason is not None:
-                    self.stop_reason = reason
+                    self.stop_reason, self.stop_sent = reason, self.clock.monotonic()
                     job.emit(EventType.STOPPING, message=_STOP_TEXT[reason], cost_so_far_usd=self.cost_so_far())
                     await self._send(stream, f"stop {reason}")
+            elif self.stop_reason != "cancelled" and self.cancel_by is None and self.job.cancel_requested.is_set():
+                # Cancelled while another stop is under way: a short last chance for the results, then the end.
+                self.cancel_by = self.clock.monotonic() + _CANCEL_RECONNECT_SECONDS
+                job.emit(EventType.STOPPING, message=f"cancelled while stopping; the instance is ended within "
+                         f"{_CANCEL_RECONNECT_SECONDS:.0f} s", cost_so_far_usd=self.cost_so_far())
 
     def _should_stop(self) -> str | None:
+        """Why the agent should be asked to stop the job now (None: not yet)."""
         if self.job.cancel_requested.is_set():
             return "cancelled"
-        if self.first_launch is not None and time.monotonic() - self.first_launch > self.plan.max_seconds:
+        if self.first_launch is not None and self.clock.time() - self.first_launch > self.plan.max_seconds:
             return "deadline"
-        if self.rate > 0 and self.cost_so_far() + cost_of(self.rate, self._reserve_seconds()) >= self.cap:
+        if self.meter().exhausted(reserve=self._reserve_seconds()):
             return "budget"
         return None
 
+    def _must_end(self) -> str | None:
+        """Why the instance must be ended through the provider's API now, whatever the agent says (None: not yet):
+        the money left buys only the terminate; the maximum duration is over by more than a stop takes; a stop the
+        agent never confirmed; a cancel's last chance is over. Checked after a stop and while results come back,
+        so a first stop never switches the limits off."""
+        if self.meter().exhausted(reserve=self.chosen.teardown_seconds + 2 * _TICK_SECONDS):
+            return "budget"
+        if self.first_launch is not None and \
+                self.clock.time() - self.first_launch > self.plan.max_seconds + self._reserve_seconds():
+            return "deadline"
+        if self.stop_sent is not None and not self.stop_confirmed and self.exit_record is None \
+                and self.clock.monotonic() - self.stop_sent > STOP_GRACE_SECONDS:
+            return "unconfirmed"
+        if self.cancel_by is not None and self.clock.monotonic() > self.cancel_by:
+            return "cancelled"
+        return None
+
+    def _end_now(self, why: str) -> _StopRequested:
+        """The instance is ended through the provider (the teardown that follows): say why, and what is lost."""
+        reason = self.stop_reason or ("cancelled" if why == "unconfirmed" else why)
+        self.stop_reason = reason
+        text = {"budget": f"the cap ({format_usd(self.cap)}) leaves only the terminate",
+                "deadline": "the maximum duration is over",
+                "unconfirmed": f"the agent did not confirm the stop within {STOP_GRACE_SECONDS:.0f} s",
+                "cancelled": "a cancel's last chance is over"}[why]
+        self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {text}; ending the instance through "
+                      f"{self.chosen.name}'s API\n")
+        self.lost = _unsynced(self.plan) if self.received is None else self.received.missing()
+        return _StopRequested(reason)
+
     def _reserve_seconds(self) -> float:
-        """What the teardown will take: kept back so the whole bill, teardown included, stays inside the cap."""
-        return self.chosen.teardown_seconds + max(self.sync_up_seconds, 1.0) + 2.0
+        """Kept back at the budget stop so the whole bill stays inside the cap: the agent's answer and the results
+        (at least the upload's time), then the provider's terminate (``_must_end`` holds that last part)."""
+        return self.chosen.teardown_seconds + max(self.sync_up_seconds, 1.0) + _STOPPING_SECONDS
 
     def _seconds_left(self) -> float | None:
         """Seconds until the cap (less the teardown's share) or the maximum duration stops the job; None: never."""
         left: list[float] = []
         if self.first_launch is not None:
-            left.append(self.plan.max_seconds - (time.monotonic() - self.first_launch))
-        if self.rate > 0 and self.launched_at is not None:
-            money = self.cap - self.cost_so_far() - cost_of(self.rate, self._reserve_seconds())
-            left.append(float(money / self.rate) * 3600)
+            left.append(self.plan.max_seconds - (self.clock.time() - self.first_launch))
+        if self.launched_at is not None:
+            money = self.meter().seconds_left(reserve=self._reserve_seconds())
+            if money is not None:
+                left.append(money)
         return max(min(left), 0.0) if left else None
 
     def _check_budget(self) -> None:
@@ -689,14 +759,14 @@ class Lifecycle:
         lost is said, in the job view and the ledger."""
         assert self.instance is not None
         self.job.emit(EventType.RECONNECTING, message=f"connection lost; re-attaching at byte {old.offset}")
-        deadline = time.monotonic() + self.reconnect_timeout
+        deadline = self.clock.monotonic() + self.reconnect_timeout
         delay, next_check = 0.25, 0.0
         last: BaseException | None = None
         while True:
             if self.job.cancel_requested.is_set():
                 # Cancelled during an outage: a short last chance to bring the results back, then tear down
                 # (an unconfirmed terminate leaves the state row for `%burst cleanup`).
-                deadline = min(deadline, time.monotonic() + _CANCEL_RECONNECT_SECONDS)
+                deadline = min(deadline, self.clock.monotonic() + _CANCEL_RECONNECT_SECONDS)
             try:
                 if last is not None:
                     self._check_budget()  # unreachable at the cap or the maximum duration: end it now
@@ -712,10 +782,11 @@ class Lifecycle:
                 raise  # another host answering on the instance's address is never waited out
             except (ProviderError, OSError, EOFError) as exc:
                 last = exc
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + self.chosen.poll_seconds
+                if self.clock.monotonic() >= next_check:
+                    next_check = self.clock.monotonic() + self.chosen.poll_seconds
                     await self._check_preempted()
-                if time.monotonic() + delay > deadline and (old.exit is None or self.job.cancel_requested.is_set()):
+                if self.clock.monotonic() + delay > deadline \
+                        and (old.exit is None or self.job.cancel_requested.is_set()):
                     what = _unsynced(self.plan)
                     raise ConnectFailed(f"lost the connection to {self.instance.endpoint} and could not get it "
                                         f"back within {self.reconnect_timeout:.0f} s: {exc}"
@@ -759,11 +830,13 @@ class Lifecycle:
             self.remote_error = RemoteError(str(r.get("ename")), str(r.get("evalue", "")), list(r.get("tb") or []))
         elif k == "setup-error":
             self.setup_error = str(r.get("m"))
-        elif k == "note" and self.stop_reason is None and str(r.get("m", "")).startswith("stopping: "):
-            self.stop_reason = str(r["m"]).removeprefix("stopping: ")
-            job.emit(EventType.STOPPING, message=_STOP_TEXT.get(self.stop_reason, self.stop_reason))
+        elif k == "note" and str(r.get("m", "")).startswith("stopping: "):
+            self.stop_confirmed = True
+            if self.stop_reason is None:
+                self.stop_reason = str(r["m"]).removeprefix("stopping: ")
+                job.emit(EventType.STOPPING, message=_STOP_TEXT.get(self.stop_reason, self.stop_reason))
         elif k == "exit":
-            self.exit_record = r
+            self.exit_record, self.stop_confirmed = r, True
             job.emit(EventType.SYNCING_DOWN, message=_describe_mounts([m for m in self.plan.mounts if m.rw]))
 
     # -- teardown: always ----------------------------------------------------------------------------------
@@ -823,7 +896,7 @@ class Lifecycle:
                           f"create may have made ({exc}); `%burst cleanup` will look again\n")
             return None
         if found:
-            since = self.launched_wall or dt.datetime.now(dt.timezone.utc)
+            since = self.launched_wall or _utc(self.clock.time())
             await asyncio.to_thread(self.state.record_launched, self.job.id, found[0].instance_id,
                                     {**self._billing_handoff(since), "instance_id": found[0].instance_id})
         return found[0] if found else None
@@ -902,7 +975,7 @@ class Lifecycle:
             instance_id=self.instance.instance_id if self.instance else "",
             gpu=(self.instance.gpu_model if self.instance else None) or (self.offer.gpu_model if self.offer else "")
             or "", rate_usd_per_hour=self.rate, started_at=self.launched_wall,
-            ended_at=dt.datetime.now(dt.timezone.utc), attempt=self.attempt,
+            ended_at=_utc(self.clock.time()), attempt=self.attempt,
             # This attempt's row: earlier attempts have their own (the job's total is the sum).
             actual_usd=None if result.total_cost_usd is None else result.total_cost_usd - self.spent,
             status=result.status.value, name=job.spec.name,
@@ -918,11 +991,19 @@ _STOP_TEXT = {
 }
 
 
+def _utc(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+
+
 def _unsynced(plan: JobPlan) -> str | None:
+    return unsynced(plan.mounts, plan.spec.pull)
+
+
+def unsynced(mounts: list[MountPlan], pull: list[str]) -> str | None:
     """What a job loses when its results never come back: its rw mounts' changes and pulled variables."""
-    parts = [f"changes in {m.mount.remote} (rw mount of {m.mount.local})" for m in plan.mounts if m.rw]
-    if plan.spec.pull:
-        parts.append(f"variables {', '.join(plan.spec.pull)}")
+    parts = [f"changes in {m.mount.remote} (rw mount of {m.mount.local})" for m in mounts if m.rw]
+    if pull:
+        parts.append(f"variables {', '.join(pull)}")
     return ", ".join(parts) or None
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -29,6 +30,8 @@ from .connections import Connections
 from .errors import BurstError, ResultsTooLarge
 from .job import cost_of
 from .keys import remove_job_key
+from .lifecycle import STOP_GRACE_SECONDS, unsynced
+from .meter import WALL_CLOCK, Clock, Meter
 from .paths import burst_home, db_path, logs_dir, open_private
 from .providers import ProviderConfig, build_provider
 from .providers.base import Endpoint, terminate_confirmed
@@ -42,6 +45,7 @@ __all__ = ["Outcome", "reap", "spawn_reaper"]
 log = logging.getLogger("burst_jupyter.reaper")
 
 _RENEW_SECONDS = 1.0  # how often a reaper renews the agent's lease while it stops the cell and syncs
+_TICK_SECONDS = 0.25  # how often a reaper waiting on an agent looks at the cap and the maximum duration
 
 
 @dataclass(frozen=True)
@@ -69,12 +73,12 @@ def spawn_reaper(job_ids: list[str], *, reason: str) -> int:
 
 
 def reap(owned: list[OwnedInstance], *, state: StateStore, budget: Budget, connections: Connections, home: Path,
-         reason: str) -> list[Outcome]:
+         reason: str, clock: Clock = WALL_CLOCK) -> list[Outcome]:
     """Finish each job (blocking): stop, sync back, terminate, confirm, settle. Never raises for one job."""
 
     def run() -> list[Outcome]:
         return asyncio.run(_reap_all(owned, state=state, budget=budget, connections=connections, home=home,
-                                     reason=reason))
+                                     reason=reason, clock=clock))
 
     try:
         asyncio.get_running_loop()
@@ -99,7 +103,7 @@ async def _reap_safely(owned: OwnedInstance, **kw: object) -> Outcome:
 
 
 async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, connections: Connections,
-                    home: Path, reason: str) -> Outcome:
+                    home: Path, reason: str, clock: Clock) -> Outcome:
     h = owned.handoff
     provider = build_provider(ProviderConfig.from_json(h["provider_config"]), connections=connections, home=home)
     instance_id = owned.instance_id
@@ -113,11 +117,20 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
         instance_id, listed_rate = found[0].instance_id, found[0].price_usd_per_hour
     # What a reaper killed mid-sync left in the mounts' scratch folders goes, whatever happens next.
     await asyncio.to_thread(sweep_scratch, _handoff_mounts(h))
+    meter = Meter(rate=owned.rate_usd_per_hour or listed_rate or Decimal(0),
+                  cap=Decimal(h.get("max_cost_usd") or 0), since=owned.billing_since.timestamp(),
+                  spent=Decimal(h.get("spent_usd") or 0), clock=clock)
     synced, problem, reached = 0, None, False
     if "endpoint" in h:
         try:
-            synced, problem = await asyncio.to_thread(_stop_and_sync, owned, connections)
+            synced, problem = await _stop_and_sync_bounded(owned, connections, meter, provider.teardown_seconds)
             reached = True
+        except _GaveUp as exc:
+            # The instance is ended through the provider's API below: the wait on the agent is over.
+            reached = True  # the sink holds nothing of this job's: the agent was not the one that ended it
+            lost = unsynced(_handoff_mounts(h), [])
+            problem = f"{exc}" + (f"; not brought back: {lost}" if lost else "")
+            log.warning("%s: %s", owned.job_id, problem)
         except (BurstError, OSError, EOFError) as exc:
             problem = f"sync back failed: {exc}"
             log.warning("%s: %s", owned.job_id, problem)
@@ -137,17 +150,16 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
         return Outcome(owned.job_id, synced, False, None, problem)
     await asyncio.to_thread(state.mark_terminated, owned.job_id)
     await asyncio.to_thread(remove_job_key, home / "keys", owned.job_id)
-    # This attempt's row, from its create request at the last known rate (never under); earlier attempts of the
-    # job (preempted, never booted) were billed on rows of their own when they ended. A marketplace instance
-    # whose rate nobody recorded (a row from before the intent carried it) bills at the listed rate, else its
-    # cost is unknown: never $0.
-    rate, launched = owned.rate_usd_per_hour or listed_rate or Decimal(0), owned.billing_since
-    now = dt.datetime.now(dt.timezone.utc)
-    cost = cost_of(rate, (now - launched).total_seconds()) if rate or not provider.bills_from_launch else None
+    # This attempt's row, from its create request at the last known rate (never under), on the wall clock the
+    # provider bills on; earlier attempts of the job (preempted, never booted) were billed on rows of their own
+    # when they ended. A marketplace instance whose rate nobody recorded (a row from before the intent carried
+    # it) bills at the listed rate, else its cost is unknown: never $0.
+    now = dt.datetime.fromtimestamp(clock.time(), dt.timezone.utc)
+    cost = meter.attempt_cost() if meter.rate or not provider.bills_from_launch else None
     await asyncio.to_thread(
         budget.settle, owned.job_id, provider=owned.provider, instance_id=instance_id,
-        gpu=h.get("gpu") or "", rate_usd_per_hour=rate, started_at=launched, ended_at=now, actual_usd=cost,
-        status="cancelled", name=h.get("name"),
+        gpu=h.get("gpu") or "", rate_usd_per_hour=meter.rate, started_at=owned.billing_since, ended_at=now,
+        actual_usd=cost, status="cancelled", name=h.get("name"),
         message=f"{reason}; finished by the reaper" + (f"; {problem}" if problem else ""),
         attempt=int(h.get("attempt", 1)))
     log.info("%s: synced %d file(s), terminated, settled %s", owned.job_id, synced, cost)
@@ -183,8 +195,59 @@ async def _settle_unseen(owned: OwnedInstance, bills_from_launch: bool, *, state
     return Outcome(owned.job_id, 0, True, cost)
 
 
-def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> tuple[int, str | None]:
+class _GaveUp(Exception):
+    """The reaper stops waiting on the agent: the instance is ended through the provider's API instead."""
+
+
+async def _stop_and_sync_bounded(owned: OwnedInstance, connections: Connections, meter: Meter,
+                                 teardown_seconds: float) -> tuple[int, str | None]:
+    """:func:`_stop_and_sync`, waited on only while the agent confirms the stop within the grace and the cap and the
+    maximum duration allow: a frozen instance or agent is never waited out, the lease renewed meanwhile. Raises
+    :class:`_GaveUp` when the wait ends first (the thread is left to the terminate, which breaks its connection)."""
+    h = owned.handoff
+    confirmed = threading.Event()
+    done = _in_thread(lambda: _stop_and_sync(owned, connections, confirmed), name=f"burst-reaper-{owned.job_id}")
+    grace_over = meter.clock.monotonic() + STOP_GRACE_SECONDS
+    ends = (float(h["first_launch"]) + float(h["max_seconds"])) if "first_launch" in h and "max_seconds" in h \
+        else None
+    while not done.done():
+        if not confirmed.is_set() and meter.clock.monotonic() > grace_over:
+            raise _GaveUp(f"the agent did not confirm the stop within {STOP_GRACE_SECONDS:.0f} s")
+        if meter.exhausted(reserve=teardown_seconds + 2 * _TICK_SECONDS):
+            raise _GaveUp(f"the cap ({meter.cap}) leaves only the terminate")
+        if ends is not None and meter.clock.time() > ends:
+            raise _GaveUp("the maximum duration is over")
+        await asyncio.wait([done], timeout=_TICK_SECONDS)
+    return done.result()
+
+
+def _in_thread(call: Callable[[], tuple[int, str | None]], *, name: str) -> asyncio.Future[tuple[int, str | None]]:
+    """``call()`` on a daemon thread (``asyncio.to_thread`` would make the loop's end wait for a thread blocked on
+    a frozen instance)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[tuple[int, str | None]] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        try:
+            value = call()
+        except BaseException as exc:  # handed to the awaiting side as is
+            error = exc
+            loop.call_soon_threadsafe(settle, lambda: future.set_exception(error))
+        else:
+            loop.call_soon_threadsafe(settle, lambda: future.set_result(value))
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+def _stop_and_sync(owned: OwnedInstance, connections: Connections,
+                   confirmed: threading.Event) -> tuple[int, str | None]:
     """Stop the cell, bring its rw results back (and into the result sink). Returns (files, sink problem).
+    ``confirmed`` is set once the agent has said that the cell is stopping or over.
 
     One ``attach`` does it all: its first line renews the agent's lease and a renewal follows every second until
     the results are in, so the agent's dead-man's switch never ends the instance under a reaper still syncing."""
@@ -193,7 +256,10 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> tuple[int,
     client = connections.agent(endpoint, h["python"], h["workdir"])
     status = client.status()
     if not status.get("exists"):
+        confirmed.set()
         return 0, None
+    if status.get("exit") is not None:
+        confirmed.set()
     stream = client.attach(int(status.get("log_end") or 0))  # no past output needed: the end, then the results
     stream.send("lease")
     stream.send("stop cancelled")  # ignored by an agent whose cell has ended already
@@ -209,8 +275,9 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections) -> tuple[int,
     renewer = threading.Thread(target=renew, name=f"burst-reaper-lease-{owned.job_id}", daemon=True)
     renewer.start()
     try:
-        for _ in stream.records():  # the whole log up to the exit record: the cell has stopped once it ends
-            pass
+        for record in stream.records():  # the whole log up to the exit record: the cell has stopped once it ends
+            if record.get("k") == "exit" or str(record.get("m", "")).startswith("stopping: "):
+                confirmed.set()
         plans = _handoff_mounts(h)
         sink, problem = _handoff_sink(h)
         got = _receive(stream, plans, sink, owned)

@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .job import Job, JobPlan, check_cap, job_cap
 from .job_log import JobLogWriter
 from .lifecycle import Lifecycle
+from .meter import WALL_CLOCK, Clock
 from .money import format_usd
 from .offer_book import OfferBook, SearchResult
 from .output import output_log_path
@@ -92,6 +93,7 @@ class Session:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._watcher: asyncio.Task[None] | None = None  # the periodic reconciliation, on the loop
+        self.clock: Clock = WALL_CLOCK  # what jobs' money runs on (tests inject one that jumps, as across a suspend)
         self._apply_initial_caps()
 
     @classmethod
@@ -165,7 +167,7 @@ class Session:
         job.add_listener(log)  # `burst show` reads the job from any process
         self.jobs[job.id] = job
         lifecycle = Lifecycle(job=job, budget=self.budget, state=self.state, connections=self.connections,
-                              owner=self.owner)
+                              owner=self.owner, clock=self.clock)
         asyncio.run_coroutine_threadsafe(lifecycle.run(), self.loop)
         self.loop.call_soon_threadsafe(self._watch)
         return job

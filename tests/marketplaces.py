@@ -17,6 +17,7 @@ import contextlib
 import getpass
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,18 @@ from fakes.runpod import FakeRunPod
 from fakes.thunder import FakeThunder
 from fakes.vast import FakeVast
 
-__all__ = ["Markets", "market_keys", "markets"]
+from burst_jupyter.job import MIN_BILLABLE_SECONDS, cost_of
+from burst_jupyter.providers.runpod import RunPodProvider
+from burst_jupyter.providers.thunder import ThunderProvider
+from burst_jupyter.providers.vast import VastProvider
+
+__all__ = ["GPU", "RUNPOD_GPU", "TEARDOWN", "THUNDER_SPEC", "Markets", "cap_buying", "market_keys", "markets",
+           "set_rate"]
+
+GPU = {"vast": "RTX_4090", "runpod": "RTX_4090", "thunder": "H100"}  # a GPU each fake offers
+TEARDOWN = {p.name: p.teardown_seconds for p in (VastProvider, RunPodProvider, ThunderProvider)}
+RUNPOD_GPU = "NVIDIA GeForce RTX 4090"
+THUNDER_SPEC = "h100_x1_production"
 
 _ENV = {"vast": ("VAST_API_KEY", "VAST_URL"), "runpod": ("RUNPOD_API_KEY", "RUNPOD_API_BASE_URL"),
         "thunder": ("TNR_API_TOKEN", "TNR_API_URL")}
@@ -54,6 +66,27 @@ class Markets:
 
     def processes(self) -> list[int]:
         return [pid for cloud in self.all.values() for m in cloud.machines.all for pid in m.processes()]
+
+
+def cap_buying(rate: Decimal, provider: str, *, spare: float) -> Decimal:
+    """A cap that buys ``spare`` seconds more than the least ``check_cap`` accepts (cost_of rounds it up)."""
+    return cost_of(rate, MIN_BILLABLE_SECONDS + TEARDOWN[provider] + spare)
+
+
+def set_rate(markets: Markets, provider: str, rate: Decimal) -> str | None:
+    """Make ``provider``'s next instance bill ``rate`` $/h. Returns the offer to rent: on Vast an offer of its own
+    (``vast:ID``); RunPod prices ``GPU["runpod"]`` at its create and Thunder an H100 from its table (None)."""
+    if provider == "vast":
+        offer = markets.vast.add_offer(dph_total=float(rate), dph_base=float(rate))
+        return f"vast:{offer['id']}"
+    if provider == "runpod":
+        for gpu in markets.runpod.gpu_types:
+            if gpu["id"] == RUNPOD_GPU:  # a new dict: the fake's types share theirs with DEFAULT_GPU_TYPES
+                gpu["lowestPrice"] = {**gpu["lowestPrice"], 1: {**gpu["lowestPrice"][1],
+                                                                "uninterruptablePrice": float(rate)}}
+    else:
+        markets.thunder.pricing[THUNDER_SPEC] = float(rate)
+    return None
 
 
 @pytest.fixture

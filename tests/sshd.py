@@ -70,6 +70,7 @@ __all__ = [
     "SSHServer",
     "TcpProxy",
     "connection_pids",
+    "descendants",
     "fresh_sshd",
     "kill_connections",
     "make_key",
@@ -271,6 +272,21 @@ def _sshd_children() -> tuple[dict[int, list[int]], dict[int, str]]:
         children.setdefault(ppid, []).append(int(entry.name))
         comm[int(entry.name)] = stat[stat.index("(") + 1 : stat.rindex(")")]
     return children, comm
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """``roots`` and every process under them (a job's agent supervisor and cell are not: they detach)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += [child for child, parent in parents.items() if parent == pid]
+    return found
 
 
 def connection_pids(server: SSHServer) -> list[int]:

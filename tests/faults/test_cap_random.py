@@ -28,17 +28,14 @@ from pathlib import Path
 import pytest
 from burst_checks import ledger_rows, open_reservations, wait_until
 from fault_figures import FaultLedger
-from marketplaces import Markets
+from marketplaces import GPU, TEARDOWN, THUNDER_SPEC, Markets, cap_buying, set_rate
 from ssh_boxes import output_lines
-from sshd import connection_pids
+from sshd import connection_pids, descendants
 
 import burst_jupyter as burst
 from burst_jupyter.events import EventType
-from burst_jupyter.job import MIN_BILLABLE_SECONDS, Job, JobStatus, cost_of
+from burst_jupyter.job import Job, JobStatus
 from burst_jupyter.providers import ProviderConfig
-from burst_jupyter.providers.runpod import RunPodProvider
-from burst_jupyter.providers.thunder import ThunderProvider
-from burst_jupyter.providers.vast import VastProvider
 from burst_jupyter.session import Session
 from burst_jupyter.spec import JobSpec
 
@@ -47,10 +44,6 @@ pytestmark = [pytest.mark.ssh, pytest.mark.timeout(240)]
 SEED = int(os.environ.get("BURST_FAULT_SEED") or 20261123)
 RUNS = 50
 AT_ONCE = 10  # jobs in flight: each is an sshd, an agent and a cell on this machine
-TEARDOWN = {p.name: p.teardown_seconds for p in (VastProvider, RunPodProvider, ThunderProvider)}
-GPU = {"vast": "RTX_4090", "runpod": "RTX_4090", "thunder": "H100"}
-THUNDER_SPEC = "h100_x1_production"
-RUNPOD_GPU = "NVIDIA GeForce RTX 4090"
 CELL = "import time\nprint('start', flush=True)\ntime.sleep({sleep:.2f})\nprint('done', flush=True)\n"
 
 
@@ -72,11 +65,6 @@ class Run:
         return float(self.cap / self.rate * 3600)
 
 
-def cap_buying(rate: Decimal, provider: str, *, spare: float) -> Decimal:
-    """A cap that buys ``spare`` seconds more than the least ``check_cap`` accepts (cost_of rounds it up)."""
-    return cost_of(rate, MIN_BILLABLE_SECONDS + TEARDOWN[provider] + spare)
-
-
 def draw(rng: random.Random, n: int, thunder_rate: Decimal) -> Run:
     provider = rng.choice(list(GPU))
     rate = thunder_rate if provider == "thunder" else Decimal(rng.randint(400, 4000)) / 100
@@ -91,17 +79,11 @@ def draw(rng: random.Random, n: int, thunder_rate: Decimal) -> Run:
 
 
 def price(markets: Markets, run: Run) -> None:
-    """Put the run's rate and boot delay on its fake, just before its create call."""
-    cloud = markets.all[run.provider]
-    cloud.switches.boot_delay = run.boot_delay
-    if run.provider == "vast":
-        offer = markets.vast.add_offer(dph_total=float(run.rate), dph_base=float(run.rate))
-        run.offer = f"vast:{offer['id']}"
-    elif run.provider == "runpod":
-        for gpu in markets.runpod.gpu_types:
-            if gpu["id"] == RUNPOD_GPU:  # a new dict: the fake's types share theirs with DEFAULT_GPU_TYPES
-                gpu["lowestPrice"] = {**gpu["lowestPrice"], 1: {**gpu["lowestPrice"][1],
-                                                                "uninterruptablePrice": float(run.rate)}}
+    """Put the run's rate and boot delay on its fake, just before its create call (Thunder's rate is drawn once:
+    its status calls price an instance from the current table)."""
+    markets.all[run.provider].switches.boot_delay = run.boot_delay
+    if run.provider != "thunder":
+        run.offer = set_rate(markets, run.provider, run.rate)
 
 
 def start(markets: Markets, run: Run) -> None:
@@ -180,21 +162,6 @@ def test_fifty_random_runs_near_the_cap_never_bill_above_it(markets: Markets, fa
     print(f"seed {SEED}: {len(late)} run(s) stopped at the cap after printing their last line")
 
 
-def _descendants(roots: list[int]) -> list[int]:
-    """``roots`` and every process under them (the agent's supervisor and cell are not: they detach)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    found, todo = [], list(roots)
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += [child for child, parent in parents.items() if parent == pid]
-    return found
-
-
 def test_a_cell_that_ended_before_its_cap_stop_reports_completed(markets: Markets, fault_ledger: FaultLedger,
                                                                 tmp_path: Path, burst_home: Path) -> None:
     """The race the random runs hit now and then, made by cause and effect: the cell ends on its own while the
@@ -219,7 +186,7 @@ print("done", flush=True)
     wait_until(lambda: ("stdout", "ready") in output_lines(job), "the cell to start", limit=60)
     (machine,) = markets.vast.machines.all
     assert machine.server is not None
-    frozen = _descendants(connection_pids(machine.server))
+    frozen = descendants(connection_pids(machine.server))
     assert frozen
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
