@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from burst_checks import cell, ledger_rows, run_cell, state_row, wait_until, write
 from fault_figures import FaultLedger
-from marketplaces import Markets
+from marketplaces import GPU, Markets, set_rate
 
 import burst_jupyter as burst
 from burst_jupyter.events import EventType
@@ -38,9 +38,6 @@ from burst_jupyter.job import JobStatus
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(150)]
 
 RATE = Decimal("72")  # $/h: 2 cents a second, so a small cap runs out within seconds
-GPU = {"vast": "RTX_4090", "runpod": "RTX_4090", "thunder": "H100"}
-RUNPOD_GPU = "NVIDIA GeForce RTX 4090"
-THUNDER_SPEC = "h100_x1_production"
 USER_FILE = "mine.txt"
 
 FULL_DISK_CELL = """
@@ -54,17 +51,8 @@ FULL_DISK_CELL = """
 
 def offer(markets: Markets, provider: str) -> str:
     """Options renting ``provider`` at RATE."""
-    if provider == "vast":
-        found = markets.vast.add_offer(gpu_name="RTX 4090", dph_total=float(RATE), dph_base=float(RATE))
-        return f"--gpu RTX_4090 --offer vast:{found['id']}"
-    if provider == "runpod":
-        for gpu in markets.runpod.gpu_types:
-            if gpu["id"] == RUNPOD_GPU:  # a new dict: the fake's types share theirs with DEFAULT_GPU_TYPES
-                gpu["lowestPrice"] = {**gpu["lowestPrice"], 1: {**gpu["lowestPrice"][1],
-                                                                "uninterruptablePrice": float(RATE)}}
-    else:
-        markets.thunder.pricing[THUNDER_SPEC] = float(RATE)
-    return f"--provider {provider} --gpu {GPU[provider]}"
+    rented = set_rate(markets, provider, RATE)
+    return f"--provider {provider} --gpu {GPU[provider]}" + (f" --offer {rented}" if rented else "")
 
 
 @contextlib.contextmanager
