@@ -27,6 +27,7 @@ from ssh_boxes import output_lines
 from sshd import descendants
 
 import burst_jupyter as burst
+from burst_jupyter.budget import LedgerRow
 from burst_jupyter.job import Job, JobStatus
 from burst_jupyter.lifecycle import STOP_GRACE_SECONDS
 from burst_jupyter.spec import JobSpec
@@ -184,9 +185,13 @@ def test_the_reaper_never_waits_on_a_frozen_instance(when: str, provider: str, m
             burst.shutdown()
         fault_ledger.check_clouds(f"12 frozen, reaper {when} its stop", markets, cap, faults=TRIALS,
                                   trials=TRIALS)
-    wait_until(lambda: live_instances(burst_home) == [], "the reaper to settle", limit=60)
-    rows = [r for r in ledger_rows(burst_home) if r.job_id in {job.id for job in jobs}]
-    assert len(rows) == TRIALS
+
+    def settled() -> list[LedgerRow]:
+        return [r for r in ledger_rows(burst_home) if r.job_id in {job.id for job in jobs}]
+
+    wait_until(lambda: len(settled()) == TRIALS, "the reaper to settle both", limit=60)  # after it marks them ended
+    assert live_instances(burst_home) == []
+    rows = settled()
     why = "leaves only the terminate" if stopped_first else "did not confirm the stop"
     assert all(why in (r.message or "") and "not brought back" in (r.message or "") for r in rows), rows
     assert all(r.actual_usd is not None and r.actual_usd <= cap for r in rows)
