@@ -30,13 +30,14 @@ from .connections import Connections
 from .errors import BurstError, ResultsTooLarge
 from .job import cost_of
 from .keys import remove_job_key
-from .lifecycle import STOP_GRACE_SECONDS, unsynced
+from .lifecycle_state import unsynced
 from .meter import WALL_CLOCK, Clock, Meter
 from .paths import burst_home, db_path, logs_dir, open_private
 from .providers import ProviderConfig, build_provider
 from .providers.base import Endpoint, terminate_confirmed
 from .sinks import ResultSink, open_sink
 from .state import OwnedInstance, StateStore
+from .stop_policy import STOP_GRACE_SECONDS
 from .sync import MountPlan
 from .sync_back import Received, receive_results, sweep_scratch
 

@@ -29,8 +29,8 @@ from sshd import descendants
 import burst_jupyter as burst
 from burst_jupyter.budget import LedgerRow
 from burst_jupyter.job import Job, JobStatus
-from burst_jupyter.lifecycle import STOP_GRACE_SECONDS
 from burst_jupyter.spec import JobSpec
+from burst_jupyter.stop_policy import STOP_GRACE_SECONDS
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(180)]
 
