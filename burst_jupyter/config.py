@@ -148,19 +148,20 @@ def load_settings(*, cwd: Path | None = None, user_file: Path | None = None, pro
     :data:`PROJECT_RULES` refuses.
     """
     user_path = user_config_path() if user_file is None else user_file
+    users = Settings()  # the user's own values (else the defaults): what a project file may only tighten
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     user_table = _read_toml(user_path)
     if user_table is not None:
         # Validate each file on its own so that an error names the file it is in.
-        values = _validate(user_table, label=str(user_path))._explicit()
+        users = _validate(user_table, label=str(user_path))
+        values = users._explicit()
         sources = dict.fromkeys(values, str(user_path))
     found = _find_project_table((Path.cwd() if cwd is None else cwd).resolve()) if project else None
     if found is not None:
         label, table = found
         _refuse_account_tables(label, table, user_path)
         explicit = _validate(table, label=label)._explicit()
-        users = _validate(values, label=str(user_path))
         for key, written in _written_names(table).items():
             PROJECT_RULES[key].check(f"{label} {written}", explicit[key], getattr(users, key), user_path)
         values |= explicit
