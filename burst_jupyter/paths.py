@@ -43,12 +43,14 @@ def secure_home(home: Path) -> Path:
         if home in _secured:
             return home
         _secured.add(home)
-    for root, dirs, files in os.walk(home):
-        if Path(root) == home and "local" in dirs:
+    # Plain strings, not Paths: this walks every job's logs at each %load_ext, and Path objects cost most of it.
+    top = str(home)
+    for root, dirs, files in os.walk(top):
+        if root == top and "local" in dirs:
             dirs.remove("local")
             tighten(home / "local")
         for name in (*dirs, *files):
-            tighten(Path(root) / name)
+            tighten(os.path.join(root, name))
     return home
 
 
@@ -62,7 +64,7 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def tighten(path: Path) -> None:
+def tighten(path: str | os.PathLike[str]) -> None:
     """Take group and other bits off ``path`` (never following a link); what cannot be changed is left."""
     with contextlib.suppress(OSError):
         mode = os.lstat(path).st_mode
