@@ -239,10 +239,9 @@ def _destination(plan: MountPlan, key: str, dest: Path, job_id: str) -> tuple[Pa
         return dest, None
     if recorded is not None and present and unchanged_since(dest, recorded):
         return dest, None
-    why = ("created here since the upload" if recorded is None else
+    why = ("already here" if plan.uploaded is None else  # no record: every file here counts as the user's
+           "created here since the upload" if recorded is None else
            "deleted here since the upload" if not present else "changed here since the upload")
-    if plan.uploaded is None and present:
-        why = "already here"
     return conflict_name(dest, job_id), why
 
 
