@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tarfile
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -319,13 +320,14 @@ def _write(dest: Path, content: IO[bytes], member: tarfile.TarInfo, root: Path,
     or None when skipped.
 
     Execute bits come only from the local file it replaces: an instance cannot make a file executable here."""
-    if dest.is_dir() and not dest.is_symlink():
+    try:
+        local = os.lstat(dest).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        local = 0
+    if stat.S_ISDIR(local):
         got.notes.append(f"skipped {member.name!r}: a folder of that name exists locally")
         return None
-    try:
-        local_exec = os.stat(dest).st_mode & 0o111 if dest.is_file() and not dest.is_symlink() else 0
-    except FileNotFoundError:
-        local_exec = 0
+    local_exec = local & 0o111 if stat.S_ISREG(local) else 0
     digest = hashlib.sha256()
     with replace_atomically(dest, scratch=root / SCRATCH) as tmp:
         with open(tmp, "wb") as out:
