@@ -34,7 +34,7 @@ def create_job_key(folder: Path, job_id: str, *, comment: str) -> JobKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    private_dir(folder)  # mkdir's mode applies only when it creates the folder: an older one may be wider
+    private_dir(folder)
     private_path, public_path, known = _paths(folder, job_id)
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
