@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from burst_checks import cell, ledger_rows, local_jobdirs, open_reservations, run_cell
 from fault_figures import FaultLedger
-from marketplaces import Markets
+from marketplaces import GPU, Markets
 
 from burst_jupyter.events import EventType
 from burst_jupyter.job import JobStatus
@@ -27,7 +27,6 @@ CASE = "19 output flood"
 TRIALS = 2
 CAP = Decimal(1)
 NOTEBOOK_CHARS = 50_000
-GPU = {"vast": "RTX_4090", "runpod": "RTX_4090", "thunder": "H100"}  # what each fake sells (tests/fakes/*.py)
 FLOOD = """
     import sys
     for i in range(4096):
