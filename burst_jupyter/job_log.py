@@ -17,7 +17,7 @@ from .events import EventType, JobEvent
 from .limits import env_limit
 from .paths import burst_home, open_private, private_dir
 
-__all__ = ["JobLogWriter", "job_log_path", "known_job_ids", "read_events", "valid_job_id"]
+__all__ = ["JobLogWriter", "job_log_path", "known_job_ids", "log_limit", "read_events", "valid_job_id"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,12 @@ def job_log_path(job_id: str, home: Path | None = None) -> Path:
     return _jobs_dir(home) / f"{job_id}.jsonl"
 
 
+def log_limit() -> int:
+    """The most bytes of a job's output a log on disk keeps: ``BURST_LOG_BYTES`` (default 64 MiB). The event log
+    and the whole-output file (output.py) each stop there."""
+    return env_limit("BURST_LOG_BYTES", 64 << 20)
+
+
 class JobLogWriter:
     """A Job listener (``job.add_listener(JobLogWriter(job.id, home))``): appends each event, flushed per line.
 
@@ -51,7 +57,7 @@ class JobLogWriter:
         self.path = job_log_path(job_id, home)
         self._file: IO[str] | None = None
         self._broken = False
-        self._room = env_limit("BURST_LOG_BYTES", 64 << 20)
+        self._room = log_limit()
 
     def __call__(self, event: JobEvent) -> None:
         if self._broken:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from .job_log import log_limit
 from .limits import env_limit
 from .paths import open_private, private_dir
 
@@ -88,7 +89,7 @@ class OutputBounds:
         limit = env_limit("BURST_NOTEBOOK_OUTPUT_CHARS", 2_000_000)
         self.head_room = limit // 2
         self.tail_room = limit - self.head_room
-        self.log = None if log is None else _CappedFile(log, env_limit("BURST_LOG_BYTES", 64 * _MIB))
+        self.log = None if log is None else _CappedFile(log, log_limit())
         self.tail: collections.deque[tuple[str, str]] = collections.deque()
         self.tail_cost = 0
         self.left_out = 0  # characters dropped from the tail
