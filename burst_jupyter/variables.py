@@ -163,8 +163,9 @@ def pull_limit() -> int:
 def unpack_pulled(blob: bytes | None, names: Iterable[str]) -> PulledValues:
     """Decode the agent's values file (``agent.write_values``). Only the names asked for are unpickled, each from
     its own bytes: the container is JSON, so reading it runs nothing. Missing or unpicklable variables become
-    problems naming them. A file that is not what the agent writes (malformed, a name not asked for, larger
-    than :func:`pull_limit`) raises one :class:`VariableError` and nothing of it is unpickled."""
+    problems naming them. A file that is not what the agent writes (malformed, a name not asked for) raises one
+    :class:`VariableError` and nothing of it is unpickled. Its size is bounded where it is received: sync_back.py
+    refuses one over :func:`pull_limit` before reading it."""
     wanted = list(names)
     out = PulledValues()
     if not wanted:
@@ -188,10 +189,6 @@ def _read_values(blob: bytes, wanted: list[str]) -> tuple[dict[str, list[Any]], 
     """The index and each name's pickle bytes, checked against the file's own sizes and the names asked for."""
     from .agent import VALUES_MAGIC  # the agent's module is loaded with the first job, not with the extension
 
-    limit = pull_limit()
-    if len(blob) > limit:
-        raise VariableError(f"--pull: the values from the instance are over {limit} bytes (BURST_PULL_BYTES); "
-                            "nothing was unpickled")
     magic, _, rest = blob.partition(b"\n")
     head, _, body = rest.partition(b"\n")
     try:
