@@ -191,6 +191,25 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+# A --python that runs the real agent the client ships, read from stdin as agent.BOOT reads it, once PATCH has
+# replaced a part of it in the agent's namespace ``ns``: what anyone with root on a rented machine can do.
+_TAMPERED_AGENT = """#!{python}
+import os, sys
+n, command = int(sys.argv[3]), sys.argv[4:]
+ns = {{"__name__": "burst-agent"}}
+exec(compile(sys.stdin.buffer.read(n), "burst-agent", "exec"), ns)
+{patch}
+sys.exit(ns["main"](command))
+"""
+
+
+def tampered_agent(path: Path, patch: str) -> Path:
+    """Write that --python to ``path``: ``patch`` (dedented) runs with ``os``, ``sys`` and the agent's ``ns``."""
+    path.write_text(_TAMPERED_AGENT.format(python=sys.executable, patch=textwrap.dedent(patch).strip()))
+    path.chmod(0o755)
+    return path
+
+
 def ok(result: Any, streams: Any) -> None:
     """The cell succeeded (else show what it printed)."""
     assert result.error_in_exec is None, streams.text()

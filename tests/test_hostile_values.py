@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from burst_checks import cell, last_job, ledger_rows, local_jobdirs, open_reservations, run_cell
+from burst_checks import cell, last_job, ledger_rows, local_jobdirs, open_reservations, run_cell, tampered_agent
 
 from burst_jupyter import agent
 from burst_jupyter.errors import SyncError, VariableError
 from burst_jupyter.job import JobStatus
 
-# The real agent, read from stdin as BOOT does, with ``_add_results`` wrapped to plant PLANT first.
-HOSTILE_PYTHON = """#!{python}
-import os, sys
-n, command = int(sys.argv[3]), sys.argv[4:]
-ns = {{"__name__": "burst-agent"}}
-exec(compile(sys.stdin.buffer.read(n), "burst-agent", "exec"), ns)
+# The real agent with ``_add_results`` wrapped to plant PLANT first.
+PLANT_VALUES = """
 real = ns["_add_results"]
 
 def tampered(jobdir, tar):
@@ -34,7 +29,6 @@ def tampered(jobdir, tar):
     real(jobdir, tar)
 
 ns["_add_results"] = tampered
-sys.exit(ns["main"](command))
 """
 
 
@@ -50,10 +44,7 @@ class _RunsCode:
 
 def _hostile(tmp_path: Path, plant: bytes) -> Path:
     (tmp_path / "plant").write_bytes(plant)
-    script = tmp_path / "hostile-python"
-    script.write_text(HOSTILE_PYTHON.format(python=sys.executable, plant=str(tmp_path / "plant")))
-    script.chmod(0o755)
-    return script
+    return tampered_agent(tmp_path / "hostile-python", PLANT_VALUES.format(plant=str(tmp_path / "plant")))
 
 
 def _run(ip: Any, tmp_path: Path, python: Path, options: str, body: str) -> Any:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from burst_checks import cell, ledger_rows, local_jobdirs, open_reservations, run_cell
+from burst_checks import cell, ledger_rows, local_jobdirs, open_reservations, run_cell, tampered_agent
 from kernels import Kernel
 
 from burst_jupyter.errors import UnsafeResults
@@ -83,12 +83,7 @@ def test_a_flood_shows_a_head_and_a_tail_and_the_kernel_stays_flat(limits: None,
 
 
 # A hostile machine: the real agent runs the cell, but what it streams back is one line that never ends.
-ENDLESS_LINE_PYTHON = """#!{python}
-import sys
-n, command = int(sys.argv[3]), sys.argv[4:]
-ns = {{"__name__": "burst-agent"}}
-exec(compile(sys.stdin.buffer.read(n), "burst-agent", "exec"), ns)
-
+ENDLESS_LINE = """
 def endless(jobdir, offset, stdin):
     sys.stdout.buffer.write(b'{{"k":"started","pid":1,"t":0}}\\n')
     chunk = b"x" * (1 << 20)
@@ -98,15 +93,12 @@ def endless(jobdir, offset, stdin):
     return 0
 
 ns["attach_main"] = endless
-sys.exit(ns["main"](command))
 """
 
 
 def test_a_record_line_that_never_ends_is_refused_and_the_job_settles(ip: Any, tmp_path: Path,
                                                                       burst_home: Path) -> None:
-    python = tmp_path / "hostile-python"
-    python.write_text(ENDLESS_LINE_PYTHON.format(python=sys.executable, megabytes=3 * MAX_LINE >> 20))
-    python.chmod(0o755)
+    python = tampered_agent(tmp_path / "hostile-python", ENDLESS_LINE.format(megabytes=3 * MAX_LINE >> 20))
     result, streams = run_cell(ip, cell(f"--provider local --rate 1 --python {python} --background", "x = 1"))
     assert result.error_in_exec is None, streams.text(ours=True)
     done = result.result.wait(timeout=120)
