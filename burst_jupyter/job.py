@@ -50,7 +50,7 @@ class JobStatus(str, enum.Enum):
 #: The events after which the cell prints nothing more: the tail of its output is shown before them.
 _OUTPUT_OVER = frozenset({EventType.SYNCING_DOWN, EventType.TERMINATED}) | FINAL_EVENTS
 
-#: The one final event each way a job can end.
+
 def cost_of(rate: Decimal, seconds: float) -> Decimal:
     """What ``seconds`` at ``rate`` $/h cost, rounded up to a millionth of a dollar (never under-reported)."""
     return (rate * Decimal(repr(max(seconds, 0.0))) / 3600).quantize(_MICRO, rounding=ROUND_CEILING)
