@@ -217,17 +217,22 @@ class RemoteRun(StopPolicy):
 
         await asyncio.to_thread(record)
 
+    def _fetch_results(self) -> Received:
+        """The rw changes so far (and into the sink), over a channel of its own beside the stream (blocking)."""
+        stream = self._client().results()
+        try:
+            for _ in stream.records():
+                pass
+            return self._receive(stream)
+        finally:
+            stream.close()
+
     def _start_refetch(self, queue: asyncio.Queue[tuple[str, Any]], loop: asyncio.AbstractEventLoop) -> None:
         def fetch() -> None:
-            stream = self._client().results()
             try:
-                for _ in stream.records():
-                    pass
-                result: tuple[str, Any] = ("results", self._receive(stream))
+                result: tuple[str, Any] = ("results", self._fetch_results())
             except (BurstError, OSError, EOFError) as exc:
                 result = ("refetch-failed", exc)
-            finally:
-                stream.close()
             loop.call_soon_threadsafe(queue.put_nowait, result)
 
         threading.Thread(target=fetch, name=f"burst-{self.job.id}-refetch", daemon=True).start()
@@ -257,17 +262,8 @@ class RemoteRun(StopPolicy):
     async def _pull(self) -> None:
         """A --sync-every pull: the rw changes so far (and into the sink), over a channel of its own beside the
         stream. A failure costs nothing but this pull: the final results still come back at the end."""
-        def pull() -> Received:
-            stream = self._client().results()
-            try:
-                for _ in stream.records():
-                    pass
-                return self._receive(stream)
-            finally:
-                stream.close()
-
         try:
-            got = await asyncio.to_thread(pull)
+            got = await asyncio.to_thread(self._fetch_results)
         except (BurstError, OSError, EOFError) as exc:
             self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: periodic sync failed ({one_line(exc)}); "
                           "the final sync still runs\n")
