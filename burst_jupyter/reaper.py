@@ -27,7 +27,7 @@ from typing import Any
 from .agent import LAPSE_ARCHIVE
 from .budget import Budget
 from .connections import Connections
-from .errors import BurstError, ResultsTooLarge
+from .errors import BurstError
 from .job import cost_of
 from .keys import remove_job_key
 from .lifecycle_state import unsynced
@@ -35,11 +35,12 @@ from .meter import WALL_CLOCK, Clock, Meter
 from .paths import burst_home, db_path, logs_dir, open_private
 from .providers import ProviderConfig, build_provider
 from .providers.base import Endpoint, terminate_confirmed
+from .remote_run import read_results
 from .sinks import ResultSink, open_sink
 from .state import OwnedInstance, StateStore
 from .stop_policy import STOP_GRACE_SECONDS
 from .sync import MountPlan
-from .sync_back import Received, receive_results, sweep_scratch
+from .sync_back import receive_results, sweep_scratch
 
 __all__ = ["Outcome", "reap", "spawn_reaper"]
 
@@ -281,7 +282,9 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections,
                 confirmed.set()
         plans = _handoff_mounts(h)
         sink, problem = _handoff_sink(h)
-        got = _receive(stream, plans, sink, owned)
+        limit = h.get("max_results")
+        got = read_results(stream, plans, sink=sink, job_id=owned.job_id,
+                           max_bytes=limit if isinstance(limit, int) else None)
         if sink is not None:
             log.info("%s: stored %d file(s) in %s", owned.job_id, got.stored, sink.describe())
         for note in got.notes:
@@ -293,20 +296,6 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections,
         done.set()
         renewer.join(5)
         client.release()
-
-
-def _receive(stream: Any, plans: list[MountPlan], sink: ResultSink | None, owned: OwnedInstance) -> Received:
-    """The results into the rw mounts, as the job itself would have taken them (its id names conflict copies;
-    past its results limit the stream is closed, not read to its end)."""
-    limit = owned.handoff.get("max_results")
-    try:
-        got: Received = stream.read_results(lambda f: receive_results(
-            f, plans, sink=sink, job_id=owned.job_id, max_bytes=limit if isinstance(limit, int) else None))
-    except ResultsTooLarge as exc:
-        stream.close()
-        assert isinstance(exc.received, Received)
-        return exc.received
-    return got
 
 
 def _restore_lapse(owned: OwnedInstance) -> int | None:

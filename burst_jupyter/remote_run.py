@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BurstError,
@@ -32,7 +32,10 @@ from .stop_policy import STOP_TEXT, StopPolicy
 from .sync import MountPlan, write_bundle
 from .sync_back import Received, receive_results
 
-__all__ = ["RemoteRun"]
+if TYPE_CHECKING:
+    from .sinks import ResultSink
+
+__all__ = ["RemoteRun", "read_results"]
 
 _MAX_RECONNECTS = 20
 _CANCEL_RECONNECT_SECONDS = 15.0
@@ -179,17 +182,10 @@ class RemoteRun(StopPolicy):
             pass  # the connection is dropping; the reader notices and we re-attach
 
     def _receive(self, stream: AgentStream) -> Received:
-        """The results from ``stream`` into the rw mounts (and the sink), one transfer at a time. Past the results
-        limit the stream is closed, not read to its end."""
-        plans, sink = self.plan.mounts, self.plan.sink
+        """The results from ``stream`` into the rw mounts (and the sink), one transfer at a time."""
         with self.sync_lock:
-            try:
-                return stream.read_results(lambda f: receive_results(
-                    f, plans, sink=sink, job_id=self.job.id, max_bytes=self.plan.spec.max_results_bytes))
-            except ResultsTooLarge as exc:
-                stream.close()
-                assert isinstance(exc.received, Received)
-                return exc.received
+            return read_results(stream, self.plan.mounts, sink=self.plan.sink, job_id=self.job.id,
+                                max_bytes=self.plan.spec.max_results_bytes)
 
     async def _on_results(self, got: Received) -> None:
         """Results landed: keep them, tell what did not land as sent, and record what is here now."""
@@ -362,6 +358,18 @@ class RemoteRun(StopPolicy):
         elif k == "exit":
             self.exit_record, self.stop_confirmed = r, True
             job.emit(EventType.SYNCING_DOWN, message=_describe_mounts([m for m in self.plan.mounts if m.rw]))
+
+
+def read_results(stream: AgentStream, plans: list[MountPlan], *, sink: ResultSink | None, job_id: str,
+                 max_bytes: int | None) -> Received:
+    """The results from ``stream`` into the rw mounts (and the sink), as the job takes them (its id names conflict
+    copies), for the job and its reaper alike. Past ``max_bytes`` the stream is closed, not read to its end."""
+    try:
+        return stream.read_results(lambda f: receive_results(f, plans, sink=sink, job_id=job_id, max_bytes=max_bytes))
+    except ResultsTooLarge as exc:
+        stream.close()
+        assert isinstance(exc.received, Received)
+        return exc.received
 
 
 def _describe_mounts(mounts: list[MountPlan]) -> str | None:
