@@ -38,7 +38,7 @@ from .providers.base import Endpoint, terminate_confirmed
 from .remote_run import read_results
 from .sinks import ResultSink, open_sink
 from .state import OwnedInstance, StateStore
-from .stop_policy import STOP_GRACE_SECONDS
+from .stop_policy import STOP_GRACE_SECONDS, TICK_SECONDS, terminate_reserve
 from .sync import MountPlan
 from .sync_back import receive_results, sweep_scratch
 
@@ -47,7 +47,6 @@ __all__ = ["Outcome", "reap", "spawn_reaper"]
 log = logging.getLogger("burst_jupyter.reaper")
 
 _RENEW_SECONDS = 1.0  # how often a reaper renews the agent's lease while it stops the cell and syncs
-_TICK_SECONDS = 0.25  # how often a reaper waiting on an agent looks at the cap and the maximum duration
 
 
 @dataclass(frozen=True)
@@ -215,11 +214,11 @@ async def _stop_and_sync_bounded(owned: OwnedInstance, connections: Connections,
     while not done.done():
         if not confirmed.is_set() and meter.clock.monotonic() > grace_over:
             raise _GaveUp(f"the agent did not confirm the stop within {STOP_GRACE_SECONDS:.0f} s")
-        if meter.exhausted(reserve=teardown_seconds + 2 * _TICK_SECONDS):
+        if meter.exhausted(reserve=terminate_reserve(teardown_seconds)):
             raise _GaveUp(f"the cap ({meter.cap}) leaves only the terminate")
         if ends is not None and meter.clock.time() > ends:
             raise _GaveUp("the maximum duration is over")
-        await asyncio.wait([done], timeout=_TICK_SECONDS)
+        await asyncio.wait([done], timeout=TICK_SECONDS)
     return done.result()
 
 

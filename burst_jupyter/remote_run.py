@@ -28,7 +28,7 @@ from .protection import dead_mans_switch, protection
 from .providers.base import InstanceState
 from .providers.catalog import ANY, CATALOG
 from .remote import AgentClient, AgentStream, Record
-from .stop_policy import STOP_TEXT, StopPolicy
+from .stop_policy import STOP_TEXT, TICK_SECONDS, StopPolicy
 from .sync import MountPlan, write_bundle
 from .sync_back import Received, receive_results
 
@@ -113,7 +113,7 @@ class RemoteRun(StopPolicy):
         self._start_reader(stream, queue, loop)
         while True:
             try:
-                kind, payload = await asyncio.wait_for(queue.get(), timeout=0.25)
+                kind, payload = await asyncio.wait_for(queue.get(), timeout=TICK_SECONDS)
             except asyncio.TimeoutError:
                 kind, payload = "tick", None
             if kind == "record":

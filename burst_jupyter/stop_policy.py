@@ -12,7 +12,7 @@ from .events import EventType
 from .lifecycle_state import LifecycleState, StopRequested
 from .money import format_usd
 
-__all__ = ["STOP_GRACE_SECONDS", "STOP_TEXT", "StopPolicy"]
+__all__ = ["STOP_GRACE_SECONDS", "STOP_TEXT", "TICK_SECONDS", "StopPolicy", "terminate_reserve"]
 
 T = TypeVar("T")
 
@@ -23,7 +23,13 @@ STOP_GRACE_SECONDS = 5.0
 # Kept back at the budget stop beyond the provider's terminate: the agent's answer to the stop, and the results'
 # way back. Past it the instance is ended through the provider's API, results or not (``_must_end``).
 _STOPPING_SECONDS = 2.0
-_TICK_SECONDS = 0.25  # how often the stream loop looks at the cap, the deadline and a cancel
+TICK_SECONDS = 0.25  # how often the stream loop (and a reaper waiting on an agent) looks at the cap and the rest
+
+
+def terminate_reserve(teardown_seconds: float) -> float:
+    """Seconds of money that buy only the provider's terminate, for a check made every tick (it may come one late):
+    past it the instance is ended through the API, by the job and by its reaper alike."""
+    return teardown_seconds + 2 * TICK_SECONDS
 
 STOP_TEXT = {
     "cancelled": "cancelled",
@@ -52,7 +58,7 @@ class StopPolicy(LifecycleState):
         the money left buys only the terminate; the maximum duration is over by more than a stop takes; a stop the
         agent never confirmed; a cancel's last chance is over. Checked after a stop and while results come back,
         so a first stop never switches the limits off."""
-        if self.meter().exhausted(reserve=self.chosen.teardown_seconds + 2 * _TICK_SECONDS):
+        if self.meter().exhausted(reserve=terminate_reserve(self.chosen.teardown_seconds)):
             return "budget"
         if self.first_launch is not None and \
                 self.clock.time() - self.first_launch > self.plan.max_seconds + self._reserve_seconds():
