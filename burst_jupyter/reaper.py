@@ -30,7 +30,7 @@ from .connections import Connections
 from .errors import BurstError
 from .job import cost_of
 from .keys import remove_job_key
-from .lifecycle_state import unsynced
+from .lifecycle_state import unsynced, utc
 from .meter import WALL_CLOCK, Clock, Meter
 from .paths import burst_home, db_path, logs_dir, open_private
 from .providers import ProviderConfig, build_provider
@@ -114,7 +114,7 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
         found = [i for i in await provider.list_owned(h.get("tag", "")) if i.job_id == owned.job_id]
         if not found:
             return await _settle_unseen(owned, provider.bills_from_launch, state=state, budget=budget,
-                                        reason=reason)
+                                        reason=reason, clock=clock)
         instance_id, listed_rate = found[0].instance_id, found[0].price_usd_per_hour
     # What a reaper killed mid-sync left in the mounts' scratch folders goes, whatever happens next.
     await asyncio.to_thread(sweep_scratch, _handoff_mounts(h))
@@ -155,7 +155,7 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
     # provider bills on; earlier attempts of the job (preempted, never booted) were billed on rows of their own
     # when they ended. A marketplace instance whose rate nobody recorded (a row from before the intent carried
     # it) bills at the listed rate, else its cost is unknown: never $0.
-    now = dt.datetime.fromtimestamp(clock.time(), dt.timezone.utc)
+    now = utc(clock.time())
     cost = meter.attempt_cost() if meter.rate or not provider.bills_from_launch else None
     await asyncio.to_thread(
         budget.settle, owned.job_id, provider=owned.provider, instance_id=instance_id,
@@ -168,7 +168,7 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
 
 
 async def _settle_unseen(owned: OwnedInstance, bills_from_launch: bool, *, state: StateStore, budget: Budget,
-                         reason: str) -> Outcome:
+                         reason: str, clock: Clock) -> Outcome:
     """A row whose create may have been sent (its kernel died during it) and whose provider lists no instance of
     the job. Either nothing was made, or the instance was made and is gone: its boot watchdog ended it
     (providers/_boot_watchdog.py), at the latest when the job's money ran out. Which, nobody can tell, so a
@@ -180,7 +180,7 @@ async def _settle_unseen(owned: OwnedInstance, bills_from_launch: bool, *, state
         await asyncio.to_thread(state.mark_abandoned, owned.job_id)
         await asyncio.to_thread(budget.release, owned.job_id)
         return Outcome(owned.job_id, 0, True, None)
-    launched, now = owned.billing_since, dt.datetime.now(dt.timezone.utc)
+    launched, now = owned.billing_since, utc(clock.time())
     cost = cost_of(rate, (now - launched).total_seconds())
     cap = h.get("max_cost_usd")
     if cap:
