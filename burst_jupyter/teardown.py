@@ -83,6 +83,8 @@ class Teardown(LifecycleState):
         return result
 
     async def _find_lost_instance(self) -> Instance | None:
+        """The instance a create that failed without an answer may have made (its create request was sent)."""
+        assert self.launched_wall is not None
         provider = self.provider
         if provider is None or not provider.bills_from_launch:
             return None  # local and ssh create nothing before launch returns
@@ -93,9 +95,8 @@ class Teardown(LifecycleState):
                           f"create may have made ({exc}); `%burst cleanup` will look again\n")
             return None
         if found:
-            since = self.launched_wall or utc(self.clock.time())
             await asyncio.to_thread(self.state.record_launched, self.job.id, found[0].instance_id,
-                                    {**self._billing_handoff(since), "instance_id": found[0].instance_id})
+                                    {**self._billing_handoff(self.launched_wall), "instance_id": found[0].instance_id})
         return found[0] if found else None
 
     async def _terminate(self) -> bool:
