@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -35,12 +35,13 @@ from .meter import WALL_CLOCK, Clock, Meter
 from .paths import burst_home, db_path, logs_dir, open_private
 from .providers import ProviderConfig, build_provider
 from .providers.base import Endpoint, terminate_confirmed
-from .remote_run import read_results
+from .remote import AgentStream
+from .remote_run import REFETCH_SECONDS, fetch_results, read_results
 from .sinks import ResultSink, open_sink
 from .state import OwnedInstance, StateStore
 from .stop_policy import STOP_GRACE_SECONDS, TICK_SECONDS, terminate_reserve
 from .sync import MountPlan
-from .sync_back import receive_results, sweep_scratch
+from .sync_back import Received, receive_results, sweep_scratch
 
 __all__ = ["Outcome", "reap", "spawn_reaper"]
 
@@ -129,7 +130,7 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
         except _GaveUp as exc:
             # The instance is ended through the provider's API below: the wait on the agent is over.
             reached = True  # the sink holds nothing of this job's: the agent was not the one that ended it
-            lost = unsynced(_handoff_mounts(h), [])
+            lost = exc.missing or unsynced(_handoff_mounts(h), [])
             problem = f"{exc}" + (f"; not brought back: {lost}" if lost else "")
             log.warning("%s: %s", owned.job_id, problem)
         except (BurstError, OSError, EOFError) as exc:
@@ -197,7 +198,21 @@ async def _settle_unseen(owned: OwnedInstance, bills_from_launch: bool, *, state
 
 
 class _GaveUp(Exception):
-    """The reaper stops waiting on the agent: the instance is ended through the provider's API instead."""
+    """The reaper stops waiting on the agent: the instance is ended through the provider's API instead.
+    ``missing``: what the sync had found it could not bring back so far (None: nothing known yet)."""
+
+    def __init__(self, why: str, missing: str | None) -> None:
+        super().__init__(why)
+        self.missing = missing
+
+
+@dataclass
+class _SyncWatch:
+    """What the reaper's wait and its sync thread tell each other."""
+
+    confirmed: threading.Event = field(default_factory=threading.Event)  # the agent said the cell stops or is over
+    abandoned: threading.Event = field(default_factory=threading.Event)  # the wait is over: stop asking for results
+    missing: str | None = None  # results this machine could not write yet (a full disk), as got.missing() says
 
 
 async def _stop_and_sync_bounded(owned: OwnedInstance, connections: Connections, meter: Meter,
@@ -206,18 +221,22 @@ async def _stop_and_sync_bounded(owned: OwnedInstance, connections: Connections,
     maximum duration allow: a frozen instance or agent is never waited out, the lease renewed meanwhile. Raises
     :class:`_GaveUp` when the wait ends first (the thread is left to the terminate, which breaks its connection)."""
     h = owned.handoff
-    confirmed = threading.Event()
-    done = _in_thread(lambda: _stop_and_sync(owned, connections, confirmed), name=f"burst-reaper-{owned.job_id}")
+    watch = _SyncWatch()
+    done = _in_thread(lambda: _stop_and_sync(owned, connections, watch), name=f"burst-reaper-{owned.job_id}")
     grace_over = meter.clock.monotonic() + STOP_GRACE_SECONDS
     ends = (float(h["first_launch"]) + float(h["max_seconds"])) if "first_launch" in h and "max_seconds" in h \
         else None
     while not done.done():
-        if not confirmed.is_set() and meter.clock.monotonic() > grace_over:
-            raise _GaveUp(f"the agent did not confirm the stop within {STOP_GRACE_SECONDS:.0f} s")
-        if meter.exhausted(reserve=terminate_reserve(teardown_seconds)):
-            raise _GaveUp(f"the cap ({meter.cap}) leaves only the terminate")
-        if ends is not None and meter.clock.time() > ends:
-            raise _GaveUp("the maximum duration is over")
+        why = None
+        if not watch.confirmed.is_set() and meter.clock.monotonic() > grace_over:
+            why = f"the agent did not confirm the stop within {STOP_GRACE_SECONDS:.0f} s"
+        elif meter.exhausted(reserve=terminate_reserve(teardown_seconds)):
+            why = f"the cap ({meter.cap}) leaves only the terminate"
+        elif ends is not None and meter.clock.time() > ends:
+            why = "the maximum duration is over"
+        if why is not None:
+            watch.abandoned.set()
+            raise _GaveUp(why, watch.missing)
         await asyncio.wait([done], timeout=TICK_SECONDS)
     return done.result()
 
@@ -245,22 +264,23 @@ def _in_thread(call: Callable[[], tuple[int, str | None]], *, name: str) -> asyn
     return future
 
 
-def _stop_and_sync(owned: OwnedInstance, connections: Connections,
-                   confirmed: threading.Event) -> tuple[int, str | None]:
+def _stop_and_sync(owned: OwnedInstance, connections: Connections, watch: _SyncWatch) -> tuple[int, str | None]:
     """Stop the cell, bring its rw results back (and into the result sink). Returns (files, sink problem).
-    ``confirmed`` is set once the agent has said that the cell is stopping or over.
+    ``watch.confirmed`` is set once the agent has said that the cell is stopping or over.
 
     One ``attach`` does it all: its first line renews the agent's lease and a renewal follows every second until
-    the results are in, so the agent's dead-man's switch never ends the instance under a reaper still syncing."""
+    the results are in, so the agent's dead-man's switch never ends the instance under a reaper still syncing.
+    Results this machine could not write (a full disk) are asked for again every few seconds, the instance kept
+    with them, until they land or the wait is abandoned (the cap, the maximum duration), as the job itself does."""
     h = owned.handoff
     endpoint = Endpoint.from_json(h["endpoint"])
     client = connections.agent(endpoint, h["python"], h["workdir"])
     status = client.status()
     if not status.get("exists"):
-        confirmed.set()
+        watch.confirmed.set()
         return 0, None
     if status.get("exit") is not None:
-        confirmed.set()
+        watch.confirmed.set()
     stream = client.attach(int(status.get("log_end") or 0))  # no past output needed: the end, then the results
     stream.send("lease")
     stream.send("stop cancelled")  # ignored by an agent whose cell has ended already
@@ -278,12 +298,23 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections,
     try:
         for record in stream.records():  # the whole log up to the exit record: the cell has stopped once it ends
             if record.get("k") == "exit" or str(record.get("m", "")).startswith("stopping: "):
-                confirmed.set()
+                watch.confirmed.set()
         plans = _handoff_mounts(h)
         sink, problem = _handoff_sink(h)
         limit = h.get("max_results")
-        got = read_results(stream, plans, sink=sink, job_id=owned.job_id,
-                           max_bytes=limit if isinstance(limit, int) else None)
+
+        def receive(results: AgentStream) -> Received:
+            return read_results(results, plans, sink=sink, job_id=owned.job_id,
+                                max_bytes=limit if isinstance(limit, int) else None)
+
+        got = receive(stream)
+        while got.unwritten:
+            watch.missing = got.missing()
+            log.warning("%s: kept the instance with results this machine could not write (%s); asking again every "
+                        "%.0f s until the cap", owned.job_id, watch.missing, REFETCH_SECONDS)
+            if watch.abandoned.wait(REFETCH_SECONDS):
+                break
+            got = fetch_results(client, receive)
         if sink is not None:
             log.info("%s: stored %d file(s) in %s", owned.job_id, got.stored, sink.describe())
         for note in got.notes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -35,12 +36,12 @@ from .sync_back import Received, receive_results
 if TYPE_CHECKING:
     from .sinks import ResultSink
 
-__all__ = ["RemoteRun", "read_results"]
+__all__ = ["REFETCH_SECONDS", "RemoteRun", "fetch_results", "read_results"]
 
 _MAX_RECONNECTS = 20
 _CANCEL_RECONNECT_SECONDS = 15.0
 # Results this machine could not write (a full disk) stay on the kept instance; asked for again this often.
-_REFETCH_SECONDS = 5.0
+REFETCH_SECONDS = 5.0
 
 
 class RemoteRun(StopPolicy):
@@ -124,9 +125,9 @@ class RemoteRun(StopPolicy):
                 await self._on_results(payload)
                 if not payload.unwritten:
                     return
-                refetch_at = self.clock.monotonic() + _REFETCH_SECONDS  # kept, with its results, until the cap
+                refetch_at = self.clock.monotonic() + REFETCH_SECONDS  # kept, with its results, until the cap
             elif kind == "refetch-failed":
-                refetch_at = self.clock.monotonic() + _REFETCH_SECONDS
+                refetch_at = self.clock.monotonic() + REFETCH_SECONDS
             elif kind in ("eof", "results-failed"):
                 # Dropped mid-stream, or while the results came back: the job (and its files) wait on the
                 # instance; attach again where we stopped (after the exit line that means: only the results).
@@ -192,7 +193,7 @@ class RemoteRun(StopPolicy):
         self.received = got
         self._say(got.notes)
         if got.unwritten:
-            self._say([f"the instance is kept with these results and asked again every {_REFETCH_SECONDS:.0f} s "
+            self._say([f"the instance is kept with these results and asked again every {REFETCH_SECONDS:.0f} s "
                        "until the cost cap or the maximum duration (free some space, or cancel to end it now)"])
         await self._record_mounts()
 
@@ -215,13 +216,7 @@ class RemoteRun(StopPolicy):
 
     def _fetch_results(self) -> Received:
         """The rw changes so far (and into the sink), over a channel of its own beside the stream (blocking)."""
-        stream = self._client().results()
-        try:
-            for _ in stream.records():
-                pass
-            return self._receive(stream)
-        finally:
-            stream.close()
+        return fetch_results(self._client(), self._receive)
 
     def _start_refetch(self, queue: asyncio.Queue[tuple[str, Any]], loop: asyncio.AbstractEventLoop) -> None:
         def fetch() -> None:
@@ -370,6 +365,18 @@ def read_results(stream: AgentStream, plans: list[MountPlan], *, sink: ResultSin
         stream.close()
         assert isinstance(exc.received, Received)
         return exc.received
+
+
+def fetch_results(client: AgentClient, receive: Callable[[AgentStream], Received]) -> Received:
+    """Ask the agent for the results again, over a channel of their own (blocking): a ``--sync-every`` pull, or a
+    fetch after this machine could not write some of them (a full disk), for the job and its reaper alike."""
+    stream = client.results()
+    try:
+        for _ in stream.records():
+            pass
+        return receive(stream)
+    finally:
+        stream.close()
 
 
 def _describe_mounts(mounts: list[MountPlan]) -> str | None:

@@ -6,6 +6,9 @@ refetch storm. The instance is kept with its results and asked again every few s
 (the tmpfs grows) the job completes with every file whole. Left full, the cap ends the wait, and the job view
 and the ledger row name exactly the file that did not come back.
 
+The reaper keeps such an instance too: a kernel that goes away while the disk is full hands the job to a reaper
+that asks again until space is freed (within the cap), and brings every file home.
+
 18, reaper killed mid-sync: ``burst.shutdown()`` hands a job to a detached reaper, which is killed (-9) while it
 writes a result (the job also changed a file the user edited meanwhile). The kernel that handed the job over is
 still alive (this test process), and ``burst.cleanup()`` finishes the job anyway: the results land whole, the
@@ -122,6 +125,39 @@ def test_17_disk_left_full_ends_at_the_cap_naming_what_did_not_come_back(ip: Any
         assert row.actual_usd is not None and row.actual_usd <= cap
         lost = lost_user_files(out, {USER_FILE: "the user's"})
     fault_ledger.check_clouds("17 disk full during sync-back", markets, cap, faults=1, lost=lost)
+    assert lost == 0
+
+
+def reaper_logs(burst_home: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in (burst_home / "logs").glob("reaper-*.log"))
+
+
+def test_17_a_reaper_finding_the_disk_full_keeps_the_instance_until_space_is_freed(
+        ip: Any, markets: Markets, tmp_path: Path, burst_home: Path, fault_ledger: FaultLedger) -> None:
+    """The kernel goes away (``burst.shutdown()``) while the job's results wait on a full disk: its reaper keeps
+    the instance with them too, asking again every few seconds within the cap, and brings them all home once
+    space is freed, instead of ending the instance with the results on it."""
+    with small_disk(tmp_path / "out", "1M") as out:
+        write(out / USER_FILE, "the user's")
+        result, _ = run_cell(ip, cell(f"{offer(markets, 'vast')} --max-cost 1 --mount ./out:out:rw --background",
+                                      FULL_DISK_CELL))
+        job = result.result
+        wait_until(lambda: "not brought back: out/big.bin" in stderr_of(job), "the full disk reported", limit=90)
+        (job_id,) = burst.shutdown()
+        wait_until(lambda: "kept the instance with results this machine could not write" in reaper_logs(burst_home),
+                   "the reaper to find the disk full", limit=60)
+        assert state_row(burst_home, job_id).state == "launched" and markets.leftovers()  # kept, with its results
+        subprocess.run(["mount", "-o", "remount,size=8M", str(out)], check=True)  # space is freed
+        wait_until(lambda: state_row(burst_home, job_id).state == "terminated", "the reaper to finish", limit=60)
+
+        assert (out / "a.txt").read_text() == "a" and (out / "z.txt").read_text() == "z"
+        assert (out / "big.bin").stat().st_size == 2_000_000
+        assert not (out / ".burst-tmp").exists()
+        wait_until(lambda: [r for r in ledger_rows(burst_home) if r.job_id == job_id], "the ledger row")
+        (row,) = [r for r in ledger_rows(burst_home) if r.job_id == job_id]
+        assert "not brought back" not in (row.message or ""), row.message
+        lost = lost_user_files(out, {USER_FILE: "the user's"})
+    fault_ledger.check_clouds("17 disk full during sync-back", markets, Decimal(1), faults=1, lost=lost)
     assert lost == 0
 
 
