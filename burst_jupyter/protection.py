@@ -1,8 +1,8 @@
 """Which of the four layers against a leaked instance guard one job, said to the user when the job starts.
 
 1. the job's own ``finally`` (sync, terminate, verify), 2. the kernel-exit reaper, 3. the agent's dead-man's
-switch (the lease, and the job's hard maximum duration enforced on the instance too), 4. reconciliation on the
-next load or ``burst cleanup``. Layer 3 differs by provider: it ends the instance only where the provider puts
+switch (the lease, and the job's cost cap and hard maximum duration enforced on the instance too), 4.
+reconciliation on the next load or ``burst cleanup``. Layer 3 differs by provider: it ends the instance only where the provider puts
 an instance-scoped credential on it (:attr:`~.providers.base.Capability.SELF_DESTRUCT`), and there it is armed in
 the create request, so it also ends an instance whose kernel died before any agent ran; elsewhere it stops the
 job and an orphaned instance waits for layer 4. Whether a dead kernel's results survive depends on the result
@@ -85,7 +85,8 @@ def protection(provider: Provider, sink: ResultSink | None, *, lease_seconds: in
                       "reconciliation on the next load or `burst cleanup`")
     else:
         layers.append(f"agent lease {lease_seconds} s stops the job and clears its work folder")
-    layers.append(f"hard max {_span(max_seconds)}, on the instance too")
+    # The agent holds the cap itself wherever the instance bills (the manifest carries the rate and the cap).
+    layers.append(f"{'cost cap and ' if rented else ''}hard max {_span(max_seconds)}, on the instance too")
     if self_destructs or not rented:
         layers.append("reconciliation")
     if lapse_upload(sink, max_seconds=max_seconds, lease_seconds=lease_seconds) is not None:
