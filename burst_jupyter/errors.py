@@ -141,7 +141,12 @@ class RemoteError(BurstError):
         return ["Remote traceback (most recent call last):", *self.traceback]
 
 
-def one_line(error: BaseException) -> str:
-    """The first line of an error's message, for job views, ledger rows and reports (its type's name if empty)."""
+def one_line(error: BaseException, *, about: str | None = None) -> str:
+    """The first line of an error's message, for job views, ledger rows and reports (its type's name if empty).
+
+    ``about``: the provider the caller names next to the line itself (``vast: not answering: ...``); the
+    provider's own ``vast: `` prefix, which every error from its boundary carries, is then left out, said once.
+    """
     text = str(error)
-    return text.splitlines()[0] if text else type(error).__name__
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line.removeprefix(f"{about}: ") if about else line

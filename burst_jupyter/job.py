@@ -135,6 +135,8 @@ class JobPlan:
         limit = f" under ${spec.max_price_usd_per_hour}/h" if spec.max_price_usd_per_hour is not None else ""
         where = ", ".join(self.providers)
         why = "".join(f"; {name}: {text}" for name, text in errors.items())
+        if errors.keys() >= self.providers.keys():  # none answered: nothing was found not to fit
+            return NoCapacity(f"no offer could be searched{why}")
         return NoCapacity(f"no {where} offer fits {spec.gpus} x {spec.gpu_model or 'any GPU'}"
                           f"{' (spot)' if spec.spot else ''}{limit}{why}")
 

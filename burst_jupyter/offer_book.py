@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from .errors import BurstError
+from .errors import BurstError, one_line
 from .money import format_usd
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class OfferBook:
         except asyncio.TimeoutError:
             return [], f"no answer within {self.timeout:.0f} s", self._clock() - now
         except Exception as exc:  # one provider's failure (even a bug in its parser) must not hide the others
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            text = one_line(exc, about=name)  # keyed by provider: each view names it once
             if not isinstance(exc, (BurstError, OSError)):
                 text = f"{type(exc).__name__}: {text}"
             return [], text, self._clock() - now

@@ -224,7 +224,7 @@ class Reconciler:
             if isinstance(answer, asyncio.TimeoutError):
                 errors[name] = f"no answer in {_LIST_TIMEOUT:.0f} s"
             elif isinstance(answer, Exception):
-                errors[name] = one_line(answer)
+                errors[name] = one_line(answer, about=name)
                 log.info("%s: could not list owned instances: %s", name, errors[name])
             elif isinstance(answer, BaseException):
                 raise answer

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from ..errors import ApiError, AuthFailed, ConfigError, ConnectFailed, RateLimited
-from .accounts import key_url_problem
+from .accounts import key_source, key_url_problem
 
 __all__ = ["ApiClient", "RetryPolicy", "default_error_text", "money_from_json"]
 
@@ -163,7 +163,8 @@ class ApiClient:
                     return response
                 text = self._error_text(response)
                 if response.status_code in (401, 403):
-                    raise AuthFailed(f"{self.provider}: the API key was refused (HTTP {response.status_code}: {text})")
+                    raise AuthFailed(f"{self.provider}: the API key was refused (HTTP {response.status_code}: {text}); "
+                                     f"set a valid one in {key_source(self.provider, self._token)}")
                 if response.status_code not in RETRY_STATUSES or (response.status_code != 429 and not safe):
                     raise ApiError(f"{what}: HTTP {response.status_code}: {text}", status=response.status_code,
                                    body=response.text)

@@ -25,7 +25,7 @@ from ..paths import user_config_path
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["MARKETPLACES", "Account", "accounts", "key_url_problem", "require_account"]
+__all__ = ["MARKETPLACES", "Account", "accounts", "key_source", "key_url_problem", "require_account"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,18 @@ def accounts(settings: Settings, environ: Mapping[str, str] | None = None) -> di
             raise ConfigError(f"{where} = {url!r}: {problem}; {name}'s key was not sent")
         found[name] = Account(name, key.strip(), url.strip().rstrip("/"), table.ssh_user if table else None)
     return found
+
+
+def key_source(provider: str, key: str, environ: Mapping[str, str] | None = None) -> str:
+    """Where a refused key came from, as the user would fix it: its variable when that holds it (as
+    :func:`accounts` prefers), else ``api-key`` under the provider's table in the user file."""
+    source = MARKETPLACES.get(provider)
+    if source is None:
+        return "the API key"
+    env = os.environ if environ is None else environ
+    if (env.get(source.key_var) or "").strip() == key:
+        return source.key_var
+    return f"api-key under [{provider}] in {user_config_path()}"
 
 
 def require_account(name: str, settings: Settings, environ: Mapping[str, str] | None = None) -> Account:

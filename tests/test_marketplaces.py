@@ -179,4 +179,4 @@ def test_providers_status_and_offers_text(ip: Any, markets: Markets) -> None:
     assert "$0.30" in text and "$0.34" in text
     markets.runpod.api_key = "rotated"  # a provider that refuses is reported, not fatal
     status = repr(ip.run_line_magic("burst", "providers"))
-    assert "runpod: not answering: runpod: the API key was refused" in status and "vast: available" in status
+    assert "runpod: not answering: the API key was refused" in status and "vast: available" in status

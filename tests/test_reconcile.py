@@ -290,7 +290,7 @@ def test_a_provider_that_refuses_is_reported_and_the_others_are_still_reconciled
 
     assert cli.main(["cleanup"]) == 1
     out = capsys.readouterr().out
-    assert "runpod: could not be asked: runpod: the API key was refused" in out
+    assert "runpod: could not be asked: the API key was refused" in out
     assert "ended 1 of 1" in out and gone(markets, leak)
     assert [(r.job_id, r.status) for r in ledger_rows(burst_home)] == [("lost-5", "leaked")]
     assert runpod_status(markets, pod) != "TERMINATED"

@@ -142,7 +142,7 @@ def test_an_endless_429_storm_on_search_fails_clearly_and_rents_nothing(markets:
     result = job.wait(60)
     assert result.status is JobStatus.FAILED
     text = str(result.error)
-    assert "no runpod offer fits" in text and "rate limited" in text and "\n" not in text
+    assert "no offer could be searched; runpod: POST /graphql: rate limited" in text and "\n" not in text, text
     assert markets.creates() == 0 and ledger_rows(burst_home) == [] and open_reservations(burst_home) == []
     storm, switches.rate_limit_next = 10**6 - switches.rate_limit_next, 0
     fault_ledger.check_clouds("6 429 storm", markets, CAP, faults=storm)
