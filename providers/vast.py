@@ -219,7 +219,7 @@ class VastProvider:
             try:
                 await self.terminate(instance_id)
             except ProviderError as gone:
-                left = f"; destroying it failed too ({gone}): it is labelled {tag}, `burst reap` will retry"
+                left = f"; destroying it failed too ({gone}): it is labelled {tag}, and `burst cleanup` ends it"
             if isinstance(exc, ProviderError):
                 raise ProvisioningFailed(f"vast: could not attach the SSH key to instance {instance_id} ({exc})"
                                          + (left or "; it was destroyed")) from exc

@@ -4,6 +4,11 @@ traceback reads as Python's own; a bad option or config key is named as it was w
 
 from __future__ import annotations
 
+import argparse
+import ast
+import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,3 +52,75 @@ def test_a_refused_key_from_the_user_file_names_its_table(
     line = usage_line(result)
     assert line.count(f"{provider}:") == 1, line
     assert f"set a valid one in api-key under [{provider}] in {markets.config}" in line, line
+
+
+# -- every command and option a message names exists ----------------------------------------------------------
+
+#: Options of other programs that burst's code passes on (never told to a user as one of burst's own).
+OTHER_PROGRAMS = {"--query-gpu": "nvidia-smi", "--format": "nvidia-smi", "--others": "git ls-files",
+                  "--exclude-standard": "git ls-files", "--args": "docker (RunPod's dockerArgs)",
+                  "--reason": "the detached reaper's own argv (reaper.py), run by burst itself"}
+
+
+def _message_strings() -> Iterator[tuple[str, int, str]]:
+    """Every string literal (f-strings whole, their holes as ``{}``) of the installed package but docstrings."""
+    import burst_jupyter.budget
+    import burst_jupyter.providers
+
+    folders = {Path(module.__file__ or "").parent for module in (burst, burst_jupyter.providers, burst_jupyter.budget)}
+    for path in sorted(p for folder in folders for p in folder.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        docstrings |= {id(part) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for part in node.values}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                text = node.value
+            else:
+                continue
+            yield path.name, node.lineno, text
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
+    """Each subcommand path of a parser (``""``, ``"budget set"``) and the options it takes."""
+    found: dict[str, set[str]] = {"": set()}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found |= {f"{name} {k}".strip(): v for k, v in _options(sub).items()}
+        else:
+            found[""] |= set(action.option_strings)
+    return found
+
+
+def test_every_command_and_option_a_message_names_exists(ip: Any) -> None:
+    from IPython.core.error import UsageError
+
+    from burst_jupyter import cli
+    from burst_jupyter.magics import BurstMagics, _offers_parser
+
+    commands = _options(cli._parser())
+    with pytest.raises(UsageError) as unknown:  # the line magic's own list of its commands
+        ip.run_line_magic("burst", "no-such-command")
+    magic_commands = set(re.findall(r"[a-z]+", str(unknown.value).split("try ", 1)[1])) - {"or"}
+    every_option = {o for opts in (*commands.values(), *_options(BurstMagics.burst.parser).values(),
+                                   *_options(_offers_parser()).values()) for o in opts}
+    wrong = []
+    for name, line, text in _message_strings():
+        where = f"{name}:{line}: {text!r}"
+        for match in re.finditer(r"`burst ([a-z][a-z-]*(?: [a-z]+)?)([^`]*)`", text):
+            words = match.group(1).split()
+            command = " ".join(words) if " ".join(words) in commands else words[0]
+            if command not in commands:
+                wrong.append(f"{where}: no command burst {words[0]}")
+                continue
+            wrong += [f"{where}: burst {command} takes no {o}" for o in re.findall(r"--[a-z][a-z-]*", match.group(2))
+                      if o not in commands[command] | commands[""]]
+        wrong += [f"{where}: no command %burst {m}" for m in re.findall(r"(?<!%)%burst ([a-z]+)", text)
+                  if m not in magic_commands]
+        wrong += [f"{where}: no option {o}" for o in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text)
+                  if o not in every_option and o not in OTHER_PROGRAMS]
+    assert wrong == []
