@@ -65,7 +65,7 @@ BOOT = (
     "{'__name__':'__main__'})"
 )
 
-CELL_FILENAME = "<burst-cell>"
+CELL_FILENAME = "<burst-cell>"  # a notebook cell's name in tracebacks; a file's cell goes by its path (cell_file)
 EXIT_KIND = "exit"
 # Exit reasons written in the exit record.
 OK, ERROR, CANCELLED, DEADLINE, LEASE, BUDGET, AGENT_DIED = (
@@ -324,9 +324,16 @@ def write_values(path: str, table: dict[str, tuple[str, object]]) -> None:
     os.replace(tmp, path)
 
 
-def _remote_traceback(exc: BaseException) -> list[str]:
+def _cell_filename(manifest: dict[str, object]) -> str:
+    """What tracebacks call the cell: the file it was read from (``burst submit --file``), else CELL_FILENAME."""
+    name = manifest.get("cell_file")
+    return name[:_MAX_NOTE] if isinstance(name, str) and name else CELL_FILENAME
+
+
+def _remote_traceback(exc: BaseException, filename: str) -> list[str]:
+    """Python's own traceback of the cell's exception, from the cell's first frame: none of the agent's."""
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILENAME:
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip("\n").split("\n")
 
@@ -338,6 +345,7 @@ def cell_main(jobdir: str) -> int:
 
     manifest = _read_json(os.path.join(jobdir, "job.json"), {})
     assert isinstance(manifest, dict)
+    filename = _cell_filename(manifest)
     writer = FrameWriter(int(os.environ["BURST_EVENT_FD"]))
     sys.stdout = _CellStream(writer, b"o", "<stdout>")
     sys.stderr = _CellStream(writer, b"e", "<stderr>")
@@ -348,7 +356,7 @@ def cell_main(jobdir: str) -> int:
     sys.path.insert(0, os.getcwd())
 
     def report(exc: BaseException) -> None:
-        tb = [line[:_MAX_RECORD // 16] for line in _remote_traceback(exc)[-_MAX_TB_LINES:]]
+        tb = [line[:_MAX_RECORD // 16] for line in _remote_traceback(exc, filename)[-_MAX_TB_LINES:]]
         err = {"ename": type(exc).__name__[:_MAX_NOTE], "evalue": _safe_str(exc)[:_MAX_RECORD], "tb": tb}
         writer.send(b"x", json.dumps(err).encode())
 
@@ -362,14 +370,14 @@ def cell_main(jobdir: str) -> int:
                                    % (name, type(exc).__name__, exc)) from None
         with open(os.path.join(jobdir, "cell.py"), encoding="utf-8") as f:
             source = f.read()
-        linecache.cache[CELL_FILENAME] = (len(source), None, source.splitlines(True), CELL_FILENAME)
-        tree = ast.parse(source, CELL_FILENAME)
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        tree = ast.parse(source, filename)
         last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         if last is not None:
             tree.body.pop()
-        exec(compile(tree, CELL_FILENAME, "exec"), ns)
+        exec(compile(tree, filename, "exec"), ns)
         if last is not None:
-            value = eval(compile(ast.Expression(last.value), CELL_FILENAME, "eval"), ns)
+            value = eval(compile(ast.Expression(last.value), filename, "eval"), ns)
             if value is not None:
                 # What the notebook would show, as data: the value itself never travels back unasked.
                 writer.send(b"r", json.dumps(_display_data(value)).encode())
@@ -663,7 +671,7 @@ class Supervisor:
                     os.write(2, ("burst: cannot run %r: %s\n" % (command[0], exc.strerror)).encode())
                     rc = 127
             else:
-                sys.argv = [CELL_FILENAME]
+                sys.argv = [_cell_filename(self.manifest)]
                 rc = cell_main(self.jobdir)
         except BaseException:
             traceback.print_exc()

@@ -149,7 +149,7 @@ def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[str, Any] = {"command": command}
     if args.file is not None:
         try:
-            fields = {"cell": args.file.read_text(), "name": args.file.stem}
+            fields = {"cell": args.file.read_text(), "cell_file": str(args.file), "name": args.file.stem}
         except OSError as exc:
             raise ConfigError(f"--file {args.file}: {exc.strerror or exc}") from None
     money = {"max_cost_usd": (args.max_cost, "--max-cost"), "rate_usd_per_hour": (args.rate, "--rate"),

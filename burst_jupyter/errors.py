@@ -128,7 +128,7 @@ class RemoteError(BurstError):
     """The cell raised on the remote side. Carries the remote traceback as text.
 
     IPython calls ``_render_traceback_`` instead of printing the local frames (ipyparallel does the same), so
-    the notebook shows the remote traceback and the cell fails.
+    the notebook shows the remote traceback, as Python would for the cell, and the cell fails.
     """
 
     def __init__(self, ename: str, evalue: str, traceback: list[str]) -> None:
@@ -138,7 +138,8 @@ class RemoteError(BurstError):
         self.traceback = traceback
 
     def _render_traceback_(self) -> list[str]:
-        return ["Remote traceback (most recent call last):", *self.traceback]
+        # As Python prints it for the user's cell (its own "Traceback (most recent call last):" first).
+        return list(self.traceback) or [str(self)]
 
 
 def one_line(error: BaseException, *, about: str | None = None) -> str:

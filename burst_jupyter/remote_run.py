@@ -58,6 +58,7 @@ class RemoteRun(StopPolicy):
             "created": self.clock.time(),
             "mounts": [m.manifest() for m in plan.mounts],
             "pull": list(spec.pull),
+            "cell_file": spec.cell_file,
             "command": spec.command,
             "lease_seconds": spec.lease_seconds,
             # The agent's own deadline is a backstop a little after the client's.

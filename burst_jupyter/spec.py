@@ -156,6 +156,8 @@ class JobSpec(BaseModel):
 
     name: str = Field("job", description="A label shown in views and the ledger.")
     cell: str | None = Field(None, description="Python source to run remotely (exactly one of cell/command).")
+    cell_file: str | None = Field(None, description="The file the cell was read from (burst submit --file): its "
+                                  "tracebacks name it.")
     command: list[str] | None = Field(None, description="A program and its arguments to run remotely.")
     image: str | None = Field(None, description="Container image (marketplace providers only).")
     gpus: int = Field(1, description=f"Number of GPUs (1 to {MAX_GPUS}).")

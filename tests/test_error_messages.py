@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import linecache
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from burst_checks import cell, run_cell, usage_line
 from marketplaces import GPU, Markets
 
 import burst_jupyter as burst
+from burst_jupyter.errors import RemoteError
 
 KEY_VARS = {"vast": "VAST_API_KEY", "runpod": "RUNPOD_API_KEY", "thunder": "TNR_API_TOKEN"}
 
@@ -124,3 +128,50 @@ def test_every_command_and_option_a_message_names_exists(ip: Any) -> None:
         wrong += [f"{where}: no option {o}" for o in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text)
                   if o not in every_option and o not in OTHER_PROGRAMS]
     assert wrong == []
+
+
+# -- remote tracebacks ----------------------------------------------------------------------------------------
+
+FAILING = """\
+print("before")
+def inner():
+    raise ValueError("boom from the instance")
+inner()
+"""
+
+
+def python_traceback(source: str, filename: str) -> list[str]:
+    """What this Python prints for ``source`` run as a script named ``filename`` (the local provider's Python)."""
+    import traceback
+
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    try:
+        exec(compile(source, filename, "exec"), {"__name__": "__main__", "print": lambda *a: None})
+    except ValueError as exc:
+        tb = exc.__traceback__
+        assert tb is not None
+        return "".join(traceback.format_exception(type(exc), exc, tb.tb_next)).rstrip("\n").split("\n")
+    finally:
+        linecache.cache.pop(filename, None)
+    raise AssertionError("it did not raise")
+
+
+def test_a_remote_traceback_is_the_one_python_prints_for_the_cell(ip: Any) -> None:
+    result, streams = run_cell(ip, f"%%burst --provider local --max-cost 1\n{FAILING}")
+    error = result.error_in_exec
+    assert isinstance(error, RemoteError)
+    assert error._render_traceback_() == python_traceback(FAILING, "<burst-cell>")
+    shown = streams.text()
+    assert shown.count("Traceback (most recent call last):") == 1 and "Remote traceback" not in shown, shown
+    assert "burst_jupyter" not in shown and "burst-agent" not in shown, shown
+
+
+def test_a_submitted_file_s_traceback_names_the_file(tmp_path: Path) -> None:
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING)
+    proc = subprocess.run([sys.executable, "-m", "burst_jupyter.cli", "submit", "--provider", "local", "--max-cost",
+                           "1", "--file", "fail.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().split("\n") == python_traceback(FAILING, "fail.py"), proc.stderr
+    assert 'File "fail.py", line 4, in <module>' in proc.stderr and "<burst-cell>" not in proc.stderr
