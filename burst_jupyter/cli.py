@@ -172,9 +172,9 @@ def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
 def _submit(args: argparse.Namespace) -> int:
     from .display import CellDisplay
     from .session import Session
-    from .spec import JobSpec
+    from .spec import OPTIONS, JobSpec
 
-    spec = JobSpec.build(**_spec_fields(args))
+    spec = JobSpec.build(OPTIONS, **_spec_fields(args))
     session = Session.current()
     if args.dry_run:
         print(repr(session.dry_run(spec)))

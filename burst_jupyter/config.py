@@ -13,9 +13,11 @@ A project file comes with a cloned repository and is not trusted: :data:`PROJECT
 may do. It may shape jobs and tighten limits; it may never say where credentials, results or commands go, what is
 trusted, or loosen a limit past the user's own value (the user file's, else the default).
 
-A key set at a higher level replaces the lower value whole (``hosts`` lists are not concatenated). Keys may be
-spelled with hyphens (``max-cost`` is ``max_cost``). Every problem is one :class:`ConfigError` line naming the
-file and the key.
+A key set at a higher level replaces the lower value whole (``hosts`` lists are not concatenated). Keys are
+spelled with hyphens, as the README writes them (``max-cost``), and a key that is a ``%%burst`` option is spelled
+as the option (``max-duration``); the older spellings (``max_cost``, ``max-duration-minutes``) are still read, so
+files written before stay valid. Every problem is one :class:`ConfigError` line naming the file and the key as
+the file wrote it; keys an error lists or suggests are in the README's spelling.
 
 Example:
     ``pyproject.toml``::
@@ -44,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import ConfigError
 from .paths import user_config_path
-from .spec import HARD_MAX_MINUTES, parse_money
+from .spec import HARD_MAX_MINUTES, describe_validation, parse_money
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -258,9 +260,25 @@ def _refuse_account_tables(label: str, table: dict[str, Any], user_path: Path) -
             raise ConfigError(f"{where} {written}: a project file cannot {why}; set {instead} in {user_path}")
 
 
+#: Keys spelled as their ``%%burst`` option rather than as their field (the README's spelling, issue 10).
+_AS_OPTION = {"max_duration_minutes": "max-duration"}
+_FIELD_OF = {name.replace("-", "_"): field for field, name in _AS_OPTION.items()}
+
+
+def _field(key: str) -> str:
+    """The Settings field a key names, in any spelling a file may use."""
+    name = str(key).replace("-", "_")
+    return _FIELD_OF.get(name, name)
+
+
+def _key(field: str) -> str:
+    """A Settings field as the README spells its key."""
+    return _AS_OPTION.get(field, field.replace("_", "-"))
+
+
 def _written_names(table: dict[str, Any]) -> dict[str, str]:
     """Each Settings key of a (validated) table, as the file spells it."""
-    return {str(key).replace("-", "_"): str(key) for key in table}
+    return {_field(key): str(key) for key in table}
 
 
 def _find_project_table(start: Path) -> tuple[str, dict[str, Any]] | None:
@@ -300,34 +318,27 @@ def _validate(table: dict[str, Any], *, label: str) -> Settings:
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(f"{label}: {_describe(exc)}") from None
+        raise ConfigError(f"{label}: {describe_validation(exc, _written_names(table))}") from None
 
 
 def _normalise(table: dict[str, Any], *, label: str) -> dict[str, Any]:
-    """Keys with ``_`` for ``-``; an unknown or repeated key is a :class:`ConfigError`."""
+    """Keys as Settings fields; an unknown key, or one setting given twice, is a :class:`ConfigError`."""
     values: dict[str, Any] = {}
+    written: dict[str, str] = {}
     for key, value in table.items():
-        name = key.replace("-", "_")
+        name = _field(key)
         if name not in Settings.model_fields:
-            raise ConfigError(f"{label}: unknown key {key!r}; {_suggest(key)}")
+            raise ConfigError(f"{label}: unknown key {key!r}; {_suggest(key, as_field=label == 'override')}")
         if name in values:
-            raise ConfigError(f"{label}: {name} is given twice (with - and with _)")
-        values[name] = value
+            raise ConfigError(f"{label}: {written[name]} and {key} are the same setting; keep one")
+        values[name], written[name] = value, key
     return values
 
 
-def _suggest(key: str) -> str:
-    known = list(Settings.model_fields)
-    close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
-    if not close:
-        return "known keys: " + ", ".join(known)
-    # Answer in the spelling the user chose.
-    return f"did you mean {close[0].replace('_', '-') if '-' in key else close[0]}?"
-
-
-def _describe(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
-    if first["type"] == "value_error":  # our own validators already quote the value
-        return f"{where}: {first['msg'].removeprefix('Value error, ')}"
-    return f"{where}: {first['msg']} (got {first['input']!r})"
+def _suggest(key: str, *, as_field: bool) -> str:
+    """The closest key in a file's spelling (or, ``as_field``, the keyword :meth:`Settings.merged` takes)."""
+    known = [field if as_field else _key(field) for field in Settings.model_fields]
+    close = difflib.get_close_matches(str(key).replace("_", "-"), known, n=1)
+    if as_field:
+        close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
+    return f"did you mean {close[0]}?" if close else "known keys: " + ", ".join(known)

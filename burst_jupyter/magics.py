@@ -137,7 +137,7 @@ class BurstMagics(Magics):
         return self._show(job, background=args.background)
 
     def _spec(self, args: Any, cell: str) -> JobSpec:
-        from .spec import JobSpec  # pydantic loads on the first cell, not at %load_ext
+        from .spec import OPTIONS, JobSpec  # pydantic loads on the first cell, not at %load_ext
 
         fields: dict[str, Any] = {"cell": cell}
 
@@ -173,7 +173,7 @@ class BurstMagics(Magics):
         put("max_results_bytes", args.max_results if args.max_results is not None else self.max_results)
         put("name", args.name)
         put("result_sink", args.sink)
-        return JobSpec.build(**fields)
+        return JobSpec.build(OPTIONS, **fields)
 
     def _show(self, job: Job, *, background: bool) -> Any:
         from .display import CellDisplay

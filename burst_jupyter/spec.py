@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
@@ -19,8 +20,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_MAX_RESULTS", "HARD_MAX_MINUTES", "MAX_GPUS", "JobSpec", "Mount", "gpus_problem", "parse_money",
-           "parse_mount", "parse_size"]
+__all__ = [
+    "DEFAULT_MAX_RESULTS",
+    "HARD_MAX_MINUTES",
+    "MAX_GPUS",
+    "OPTIONS",
+    "JobSpec",
+    "Mount",
+    "describe_validation",
+    "gpus_problem",
+    "parse_money",
+    "parse_mount",
+    "parse_size",
+]
 
 #: No job runs longer than this, whatever it asks (architecture: "hard max 12 h").
 HARD_MAX_MINUTES = 12 * 60
@@ -202,7 +214,7 @@ class JobSpec(BaseModel):
     @classmethod
     def _size(cls, v: object) -> int:
         try:
-            return parse_size(v, what="--max-results")
+            return parse_size(v, what="the limit")
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
 
@@ -212,7 +224,7 @@ class JobSpec(BaseModel):
         if v is None:
             return None
         try:
-            return parse_money(v, what=info.field_name)
+            return parse_money(v, what="amount")  # the error's place names the field (or its option)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
 
@@ -265,21 +277,51 @@ class JobSpec(BaseModel):
         return self.mount_local
 
     @classmethod
-    def build(cls, **fields: Any) -> JobSpec:
-        """Like ``JobSpec(...)`` but raises one :class:`ConfigError` line instead of a ValidationError."""
+    def build(cls, named: Mapping[str, str] | None = None, /, **fields: Any) -> JobSpec:
+        """Like ``JobSpec(...)`` but raises one :class:`ConfigError` line instead of a ValidationError, naming a
+        field as ``named`` says (:data:`OPTIONS`: as typed on a ``%%burst`` or ``burst submit`` line)."""
         try:
             return cls(**fields)
         except ValueError as exc:
-            raise ConfigError(_describe_validation(exc)) from None
+            raise ConfigError(describe_validation(exc, named or {})) from None
 
 
-def _describe_validation(exc: Exception) -> str:
+#: Each JobSpec field as the user types it on a ``%%burst`` or ``burst submit`` line (issue 10: an error names
+#: the option, never the field behind it).
+OPTIONS = {
+    "name": "--name", "cell_file": "--file", "command": "--command", "image": "--image", "gpus": "--gpus",
+    "gpu_model": "--gpu", "memory_gb": "--memory", "max_duration_minutes": "--max-duration",
+    "max_cost_usd": "--max-cost", "max_price_usd_per_hour": "--max-price", "rate_usd_per_hour": "--rate",
+    "mount_local": "--mount", "push": "--push", "pull": "--pull", "provider": "--provider", "spot": "--spot",
+    "min_reliability": "--min-reliability", "offer": "--offer", "provision_timeout_seconds": "--provision-timeout",
+    "ssh_hosts": "--host", "ssh_trust_on_first_use": "--trust-new-host", "remote_python": "--python",
+    "lease_seconds": "--lease", "retries": "--retries", "sync_every_seconds": "--sync-every",
+    "result_sink": "--sink", "max_results_bytes": "--max-results",
+}
+
+#: pydantic's bound checks, said the way the other checks say them.
+_BOUNDS = {"greater_than_equal": "must be at least {ge}", "less_than_equal": "must be at most {le}",
+           "greater_than": "must be more than {gt}", "less_than": "must be less than {lt}"}
+
+
+def describe_validation(exc: Exception, named: Mapping[str, str]) -> str:
+    """A pydantic ValidationError as one line: ``PLACE: what is wrong (got VALUE)``, the place's first part
+    spelled as ``named`` says (an option, a config key as the file wrote it), else as the field is named."""
     errors = getattr(exc, "errors", None)
     if not callable(errors):
         return str(exc)
     first = errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int))
-    msg = str(first.get("msg", "")).removeprefix("Value error, ")
-    if first.get("type") == "extra_forbidden":
+    loc = list(first.get("loc", ()))
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{named.get(str(part), part)}" if i == 0 else
+                    f".{part}" for i, part in enumerate(loc)).lstrip(".")
+    kind = str(first.get("type", ""))
+    if kind == "extra_forbidden":
         msg = "unknown field"
+    elif kind in _BOUNDS:
+        bounds = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in first.get("ctx", {}).items()}
+        msg = f"{_BOUNDS[kind].format(**bounds)} (got {first.get('input')!r})"
+    elif kind == "value_error":  # our own validators already quote the value
+        msg = str(first.get("msg", "")).removeprefix("Value error, ")
+    else:
+        msg = f"{first.get('msg', '')} (got {first.get('input')!r})"
     return f"{where}: {msg}" if where else msg

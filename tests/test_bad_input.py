@@ -157,8 +157,8 @@ def test_a_cell_with_a_syntax_error(ip: Any, burst_home: Path, seeded: list[Any]
 @pytest.mark.parametrize(("options", "expected"), [
     ("--push 1abc", "'1abc' is not a Python variable name"),
     ("--pull a-b", "'a-b' is not a Python variable name"),
-    ("--max-duration 0", "max_duration_minutes"),
-    ("--max-duration 100000", "max_duration_minutes"),
+    ("--max-duration 0", "--max-duration: must be at least 1 (got 0)"),
+    ("--max-duration 100000", "--max-duration: must be at most 720 (got 100000)"),
     ("--gpus -1", "gpus"),
     ("--no-such-option 3", "unrecognized arguments"),
     ("--max-duration soon", "invalid int value"),
@@ -181,10 +181,10 @@ def test_an_empty_line_magic_command_is_refused_in_one_line(ip: Any) -> None:
 
 
 @pytest.mark.parametrize(("options", "expected"), [
-    ("--retries -1", "retries: Input should be greater than or equal to 0"),
-    ("--retries 11", "retries: Input should be less than or equal to 10"),
-    ("--sync-every 2", "sync_every_seconds: Input should be greater than or equal to 5"),
-    ("--lease -5", "lease_seconds: Input should be greater than or equal to 0"),
+    ("--retries -1", "--retries: must be at least 0 (got -1)"),
+    ("--retries 11", "--retries: must be at most 10 (got 11)"),
+    ("--sync-every 2", "--sync-every: must be at least 5 (got 2)"),
+    ("--lease -5", "--lease: must be at least 0 (got -5)"),
 ])
 def test_bad_retries_sync_every_or_lease(ip: Any, burst_home: Path, seeded: list[Any], options: str,
                                          expected: str) -> None:
@@ -199,16 +199,16 @@ def test_cleanup_refuses_an_unknown_option(ip: Any) -> None:
 
 
 @pytest.mark.parametrize(("options", "expected"), [
-    ("--gpus 0", "gpus: must be 1 to 16, not 0 (a job that needs no GPU leaves out --gpu and --gpus)"),
-    ("--gpu ANY --gpus 0", "gpus: must be 1 to 16, not 0"),
-    ("--gpus -2", "gpus: must be 1 to 16, not -2"),
-    ("--gpus 17", "gpus: must be 1 to 16, not 17"),
-    ("--provision-timeout inf", "provision_timeout_seconds: Input should be a finite number"),
-    ("--provision-timeout nan", "provision_timeout_seconds: Input should be a finite number"),
-    ("--provision-timeout 0", "provision_timeout_seconds: Input should be greater than 0"),
-    ("--min-reliability nan", "min_reliability: Input should be a finite number"),
-    ("--min-reliability -0.5", "min_reliability: Input should be greater than or equal to 0"),
-    ("--memory 0", "memory_gb: Input should be greater than or equal to 1"),
+    ("--gpus 0", "--gpus: must be 1 to 16, not 0 (a job that needs no GPU leaves out --gpu and --gpus)"),
+    ("--gpu ANY --gpus 0", "--gpus: must be 1 to 16, not 0"),
+    ("--gpus -2", "--gpus: must be 1 to 16, not -2"),
+    ("--gpus 17", "--gpus: must be 1 to 16, not 17"),
+    ("--provision-timeout inf", "--provision-timeout: Input should be a finite number (got inf)"),
+    ("--provision-timeout nan", "--provision-timeout: Input should be a finite number (got nan)"),
+    ("--provision-timeout 0", "--provision-timeout: must be more than 0"),
+    ("--min-reliability nan", "--min-reliability: Input should be a finite number (got nan)"),
+    ("--min-reliability -0.5", "--min-reliability: must be at least 0 (got -0.5)"),
+    ("--memory 0", "--memory: must be at least 1 (got 0)"),
 ])
 def test_a_count_or_limit_of_zero_negative_or_infinite(ip: Any, burst_home: Path, seeded: list[Any], options: str,
                                                        expected: str) -> None:
@@ -220,7 +220,7 @@ def test_zero_gpus_rents_nothing_at_a_marketplace(ip: Any, burst_home: Path, see
                                                   provider: str) -> None:
     """Vast and Thunder would round 0 up and rent one GPU."""
     line = refused(ip, burst_home, seeded, f"--provider {provider} --gpu ANY --gpus 0 --max-cost 1")
-    assert line.startswith("gpus: must be 1 to 16, not 0")
+    assert line.startswith("--gpus: must be 1 to 16, not 0")
     with pytest.raises(UsageError, match=r"^--gpus must be 1 to 16, not 0"):
         ip.run_line_magic("burst", "offers --gpus 0")
     assert markets.creates() == 0

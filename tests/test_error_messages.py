@@ -175,3 +175,47 @@ def test_a_submitted_file_s_traceback_names_the_file(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().split("\n") == python_traceback(FAILING, "fail.py"), proc.stderr
     assert 'File "fail.py", line 4, in <module>' in proc.stderr and "<burst-cell>" not in proc.stderr
+
+
+# -- options and config keys, named as the user wrote them ----------------------------------------------------
+
+
+def test_burst_submit_names_the_option_it_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from burst_jupyter.cli import main
+
+    (tmp_path / "job.py").write_text("print('never')\n")
+    for options, message in ((["--max-duration", "0"], "--max-duration: must be at least 1 (got 0)"),
+                             (["--lease", "-1"], "--lease: must be at least 0 (got -1)"),
+                             (["--sync-every", "1"], "--sync-every: must be at least 5 (got 1)"),
+                             (["--max-results", "lots"], "--max-results: the limit must be a size like 500MB")):
+        assert main(["submit", "--provider", "local", "--file", str(tmp_path / "job.py"), *options]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "_" not in err.split(":")[1], err
+
+
+@pytest.mark.parametrize("where", ["project", "user"])
+def test_a_config_file_takes_keys_as_the_readme_spells_them(tmp_path: Path, where: str) -> None:
+    from burst_jupyter.config import load_settings
+    from burst_jupyter.errors import ConfigError
+
+    project, user = tmp_path / "project", tmp_path / "user.toml"
+    project.mkdir()
+
+    def load(text: str) -> Any:
+        if where == "project":
+            (project / "pyproject.toml").write_text(f"[tool.burst]\n{text}\n")
+        else:
+            user.write_text(f"{text}\n")
+        return load_settings(cwd=project, user_file=user)
+
+    assert load("max-duration = 60").max_duration_minutes == 60  # as the option, --max-duration
+    assert load("max-duration-minutes = 50").max_duration_minutes == 50  # the spelling files used before
+    assert load("max_duration_minutes = 40").max_duration_minutes == 40
+    with pytest.raises(ConfigError, match=r": max-duration: must be at least 1 \(got 0\)$"):
+        load("max-duration = 0")
+    with pytest.raises(ConfigError, match=r"unknown key 'max-duraton'; did you mean max-duration\?$"):
+        load("max-duraton = 5")
+    with pytest.raises(ConfigError) as listed:
+        load("colour = 5")
+    keys = str(listed.value).split("known keys: ")[1].split(", ")
+    assert "max-duration" in keys and "daily-budget" in keys and not [k for k in keys if "_" in k], keys
