@@ -471,8 +471,10 @@ def _list() -> int:
 
 def _offers(args: argparse.Namespace) -> int:
     from . import api
+    from .spec import parse_money
 
-    browser = api.offers(args.gpu, gpus=args.gpus, max_price=args.max_price, provider=args.provider,
+    max_price = None if args.max_price is None else parse_money(args.max_price, what="--max-price")
+    browser = api.offers(args.gpu, gpus=args.gpus, max_price=max_price, provider=args.provider,
                          min_reliability=args.min_reliability, spot=args.spot, refresh=args.refresh)
     browser.sort_by(args.sort)
     print(browser.snapshot_text())

@@ -234,7 +234,7 @@ class BurstMagics(Magics):
                 return api.jobs()
             if command == "offers":
                 o = _offers_parser().parse_args(rest)
-                return api.offers(o.gpu, gpus=o.gpus, max_price=o.max_price, provider=o.provider,
+                return api.offers(o.gpu, gpus=o.gpus, max_price=_money(o.max_price, "--max-price"), provider=o.provider,
                                   min_reliability=o.min_reliability, spot=o.spot)
             if command == "providers":
                 return api.provider_status()

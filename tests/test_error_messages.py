@@ -219,3 +219,14 @@ def test_a_config_file_takes_keys_as_the_readme_spells_them(tmp_path: Path, wher
         load("colour = 5")
     keys = str(listed.value).split("known keys: ")[1].split(", ")
     assert "max-duration" in keys and "daily-budget" in keys and not [k for k in keys if "_" in k], keys
+
+
+def test_the_offer_search_names_its_options_as_typed(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from IPython.core.error import UsageError
+
+    from burst_jupyter.cli import main
+
+    with pytest.raises(UsageError, match=r"^--max-price must be a number of USD, not 'lots'$"):
+        ip.run_line_magic("burst", "offers --max-price lots")
+    assert main(["offers", "--max-price", "lots"]) == 2
+    assert "--max-price must be a number of USD, not 'lots'" in capsys.readouterr().err
