@@ -62,6 +62,7 @@ class Provisioning(StopPolicy):
     async def _launch(self, offers: list[Offer]) -> None:
         """Rent the best offer; move to the next when one is taken, or never boots and is confirmed gone."""
         job, plan = self.job, self.plan
+        why = ""  # what stopped the last offer tried, said in the error if none could be rented
         for i, offer in enumerate(offers[:_MAX_LAUNCH_ATTEMPTS]):
             if i:
                 self._choose(offer)
@@ -88,8 +89,8 @@ class Provisioning(StopPolicy):
                 self.launched_at = None
                 if plan.offers is not None:
                     plan.offers.forget(offer)
-                job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {offer.provider}: {exc}; trying the next "
-                         "offer\n")
+                why = f"{offer.provider}: {one_line(exc, about=offer.provider)}"
+                job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {why}; trying the next offer\n")
                 await asyncio.to_thread(self.state.mark_abandoned, job.id)
                 continue
             self.instance = instance
@@ -101,10 +102,11 @@ class Provisioning(StopPolicy):
                 await self._wait_ready()
                 return
             except _BootFailed as exc:
-                self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {self.chosen.name} instance "
-                              f"{instance.instance_id} {exc}; ending it\n")
+                why = f"{self.chosen.name} instance {instance.instance_id} {exc}"
+                self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {why}; ending it\n")
                 await self._end_attempt("boot-failed", str(exc))
-        raise NoCapacity(f"tried {min(len(offers), _MAX_LAUNCH_ATTEMPTS)} offer(s); none could be rented")
+        tried = min(len(offers), _MAX_LAUNCH_ATTEMPTS)
+        raise NoCapacity(f"tried {tried} offer{'s' if tried > 1 else ''}; none could be rented (the last: {why})")
 
     async def _end_attempt(self, status: str, why: str) -> None:
         """An instance this job can no longer use (never booted, preempted): end it and bill it on a ledger row of

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
-from ..errors import ApiError, ConfigError, ConnectFailed, OfferGone, ProviderError
+from ..errors import ApiError, ConfigError, ConnectFailed, OfferGone, ProviderError, one_line
 from ._http import RETRY_STATUSES, ApiClient, RetryPolicy, money_from_json
 from .base import (
     REMOTE_JOB_ROOT,
@@ -292,7 +292,8 @@ class ThunderProvider:
         except ProviderError as exc:
             if isinstance(exc, ApiError) and _is_capacity(exc):
                 # /v1/status said available a moment ago: this offer went, the next one may not have.
-                raise OfferGone(f"thunder: {offer.offer_id} is out of capacity: {exc}") from exc
+                raise OfferGone(f"thunder: {offer.offer_id} is out of capacity: "
+                                f"{one_line(exc, about=self.name)}") from exc
             return await find_created(self, tag=tag, job_id=job_id, lost=exc)  # by its key's comment TAG/JOB_ID
         # The reply's "key" (a private key Thunder may generate) is dropped here: never kept, never logged.
         uuid = reply.get("uuid") if isinstance(reply, Mapping) else None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
-from ..errors import ApiError, OfferGone, ProviderError, ProvisioningFailed
+from ..errors import ApiError, OfferGone, ProviderError, ProvisioningFailed, one_line
 from ._boot_watchdog import boot_command
 from ._http import ApiClient, RetryPolicy, money_from_json
 from .base import (
@@ -219,9 +219,11 @@ class VastProvider:
             try:
                 await self.terminate(instance_id)
             except ProviderError as gone:
-                left = f"; destroying it failed too ({gone}): it is labelled {tag}, and `burst cleanup` ends it"
+                left = (f"; destroying it failed too ({one_line(gone, about=self.name)}): it is labelled {tag}, and "
+                        "`burst cleanup` ends it")
             if isinstance(exc, ProviderError):
-                raise ProvisioningFailed(f"vast: could not attach the SSH key to instance {instance_id} ({exc})"
+                raise ProvisioningFailed(f"vast: could not attach the SSH key to instance {instance_id} "
+                                         f"({one_line(exc, about=self.name)})"
                                          + (left or "; it was destroyed")) from exc
             raise
 

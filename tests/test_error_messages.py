@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from burst_checks import cell, run_cell, usage_line
+from burst_checks import cell, ok, run_cell, usage_line
 from marketplaces import GPU, Markets
 
 import burst_jupyter as burst
 from burst_jupyter.errors import RemoteError
+from burst_jupyter.events import EventType
 
 KEY_VARS = {"vast": "VAST_API_KEY", "runpod": "RUNPOD_API_KEY", "thunder": "TNR_API_TOKEN"}
 
@@ -230,3 +231,21 @@ def test_the_offer_search_names_its_options_as_typed(ip: Any, capsys: pytest.Cap
         ip.run_line_magic("burst", "offers --max-price lots")
     assert main(["offers", "--max-price", "lots"]) == 2
     assert "--max-price must be a number of USD, not 'lots'" in capsys.readouterr().err
+
+
+@pytest.mark.ssh
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("provider", list(KEY_VARS))
+def test_an_offer_taken_before_the_create_is_said_once(ip: Any, markets: Markets, provider: str) -> None:
+    markets.all[provider].switches.take_offer_on_create = 1
+    result, streams = run_cell(ip, cell(f"--provider {provider} --gpu {GPU[provider]} --max-cost 1", "print('ran')"))
+    if provider == "vast":  # it has another RTX 4090 to rent; the others had one fitting offer
+        ok(result, streams)
+    else:
+        line = usage_line(result)
+        assert "tried 1 offer; none could be rented (the last: " in line and "offer(s)" not in line, line
+        assert f"{provider}: {provider}:" not in line and line.count(f"{provider}:") == 1, line
+    said = streams.text("stderr", ours=True) + "".join(e.text or "" for e in burst.jobs()[-1].events
+                                                       if e.type is EventType.OUTPUT)
+    assert f"burst: {provider}: " in said and "trying the next offer" in said, said
+    assert f"{provider}: {provider}:" not in said, said
