@@ -249,3 +249,15 @@ def test_an_offer_taken_before_the_create_is_said_once(ip: Any, markets: Markets
                                                        if e.type is EventType.OUTPUT)
     assert f"burst: {provider}: " in said and "trying the next offer" in said, said
     assert f"{provider}: {provider}:" not in said, said
+
+
+def test_each_job_field_is_named_by_an_option_both_lines_take() -> None:
+    from burst_jupyter import cli
+    from burst_jupyter.magics import BurstMagics
+    from burst_jupyter.spec import OPTIONS, JobSpec
+
+    submit = _options(cli._parser())["submit"]
+    cell_line = _options(BurstMagics.burst.parser)[""]
+    assert set(OPTIONS) == set(JobSpec.model_fields) - {"cell"}
+    assert [o for o in OPTIONS.values() if o not in submit] == ["--push", "--pull"]  # a notebook's variables
+    assert [o for o in OPTIONS.values() if o not in cell_line] == ["--file", "--command"]  # burst submit's alone
