@@ -73,7 +73,7 @@ def test_a_failing_provider_is_reported_and_the_others_still_answer() -> None:
     broken = Shelf("thunder", [], fail=KeyError("pricing"))
     result = asyncio.run(OfferBook().search({"vast": limited, "runpod": good, "thunder": broken}, OfferQuery()))
     assert [o.provider for o in result.offers] == ["runpod"]
-    assert result.errors == {"vast": "vast: rate limited: HTTP 429", "thunder": "KeyError: 'pricing'"}
+    assert result.errors == {"vast": "rate limited: HTTP 429", "thunder": "KeyError: 'pricing'"}  # keyed: named once
 
 
 def test_a_taken_offer_is_forgotten_by_the_cache() -> None:
