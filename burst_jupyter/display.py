@@ -10,18 +10,28 @@ Two modes:
   from another thread (ipykernel 7 otherwise sends thread output to the latest cell).
 
 Without a kernel (terminal IPython) the view's text lines are printed instead of a widget.
+
+When the job ends its view is shown again, as it ended, under one display id (``update_display_data``): that is
+what a saved or exported notebook keeps. A background job's end is also sent to the cell running at that moment,
+with the job's output (bounded): nbclient and papermill only listen to the running cell, so the streams of a cell
+that already finished never reach the notebook they write, but an update of a display id reaches every cell
+showing it. Front ends that listen to every cell (JupyterLab, Notebook 7) ignore an id the running cell does not
+show.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import sys
 import threading
 import time
+import uuid
+from html import escape
 from typing import TYPE_CHECKING, Any
 
-from .errors import RemoteError
+from .errors import JobInterrupted, RemoteError
 from .events import EventType, JobEvent
 
 if TYPE_CHECKING:
@@ -33,6 +43,9 @@ __all__ = ["CellDisplay"]
 # Seconds between view refreshes: elapsed time and cost, and whatever the view's 10 Hz throttle held back (a
 # progress update right after an output line). Cheap: a refresh sends only the widget traits that changed.
 _TICK = 0.2
+# How much of a background job's output its final view carries to a notebook that missed the streams (the last
+# characters; the whole output is in the job's log).
+_TAIL_CHARS = 100_000
 
 
 class CellDisplay:
@@ -43,19 +56,27 @@ class CellDisplay:
         self.kernel = getattr(shell, "kernel", None)
         self.parent = shell.get_parent() if shell is not None and self.kernel is not None else None
         self.view: JobView = JobView(job_id=job.id, name=job.spec.name, max_cost_usd=job.plan.cap_usd)
-        self._handle: Any = None
+        self.display_id = uuid.uuid4().hex
+        self._shown = False
         self._last_stream: str | None = None
+        self._tail: collections.deque[str] = collections.deque()  # background output, for the final view
+        self._tail_chars = 0
+        self._tail_cut = False
 
     @property
     def text_mode(self) -> bool:
         return self.kernel is None
 
-    def show(self) -> None:
+    def show(self) -> bool:
+        """Display the view in the running cell (again, where shown before: one display id, updated as one).
+        False in text mode, where there is nothing to display."""
         if self.text_mode:
-            return
+            return False
         from IPython.display import display
 
-        self._handle = display(self.view, display_id=True)  # type: ignore[no-untyped-call]
+        display(self.view, display_id=self.display_id)  # type: ignore[no-untyped-call]
+        self._shown = True
+        return True
 
     # -- blocking ---------------------------------------------------------------------------------------------
 
@@ -83,8 +104,8 @@ class CellDisplay:
                 except KeyboardInterrupt:
                     if interrupted:
                         # A second Ctrl-C: stop waiting; the clean-up goes on in the session loop regardless.
-                        sys.stderr.write(f"burst: job {self.job.id} is still being cleaned up in the background\n")
-                        raise
+                        raise JobInterrupted(f"burst: job {self.job.id} is still being cleaned up in the "
+                                             "background (burst jobs)") from None
                     interrupted = True
                     sys.stderr.write("burst: cancelling: syncing back, terminating, settling the bill "
                                      "(Ctrl-C again to leave that to the background)\n")
@@ -93,7 +114,8 @@ class CellDisplay:
             remove()
         result = self.job.result()
         if interrupted:
-            raise KeyboardInterrupt
+            # One line, not the frames of burst it went through: what became of the job is all the user asked.
+            raise self.job.interrupted(result)
         error = result.error
         if self.kernel is None and isinstance(error, RemoteError):
             # A terminal prints the remote traceback as it stands (a notebook renders it inert): no escapes.
@@ -107,8 +129,10 @@ class CellDisplay:
     # -- background -------------------------------------------------------------------------------------------
 
     def follow_in_background(self) -> None:
-        """Render from the session loop thread from now on (the view's single writer)."""
+        """Render from the session loop thread from now on (the view's single writer). The job then displays as
+        this view (``Job._ipython_display_``): the cell's ``Out`` follows the job instead of freezing its repr."""
         self.job.add_listener(lambda e: self._on_event(e, blocking=False))
+        self.job.shown_by(self.show)
         self._schedule_tick()
 
     def _schedule_tick(self) -> None:
@@ -127,6 +151,8 @@ class CellDisplay:
     def _on_event(self, event: JobEvent, *, blocking: bool) -> None:
         if event.type is EventType.OUTPUT:
             self._write(event.stream or "stdout", event.text or "", blocking=blocking)
+            if not blocking and not self.text_mode:
+                self._keep(event.text or "")
             self.view.handle(event)
             return
         self.view.handle(event)
@@ -135,11 +161,23 @@ class CellDisplay:
             if line:
                 self._write("stdout", f"[burst] {line}\n", blocking=blocking)
         if event.is_final:
-            self._refresh_snapshot()
+            self._refresh_snapshot(final=True)
             if not blocking:
                 self._report_background_end()
         elif event.type is EventType.STARTED:
-            self._refresh_snapshot()
+            self._refresh_snapshot(final=False)
+
+    def _keep(self, text: str) -> None:
+        """The end of a background job's output, bounded, for cells that never saw its streams."""
+        self._tail.append(text)
+        self._tail_chars += len(text)
+        while self._tail_chars > _TAIL_CHARS:
+            over = self._tail_chars - _TAIL_CHARS
+            first = self._tail.popleft()
+            if len(first) > over:
+                self._tail.appendleft(first[over:])
+            self._tail_chars -= min(len(first), over)
+            self._tail_cut = True
 
     def _report_background_end(self) -> None:
         """A background job has nobody waiting to raise its error: show its traceback in its cell.
@@ -156,12 +194,42 @@ class CellDisplay:
 
         self.job._future.add_done_callback(report)
 
-    def _refresh_snapshot(self) -> None:
+    def _refresh_snapshot(self, *, final: bool) -> None:
         """Re-publish the displayed view at the job's turning points, so the text/plain and text/html kept in the
         notebook say how it ended (nbconvert and nbclient keep the last update). Only then: a re-publish makes
         JupyterLab rebuild the widget's view, and the live widget updates itself over its comm anyway."""
-        if self._handle is not None and threading.current_thread() is threading.main_thread():
-            self._handle.update(self.view)
+        if not self._shown:
+            return
+        if threading.current_thread() is threading.main_thread():
+            from IPython.display import update_display
+
+            update_display(self.view, display_id=self.display_id)  # type: ignore[no-untyped-call]
+            return
+        from IPython.core.formatters import format_display_data
+
+        bundle, _ = format_display_data(self.view)
+        self._send_update(bundle, self.parent)
+        now = self.kernel.get_parent() if final else None
+        if now and self.parent and now.get("header", {}).get("msg_id") != self.parent["header"].get("msg_id"):
+            self._send_update(self._with_output(bundle), now)
+
+    def _with_output(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        text = "".join(self._tail)
+        if not text:
+            return bundle
+        from .widgets.render import clean_text
+
+        if self._tail_cut:
+            text = f"[burst: earlier output left out; the whole of it: burst show {self.job.id}]\n…{text}"
+        html = f'<pre class="burst-output">{escape(clean_text(text))}</pre>'
+        return {**bundle, "text/plain": f"{bundle.get('text/plain', '')}\n{text}",
+                "text/html": bundle.get("text/html", "") + html}
+
+    def _send_update(self, bundle: dict[str, Any], parent: Any) -> None:
+        """``update_display_data`` for this view's display id, on behalf of the cell ``parent`` (any thread)."""
+        self.kernel.session.send(self.kernel.iopub_socket, "update_display_data",
+                                 content={"data": bundle, "metadata": {}, "transient": {"display_id": self.display_id}},
+                                 parent=parent, ident=b"update_display_data")
 
     def _write(self, stream: str, text: str, *, blocking: bool) -> None:
         if not text:

@@ -17,6 +17,7 @@ __all__ = [
     "ConnectFailed",
     "HostKeyError",
     "JobCancelled",
+    "JobInterrupted",
     "NoCapacity",
     "OfferGone",
     "Preempted",
@@ -122,6 +123,14 @@ class BudgetKilled(BurstError):
 
 class JobCancelled(BurstError):
     """The job was cancelled (Ctrl-C, ``job.cancel()``, kernel shutdown) before it finished."""
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the wait for a job, which was cancelled and cleaned up. A KeyboardInterrupt (code that stops
+    on one still stops), shown by IPython as its one line rather than the frames of burst it passed through."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [str(self)]
 
 
 class RemoteError(BurstError):

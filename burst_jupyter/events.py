@@ -29,7 +29,7 @@ class EventType(str, enum.Enum):
     BUDGET_WARNING = "budget_warning"
     PROVISIONING = "provisioning"
     PROVISIONED = "provisioned"
-    PROTECTED = "protected"  # message: the layers that end this instance if the kernel dies
+    PROTECTED = "protected"  # message: what happens if the kernel dies, one line; text: the layers behind it
     SSH_READY = "ssh_ready"
     SYNCING_UP = "syncing_up"
     STARTED = "started"

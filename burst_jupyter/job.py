@@ -14,8 +14,9 @@ from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, JobCancelled, NoCapacity
+from .errors import ConfigError, JobCancelled, JobInterrupted, NoCapacity
 from .events import FINAL_EVENTS, EventType, JobEvent
+from .money import format_usd
 from .offer_book import rank
 from .output import OutputBounds
 from .providers.base import Offer, OfferQuery, Provider
@@ -169,6 +170,7 @@ class Job:
         self._future: concurrent.futures.Future[JobResult] = concurrent.futures.Future()
         self.cancel_requested = threading.Event()
         self.handed_off = threading.Event()  # the exit hooks gave this job to a reaper: hands off
+        self._show: Callable[[], bool] | None = None  # displays the job's live view (see _ipython_display_)
 
     # -- produced on the loop thread ------------------------------------------------------------------------
 
@@ -252,8 +254,27 @@ class Job:
             self.cancel()
             while not self._future.done():
                 concurrent.futures.wait([self._future], timeout=0.1)
-            raise
+            raise self.interrupted(self._future.result()) from None
         return self._future.result()
+
+    def interrupted(self, result: JobResult) -> JobInterrupted:
+        """What Ctrl-C did, in one line: "burst: job j cancelled · synced back 3 files · terminated local instance
+        j · settled $0.00"."""
+        seen = {e.type: e for e in self.events}
+        bits = [f"burst: job {self.id} {result.status.value.replace('_', ' ')} by Ctrl-C"]
+        if EventType.SYNCING_DOWN in seen:
+            bits.append(f"synced back {len(result.files)} file{'' if len(result.files) == 1 else 's'}")
+        ended = seen.get(EventType.TERMINATED)
+        if ended is not None:
+            where = " ".join(x for x in (ended.provider, "instance", ended.instance_id) if x)
+            bits.append(f"terminated {where}")
+        bits.append("nothing billed yet" if result.total_cost_usd is None
+                    else f"settled {format_usd(result.total_cost_usd)}")
+        if result.error is not None and not isinstance(result.error, JobCancelled):
+            from .errors import one_line
+
+            bits.append(f"error: {one_line(result.error)}")
+        return JobInterrupted(" · ".join(bits))
 
     def cancel(self) -> None:
         """Stop the job: its rw mounts are synced back, the instance terminated and the bill settled."""
@@ -282,3 +303,14 @@ class Job:
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.status.value} ({self.spec.name})>"
+
+    def shown_by(self, show: Callable[[], bool]) -> None:
+        """Display the job with ``show`` (its live view; False where it displayed nothing) from now on."""
+        self._show = show
+
+    def _ipython_display_(self) -> None:
+        """A job in a cell's ``Out`` shows as its view, which follows it to the end; the repr elsewhere."""
+        if self._show is None or not self._show():
+            from IPython.display import display
+
+            display({"text/plain": repr(self)}, raw=True)  # type: ignore[no-untyped-call]

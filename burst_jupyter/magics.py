@@ -181,10 +181,10 @@ class BurstMagics(Magics):
 
         try:
             display = CellDisplay(job, self.shell)
-            display.show()
             if background:
                 display.follow_in_background()
-                return job
+                return job  # shown as its view (Job._ipython_display_), so the cell's Out follows the job
+            display.show()
         except BaseException:
             # The job is already submitted: never leave it running without a view or a handle.
             job.cancel()

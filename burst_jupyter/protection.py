@@ -40,6 +40,7 @@ class Protection:
     layers: tuple[str, ...]
     results: str  # what becomes of the rw results if the kernel dies mid-job
     self_destructs: bool  # the agent ends the instance itself when the client goes silent
+    summary: str  # what happens if the notebook dies, in one line a user reads (the view shows the rest on demand)
 
     def describe(self) -> str:
         return f"{' · '.join(self.layers)}; {self.results}"
@@ -82,7 +83,7 @@ def protection(provider: Provider, sink: ResultSink | None, *, lease_seconds: in
     elif rented:
         layers.append(f"agent lease {lease_seconds} s stops the job only ({provider.name} has no scoped key): an "
                       "orphan, and an instance whose kernel died while it was created or booting, is ended by "
-                      "reconciliation on the next load or `burst cleanup`")
+                      "reconciliation on the next load or burst cleanup")
     else:
         layers.append(f"agent lease {lease_seconds} s stops the job and clears its work folder")
     # The agent holds the cap itself wherever the instance bills (the manifest carries the rate and the cap).
@@ -97,9 +98,25 @@ def protection(provider: Provider, sink: ResultSink | None, *, lease_seconds: in
                   "r2:// --sink)"
     else:
         where = "on the instance" if rented else "in the job's folder"
-        results = f"a dead kernel's rw results wait {where} for `burst cleanup`"
-    return Protection(layers=tuple(layers), results=results, self_destructs=self_destructs)
+        results = f"a dead kernel's rw results wait {where} for burst cleanup"
+    return Protection(layers=tuple(layers), results=results, self_destructs=self_destructs,
+                      summary=_summary(provider, lease_seconds=lease_seconds, max_seconds=max_seconds,
+                                       self_destructs=self_destructs))
+
+
+def _summary(provider: Provider, *, lease_seconds: int, max_seconds: float, self_destructs: bool) -> str:
+    if not lease_seconds:
+        return f"If this notebook dies, the job runs on to its time limit ({_span(max_seconds)}): --lease 0."
+    within = f"within {_span(lease_seconds)}"
+    if self_destructs:
+        return f"If this notebook dies, the machine shuts itself down {within}."
+    if provider.bills_from_launch:
+        return (f"If this notebook dies, the job stops {within}; the machine is ended the next time burst loads "
+                "(or by burst cleanup).")
+    return f"If this notebook dies, the job stops {within}."
 
 
 def _span(seconds: float) -> str:
+    if seconds < 60 or seconds % 60:
+        return f"{seconds:g} s"
     return f"{seconds / 3600:g} h" if seconds % 3600 == 0 else f"{seconds / 60:g} min"

@@ -83,8 +83,8 @@ class RemoteRun(StopPolicy):
         assert self.instance is not None
         client = await asyncio.to_thread(self._client)
         job.emit(EventType.SSH_READY, instance_id=self.instance.instance_id, message=client.runner.description)
-        job.emit(EventType.PROTECTED, message=protection(self.chosen, plan.sink, lease_seconds=plan.spec.lease_seconds,
-                                                         max_seconds=plan.max_seconds).describe())
+        guard = protection(self.chosen, plan.sink, lease_seconds=plan.spec.lease_seconds, max_seconds=plan.max_seconds)
+        job.emit(EventType.PROTECTED, message=guard.summary, text=guard.describe())
         self._check_cancel()
         job.emit(EventType.SYNCING_UP, message=_describe_mounts(plan.mounts))
         t0 = self.clock.monotonic()

@@ -77,9 +77,11 @@ def go_silent(job: Job) -> None:
 
 
 def protected(job: Job) -> str:
+    """The one line the job view shows, then the layers behind it (on hover or expand)."""
     (event,) = [e for e in job.events if e.type is EventType.PROTECTED]
-    assert event.message is not None
-    return event.message
+    assert event.message is not None and event.text is not None
+    assert "\n" not in event.message and "`" not in event.message + event.text
+    return f"{event.message}\n{event.text}"
 
 
 def remote_jobdir(machine: Any, job_id: str) -> Path:
@@ -120,6 +122,7 @@ def test_vast_lapse_uploads_the_results_then_destroys_the_instance_with_its_own_
     manifest = (jobdir / "job.json").read_text()
     assert json.loads(manifest)["self_destruct"]["key_env"] == "CONTAINER_API_KEY"
     assert markets.vast.api_key not in manifest and str(inst.scoped_key) not in manifest
+    assert protected(job).startswith(f"If this notebook dies, the machine shuts itself down within {LEASE:g} s.\n")
     assert "vast scoped key" in protected(job) and f"{store.bucket}/runs/{job.id}/lapse-results.tar" in protected(job)
     # The next cleanup cannot reach the instance (its agent ended it), so it brings the results home from the sink.
     assert not (tmp_path / "out" / "partial.txt").exists()
@@ -171,16 +174,19 @@ def test_without_a_scoped_key_the_job_stops_and_cleanup_brings_the_results_home(
         (machine,) = markets.thunder.machines.all
         jobdir = remote_jobdir(machine, job.id)
         assert "thunder has no scoped key" in protected(job)
+        assert protected(job).startswith(f"If this notebook dies, the job stops within {LEASE:g} s; the machine is "
+                                         "ended the next time burst loads (or by burst cleanup).\n")
     else:
         jobdir = burst_home / "local" / job.id
         assert "clears its work folder" in protected(job)
+        assert protected(job).startswith(f"If this notebook dies, the job stops within {LEASE:g} s.\n")
     wait_until(lambda: (jobdir / "exit.json").exists() and not (jobdir / "work").exists(),
                "the agent to stop the job and remove work/", limit=LEASE + SLACK)
     wait_until(lambda: not processes_mentioning(str(jobdir)), "the agent to exit", limit=SLACK)
     assert exit_reason(jobdir) == "lease"
     assert (jobdir / "m" / "0" / "partial.txt").read_text() == "written before the client went silent"
     assert pulled((jobdir / "values.out.pkl").read_bytes())["answer"] == 42
-    assert "wait" in protected(job) and "for `burst cleanup`" in protected(job)
+    assert "wait" in protected(job) and "for burst cleanup" in protected(job)
     if provider == "thunder":
         assert len(markets.thunder.running()) == 1  # left for reconciliation, which ends it now
     burst.cleanup()  # a stranded job: stopped, synced back, terminated, settled
@@ -249,16 +255,18 @@ def test_the_lapse_upload_url_is_for_one_object_and_lives_at_most_seven_days(aws
     assert open_sink(str(tmp_path / "runs")).presigned_put(agent.LAPSE_ARCHIVE, expires_seconds=60) is None
 
 
-def test_the_job_view_shows_the_layers_escaped() -> None:
+def test_the_job_view_says_it_in_one_line_with_the_layers_on_demand_escaped() -> None:
     view = JobView(job_id="j1", name="n", max_cost_usd=None, clock=lambda: 0.0, kernel_present=lambda: False)
+    line = "If this notebook dies, the machine shuts itself down <b>within 10 min</b>."
     text = "job's own finally · agent lease 600 s → ends the instance <script>x</script>"
-    event = JobEvent(type=EventType.PROTECTED, job_id="j1", message=text)
+    event = JobEvent(type=EventType.PROTECTED, job_id="j1", message=line, text=text)
     view.handle(JobEvent(type=EventType.PROVISIONED, job_id="j1", provider="vast"))
     view.handle(event)
     assert view.state.status == "provisioned"  # a side note, not a phase
-    assert view.text_line(event) == f"protected by: {text}"
+    assert view.text_line(event) == line  # a terminal prints the line; `burst show --events` has the rest
     html = view.snapshot_html()
-    assert "Protected by" in html and "&lt;script&gt;x&lt;/script&gt;" in html and "<script>" not in html
+    assert "<details" in html and "&lt;b&gt;within 10 min&lt;/b&gt;" in html
+    assert "&lt;script&gt;x&lt;/script&gt;" in html and "<script>" not in html and "<b>within" not in html
 
 
 def test_a_reaper_attaches_past_the_last_whole_line_of_the_log(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ def sent(widget: Any) -> int:
 
 
 def parts(view: JobView) -> dict[str, Any]:
-    status, progress_row, cost_row, last_output = view.widget.children
+    status, progress_row, cost_row, last_output, protection = view.widget.children
     return {
         "status": status,
         "progress": progress_row.children[0],
@@ -78,6 +78,7 @@ def parts(view: JobView) -> dict[str, Any]:
         "cost_bar": cost_row.children[1],
         "elapsed": cost_row.children[2],
         "last_output": last_output,
+        "protection": protection,
     }
 
 

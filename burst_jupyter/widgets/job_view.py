@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from decimal import Decimal
 from html import escape
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 from burst_jupyter.events import EventType, JobEvent
 from burst_jupyter.money import format_usd
 from burst_jupyter.widgets.render import (
+    WIDGET_VIEW_MIMETYPE,
     LiveView,
     bar_style,
     clean_text,
@@ -30,8 +31,31 @@ __all__ = ["JobView", "JobViewState"]
 # Widget comm messages go out on IOPub one by one; ~10 Hz is what tqdm.notebook settles on and reads as live.
 _MIN_SYNC_INTERVAL_S = 0.1
 _LAST_OUTPUT_CHARS = 200
+# A line still being written is held (per stream) until its end arrives: a cell's print() reaches the view in
+# several writes ("working", " ", "2", "\n"). Held up to what a shown line can use, so a cell that never ends a
+# line costs no more than that.
+_PENDING_CHARS = _LAST_OUTPUT_CHARS + 1
 _QUIET_EVENTS = frozenset({EventType.OUTPUT, EventType.PROGRESS})
 _FINAL_BAR_STYLES = {"completed": "success", "failed": "danger", "budget_killed": "danger", "cancelled": "warning"}
+# What each phase means, in words (the event names are the API's; these are what a user reads).
+_PHASES = {
+    "pending": "waiting",
+    "offer_selected": "offer chosen",
+    "budget_reserved": "cost cap set aside",
+    "provisioning": "starting a machine",
+    "provisioned": "machine started",
+    "ssh_ready": "connected",
+    "syncing_up": "uploading files",
+    "preempted": "machine taken back by the provider",
+    "syncing_down": "bringing results back",
+    "terminated": "machine ended",
+    "budget_killed": "stopped at its cost cap",
+}
+
+
+def _phase_words(status: str) -> str:
+    """A status as a user reads it: "starting a machine" for ``provisioning``."""
+    return _PHASES.get(status, status.replace("_", " "))
 
 
 @dataclasses.dataclass(slots=True)
@@ -56,13 +80,15 @@ class JobViewState:
     elapsed_s: float = 0.0
     last_output: str | None = None
     warning: str | None = None
-    protection: str | None = None  # which layers end the instance if the kernel dies (the protected event)
+    protection: str | None = None  # what happens if the notebook dies, in one line (the protected event)
+    protection_detail: str | None = None  # the layers behind that line, shown on hover or expand
     error: str | None = None
     final: bool = False
     queued_at: float | None = None
     billing_since: float | None = None
     billing_until: float | None = None
     earlier_attempts_usd: Decimal = Decimal(0)  # what instances lost to preemption cost (the preempted event)
+    pending_output: dict[str, str] = dataclasses.field(default_factory=dict)  # per stream: a line not yet ended
 
     @property
     def cost_fraction(self) -> float | None:
@@ -96,6 +122,9 @@ class JobViewState:
         if event.is_final:
             if event.total_cost_usd is not None:
                 self.cost_usd = event.total_cost_usd
+            for rest in self.pending_output.values():  # the cell's last words, even without a newline
+                self.last_output = _last_line(rest) or self.last_output
+            self.pending_output = {}
             self.final = True
 
     def _apply_type(self, event: JobEvent, now: float) -> None:
@@ -104,15 +133,16 @@ class JobViewState:
             if self.status == "reconnecting":
                 self.status = "running"  # data flowing again is the only "reconnected" signal the stream has
             if kind is EventType.OUTPUT:
-                self.last_output = _last_line(event.text or "") or self.last_output
+                self._output(event.stream or "stdout", event.text or "")
             else:
                 self.percent = event.percent if event.percent is not None else self.percent
                 self.progress_message = clean_text(event.message) if event.message else None
         elif kind is EventType.BUDGET_WARNING:
             # A warning is a side note, not a phase: it can arrive mid-run and must not hide "running".
             self.warning = clean_text(event.message or event.describe())
-        elif kind is EventType.PROTECTED:
-            self.protection = clean_text(event.message) if event.message else None  # a side note too
+        elif kind is EventType.PROTECTED:  # a side note too
+            self.protection = clean_text(event.message) if event.message else None
+            self.protection_detail = clean_text(event.text) if event.text else None
         elif kind is EventType.SYNCED:
             pass  # a periodic pull while running: the text view prints it; the phase stays "running"
         else:
@@ -125,6 +155,14 @@ class JobViewState:
                 # That instance is ended and billed; the next one, if any, bills from its own provisioned event.
                 self.earlier_attempts_usd = event.cost_so_far_usd or self.cost_usd
                 self.billing_since = None
+
+    def _output(self, stream: str, text: str) -> None:
+        """Show the last whole line: a carriage return ends one too (tqdm redraws with it)."""
+        pending = self.pending_output.get(stream, "") + text
+        cut = max(pending.rfind("\n"), pending.rfind("\r"))
+        if cut >= 0:
+            self.last_output = _last_line(pending[:cut]) or self.last_output
+        self.pending_output[stream] = pending[cut + 1:][:_PENDING_CHARS]
 
     def refresh(self, now: float) -> None:
         """Bring elapsed time and running cost up to ``now`` (no-op once final)."""
@@ -166,7 +204,7 @@ def _facts(s: JobViewState) -> _Facts:
     cost = format_usd(s.cost_usd) + ("" if s.cap_usd is None else f" of {format_usd(s.cap_usd)}")
     return _Facts(
         title=f"burst job {s.name!r}",
-        status=s.status.replace("_", " "),
+        status=_phase_words(s.status),
         where=" · ".join(x for x in (s.provider, s.gpu) if x),
         rate="" if s.rate_per_hour_usd is None else f"{format_usd(s.rate_per_hour_usd)}/h",
         progress=progress,
@@ -228,14 +266,18 @@ class JobView(LiveView):
             return None
         title = f"job {self._state.name!r} ({self._state.job_id})"
         if event.type is EventType.PROTECTED and event.message:
-            return clean_text(f"protected by: {event.message}")
+            return clean_text(event.message)
+        if event.type is EventType.PROVISIONING and event.provider:
+            # The provider's own status words ("success, running") are quoted as the provider's, not as ours.
+            said = f" ({event.provider} says: {event.message})" if event.message else ""
+            return clean_text(f"starting a machine on {event.provider}{said}")
         if not event.is_final:
             # The first line names the job; the rest are short (the [burst] prefix already says whose they are).
             text = f"{title} · {event.describe()}" if event.type is EventType.QUEUED else event.describe()
             return clean_text(text)
         with self._lock:
             elapsed = self._state.elapsed_at(self._clock())
-        bits = [title, event.type.value.replace("_", " ")]
+        bits = [title, _phase_words(event.type.value)]
         if event.total_cost_usd is not None:
             bits.append(f"total {format_usd(event.total_cost_usd)}")
         bits.append(format_duration(elapsed))
@@ -263,7 +305,7 @@ class JobView(LiveView):
                 ("Elapsed", escape(f.elapsed)),
                 ("Last output", f"<code>{escape(s.last_output)}</code>") if s.last_output else None,
                 ("Warning", escape(s.warning)) if s.warning else None,
-                ("Protected by", escape(s.protection)) if s.protection else None,
+                ("If the notebook dies", _protection_html(s)) if s.protection else None,
                 ("Error", f'<span style="color:#c62828">{escape(s.error)}</span>') if s.error else None,
             ]
         body = "".join(
@@ -271,6 +313,18 @@ class JobView(LiveView):
             for k, v in filter(None, rows)
         )
         return f'<div class="burst-job"><b>{escape(f.title)}</b><table>{body}</table></div>'
+
+    def _repr_mimebundle_(
+        self, include: Collection[str] | None = None, exclude: Collection[str] | None = None
+    ) -> dict[str, Any]:
+        """Once the job has ended, only the snapshots: nothing changes any more, and a saved or exported notebook
+        (nbconvert HTML, GitHub, one reopened without widget state) then shows how the job ended, where a widget
+        view would draw nothing or "model not found"."""
+        with self._lock:
+            final = self._state.final
+        if final:
+            exclude = {*(exclude or ()), WIDGET_VIEW_MIMETYPE}
+        return super()._repr_mimebundle_(include, exclude)
 
     def _sync(self, *, force: bool) -> None:
         if self._parts is None:
@@ -293,6 +347,7 @@ class JobView(LiveView):
             cost_bar=w.FloatProgress(min=0, max=100, layout=w.Layout(width="8em")),
             elapsed=w.HTML(),
             last_output=w.HTML(),
+            protection=w.HTML(),
         )
         p = self._parts
         return w.VBox(
@@ -301,6 +356,7 @@ class JobView(LiveView):
                 w.HBox([p.progress, p.progress_text]),
                 w.HBox([p.cost, p.cost_bar, p.elapsed]),
                 p.last_output,
+                p.protection,
             ]
         )
 
@@ -320,14 +376,14 @@ class JobView(LiveView):
             # One state message per changed widget per render, however many traits change.
             for part in p.all():
                 stack.enter_context(part.hold_sync())
-            guard = f"<br><small>protected by: {escape(s.protection)}</small>" if s.protection else ""
-            p.status.value = f"<b>{escape(f.title)}</b> · {status}{extra}{guard}"
+            p.status.value = f"<b>{escape(f.title)}</b> · {status}{extra}"
             set_bar(p.progress, _bar_percent(s) / 100, _progress_style(s))
             p.progress_text.value = escape(f.progress)
             p.cost.value = escape(f.cost)
             set_bar(p.cost_bar, s.cost_fraction, bar_style(s.cost_fraction))
             p.elapsed.value = escape(f.elapsed)
             p.last_output.value = f"<code>{escape(s.last_output or '')}</code>"
+            p.protection.value = f"<small>{_protection_html(s)}</small>" if s.protection else ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -339,9 +395,20 @@ class _JobWidgets:
     cost_bar: Any
     elapsed: Any
     last_output: Any
+    protection: Any
 
     def all(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+def _protection_html(s: JobViewState) -> str:
+    """The one line, and the layers behind it one click (or a hover) away."""
+    line = escape(s.protection or "")
+    if not s.protection_detail:
+        return line
+    detail = escape(s.protection_detail)
+    return (f'<details style="display:inline"><summary title="{detail}" style="cursor:pointer">{line}</summary>'
+            f"{detail}</details>")
 
 
 def _bar_percent(s: JobViewState) -> float:
