@@ -22,6 +22,7 @@ show.
 from __future__ import annotations
 
 import collections
+import contextvars
 import dataclasses
 import queue
 import sys
@@ -209,7 +210,9 @@ class CellDisplay:
 
         bundle, _ = format_display_data(self.view)
         self._send_update(bundle, self.parent)
-        now = self.kernel.get_parent() if final else None
+        # The request the kernel runs now. In an empty context: ipykernel 7 keeps the parent in a ContextVar, and
+        # this callback runs in a copy of the context that submitted the job, where it is still the first cell.
+        now = contextvars.Context().run(self.kernel.get_parent, "shell") if final else None
         if now and self.parent and now.get("header", {}).get("msg_id") != self.parent["header"].get("msg_id"):
             self._send_update(self._with_output(bundle), now)
 

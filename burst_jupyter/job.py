@@ -260,14 +260,15 @@ class Job:
     def interrupted(self, result: JobResult) -> JobInterrupted:
         """What Ctrl-C did, in one line: "burst: job j cancelled · synced back 3 files · terminated local instance
         j · settled $0.00"."""
-        seen = {e.type: e for e in self.events}
+        events = self.events
+        seen = {e.type: e for e in events}
         bits = [f"burst: job {self.id} {result.status.value.replace('_', ' ')} by Ctrl-C"]
         if EventType.SYNCING_DOWN in seen:
             bits.append(f"synced back {len(result.files)} file{'' if len(result.files) == 1 else 's'}")
         ended = seen.get(EventType.TERMINATED)
         if ended is not None:
-            where = " ".join(x for x in (ended.provider, "instance", ended.instance_id) if x)
-            bits.append(f"terminated {where}")
+            provider = next((e.provider for e in reversed(events) if e.provider), None)
+            bits.append(" ".join(x for x in ("terminated", provider, "instance", ended.instance_id) if x))
         bits.append("nothing billed yet" if result.total_cost_usd is None
                     else f"settled {format_usd(result.total_cost_usd)}")
         if result.error is not None and not isinstance(result.error, JobCancelled):

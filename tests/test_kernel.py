@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from burst_checks import db_file
@@ -24,12 +25,14 @@ from kernels import (
     wait_until_clean,
 )
 from kernels import start_writer as start_writing
+from kernels import writer_cell
 
 from burst_jupyter.budget import Budget
 
 pytestmark = pytest.mark.kernel
 
 LOCAL = "%%burst --provider local --max-cost 1"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 # Wait in the remote cell until the test creates the file named by the pushed variable `gate` (bounded, so a
 # failed test never leaves a cell waiting for ever).
@@ -128,7 +131,7 @@ for i in range(1, 4):
     print(f"bg {{i}}")
     time.sleep(0.2)
 """)
-    assert "<Job " in first.of_type("execute_result")[0]["content"]["data"]["text/plain"]
+    assert first.of_type("execute_result") == []  # the job shows as its view, not a repr frozen at "queued"
     kernel.pump_until(lambda: "bg 0\n" in first.text(), timeout=30, what="the background job's first line")
     second = kernel.run_ok("job = _")
     # The rest of the output is printed while this later cell is the one running.
@@ -165,6 +168,58 @@ def test_notebook_functions_and_classes_travel_both_ways(start_kernel: Callable[
     kernel.run_ok(f"{LOCAL} --push f,p --pull y,g,Q\ny = f(p.v)\ndef g():\n    return 5\nclass Q:\n    pass\n")
     shown = kernel.run_ok("print(y, g(), Q.__name__)")
     assert shown.text("stdout") == "4 5 Q\n"
+
+
+def test_a_background_cells_out_follows_the_job_to_its_end(start_kernel: Callable[[], Kernel]) -> None:
+    """The cell's result is the job's view under a display id, not a repr frozen at "queued"; when the job ends the
+    view is shown as it ended, to its own cell and (with the output, for nbclient and papermill, which only listen
+    to the running cell) to the cell running then."""
+    kernel = start_kernel()
+    first = kernel.run_ok(f"""{LOCAL} --background --name bg
+import time
+for i in range(3):
+    print("working", i)
+    time.sleep(0.3)
+""")
+    (shown,) = first.of_type("display_data")
+    display_id = shown["content"]["transient"]["display_id"]
+    assert WIDGET_VIEW in shown["content"]["data"] and "burst job 'bg'" in shown["content"]["data"]["text/plain"]
+    assert first.of_type("execute_result") == []
+    second = kernel.run_ok("job = _\nprint(type(job).__name__, job.wait(timeout=60).status)")
+    assert second.text() == "Job completed\n"
+
+    def updates(execution: Execution) -> list[dict[str, Any]]:
+        return [m["content"] for m in execution.of_type("update_display_data")
+                if m["content"]["transient"]["display_id"] == display_id]
+
+    kernel.pump_until(lambda: updates(first) and updates(second), timeout=30, what="the final view in both cells")
+    own, now = updates(first)[-1]["data"], updates(second)[-1]["data"]
+    for data in (own, now):
+        assert set(data) == {"text/plain", "text/html"}  # as it ended: no widget a saved notebook cannot draw
+        assert data["text/plain"].startswith("burst job 'bg' · completed")
+    # The cell that saw the streams gets the view alone; the running cell's copy carries what the job printed.
+    assert "working 0" not in own["text/plain"] and "working 0" not in own["text/html"]
+    assert "working 0\nworking 1\nworking 2\n" in now["text/plain"] and "working 2" in now["text/html"]
+
+
+def test_ctrl_c_mid_job_says_what_became_of_it_in_one_line(start_kernel: Callable[[], Kernel], burst_home: Path,
+                                                            work: Path) -> None:
+    kernel = start_kernel()
+    cell = kernel.submit(f"{LOCAL} --mount ./out:out:rw\n{writer_cell(150)}")
+    kernel.pump_until(lambda: "wrote 2\n" in cell.text("stdout"), timeout=60, what="the job's first files")
+    kernel.km.interrupt_kernel()
+    kernel.finish(cell)
+
+    assert cell.status == "error"
+    (error,) = cell.of_type("error")
+    (line,) = error["content"]["traceback"]  # one line, not the frames of burst the interrupt went through
+    job_id = line.split()[2]
+    written = cell.text("stdout").count("wrote ")
+    assert line.startswith(f"burst: job {job_id} cancelled by Ctrl-C · synced back "), line
+    assert f" · terminated local instance {job_id} · settled $0.00" in line, line
+    assert int(line.split("synced back ")[1].split()[0]) >= written  # every file written, and the note
+    check_settled(burst_home, job_id, message=None)
+    check_synced(work, written)
 
 
 # -- a kernel going away mid-job ---------------------------------------------------------------------------------
