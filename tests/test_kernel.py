@@ -23,9 +23,9 @@ from kernels import (
     leftovers,
     local_job_dirs,
     wait_until_clean,
+    writer_cell,
 )
 from kernels import start_writer as start_writing
-from kernels import writer_cell
 
 from burst_jupyter.budget import Budget
 
