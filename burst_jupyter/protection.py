@@ -6,8 +6,9 @@ switch (the lease, and the job's cost cap and hard maximum duration enforced on 
 reconciliation on the next load or ``burst cleanup``. Layer 3 differs by provider: it ends the instance only where
 the provider puts an instance-scoped credential on it (:attr:`~.providers.base.Capability.SELF_DESTRUCT`), and
 there it is armed in the create request, so it also ends an instance whose kernel died before any agent ran;
-elsewhere it stops the job and an orphaned instance waits for layer 4. Whether a dead kernel's results survive depends on the result
-sink: only one the instance can reach (a presigned upload into S3/R2) receives them from the agent.
+elsewhere it stops the job and an orphaned instance waits for layer 4. Whether a dead kernel's results survive
+depends on the result sink: only one the instance can reach (a presigned upload into S3/R2) receives them from the
+agent.
 
 Example:
     >>> from burst_jupyter.providers.thunder import ThunderProvider
