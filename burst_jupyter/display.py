@@ -199,7 +199,8 @@ class CellDisplay:
         """Re-publish the displayed view at the job's turning points, so the text/plain and text/html kept in the
         notebook say how it ended (nbconvert and nbclient keep the last update). Only then: a re-publish makes
         JupyterLab rebuild the widget's view, and the live widget updates itself over its comm anyway."""
-        if not self._shown:
+        kernel = self.kernel
+        if not self._shown or kernel is None:
             return
         if threading.current_thread() is threading.main_thread():
             from IPython.display import update_display
@@ -208,13 +209,13 @@ class CellDisplay:
             return
         from IPython.core.formatters import format_display_data
 
-        bundle, _ = format_display_data(self.view)
-        self._send_update(bundle, self.parent)
+        bundle, _ = format_display_data(self.view)  # type: ignore[no-untyped-call]
+        self._send_update(kernel, bundle, self.parent)
         # The request the kernel runs now. In an empty context: ipykernel 7 keeps the parent in a ContextVar, and
         # this callback runs in a copy of the context that submitted the job, where it is still the first cell.
-        now = contextvars.Context().run(self.kernel.get_parent, "shell") if final else None
+        now = contextvars.Context().run(kernel.get_parent, "shell") if final else None
         if now and self.parent and now.get("header", {}).get("msg_id") != self.parent["header"].get("msg_id"):
-            self._send_update(self._with_output(bundle), now)
+            self._send_update(kernel, self._with_output(bundle), now)
 
     def _with_output(self, bundle: dict[str, Any]) -> dict[str, Any]:
         text = "".join(self._tail)
@@ -228,11 +229,11 @@ class CellDisplay:
         return {**bundle, "text/plain": f"{bundle.get('text/plain', '')}\n{text}",
                 "text/html": bundle.get("text/html", "") + html}
 
-    def _send_update(self, bundle: dict[str, Any], parent: Any) -> None:
+    def _send_update(self, kernel: Any, bundle: dict[str, Any], parent: Any) -> None:
         """``update_display_data`` for this view's display id, on behalf of the cell ``parent`` (any thread)."""
-        self.kernel.session.send(self.kernel.iopub_socket, "update_display_data",
-                                 content={"data": bundle, "metadata": {}, "transient": {"display_id": self.display_id}},
-                                 parent=parent, ident=b"update_display_data")
+        kernel.session.send(kernel.iopub_socket, "update_display_data",
+                            content={"data": bundle, "metadata": {}, "transient": {"display_id": self.display_id}},
+                            parent=parent, ident=b"update_display_data")
 
     def _write(self, stream: str, text: str, *, blocking: bool) -> None:
         if not text:

@@ -305,7 +305,7 @@ class JobView(LiveView):
                 ("Elapsed", escape(f.elapsed)),
                 ("Last output", f"<code>{escape(s.last_output)}</code>") if s.last_output else None,
                 ("Warning", escape(s.warning)) if s.warning else None,
-                ("If the notebook dies", _protection_html(s)) if s.protection else None,
+                ("Safeguards", _protection_html(s)) if s.protection else None,
                 ("Error", f'<span style="color:#c62828">{escape(s.error)}</span>') if s.error else None,
             ]
         body = "".join(
