@@ -529,8 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     except BurstError as exc:
         print(f"burst: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("burst: interrupted (the job was cancelled and cleaned up)", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # A job's own line (JobInterrupted) says what became of it; a bare Ctrl-C came before any job.
+        print(str(exc) or "burst: interrupted", file=sys.stderr)
         return 130
     finally:
         if own_session:
