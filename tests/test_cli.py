@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -314,3 +315,26 @@ def test_terminal_ipython_shows_a_remote_traceback_without_its_escapes(ip: objec
     assert isinstance(error, RemoteError)
     shown = "\n".join(error._render_traceback_())
     assert "ValueError: boom" in shown and "\x1b" not in shown and "\x07" not in shown, shown
+
+
+def test_ctrl_c_in_burst_submit_says_what_became_of_the_job_in_one_line(burst_home: Path, tmp_path: Path) -> None:
+    script = tmp_path / "ticking.py"
+    script.write_text(TICKING)
+    proc = subprocess.Popen([sys.executable, "-m", "burst_jupyter.cli", "submit", "--provider", "local",
+                             "--max-cost", "1", "--file", str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line == "tick 2\n":
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("burst: job ") and " cancelled by Ctrl-C · " in last and last.endswith("settled $0.00"), err
+    assert "Traceback" not in err, err
+    assert_clean(burst_home)
