@@ -83,7 +83,7 @@ class CellDisplay:
 
     def run_blocking(self) -> JobResult:
         """Pump events on this (main) thread until the job ends. Ctrl-C cancels the job, waits for its clean-up
-        (sync back, terminate, settle), then raises KeyboardInterrupt."""
+        (sync back, terminate, settle), then raises JobInterrupted (a KeyboardInterrupt) saying so in one line."""
         events: queue.SimpleQueue[JobEvent] = queue.SimpleQueue()
         remove = self.job.add_listener(events.put)
         interrupted = False

@@ -14,7 +14,7 @@ from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, JobCancelled, JobInterrupted, NoCapacity
+from .errors import ConfigError, JobCancelled, JobInterrupted, NoCapacity, one_line
 from .events import FINAL_EVENTS, EventType, JobEvent
 from .money import format_usd
 from .offer_book import rank
@@ -243,7 +243,8 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> JobResult:
         """Block until the job ends, in short slices so Ctrl-C gets through; Ctrl-C cancels the job, waits for
-        its clean-up (sync back, terminate, settle) and then raises KeyboardInterrupt."""
+        its clean-up (sync back, terminate, settle) and then raises :class:`JobInterrupted` (a KeyboardInterrupt)
+        saying so in one line."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not self._future.done():
@@ -269,11 +270,9 @@ class Job:
         if ended is not None:
             provider = next((e.provider for e in reversed(events) if e.provider), None)
             bits.append(" ".join(x for x in ("terminated", provider, "instance", ended.instance_id) if x))
-        bits.append("nothing billed yet" if result.total_cost_usd is None
+        bits.append("cost not known yet (burst ledger)" if result.total_cost_usd is None
                     else f"settled {format_usd(result.total_cost_usd)}")
         if result.error is not None and not isinstance(result.error, JobCancelled):
-            from .errors import one_line
-
             bits.append(f"error: {one_line(result.error)}")
         return JobInterrupted(" · ".join(bits))
 

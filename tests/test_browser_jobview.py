@@ -103,6 +103,7 @@ def phase(seen: dict[str, Any]) -> str:
 
 def test_the_job_view_reads_well_while_running_and_after(lab: Server, tmp_path: Path) -> None:
     running_shot, final_shot = tmp_path / "job-view-running.png", tmp_path / "job-view-final.png"
+    cell_shot = tmp_path / "job-view.png"  # the running job's cell alone: docs/screenshots/job-view.png
     with chromium(lab, height=1100) as (page, js_errors):
         open_notebook(page, lab, NOTEBOOK, cells=4)
         run_all_cells(page)
@@ -112,7 +113,8 @@ def test_the_job_view_reads_well_while_running_and_after(lab: Server, tmp_path: 
         page.locator(".jp-Notebook .jp-CodeCell").nth(1).locator("details summary").hover()
         page.wait_for_timeout(300)  # let the hover settle before the picture; nothing is asserted on it
         page.screenshot(path=str(running_shot), full_page=True)
-        print(f"screenshot mid-run: {running_shot}")
+        page.locator(".jp-Notebook .jp-CodeCell").nth(1).screenshot(path=str(cell_shot))
+        print(f"screenshots mid-run: {running_shot} {cell_shot}")
         first = poll(page, f"() => ({CELL_JS})(1)", lambda s: s and s["snapshot"], timeout=90,
                      what="the blocking job's final view", seen=seen)
         background = poll(page, f"() => ({CELL_JS})(2)",
