@@ -147,6 +147,16 @@ def chromium(server: Server, *, width: int = 1200, height: int = 1000) -> Iterat
             browser.close()
 
 
+def write_notebook(path: Path, *cells: str) -> None:
+    """A notebook of these code cells for the ``python3`` kernel (this interpreter, see ``jupyter_server``)."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in cells]
+    nbformat.write(nb, path)
+
+
 # The open notebook and its kernel are ready (not "starting", "unknown" or "busy"), in JupyterLab and Notebook 7
 # alike (both expose their application as window.jupyterapp with expose_app_in_browser).
 KERNEL_IDLE_JS = """(cells) => {

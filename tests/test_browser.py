@@ -17,10 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nbformat
 import pytest
 from burst_checks import live_instances
-from jupyter_servers import Server, chromium, jupyter_server, open_notebook, poll, run_all_cells
+from jupyter_servers import Server, chromium, jupyter_server, open_notebook, poll, run_all_cells, write_notebook
 from kernels import local_job_dirs, wait_for
 
 pytestmark = pytest.mark.browser
@@ -86,22 +85,12 @@ def job_status(seen: dict[str, Any]) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
-def write_notebook(path: Path) -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [
-        nbformat.v4.new_code_cell("%load_ext burst_jupyter\nimport burst_jupyter as burst"),
-        nbformat.v4.new_code_cell(BURST_CELL),
-        nbformat.v4.new_code_cell("burst.budget_bars()"),
-    ]
-    nbformat.write(nb, path)
-
-
 @pytest.fixture
 def lab(tmp_path: Path, burst_home: Path) -> Iterator[Server]:
     root = tmp_path / "root"
     root.mkdir()
-    write_notebook(root / NOTEBOOK)
+    write_notebook(root / NOTEBOOK, "%load_ext burst_jupyter\nimport burst_jupyter as burst", BURST_CELL,
+                   "burst.budget_bars()")
     with jupyter_server(tmp_path, burst_home, root) as server:
         yield server
 

@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nbformat
 import pytest
-from jupyter_servers import Server, chromium, jupyter_server, open_notebook, poll, run_all_cells
+from jupyter_servers import Server, chromium, jupyter_server, open_notebook, poll, run_all_cells, write_notebook
 
 pytestmark = pytest.mark.browser
 
@@ -77,20 +76,12 @@ CELL_JS = """(index) => {
 }"""
 
 
-def write_notebook(path: Path) -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell("%load_ext burst_jupyter\nimport burst_jupyter as burst"),
-                nbformat.v4.new_code_cell(BLOCKING), nbformat.v4.new_code_cell(BACKGROUND),
-                nbformat.v4.new_code_cell(WAIT)]
-    nbformat.write(nb, path)
-
-
 @pytest.fixture
 def lab(tmp_path: Path, burst_home: Path) -> Iterator[Server]:
     root = tmp_path / "root"
     root.mkdir()
-    write_notebook(root / NOTEBOOK)
+    write_notebook(root / NOTEBOOK, "%load_ext burst_jupyter\nimport burst_jupyter as burst", BLOCKING, BACKGROUND,
+                   WAIT)
     with jupyter_server(tmp_path, burst_home, root) as server:
         yield server
 
