@@ -246,7 +246,7 @@ class JobView(LiveView):
     def state(self) -> JobViewState:
         """A copy of the current state, consistent even while the writer thread is mid-update."""
         with self._lock:
-            return dataclasses.replace(self._state)
+            return dataclasses.replace(self._state, pending_output=dict(self._state.pending_output))
 
     def handle(self, event: JobEvent) -> None:
         """Fold ``event`` into the state and, if the widget exists, into the widget (throttled unless final)."""
