@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -44,14 +43,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from .config_files import find_project_table as _find_project_table
+from .config_files import read_toml as _read_toml
 from .errors import ConfigError
 from .paths import user_config_path
 from .spec import HARD_MAX_MINUTES, describe_validation, parse_money
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 __all__ = ["ACCOUNT_TABLES", "PROJECT_RULES", "AccountSettings", "ProjectRule", "Settings", "load_settings"]
 
@@ -279,38 +275,6 @@ def _key(field: str) -> str:
 def _written_names(table: dict[str, Any]) -> dict[str, str]:
     """Each Settings key of a (validated) table, as the file spells it."""
     return {_field(key): str(key) for key in table}
-
-
-def _find_project_table(start: Path) -> tuple[str, dict[str, Any]] | None:
-    for folder in (start, *start.parents):
-        candidate = folder / "pyproject.toml"
-        if not candidate.is_file():
-            continue
-        tool = (_read_toml(candidate) or {}).get("tool")
-        table = tool.get("burst") if isinstance(tool, dict) else None
-        if table is None:
-            continue
-        label = f"{candidate} [tool.burst]"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{label}: must be a table, not {type(table).__name__}")
-        return label, table
-    return None
-
-
-def _read_toml(path: Path) -> dict[str, Any] | None:
-    """The parsed file, or None if it does not exist."""
-    try:
-        with path.open("rb") as file:
-            data: dict[str, Any] = tomllib.load(file)  # annotated: tomli is untyped where mypy checks 3.10
-            return data
-    except FileNotFoundError:
-        return None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {str(exc).splitlines()[0]}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def _validate(table: dict[str, Any], *, label: str) -> Settings:

@@ -1,13 +1,14 @@
 """``%load_ext burst_jupyter``: register the magics, install the exit hooks, report leftovers of dead kernels, and
 start reconciliation (reconcile.py) in a background thread.
 
-Kept light: IPython is already loaded; the session (SQLite), paramiko, ipywidgets and boto3 load when used, and
-the providers in the background thread.
+Kept light: IPython is already loaded; the session, pydantic (settings are validated here only when a settings
+file exists), httpx, paramiko, ipywidgets and boto3 load when used, and the providers in the background thread.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .exit_hooks import ExitHooks
@@ -45,16 +46,20 @@ def _report_leftovers() -> bool:
     left running. Reads only the config files, the environment and the state store (no session, no jobs
     machinery, no network). Returns whether reconciliation has anything to ask: a marketplace account,
     leftovers, or local job folders."""
-    from .config import load_settings
+    from .config_files import has_settings_files
     from .errors import ConfigError
-    from .paths import burst_home, db_path
+    from .paths import burst_home, db_path, has_local_jobs, user_config_path
     from .providers.accounts import accounts
-    from .reconcile import has_local_jobs
     from .state import StateStore
 
     markets = False
     try:
-        markets = bool(accounts(load_settings()))
+        settings = None
+        if has_settings_files(user_config_path(), Path.cwd()):
+            from .config import load_settings
+
+            settings = load_settings()
+        markets = bool(accounts(settings))
     except ConfigError as exc:
         print(f"burst: {exc}")
     try:

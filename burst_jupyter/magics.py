@@ -17,7 +17,6 @@ from traitlets import Bool, Float, Int, Unicode, Union
 from traitlets import List as ListTrait
 
 from .errors import BurstError, ConfigError, RemoteError
-from .reconcile import announce
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
@@ -126,6 +125,8 @@ class BurstMagics(Magics):
             loss = train(lr)
         """
         args = parse_argstring(self.burst, line)
+        from .reconcile import announce  # not at %load_ext: it brings the agent's and asyncio's imports
+
         announce()  # what reconciliation at load or while jobs ran did since the last command, said once
         try:
             spec = self._spec(args, self.ip.transform_cell(cell))
@@ -218,6 +219,7 @@ class BurstMagics(Magics):
         words = shlex.split(line)
         command, rest = (words[0], words[1:]) if words else ("help", [])
         from . import api
+        from .reconcile import announce
 
         announce()
         try:

@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["burst_home", "db_path", "local_jobs_dir", "logs_dir", "open_private", "private_dir", "secure_home",
-           "tighten", "user_config_path"]
+__all__ = ["burst_home", "db_path", "has_local_jobs", "local_jobs_dir", "logs_dir", "open_private", "private_dir",
+           "secure_home", "tighten", "user_config_path"]
 
 _secured: set[Path] = set()
 _secured_lock = threading.Lock()
@@ -85,6 +85,15 @@ def db_path() -> Path:
 
 def local_jobs_dir() -> Path:
     return private_dir(burst_home() / "local")
+
+
+def has_local_jobs(home: Path) -> bool:
+    """Whether the local provider has any job folder under ``home`` (cheap: no subprocess, nothing made)."""
+    try:
+        with os.scandir(home / "local") as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
 
 
 def logs_dir() -> Path:

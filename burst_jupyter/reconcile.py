@@ -36,10 +36,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .agent import pid_alive
 from .errors import one_line
 from .money import format_usd
-from .paths import open_private, private_dir
+from .paths import has_local_jobs, open_private, private_dir
 from .state import LIVE_STATES
 
 if TYPE_CHECKING:
@@ -60,7 +59,6 @@ __all__ = [
     "Reconciler",
     "Report",
     "announce",
-    "has_local_jobs",
     "periodic_pass",
     "providers_to_ask",
     "run_in_session",
@@ -241,6 +239,8 @@ class Reconciler:
             return False
         if o.reaper_pid is not None and o.reaper_pid != os.getpid():
             # Handed off: its kernel let go of it (and stays away, alive or not); the reaper alone finishes it.
+            from .agent import pid_alive  # not at import: reconcile is imported by %load_ext
+
             return not pid_alive(o.reaper_pid)
         return o.job_id in self.finished or not o.owner.is_alive()
 
@@ -380,15 +380,6 @@ class Reconciler:
 
 
 # -- which providers --------------------------------------------------------------------------------------------
-
-
-def has_local_jobs(home: Path) -> bool:
-    """Whether the local provider has any job folder (cheap: no subprocess)."""
-    try:
-        with os.scandir(home / "local") as entries:
-            return any(True for _ in entries)
-    except OSError:
-        return False
 
 
 def providers_to_ask(settings: Settings, build: Callable[[ProviderConfig], Provider],

@@ -20,7 +20,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from .agent import pid_alive  # the agent is stdlib-only and self-contained; the client shares its helpers
 from .db import connect, write_transaction
 
 __all__ = ["OwnedInstance", "Owner", "StateStore"]
@@ -67,6 +66,8 @@ class Owner:
     def is_alive(self) -> bool:
         if self.host != socket.gethostname():
             return True  # another machine's kernel: we cannot tell, so we never take its jobs
+        from .agent import pid_alive  # the agent shares its stdlib helpers; imported when a row is read, not at load
+
         if not pid_alive(self.pid):
             return False
         return self.started is None or _process_start(self.pid) in (None, self.started)
@@ -88,6 +89,8 @@ class OwnedInstance:
         """Live at the provider (as far as we know) while neither its kernel nor a reaper is alive."""
         if self.state not in LIVE_STATES:
             return False
+        from .agent import pid_alive
+
         if self.reaper_pid is not None and pid_alive(self.reaper_pid):
             return False
         return not self.owner.is_alive()

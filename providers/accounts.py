@@ -72,13 +72,14 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def accounts(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, Account]:
-    """Every configured marketplace, in MARKETPLACES order. A base URL a key may not be sent to is one
-    :class:`ConfigError` naming the variable or file that set it."""
+def accounts(settings: Settings | None, environ: Mapping[str, str] | None = None) -> dict[str, Account]:
+    """Every configured marketplace, in MARKETPLACES order (``settings`` None: no settings file, the environment
+    alone). A base URL a key may not be sent to is one :class:`ConfigError` naming the variable or file that set
+    it."""
     env = os.environ if environ is None else environ
     found = {}
     for name, source in MARKETPLACES.items():
-        table = getattr(settings, name)
+        table = getattr(settings, name) if settings is not None else None
         key = env.get(source.key_var) or (table.api_key if table else None)
         if not key:
             continue
