@@ -98,7 +98,9 @@ class OfferQuery:
 
     gpu_model: str | None = None  # canonical name, ANY, or None (no GPU needed)
     gpus: int = 1
-    memory_gb: int | None = None  # GPU memory per GPU, GB
+    #: GPU memory per GPU, GB. None: each offer's model in full (a whole card, ``catalog.whole_card_gb``), so an
+    #: offer reporting less (part of a card, or a misreport) is left out unless this asks for less.
+    memory_gb: int | None = None
     max_price_usd_per_hour: Decimal | None = None  # for the whole instance
     spot: bool = False  # interruptible capacity only (False: on-demand only)
     min_reliability: float | None = None  # 0..1
@@ -112,13 +114,21 @@ class OfferQuery:
             return False
         if offer.gpus < self.gpus:
             return False
-        if self.memory_gb is not None and offer.memory_gb is not None and offer.memory_gb < self.memory_gb:
+        if offer.memory_gb is not None and offer.memory_gb < self.memory_floor(offer.gpu_model):
             return False
         if self.max_price_usd_per_hour is not None and offer.price_usd_per_hour > self.max_price_usd_per_hour:
             return False
         if offer.spot != self.spot:
             return False
         return self.min_reliability is None or offer.reliability >= self.min_reliability
+
+    def memory_floor(self, model: str | None) -> float:
+        """GB per GPU an offer of canonical ``model`` must report: ``memory_gb`` if asked, else a whole card."""
+        from .catalog import whole_card_gb
+
+        if self.memory_gb is not None:
+            return self.memory_gb
+        return whole_card_gb(model) or 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,9 +12,17 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-__all__ = ["ANY", "CATALOG", "GpuModel", "canonical_gpu", "gpu_model", "identify", "spellings"]
+__all__ = ["ANY", "CATALOG", "WHOLE_CARD", "GpuModel", "canonical_gpu", "gpu_model", "identify", "spellings",
+           "whole_card_gb"]
 
 ANY = "ANY"
+
+#: The share of a model's memory (``GpuModel.memory_gb``, the maker's figure) an offer must report to count as a
+#: whole card. Cards report a little less than that figure, and providers count in MB (Vast's ``gpu_ram`` is MB,
+#: reference 1.3): nvidia-smi shows an L4 with 23034 MiB, an L40S or A40 with 46068, a T4 with 15360, so 23.0,
+#: 46.1 and 15.4 "GB" against 24, 48 and 16. Part of a card (a shared or partitioned GPU) or a misreport is half
+#: of it or less, far below.
+WHOLE_CARD = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +87,18 @@ def gpu_model(name: str) -> GpuModel | None:
     """The catalog entry for a canonical name (None for ``ANY``)."""
     key = canonical_gpu(name)
     return None if key == ANY else CATALOG[key]
+
+
+def whole_card_gb(name: str | None) -> float | None:
+    """The least GPU memory (GB) an offer of canonical model ``name`` reports when it rents whole cards; None for
+    ``ANY``, no GPU, or a name the catalog does not know.
+
+    Example:
+        >>> whole_card_gb("RTX_4090")
+        21.6
+    """
+    model = CATALOG.get(name) if name is not None else None
+    return None if model is None else round(model.memory_gb * WHOLE_CARD, 1)
 
 
 def spellings(provider: str, name: str | None) -> tuple[str, ...]:

@@ -112,8 +112,9 @@ class VastProvider:
             "limit": SEARCH_LIMIT,
             "allocated_storage": float(self.disk_gb),  # folds the disk we will ask for into dph_total (1.3)
         }
-        if query.memory_gb:
-            body["gpu_ram"] = {"gte": query.memory_gb * 1000}
+        floor = query.memory_floor(query.gpu_model)  # ANY: each model's own floor, checked by fits()
+        if floor:
+            body["gpu_ram"] = {"gte": round(floor * 1000)}  # MB
         if query.min_reliability is not None:
             body["reliability"] = {"gte": query.min_reliability}
         if query.direct_ssh:

@@ -63,6 +63,9 @@ DEFAULT_OFFERS: list[dict[str, Any]] = [
     _offer(8101, "A100 SXM4", 1, 81920, "1.12", "0.70", 0.997, "Utah, US"),
     _offer(8102, "A100 SXM4", 1, 40960, "0.78", "0.45", 0.993, "Ohio, US"),
     _offer(4104, "RTX 4090", 1, 24564, "0.33", "0.18", 0.985, "Oslo, NO", direct_port_count=0),
+    # The cheapest "4090" reports 12 GB: half a card (a shared GPU) or a misreport. `--gpu RTX_4090` must not rent
+    # it; `--memory 12` may.
+    _offer(4105, "RTX 4090", 1, 12282, "0.12", "0.06", 0.992, "Nevada, US"),
 ]
 
 
