@@ -6,7 +6,11 @@ to the higher reliability score. Offers are cached per (provider, query) for a s
 decays in minutes, and a notebook re-running a cell should not pay a search round trip each time.
 
 A provider that fails (unreachable, rate limited, bad key) does not fail the search: its error is reported next
-to the offers of the others, and the job view and ``%burst providers`` show it.
+to the offers of the others, and the job view and ``%burst providers`` show it. Each provider's answer is awaited
+at most ``timeout`` seconds (an interactive search; the providers' own connect and read timeouts are shorter,
+providers/_http.py), and a provider that just failed is not asked again for ``quiet`` seconds: searches in that
+while show it as failing, with its last error, and the others answer at once (issue 10: a provider that accepted
+the connection and never answered cost 30 s on every search).
 """
 
 from __future__ import annotations
@@ -57,16 +61,24 @@ class _Entry:
     offers: list[Offer]
 
 
+@dataclass(frozen=True)
+class _Failure:
+    at: float
+    error: str
+
+
 class OfferBook:
     """Searches providers concurrently. Thread-safe enough for one event loop (the session's)."""
 
     def __init__(self, *, ttl: float = 30.0, preference: Sequence[str] = DEFAULT_PREFERENCE,
-                 timeout: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 timeout: float = 10.0, quiet: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
         self.preference = tuple(preference)
         self.timeout = timeout
+        self.quiet = quiet
         self._clock = clock
         self._cache: dict[tuple[str, OfferQuery], _Entry] = {}
+        self._failed: dict[str, _Failure] = {}  # provider -> its last failure, while it is not asked
 
     async def search(self, providers: Mapping[str, Provider], query: OfferQuery, *,
                      refresh: bool = False) -> SearchResult:
@@ -95,17 +107,26 @@ class OfferBook:
         entry = self._cache.get(key)
         if entry is not None and not refresh and now - entry.at <= self.ttl:
             return entry.offers, None, 0.0
+        failed = self._failed.get(name)
+        if failed is not None and now - failed.at < self.quiet:  # a refresh too: it would wait on it again
+            again = self.quiet - (now - failed.at)
+            return [], f"{failed.error}; not asked again for {again:.0f} s", 0.0
         try:
             offers = await asyncio.wait_for(provider.offers(query), self.timeout)
         except asyncio.TimeoutError:
-            return [], f"no answer within {self.timeout:.0f} s", self._clock() - now
+            return [], self._failing(name, f"no answer within {self.timeout:.0f} s"), self._clock() - now
         except Exception as exc:  # one provider's failure (even a bug in its parser) must not hide the others
             text = one_line(exc, about=name)  # keyed by provider: each view names it once
             if not isinstance(exc, (BurstError, OSError)):
                 text = f"{type(exc).__name__}: {text}"
-            return [], text, self._clock() - now
+            return [], self._failing(name, text), self._clock() - now
+        self._failed.pop(name, None)
         self._cache[key] = _Entry(self._clock(), offers)
         return offers, None, self._clock() - now
+
+    def _failing(self, name: str, error: str) -> str:
+        self._failed[name] = _Failure(self._clock(), error)
+        return error
 
 
 #: The GPUs ``%burst providers`` prices for each provider (the ones researchers rent most; seeds/000).

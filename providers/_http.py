@@ -3,6 +3,10 @@
 - 429, 5xx, timeouts and dropped connections are retried with exponential backoff and full jitter, bounded in
   attempts and in total sleep; a ``Retry-After`` header (seconds or an HTTP date) is honoured when sent. Vast
   sends none and answers 429 in plain text (reference/provider-apis.md 1.2); RunPod's REST v2 sends one.
+- A search someone waits on (``interactive=True``: the offer book, ``%burst providers``) has short connect and
+  read timeouts (:data:`SEARCH_TIMEOUT`), and a provider that does not answer in time, or cannot be reached, is
+  not asked again within the search: it is reported as failing (a 429 or 5xx is still retried). Other requests
+  keep the provider's own read timeout, with a connect timeout of :data:`CONNECT_SECONDS` at most.
 - A request that creates something (``idempotent=False``) is retried only when the server cannot have acted on
   it: a 429, or a connection that never opened. A 5xx or a read timeout after a create may have created the
   instance, and a blind retry would rent a second one; the caller finds the first by its tag instead.
@@ -31,9 +35,15 @@ import httpx
 from ..errors import ApiError, AuthFailed, ConfigError, ConnectFailed, RateLimited
 from .accounts import key_source, key_url_problem
 
-__all__ = ["ApiClient", "RetryPolicy", "default_error_text", "money_from_json"]
+__all__ = ["CONNECT_SECONDS", "SEARCH_TIMEOUT", "ApiClient", "RetryPolicy", "default_error_text", "money_from_json"]
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: An API host that takes longer than this to accept a connection is not going to (issue 10: a provider that
+#: held every search for 30 s).
+CONNECT_SECONDS = 5.0
+#: A search is interactive: a few seconds to connect and to answer, or the provider is reported as failing and
+#: the others' offers are shown.
+SEARCH_TIMEOUT = httpx.Timeout(8.0, connect=3.0)
 
 
 @dataclass(frozen=True)
@@ -108,7 +118,7 @@ class ApiClient:
         self._token = token
         self._client = client
         self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json", **(headers or {})}
-        self._timeout = timeout
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout, CONNECT_SECONDS))
         self.retry = retry or RetryPolicy()
         self._error_text = error_text
         self._sleep = sleep
@@ -137,8 +147,10 @@ class ApiClient:
         json: Any = None,
         idempotent: bool | None = None,
         ok: Callable[[httpx.Response], bool] | None = None,
+        interactive: bool = False,
     ) -> httpx.Response:
-        """Send, retrying what is safe to retry; return a 2xx response (or one ``ok`` accepts), else raise."""
+        """Send, retrying what is safe to retry; return a 2xx response (or one ``ok`` accepts), else raise.
+        ``interactive``: a search someone waits on (see the module's docstring)."""
         safe = method.upper() in ("GET", "HEAD", "PUT", "DELETE") if idempotent is None else idempotent
         policy, slept = self.retry, 0.0
         last_status: int | None = None
@@ -150,14 +162,19 @@ class ApiClient:
             try:
                 self.calls += 1
                 response = await self.client.request(method, self.url(path), params=params, json=json,
-                                                     headers=self._headers, timeout=self._timeout)
+                                                     headers=self._headers,
+                                                     timeout=SEARCH_TIMEOUT if interactive else self._timeout)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 problem = f"cannot connect ({type(exc).__name__})"  # never sent: always safe to retry
+                if interactive:
+                    raise ConnectFailed(f"{what}: {problem}") from exc
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
                 if not safe:
                     raise ConnectFailed(f"{what}: the connection failed after the request was sent "
                                         f"({type(exc).__name__}); it may have been carried out") from exc
                 problem = f"no answer ({type(exc).__name__})"
+                if interactive:
+                    raise ConnectFailed(f"{what}: {problem}") from exc
             else:
                 if 200 <= response.status_code < 300 or (ok is not None and ok(response)):
                     return response

@@ -197,10 +197,11 @@ class RunPodProvider:
     async def aclose(self) -> None:
         await self._api.aclose()
 
-    async def _graphql(self, what: str, query: str, variables: dict[str, Any], *, idempotent: bool) -> Any:
+    async def _graphql(self, what: str, query: str, variables: dict[str, Any], *, idempotent: bool,
+                       interactive: bool = False) -> Any:
         """POST one operation; return its ``data``, or raise with the first GraphQL error's message."""
         body = await self._api.json("POST", "/graphql", json={"query": query, "variables": variables},
-                                    idempotent=idempotent)
+                                    idempotent=idempotent, interactive=interactive)
         if not isinstance(body, dict):
             raise ProviderError(f"runpod: {what}: unexpected answer {str(body)[:120]!r}")
         errors = body.get("errors")
@@ -225,7 +226,7 @@ class RunPodProvider:
             return []
         secure = {"ALL": None, "SECURE": True, "COMMUNITY": False}[self.cloud_type]
         data = await self._graphql("gpuTypes", _Q_GPU_TYPES, {"gpuCount": query.gpus, "secureCloud": secure},
-                                   idempotent=True)
+                                   idempotent=True, interactive=True)
         found = []
         for raw in data.get("gpuTypes") or []:
             try:

@@ -215,8 +215,8 @@ class ThunderProvider:
 
     # -- catalog ---------------------------------------------------------------------------------------------
 
-    async def _table(self, path: str, field: str) -> dict[str, Any]:
-        reply = await self._api.json("GET", path)
+    async def _table(self, path: str, field: str, *, interactive: bool = False) -> dict[str, Any]:
+        reply = await self._api.json("GET", path, interactive=interactive)
         table = reply.get(field) if isinstance(reply, Mapping) else None
         return dict(table) if isinstance(table, Mapping) else {}
 
@@ -236,7 +236,8 @@ class ThunderProvider:
         if query.spot:
             return []
         pricing, specs, status = await asyncio.gather(
-            self._table("/pricing", "pricing"), self._table("/specs", "specs"), self._table("/status", "specs"))
+            *(self._table(path, field, interactive=True)
+              for path, field in (("/pricing", "pricing"), ("/specs", "specs"), ("/status", "specs"))))
         self._catalog = (time.monotonic(), pricing, specs)
         found = []
         for key, spec in specs.items():

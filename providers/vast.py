@@ -129,7 +129,8 @@ class VastProvider:
         if not spellings("vast", query.gpu_model):
             return []  # a model Vast does not sell
         # A search changes nothing, so retrying it after a 5xx is safe although it is a POST.
-        reply = await self._api.json("POST", "/api/v0/bundles/", json=self._search_body(query), idempotent=True)
+        reply = await self._api.json("POST", "/api/v0/bundles/", json=self._search_body(query), idempotent=True,
+                                    interactive=True)
         rows = reply.get("offers") if isinstance(reply, Mapping) else None
         found = [offer for row in rows or [] if (offer := self._offer(row, spot=query.spot)) is not None]
         return sorted((o for o in found if query.fits(o)), key=lambda o: o.price_usd_per_hour)

@@ -74,6 +74,9 @@ class Switches:
     boot_fails: int = 0  # the next N instances never boot: they end up exited/error
     slow_create: float = 0.0  # seconds each create's reply is held after the instance is made (a create in flight)
     latency: float = 0.0  # seconds added to every answer (offer-search benchmarks)
+    #: Accept the connection and read the request (recorded), then never answer until the fake closes: a provider
+    #: that hangs (issue 10). Behind serve() only: on a MockTransport it would hold the event loop.
+    silent: bool = False
 
     def take(self, name: str) -> bool:
         """Consume one count of a counter switch; True if it fired."""
@@ -307,6 +310,11 @@ class FakeCloud:
                 body = raw.decode(errors="replace")
         if self.switches.latency:
             time.sleep(self.switches.latency)
+        if self.switches.silent:
+            with self.lock:
+                self.requests.append(Recorded(request.method, request.url.path, body, dict(request.headers)))
+            self._closing.wait()
+            raise DropReply
         with self.lock:
             self.requests.append(Recorded(request.method, request.url.path, body, dict(request.headers)))
             if self.switches.take("rate_limit_next"):
