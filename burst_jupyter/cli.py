@@ -7,6 +7,7 @@
     burst submit --file sweep.py --provider ssh --host gpu1,gpu2 --rate 0.40
     burst list                       jobs holding an instance: provider, $/h, whose
     burst show JOB [--lines N] [--events]
+    (list, show, offers, ledger, budget and providers take --json: one JSON document for scripts)
     burst kill JOB
     burst budget show | burst budget set --daily 50 --weekly 200
     burst providers status
@@ -79,12 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS",
                    help="the command (unless --file or --command)")
 
-    sub.add_parser("list", help="jobs still holding an instance, and whose they are")
+    _json_flag(sub.add_parser("list", help="jobs still holding an instance, and whose they are"))
 
     sh = sub.add_parser("show", help="a job's status, cost and output, from any process")
     sh.add_argument("job", metavar="JOB")
     sh.add_argument("--lines", type=int, default=50, metavar="N", help="the last N lines of output (default 50)")
     sh.add_argument("--events", action="store_true", help="also every status event, with its time")
+    _json_flag(sh)
 
     k = sub.add_parser("kill", help="end a job early: sync back, terminate, settle")
     k.add_argument("job", metavar="JOB")
@@ -93,13 +95,15 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("budget", help="show or set the daily and weekly caps")
     bsub = b.add_subparsers(dest="action", required=True)
-    bsub.add_parser("show")
+    _json_flag(bsub.add_parser("show"))
     bset = bsub.add_parser("set")
     bset.add_argument("--daily", metavar="USD|none")
     bset.add_argument("--weekly", metavar="USD|none")
+    _json_flag(bset)
 
     pr = sub.add_parser("providers", help="each marketplace: configured, reachable, lowest prices")
     pr.add_argument("action", nargs="?", choices=["status"], default="status")
+    _json_flag(pr)
 
     o = sub.add_parser("offers", help="live offers across the configured marketplaces")
     o.add_argument("--gpu", "--gpu-model", dest="gpu")
@@ -110,14 +114,21 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--spot", action="store_true")
     o.add_argument("--sort", choices=list(SORT_KEYS), default="price")
     o.add_argument("--refresh", action="store_true", help="ask every provider again, past the offer cache")
+    _json_flag(o)
 
     led = sub.add_parser("ledger", help="what every job cost")
     led.add_argument("--by", choices=["day", "provider", "gpu", "status"])
+    _json_flag(led)
 
     c = sub.add_parser("cleanup", help="end what no live job owns: jobs of processes that are gone (synced back, "
                        "settled) and instances a marketplace lists with this install's tag that no job knows")
     c.add_argument("--dry-run", action="store_true", help="list them with their $/h and cost so far; end nothing")
     return p
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON document for scripts (money as decimal strings; README: From a terminal)")
 
 
 # -- submit ---------------------------------------------------------------------------------------------------
@@ -288,52 +299,80 @@ def _find(session: Session, job_id: str) -> _Record:
     return _Record(job_id, owned, events or [], attempts)
 
 
+def _facts(rec: _Record) -> dict[str, Any]:
+    """What ``burst show`` says of a job, as values: the text view and ``--json`` both render these."""
+    from .job import cost_of
+
+    o, led = rec.owned, rec.ledger
+    h = o.handoff if o is not None else {}
+    rate = _first(rec.latest("cost_per_hour_usd"), o.rate_usd_per_hour if o else None,
+                  led.rate_usd_per_hour if led else None)
+    final = rec.final
+    settled = (final is not None and final.total_cost_usd is not None) or (led is not None and not rec.live)
+    so_far = None
+    if not settled and o is not None and rec.live and rate is not None and h.get("launched_at"):
+        # As the reaper counts it: from this attempt's create request, at the last known rate (never under).
+        so_far = cost_of(rate, (dt.datetime.now(dt.timezone.utc) - o.billing_since).total_seconds())
+    live_owner = o if o is not None and rec.live else None
+    return {
+        "status": rec.status(),
+        "name": _first(h.get("name"), led.name if led else None),
+        "provider": _first(rec.latest("provider"), o.provider if o else None, led.provider if led else None),
+        "instance_id": _first(o.instance_id if o else None, rec.latest("instance_id"),
+                              led.instance_id if led else None),
+        "gpu": _first(rec.latest("gpu"), h.get("gpu"), led.gpu if led else None),
+        "rate_usd_per_hour": rate,
+        "max_cost_usd": _first(rec.latest("max_cost_usd"),
+                               Decimal(h["max_cost_usd"]) if h.get("max_cost_usd") else None),
+        "cost_settled": settled,  # cost_usd is the job's whole bill (None: unknown), else cost_so_far_usd
+        "cost_usd": (final.total_cost_usd if final is not None and final.total_cost_usd is not None
+                     else rec.billed) if settled else None,
+        "cost_so_far_usd": so_far,
+        "owner": None if live_owner is None else {"host": live_owner.owner.host, "pid": live_owner.owner.pid,
+                                                  "gone": live_owner.orphaned},
+        "error": final.error if final is not None and final.error else None,
+        "note": led.message if led is not None and led.message and not rec.live else None,
+    }
+
+
 def _show(args: argparse.Namespace) -> int:
     from .budget import LedgerTable
-    from .job import cost_of
     from .money import format_usd
     from .session import Session
     from .widgets.render import clean_text
 
     rec = _find(Session.current(), args.job)
-    o, led = rec.owned, rec.ledger
-    h = o.handoff if o is not None else {}
-    lines = [f"job {rec.job_id}: {rec.status()}"]
-    name = _first(h.get("name"), led.name if led else None)
-    if name:
-        lines.append(f"  name:     {name}")
-    provider = _first(rec.latest("provider"), o.provider if o else None, led.provider if led else None)
-    instance = _first(o.instance_id if o else None, rec.latest("instance_id"), led.instance_id if led else None)
-    gpu = _first(rec.latest("gpu"), h.get("gpu"), led.gpu if led else None)
-    if provider:
-        where = ", ".join(x for x in (f"instance {instance}" if instance else None, gpu) if x)
-        lines.append(f"  provider: {provider}" + (f" ({where})" if where else ""))
-    rate = _first(rec.latest("cost_per_hour_usd"), o.rate_usd_per_hour if o else None,
-                  led.rate_usd_per_hour if led else None)
-    if rate is not None:
-        lines.append(f"  rate:     {format_usd(rate)}/h")
-    cap = _first(rec.latest("max_cost_usd"), Decimal(h["max_cost_usd"]) if h.get("max_cost_usd") else None)
-    final = rec.final
-    if final is not None and final.total_cost_usd is not None:
-        cost = f"{format_usd(final.total_cost_usd)} in all"
-    elif led is not None and not rec.live:
-        cost = f"{format_usd(rec.billed)} in all"
-    elif o is not None and rec.live and rate is not None and h.get("launched_at"):
-        # As the reaper counts it: from this attempt's create request, at the last known rate (never under).
-        so_far = cost_of(rate, (dt.datetime.now(dt.timezone.utc) - o.billing_since).total_seconds())
-        cost = f"about {format_usd(so_far)} so far"
-    else:
-        cost = None
+    f = _facts(rec)
+    if args.json:
+        from .cli_json import dumps
+
+        output = _output_lines(rec.events)
+        print(dumps({"job_id": rec.job_id, **f, "output": output[-args.lines:] if args.lines > 0 else [],
+                     "output_lines": len(output), "events": [e for e in rec.events if e.type.value != "output"],
+                     "attempts": rec.attempts}))
+        return 0
+    lines = [f"job {rec.job_id}: {f['status']}"]
+    if f["name"]:
+        lines.append(f"  name:     {f['name']}")
+    if f["provider"]:
+        where = ", ".join(x for x in (f"instance {f['instance_id']}" if f["instance_id"] else None, f["gpu"]) if x)
+        lines.append(f"  provider: {f['provider']}" + (f" ({where})" if where else ""))
+    if f["rate_usd_per_hour"] is not None:
+        lines.append(f"  rate:     {format_usd(f['rate_usd_per_hour'])}/h")
+    cap = f["max_cost_usd"]
+    cost = (f"{format_usd(f['cost_usd'])} in all" if f["cost_settled"] else
+            f"about {format_usd(f['cost_so_far_usd'])} so far" if f["cost_so_far_usd"] is not None else None)
     if cost or cap is not None:
         lines.append("  cost:     " + ", ".join(x for x in (cost, f"cap {format_usd(cap)}" if cap is not None
                                                              else None) if x))
-    if o is not None and rec.live:
-        lines.append(f"  owner:    pid {o.owner.pid} on {o.owner.host}" + (" (gone)" if o.orphaned else ""))
-    if final is not None and final.error:
-        lines.append(f"  error:    {final.error}")
-    elif led is not None and led.message and not rec.live:
-        lines.append(f"  note:     {led.message}")
-    if not rec.events and led is None:
+    if f["owner"] is not None:
+        lines.append(f"  owner:    pid {f['owner']['pid']} on {f['owner']['host']}"
+                     + (" (gone)" if f["owner"]["gone"] else ""))
+    if f["error"]:
+        lines.append(f"  error:    {f['error']}")
+    elif f["note"]:
+        lines.append(f"  note:     {f['note']}")
+    if not rec.events and rec.ledger is None:
         lines.append("  (no event log for this job: it was started before job logs were kept, or elsewhere)")
     print(clean_text("\n".join(lines)))  # the error and the note quote the instance: no escapes reach the terminal
     if args.events:
@@ -342,10 +381,14 @@ def _show(args: argparse.Namespace) -> int:
             if e.type.value != "output":
                 print(f"  {e.at.astimezone():%H:%M:%S}  {clean_text(e.describe())}")
     _print_output(rec.events, args.lines)
-    if led is not None:
+    if rec.ledger is not None:
         print("ledger:")
         print(repr(LedgerTable(rec.attempts)))
     return 0
+
+
+def _output_lines(events: list[JobEvent]) -> list[str]:
+    return "".join(e.text or "" for e in events if e.type.value == "output").splitlines()
 
 
 def _print_output(events: list[JobEvent], limit: int) -> None:
@@ -353,8 +396,7 @@ def _print_output(events: list[JobEvent], limit: int) -> None:
 
     if limit <= 0:
         return
-    text = "".join(e.text or "" for e in events if e.type.value == "output")
-    out = text.splitlines()
+    out = _output_lines(events)
     if not out:
         print("output: none yet" if not any(e.is_final for e in events) else "output: none")
         return
@@ -449,11 +491,16 @@ def _reap(session: Session, owned: OwnedInstance) -> int:
 # -- the rest ---------------------------------------------------------------------------------------------------
 
 
-def _list() -> int:
+def _list(args: argparse.Namespace) -> int:
     from .money import format_usd
     from .session import Session
 
     live = Session.current().state.live()
+    if args.json:
+        from .cli_json import dumps, owned_json
+
+        print(dumps([owned_json(o) for o in live]))
+        return 0
     if not live:
         print("no job holds an instance")
         return 0
@@ -476,6 +523,14 @@ def _offers(args: argparse.Namespace) -> int:
     max_price = None if args.max_price is None else parse_money(args.max_price, what="--max-price")
     browser = api.offers(args.gpu, gpus=args.gpus, max_price=max_price, provider=args.provider,
                          min_reliability=args.min_reliability, spot=args.spot, refresh=args.refresh)
+    if args.json:
+        from .cli_json import dumps, offer_json
+        from .widgets.offer_table import sort_offers
+
+        result = browser.result
+        print(dumps({"offers": [offer_json(o) for o in sort_offers(result.offers, args.sort)],
+                     "errors": result.errors, "error": browser.error}))
+        return 0
     browser.sort_by(args.sort)
     print(browser.snapshot_text())
     return 0
@@ -483,17 +538,19 @@ def _offers(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from . import api
+    from .cli_json import budget_json, dumps, ledger_json, providers_json
 
     if args.cmd == "submit":
         return _submit(args)
     if args.cmd == "list":
-        return _list()
+        return _list(args)
     if args.cmd == "show":
         return _show(args)
     if args.cmd == "kill":
         return _kill(args)
     if args.cmd == "providers":
-        print(repr(api.provider_status()))
+        status = api.provider_status()
+        print(dumps(providers_json(status)) if args.json else repr(status))
         return 0
     if args.cmd == "offers":
         return _offers(args)
@@ -502,11 +559,13 @@ def _run(args: argparse.Namespace) -> int:
             for value, setter in ((args.daily, api.set_daily_budget), (args.weekly, api.set_weekly_budget)):
                 if value is not None:
                     setter(None if value.lower() == "none" else value)
-        print(repr(api.budget_bars()))  # "Today: $12.50 / $50.00 (25%)" and "This week: ..."
+        bars = api.budget_bars()
+        print(dumps(budget_json(bars.snapshot)) if args.json else repr(bars))  # "Today: $12.50 / $50.00 (25%)"
         return 0
     if args.cmd == "ledger":
         table = api.ledger()
-        print(repr(table.by(args.by) if args.by else table))
+        table = table.by(args.by) if args.by else table
+        print(dumps(ledger_json(table)) if args.json else repr(table))
         return 0
     if args.cmd == "cleanup":
         report = api.cleanup(dry_run=args.dry_run)
