@@ -559,8 +559,12 @@ def _run(args: argparse.Namespace) -> int:
             for value, setter in ((args.daily, api.set_daily_budget), (args.weekly, api.set_weekly_budget)):
                 if value is not None:
                     setter(None if value.lower() == "none" else value)
-        bars = api.budget_bars()
-        print(dumps(budget_json(bars.snapshot)) if args.json else repr(bars))  # "Today: $12.50 / $50.00 (25%)"
+        if args.json:
+            from .session import Session
+
+            print(dumps(budget_json(Session.current().budget.snapshot())))
+        else:
+            print(repr(api.budget_bars()))  # "Today: $12.50 / $50.00 (25%)" and "This week: ..."
         return 0
     if args.cmd == "ledger":
         table = api.ledger()
