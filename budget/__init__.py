@@ -8,13 +8,15 @@ Example:
 
 from __future__ import annotations
 
-from .enforcer import Budget, BudgetSnapshot, CapUsage, Period, Reservation, period_bounds
+from .enforcer import STORED, Budget, BudgetSnapshot, Cap, CapUsage, Period, Reservation, period_bounds
 from .ledger import LedgerRow, format_usd
 from .table import GroupKey, LedgerGroup, LedgerTable
 
 __all__ = [
+    "STORED",
     "Budget",
     "BudgetSnapshot",
+    "Cap",
     "CapUsage",
     "GroupKey",
     "LedgerGroup",

@@ -8,6 +8,11 @@ what the job has spent plus what it still holds never passes what it reserved.
 
 Periods are calendar periods in local time: "today" runs from local midnight, "this week" from Monday 00:00.
 A ledger row counts in the period of its ``started_at``, a reservation in the period of its ``created_at``.
+
+Caps (:class:`Cap`) come from two places: the one ``set_cap`` stores in the file (``burst budget set``), for every
+process and folder, and the ``config_caps`` a :class:`Budget` is opened with (``daily-budget`` in a config file
+the session read), for that process's jobs only, never stored. Each caps what all jobs together spend in the
+period, wherever they started; the lowest in force holds.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import contextlib
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Iterator
-from dataclasses import KW_ONLY, dataclass, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import KW_ONLY, dataclass, field, replace
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Literal
@@ -38,7 +43,7 @@ from .ledger import (
 )
 from .table import LedgerTable
 
-__all__ = ["PERIODS", "Budget", "BudgetSnapshot", "CapUsage", "Period", "Reservation", "period_bounds"]
+__all__ = ["PERIODS", "STORED", "Budget", "BudgetSnapshot", "Cap", "CapUsage", "Period", "Reservation", "period_bounds"]
 
 Period = Literal["day", "week"]
 PERIODS: tuple[Period, ...] = ("day", "week")
@@ -46,6 +51,9 @@ PERIODS: tuple[Period, ...] = ("day", "week")
 _WARN_AT = Decimal("0.8")
 _LABEL = {"day": "Today", "week": "This week"}
 _ADJECTIVE = {"day": "daily", "week": "weekly"}
+
+#: Where the cap stored in the budget file comes from.
+STORED = "set with burst budget set"
 
 
 # --- periods ---------------------------------------------------------------------------------------------
@@ -96,15 +104,32 @@ def period_bounds(period: Period, now: dt.datetime | None = None) -> tuple[dt.da
 
 
 @dataclass(frozen=True, slots=True)
+class Cap:
+    """One cap on what all jobs spend in ``period``: where it comes from (``origin``: :data:`STORED`, or a config
+    file's ``"daily-budget in /p/pyproject.toml [tool.burst]"``) and whose jobs it holds for (``scope``)."""
+
+    period: Period
+    amount: Decimal
+    origin: str = STORED
+    scope: str = "every folder"
+
+    def describe(self, holds: bool = False) -> str:
+        """``"daily cap $20.00: <origin>, for <scope>"``, and ``" (holds: the lowest)"`` when ``holds``."""
+        line = f"{_ADJECTIVE[self.period]} cap {format_usd(self.amount)}: {self.origin}, for {self.scope}"
+        return line + " (holds: the lowest)" if holds else line
+
+
+@dataclass(frozen=True, slots=True)
 class CapUsage:
     """Spend against one cap in the current period. ``spent`` counts ledger rows (a job with a row of unknown cost
     counts at least all that was reserved for it, the most it was allowed to cost); ``reserved`` counts open
-    reservations."""
+    reservations. ``cap`` is the lowest cap in force, ``source`` its :attr:`Cap.origin`."""
 
     period: Period
     spent: Decimal
     reserved: Decimal
     cap: Decimal | None
+    source: str | None = field(default=None, compare=False)  # where the cap is written, not an amount
 
     @property
     def used(self) -> Decimal:
@@ -155,16 +180,28 @@ class CapUsage:
 
 @dataclass(frozen=True, slots=True)
 class BudgetSnapshot:
-    """Usage of both caps at one moment. ``str()`` is the two labels, one per line."""
+    """Usage of both caps at one moment. ``str()`` is the two labels, one per line. ``caps``: every cap in
+    force, lowest first in each period."""
 
     day: CapUsage
     week: CapUsage
+    caps: tuple[Cap, ...] = ()
 
     def __iter__(self) -> Iterator[CapUsage]:
         return iter((self.day, self.week))
 
     def __str__(self) -> str:
         return "\n".join(usage.label for usage in self)
+
+    def cap_lines(self) -> list[str]:
+        """Each cap in force and where it comes from; the one that holds is marked where a period has several."""
+        lines = []
+        for period in PERIODS:
+            mine = [cap for cap in self.caps if cap.period == period]
+            lines += [cap.describe(holds=i == 0 and len(mine) > 1) for i, cap in enumerate(mine)]
+            if not mine:
+                lines.append(f"{_ADJECTIVE[period]} cap: none")
+        return lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +225,8 @@ class Budget:
     """Caps, reservations and the ledger in one SQLite file (shared with the state store).
 
     Safe to construct in many processes at once (schema creation is serialized), and to share between the
-    threads of one process (one connection, used under a lock).
+    threads of one process (one connection, used under a lock). ``config_caps`` hold for this object's
+    reservations besides the stored ones (the module docstring says how caps combine).
 
     Example:
         >>> budget = Budget(paths.db_path())  # doctest: +SKIP
@@ -198,8 +236,9 @@ class Budget:
         ('daily budget at 85% ($17.00 of $20.00)',)
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, config_caps: Iterable[Cap] = ()) -> None:
         self.path = Path(path)
+        self.config_caps = tuple(config_caps)
         self._lock = threading.Lock()
         self._conn = connect(self.path)
         try:
@@ -262,13 +301,14 @@ class Budget:
                 raise ValueError(f"job {job_id!r} already has a reservation")
             if find_row(conn, job_id) is not None:
                 raise ValueError(f"job {job_id!r} is already settled in the ledger")
-            usage = _usage(conn, clock)
+            usage = _usage(conn, clock, self.config_caps)
             for cap_usage in usage:
                 if cap_usage.cap is not None and cap_usage.used + amount > cap_usage.cap:
+                    source = "" if cap_usage.source in (None, STORED) else f" ({cap_usage.source})"
                     raise BudgetExceededError(
                         f"{_ADJECTIVE[cap_usage.period]} budget: {format_usd(cap_usage.spent)} spent"
                         f" + {format_usd(cap_usage.reserved)} reserved + {format_usd(amount)} for this job"
-                        f" > {format_usd(cap_usage.cap)} cap"
+                        f" > {format_usd(cap_usage.cap)} cap{source}"
                     )
             conn.execute(
                 "INSERT INTO budget_reservations (job_id, name, provider, gpu, amount_usd, created_at)"
@@ -294,11 +334,7 @@ class Budget:
     def open_reservations(self) -> list[Reservation]:
         """Reservations not yet settled or released, oldest first (``warnings`` empty)."""
         with self._read() as conn:
-            found = conn.execute(
-                "SELECT job_id, name, provider, gpu, amount_usd, created_at FROM budget_reservations"
-                " ORDER BY created_at, job_id"
-            ).fetchall()
-        return [_reservation(row) for row in found]
+            return _open_reservations(conn)
 
     # --- the ledger ---
 
@@ -398,8 +434,11 @@ class Budget:
             return select_rows(conn, since=since)
 
     def table(self, *, tz: dt.tzinfo | None = None) -> LedgerTable:
-        """All rows as a :class:`LedgerTable` (times shown in ``tz``, the system's local zone by default)."""
-        return LedgerTable(self.rows(), tz=tz)
+        """All rows and the open reservations as a :class:`LedgerTable` (times shown in ``tz``, the system's local
+        zone by default)."""
+        with self._read() as conn:
+            rows, held = select_rows(conn, since=None), _open_reservations(conn)
+        return LedgerTable(rows, open=held, tz=tz)
 
     # --- caps ---
 
@@ -419,14 +458,14 @@ class Budget:
                 )
 
     def caps(self) -> dict[Period, Decimal | None]:
-        """``{"day": ..., "week": ...}``; ``None`` where no cap is set."""
+        """The stored caps, ``{"day": ..., "week": ...}``; ``None`` where none is set."""
         with self._read() as conn:
             return _caps(conn)
 
     def snapshot(self, now: dt.datetime | None = None) -> BudgetSnapshot:
-        """Spent and reserved against each cap in the day and week holding ``now``."""
+        """Spent and reserved against the lowest cap in force in the day and week holding ``now``."""
         with self._read() as conn:
-            return _usage(conn, _Clock.at(now))
+            return _usage(conn, _Clock.at(now), self.config_caps)
 
 
 # --- queries (the caller holds the lock, and the write transaction where it must be atomic) -----------------
@@ -483,8 +522,10 @@ def _caps(conn: sqlite3.Connection) -> dict[Period, Decimal | None]:
     return {period: (Decimal(found[period]) if period in found else None) for period in PERIODS}
 
 
-def _usage(conn: sqlite3.Connection, clock: _Clock) -> BudgetSnapshot:
-    caps = _caps(conn)
+def _usage(conn: sqlite3.Connection, clock: _Clock, config_caps: tuple[Cap, ...]) -> BudgetSnapshot:
+    stored = [Cap(period, amount) for period, amount in _caps(conn).items() if amount is not None]
+    # Lowest first; on a tie the stored cap, which holds for every folder, is the one named.
+    caps = tuple(sorted((*stored, *config_caps), key=lambda cap: (PERIODS.index(cap.period), cap.amount)))
 
     def one(period: Period) -> CapUsage:
         start, end = clock.bounds(period)
@@ -497,9 +538,12 @@ def _usage(conn: sqlite3.Connection, clock: _Clock) -> BudgetSnapshot:
             (to_db_time(start), to_db_time(end)),
         )
         reserved = sum((Decimal(amount) for (amount,) in amounts), Decimal(0))
-        return CapUsage(period, spent, reserved, caps[period])
+        holds = next((cap for cap in caps if cap.period == period), None)
+        if holds is None:
+            return CapUsage(period, spent, reserved, None)
+        return CapUsage(period, spent, reserved, holds.amount, holds.origin)
 
-    return BudgetSnapshot(day=one("day"), week=one("week"))
+    return BudgetSnapshot(day=one("day"), week=one("week"), caps=caps)
 
 
 def _job_spent(rows: list[LedgerRow]) -> Decimal:
@@ -518,6 +562,14 @@ def _reservation_row(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row | Non
         (job_id,),
     ).fetchone()
     return found
+
+
+def _open_reservations(conn: sqlite3.Connection) -> list[Reservation]:
+    found = conn.execute(
+        "SELECT job_id, name, provider, gpu, amount_usd, created_at FROM budget_reservations"
+        " ORDER BY created_at, job_id"
+    ).fetchall()
+    return [_reservation(row) for row in found]
 
 
 def _reservation(row: sqlite3.Row) -> Reservation:

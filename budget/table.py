@@ -1,10 +1,14 @@
 """LedgerTable: the ledger as something to look at, in a notebook (HTML) or a terminal (aligned text).
 
 One class, two shapes sharing one renderer: a detail table (one line per job, or per attempt of a job that was
-retried) and, after ``.by(key)``, a grouped table (key, jobs, actual, reserved). Both keep the underlying rows,
-so ``.since()`` and ``.by()`` chain in any order. Unknown costs are shown as "unknown" and counted apart; they
-are never summed as $0. Attempts are shown (an "attempt" column, an "attempts" count) only when some job has
+retried) and, after ``.by(key)``, a grouped table (key, jobs, actual, reserved now). Both keep the underlying
+rows, so ``.since()`` and ``.by()`` chain in any order. Unknown costs are shown as "unknown" and counted apart;
+they are never summed as $0. Attempts are shown (an "attempt" column, an "attempts" count) only when some job has
 more than one; totals always sum every attempt.
+
+Money still committed is kept apart from the past: a settled job's "reserved" is what was held for it before it
+ran, released since, so it is shown per job and never summed; a job not settled yet (its reservation still open)
+is a "running" line whose "reserved now" is summed, the money the caps count as committed.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Literal
 
+from ..money import format_rate
 from .ledger import LedgerRow, format_usd, require_aware
 
 if TYPE_CHECKING:
     import pandas
+
+    from .enforcer import Reservation
 
 __all__ = ["GROUP_KEYS", "GroupKey", "LedgerGroup", "LedgerTable"]
 
@@ -30,14 +37,14 @@ GROUP_KEYS: tuple[GroupKey, ...] = ("day", "provider", "gpu", "status")
 
 @dataclass(frozen=True, slots=True)
 class LedgerGroup:
-    """One line of a grouped table: ``jobs`` distinct jobs over ``attempts`` ledger rows. ``actual`` sums the
-    known costs; ``unknown`` counts rows without one."""
+    """One line of a grouped table: ``jobs`` distinct jobs over ``attempts`` ledger rows (and open reservations).
+    ``actual`` sums the known costs; ``unknown`` counts rows without one; ``held`` is what is reserved now."""
 
     key: str
     jobs: int
     attempts: int
     actual: Decimal
-    reserved: Decimal
+    held: Decimal
     unknown: int
 
 
@@ -48,6 +55,7 @@ class _Column:
 
 
 _RIGHT = ' style="text-align:right"'
+_RUNNING = "running"  # the status of a job whose reservation is still open
 
 _DETAIL_COLUMNS = (
     _Column("started"),
@@ -59,14 +67,15 @@ _DETAIL_COLUMNS = (
     _Column("$/h", numeric=True),
     _Column("time", numeric=True),
     _Column("reserved", numeric=True),
+    _Column("reserved now", numeric=True),  # dropped when no reservation is open
     _Column("actual", numeric=True),
     _Column("status"),
 )
 
 
 class LedgerTable:
-    """Ledger rows, shown as a table with a totals line. A plain object: ``repr()`` for terminals,
-    ``_repr_html_()`` for notebooks.
+    """Ledger rows and the reservations still open, shown as a table with a totals line. A plain object: ``repr()``
+    for terminals, ``_repr_html_()`` for notebooks.
 
     ``tz`` is the zone for shown times and for ``by("day")``; ``None`` means the system's local zone.
 
@@ -77,11 +86,17 @@ class LedgerTable:
     """
 
     def __init__(
-        self, rows: Iterable[LedgerRow], *, group_by: GroupKey | None = None, tz: dt.tzinfo | None = None
+        self,
+        rows: Iterable[LedgerRow],
+        *,
+        open: Iterable[Reservation] = (),
+        group_by: GroupKey | None = None,
+        tz: dt.tzinfo | None = None,
     ) -> None:
         if group_by is not None and group_by not in GROUP_KEYS:
             raise ValueError(f"group by one of {GROUP_KEYS}, not {group_by!r}")
         self.rows: list[LedgerRow] = list(rows)
+        self.open: list[Reservation] = list(open)
         self.group_by = group_by
         self.tz = tz
 
@@ -94,8 +109,8 @@ class LedgerTable:
 
     @property
     def jobs(self) -> int:
-        """How many distinct jobs the rows are (a retried job has a row per attempt)."""
-        return len({row.job_id for row in self.rows})
+        """How many distinct jobs the rows and open reservations are (a retried job has a row per attempt)."""
+        return len({row.job_id for row in self.rows} | {held.job_id for held in self.open})
 
     @property
     def retried(self) -> bool:
@@ -108,9 +123,9 @@ class LedgerTable:
         return sum(1 for row in self.rows if row.actual_usd is None)
 
     @property
-    def reserved(self) -> Decimal:
-        """Sum of what was reserved for these jobs before they ran."""
-        return sum((row.reserved_usd for row in self.rows), Decimal(0))
+    def held(self) -> Decimal:
+        """What is reserved now for the jobs not settled yet: money committed, which the caps count."""
+        return sum((held.amount for held in self.open), Decimal(0))
 
     @property
     def groups(self) -> list[LedgerGroup] | None:
@@ -118,41 +133,43 @@ class LedgerTable:
         if self.group_by is None:
             return None
         key_of = self._key_function(self.group_by)
-        members: dict[str, list[LedgerRow]] = {}
+        members: dict[str, LedgerTable] = {}
         for row in self.rows:
-            members.setdefault(key_of(row), []).append(row)
-        return [LedgerTable._group(key, rows) for key, rows in sorted(members.items())]
+            members.setdefault(key_of(row), LedgerTable([])).rows.append(row)
+        for held in self.open:
+            members.setdefault(key_of(held), LedgerTable([])).open.append(held)
+        return [
+            LedgerGroup(key, part.jobs, len(part.rows), part.total, part.held, part.unknown)
+            for key, part in sorted(members.items())
+        ]
 
-    @staticmethod
-    def _group(key: str, rows: list[LedgerRow]) -> LedgerGroup:
-        part = LedgerTable(rows)
-        return LedgerGroup(
-            key=key,
-            jobs=part.jobs,
-            attempts=len(rows),
-            actual=part.total,
-            reserved=part.reserved,
-            unknown=part.unknown,
-        )
+    def _key_function(self, key: GroupKey) -> Callable[[LedgerRow | Reservation], str]:
+        def value(line: LedgerRow | Reservation) -> str:
+            settled = isinstance(line, LedgerRow)
+            if key == "day":
+                return (line.started_at if settled else line.created_at).astimezone(self.tz).date().isoformat()
+            if key == "status" and not settled:
+                return _RUNNING
+            return str(getattr(line, key) or "")
 
-    def _key_function(self, key: GroupKey) -> Callable[[LedgerRow], str]:
-        if key == "day":
-            return lambda row: row.started_at.astimezone(self.tz).date().isoformat()
-        return lambda row: str(getattr(row, key))
+        return value
 
     # --- derived tables ---
 
     def by(self, key: GroupKey) -> LedgerTable:
         """The same rows grouped by ``"day"`` (of ``started_at``, in :attr:`tz`), provider, gpu or status."""
-        return LedgerTable(self.rows, group_by=key, tz=self.tz)
+        return LedgerTable(self.rows, open=self.open, group_by=key, tz=self.tz)
 
     def since(self, moment: dt.datetime) -> LedgerTable:
-        """Only the rows that started at or after ``moment`` (timezone-aware), keeping the grouping."""
+        """Only the rows that started (and reservations made) at or after ``moment`` (timezone-aware), keeping the
+        grouping."""
         require_aware(moment, "since")
-        return LedgerTable([row for row in self.rows if row.started_at >= moment], group_by=self.group_by, tz=self.tz)
+        return LedgerTable([row for row in self.rows if row.started_at >= moment],
+                           open=[held for held in self.open if held.created_at >= moment],
+                           group_by=self.group_by, tz=self.tz)
 
     def to_pandas(self) -> pandas.DataFrame:
-        """A DataFrame of the rows (or of the groups); money stays ``Decimal``. Needs pandas, imported here."""
+        """A DataFrame of the ledger rows (or of the groups); money stays ``Decimal``. Needs pandas, imported here."""
         try:
             import pandas
         except ImportError as exc:
@@ -210,39 +227,41 @@ class LedgerTable:
     def _grid(self) -> tuple[tuple[_Column, ...], list[list[str]], list[str]]:
         """Column specs, body cells and totals cells: everything both renderers need, as text."""
         columns, body, totals = self._full_grid()
-        if self.retried:
-            return columns, body, totals
-        keep = [i for i, column in enumerate(columns) if column.title not in ("attempt", "attempts")]
+        dropped = () if self.retried else ("attempt", "attempts")
+        if not self.open:
+            dropped += ("reserved now",)
+        keep = [i for i, column in enumerate(columns) if column.title not in dropped]
         return tuple(columns[i] for i in keep), [[line[i] for i in keep] for line in body], [totals[i] for i in keep]
 
     def _full_grid(self) -> tuple[tuple[_Column, ...], list[list[str]], list[str]]:
-        """:meth:`_grid` with the attempt columns always there."""
+        """:meth:`_grid` with every column there."""
         jobs = f"{self.jobs} job{'' if self.jobs == 1 else 's'}"
         attempts = f"{len(self.rows)} attempt{'' if len(self.rows) == 1 else 's'}"
         actual = _cost_text(self.total, self.unknown, len(self.rows))
         groups = self.groups
         if groups is None:
-            body = [self._detail_cells(row) for row in self.rows]
-            totals = ["total", jobs, attempts, "", "", "", "", "", format_usd(self.reserved), actual, ""]
+            body = [self._detail_cells(row) for row in self.rows] + [self._open_cells(held) for held in self.open]
+            # No total under "reserved": those reservations were released when each job settled.
+            totals = ["total", jobs, attempts, "", "", "", "", "", "", format_usd(self.held), actual, ""]
             return _DETAIL_COLUMNS, body, totals
         columns = (
             _Column(str(self.group_by)),
             _Column("jobs", True),
             _Column("attempts", True),
             _Column("actual", True),
-            _Column("reserved", True),
+            _Column("reserved now", True),
         )
         body = [
             [
                 group.key,
                 str(group.jobs),
                 str(group.attempts),
-                _cost_text(group.actual, group.unknown, group.attempts),
-                format_usd(group.reserved),
+                _cost_text(group.actual, group.unknown, group.attempts) if group.attempts else "",
+                format_usd(group.held),
             ]
             for group in groups
         ]
-        return columns, body, ["total", str(self.jobs), str(len(self.rows)), actual, format_usd(self.reserved)]
+        return columns, body, ["total", str(self.jobs), str(len(self.rows)), actual, format_usd(self.held)]
 
     def _detail_cells(self, row: LedgerRow) -> list[str]:
         return [
@@ -252,12 +271,18 @@ class LedgerTable:
             row.name or "",
             row.provider,
             row.gpu,
-            format_usd(row.rate_usd_per_hour),
+            format_rate(row.rate_usd_per_hour),
             _duration_text(row.duration),
             format_usd(row.reserved_usd),
+            "",
             format_usd(row.actual_usd),
             row.status,
         ]
+
+    def _open_cells(self, held: Reservation) -> list[str]:
+        when = held.created_at.astimezone(self.tz).strftime("%Y-%m-%d %H:%M")
+        return [when, held.job_id, "", held.name or "", held.provider or "", held.gpu or "", "", "", "",
+                format_usd(held.amount), "", _RUNNING]
 
 
 def _cost_text(known: Decimal, unknown: int, rows: int) -> str:

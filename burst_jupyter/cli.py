@@ -337,7 +337,7 @@ def _facts(rec: _Record) -> dict[str, Any]:
 
 def _show(args: argparse.Namespace) -> int:
     from .budget import LedgerTable
-    from .money import format_usd
+    from .money import format_rate, format_usd
     from .session import Session
     from .widgets.render import clean_text
 
@@ -358,7 +358,7 @@ def _show(args: argparse.Namespace) -> int:
         where = ", ".join(x for x in (f"instance {f['instance_id']}" if f["instance_id"] else None, f["gpu"]) if x)
         lines.append(f"  provider: {f['provider']}" + (f" ({where})" if where else ""))
     if f["rate_usd_per_hour"] is not None:
-        lines.append(f"  rate:     {format_usd(f['rate_usd_per_hour'])}/h")
+        lines.append(f"  rate:     {format_rate(f['rate_usd_per_hour'])}/h")
     cap = f["max_cost_usd"]
     cost = (f"{format_usd(f['cost_usd'])} in all" if f["cost_settled"] else
             f"about {format_usd(f['cost_so_far_usd'])} so far" if f["cost_so_far_usd"] is not None else None)
@@ -492,7 +492,7 @@ def _reap(session: Session, owned: OwnedInstance) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .money import format_usd
+    from .money import format_rate
     from .session import Session
 
     live = Session.current().state.live()
@@ -509,7 +509,7 @@ def _list(args: argparse.Namespace) -> int:
         rate = o.rate_usd_per_hour
         whose = "orphaned" if o.orphaned else f"pid {o.owner.pid}@{o.owner.host}"
         rows.append((o.job_id, o.provider, o.instance_id or "(launching)",
-                     format_usd(rate) if rate is not None else "-", o.state, whose))
+                     format_rate(rate) if rate is not None else "-", o.state, whose))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
@@ -559,12 +559,14 @@ def _run(args: argparse.Namespace) -> int:
             for value, setter in ((args.daily, api.set_daily_budget), (args.weekly, api.set_weekly_budget)):
                 if value is not None:
                     setter(None if value.lower() == "none" else value)
-        if args.json:
-            from .session import Session
+        from .session import Session
 
-            print(dumps(budget_json(Session.current().budget.snapshot())))
+        snapshot = Session.current().budget.snapshot()
+        if args.json:
+            print(dumps(budget_json(snapshot)))
         else:
-            print(repr(api.budget_bars()))  # "Today: $12.50 / $50.00 (25%)" and "This week: ..."
+            print(snapshot)  # "Today: $12.50 / $50.00 (25%)" and "This week: ...", then each cap and its source
+            print("\n".join(snapshot.cap_lines()))
         return 0
     if args.cmd == "ledger":
         table = api.ledger()

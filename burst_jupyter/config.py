@@ -39,17 +39,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from .config_files import PROJECT_TABLE
 from .config_files import find_project_table as _find_project_table
 from .config_files import read_toml as _read_toml
 from .errors import ConfigError
 from .paths import user_config_path
 from .spec import HARD_MAX_MINUTES, describe_validation, parse_money
 
-__all__ = ["ACCOUNT_TABLES", "PROJECT_RULES", "AccountSettings", "ProjectRule", "Settings", "load_settings"]
+if TYPE_CHECKING:
+    from .budget import Cap
+
+__all__ = ["ACCOUNT_TABLES", "PROJECT_RULES", "AccountSettings", "ProjectRule", "Settings", "budget_caps",
+           "load_settings"]
 
 ACCOUNT_TABLES = ("vast", "runpod", "thunder")
 
@@ -83,8 +88,8 @@ class Settings(BaseModel):
     lease_seconds: int = Field(default=600, ge=0, description="The agent stops a job whose client is silent this long.")
     result_sink: str | None = Field(
         default=None, description="Also store rw results here: a folder, file://, s3:// or r2:// URL (sinks.py).")
-    daily_budget: Decimal | None = Field(default=None, description="Initial daily cap, until the ledger has one.")
-    weekly_budget: Decimal | None = Field(default=None, description="Initial weekly cap, until the ledger has one.")
+    daily_budget: Decimal | None = Field(default=None, description="All jobs' daily cap, for jobs under this file.")
+    weekly_budget: Decimal | None = Field(default=None, description="All jobs' weekly cap, for jobs under this file.")
     image: str | None = Field(default=None, description="Container image for marketplace jobs.")
     prefer: list[str] = Field(default_factory=lambda: ["runpod", "thunder", "vast"],
                               description="Tie-break between equal prices: the more reliable provider first.")
@@ -167,6 +172,30 @@ def load_settings(*, cwd: Path | None = None, user_file: Path | None = None, pro
     settings = _validate(values, label="settings")
     settings._sources = sources
     return settings
+
+
+def budget_caps(settings: Settings) -> list[Cap]:
+    """``daily-budget`` and ``weekly-budget`` as caps for the jobs of the session that read them, each saying where
+    it comes from. They are never stored: an edit holds from the next session on, and a project's cap stays in its
+    folder (budget/enforcer.py: the lowest cap in force holds).
+    """
+    from .budget import Cap, Period
+
+    caps = []
+    fields: tuple[tuple[Period, str], ...] = (("day", "daily_budget"), ("week", "weekly_budget"))
+    for period, field in fields:
+        amount: Decimal | None = getattr(settings, field)
+        if amount is None:
+            continue
+        source, key = settings.sources.get(field), _key(field)
+        if source is None or source == "override":
+            caps.append(Cap(period, amount, f"{key} given to this session", "this session's jobs"))
+        elif source.endswith(PROJECT_TABLE):
+            folder = Path(source.removesuffix(PROJECT_TABLE)).parent
+            caps.append(Cap(period, amount, f"{key} in {source}", f"jobs started under {folder}"))
+        else:
+            caps.append(Cap(period, amount, f"{key} in {source}"))
+    return caps
 
 
 @dataclass(frozen=True)

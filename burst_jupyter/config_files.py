@@ -17,7 +17,9 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-__all__ = ["find_project_table", "has_settings_files", "read_toml"]
+__all__ = ["PROJECT_TABLE", "find_project_table", "has_settings_files", "read_toml"]
+
+PROJECT_TABLE = " [tool.burst]"  # ends the label of a project's table: "/p/pyproject.toml [tool.burst]"
 
 
 def has_settings_files(user_path: Path, cwd: Path) -> bool:
@@ -38,7 +40,7 @@ def find_project_table(start: Path) -> tuple[str, dict[str, Any]] | None:
         table = tool.get("burst") if isinstance(tool, dict) else None
         if table is None:
             continue
-        label = f"{candidate} [tool.burst]"
+        label = f"{candidate}{PROJECT_TABLE}"
         if not isinstance(table, dict):
             raise ConfigError(f"{label}: must be a table, not {type(table).__name__}")
         return label, table

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any
 
-from .money import format_usd
+from .money import format_rate, format_usd
 
 __all__ = ["FINAL_EVENTS", "EventType", "JobEvent"]
 
@@ -143,7 +143,7 @@ class JobEvent:
         if self.instance_id:
             bits.append(f"instance {self.instance_id}")
         if self.cost_per_hour_usd is not None:
-            bits.append(f"{format_usd(self.cost_per_hour_usd)}/h")
+            bits.append(f"{format_rate(self.cost_per_hour_usd)}/h")
         if self.total_cost_usd is not None:
             bits.append(f"total {format_usd(self.total_cost_usd)}")
         if self.max_cost_usd is not None and self.total_cost_usd is None:

@@ -146,6 +146,14 @@ class JobPlan:
         check_cap(cap, offer.price_usd_per_hour, teardown_seconds)
         return cap
 
+    def worst_case(self, cap: Decimal, offers: list[Offer]) -> Decimal:
+        """What the budget holds for the job before it runs: its cap, but $0 on the user's own machines at a
+        declared $0/h (local, ssh), where nothing can bill more. A marketplace's rate is read back after the
+        create and may differ, so a rented job always holds its cap."""
+        if self.offers is None and all(offer.price_usd_per_hour == 0 for offer in offers):
+            return Decimal(0)
+        return cap
+
 
 class Job:
     """The handle of one job. Thread-safe: events are produced on the session loop, read from anywhere.

@@ -38,7 +38,7 @@ class Lifecycle(Provisioning, RemoteRun, Teardown):
             offers = await self._select_offer()
             reservation = await asyncio.to_thread(
                 self.budget.reserve, job_id=job.id, name=plan.spec.name, provider=self.chosen.name,
-                gpu=offers[0].gpu_model or "", amount=self.cap)
+                gpu=offers[0].gpu_model or "", amount=plan.worst_case(self.cap, offers))
             reserved = True
             job.emit(EventType.BUDGET_RESERVED, max_cost_usd=self.cap)
             for warning in reservation.warnings:

@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from .errors import BurstError, one_line
-from .money import format_usd
+from .money import format_rate
 
 if TYPE_CHECKING:
     from .providers.base import Offer, OfferQuery, Provider
@@ -146,7 +146,7 @@ class ProviderLine:
             return f"{self.name}: not configured ({self.note})"
         if not self.reachable:
             return f"{self.name}: not answering: {self.note}"
-        prices = ", ".join(f"lowest {gpu} = {format_usd(price)}/hr ({count} offers)"
+        prices = ", ".join(f"lowest {gpu} = {format_rate(price)}/hr ({count} offers)"
                            for gpu, (price, count) in self.lowest.items())
         return f"{self.name}: available, {prices or 'no offers for ' + ', '.join(COMMON_GPUS)}"
 

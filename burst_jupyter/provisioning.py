@@ -24,7 +24,7 @@ from .events import EventType
 from .job import check_cap
 from .keys import create_job_key
 from .lifecycle_state import utc
-from .money import format_usd
+from .money import format_rate
 from .providers.accounts import MARKETPLACES
 from .providers.base import BootWatch, InstanceState, Offer, terminate_confirmed
 from .stop_policy import StopPolicy
@@ -220,16 +220,16 @@ class Provisioning(StopPolicy):
         quoted, self.rate = self.rate, billed
         spec, name = self.plan.spec, self.chosen.name
         if spec.max_price_usd_per_hour is not None and billed > spec.max_price_usd_per_hour:
-            ceiling = format_usd(spec.max_price_usd_per_hour)
-            raise ProvisioningFailed(f"{name} bills {format_usd(billed)}/h for {self.instance.instance_id} (quoted "
-                                     f"{format_usd(quoted)}/h), above --max-price {ceiling}/h; the instance was ended")
+            ceiling = format_rate(spec.max_price_usd_per_hour)
+            raise ProvisioningFailed(f"{name} bills {format_rate(billed)}/h for {self.instance.instance_id} (quoted "
+                                     f"{format_rate(quoted)}/h), above --max-price {ceiling}/h; the instance was ended")
         try:
             check_cap(self.cap, billed, self.chosen.teardown_seconds)
         except ConfigError as exc:
-            raise ProvisioningFailed(f"{name} bills {format_usd(billed)}/h for {self.instance.instance_id} (quoted "
-                                     f"{format_usd(quoted)}/h): {exc}; the instance was ended") from None
-        self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {name} bills {format_usd(billed)}/h "
-                      f"(quoted {format_usd(quoted)}/h)\n")
+            raise ProvisioningFailed(f"{name} bills {format_rate(billed)}/h for {self.instance.instance_id} (quoted "
+                                     f"{format_rate(quoted)}/h): {exc}; the instance was ended") from None
+        self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {name} bills {format_rate(billed)}/h "
+                      f"(quoted {format_rate(quoted)}/h)\n")
         self.job.emit(EventType.PROVISIONED, provider=name, instance_id=self.instance.instance_id,
                       cost_per_hour_usd=billed, max_cost_usd=self.cap)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import one_line
-from .money import format_usd
+from .money import format_rate, format_usd
 from .paths import has_local_jobs, open_private, private_dir
 from .state import LIVE_STATES
 
@@ -149,7 +149,7 @@ class Report:
 
     def _row(self, f: Finding) -> tuple[str, ...]:
         up = "?" if f.since is None else _duration((self.at - f.since).total_seconds())
-        rate = "?" if f.rate_usd_per_hour is None else format_usd(f.rate_usd_per_hour)
+        rate = "?" if f.rate_usd_per_hour is None else format_rate(f.rate_usd_per_hour)
         done = "would end" if self.dry_run else "ended"
         result = done if f.problem is None else f"NOT ENDED ({f.problem})"
         return (f.provider, f.instance_id or "-", f.job_id or "-", rate, up, format_usd(f.cost_usd),

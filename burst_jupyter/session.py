@@ -20,13 +20,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .config import Settings, load_settings
+from .config import Settings, budget_caps, load_settings
 from .errors import ConfigError
 from .job import Job, JobPlan, check_cap, job_cap
 from .job_log import JobLogWriter
 from .lifecycle import Lifecycle
 from .meter import WALL_CLOCK, Clock
-from .money import format_usd
+from .money import format_rate, format_usd
 from .offer_book import OfferBook, SearchResult
 from .output import output_log_path
 from .paths import burst_home, db_path, open_private, secure_home
@@ -80,7 +80,7 @@ class Session:
         self.home = secure_home(home) if home else burst_home()
         self.settings = settings if settings is not None else load_settings()
         path = self.home / db_path().name if home else db_path()
-        self.budget: Budget = Budget(path)
+        self.budget: Budget = Budget(path, config_caps=budget_caps(self.settings))
         self.state: StateStore = StateStore(path)
         self.connections: Connections = Connections()
         self.owner: Owner = Owner.current()
@@ -94,7 +94,6 @@ class Session:
         self._lock = threading.Lock()
         self._watcher: asyncio.Task[None] | None = None  # the periodic reconciliation, on the loop
         self.clock: Clock = WALL_CLOCK  # what jobs' money runs on (tests inject one that jumps, as across a suspend)
-        self._apply_initial_caps()
 
     @classmethod
     def current(cls) -> Session:
@@ -111,13 +110,6 @@ class Session:
             session, cls._current = cls._current, None
         if session is not None:
             session.close()
-
-    def _apply_initial_caps(self) -> None:
-        caps = self.budget.caps()
-        if self.settings.daily_budget is not None and caps["day"] is None:
-            self.budget.set_cap("day", self.settings.daily_budget)
-        if self.settings.weekly_budget is not None and caps["week"] is None:
-            self.budget.set_cap("week", self.settings.weekly_budget)
 
     # -- the loop thread ------------------------------------------------------------------------------------
 
@@ -290,8 +282,8 @@ class Session:
             raise plan.no_offer(errors)
         best = offers[0]
         cap = plan.decide_cap(best, plan.providers[best.provider].teardown_seconds)
-        return DryRun(offer=best, worst_case_usd=cap, alternatives=offers[1:6], errors=errors,
-                      max_minutes=plan.max_seconds / 60)
+        return DryRun(offer=best, worst_case_usd=plan.worst_case(cap, offers), alternatives=offers[1:6],
+                      errors=errors, max_minutes=plan.max_seconds / 60)
 
     def _with_defaults(self, spec: JobSpec) -> JobSpec:
         """Fill what the user did not set from [tool.burst] / the user config; canonicalise names."""
@@ -350,11 +342,12 @@ class DryRun:
 
     def __repr__(self) -> str:
         o = self.offer
-        price = format_usd(o.price_usd_per_hour) + "/h" + (" (spot)" if o.spot else "")
+        price = format_rate(o.price_usd_per_hour) + "/h" + (" (spot)" if o.spot else "")
+        why = "the cap" if self.worst_case_usd else "$0/h"
         lines = [f"would rent: {o.provider} {o.gpus} x {o.gpu_model or 'no GPU'} at {price}"
                  f"  [{o.provider}:{o.offer_id}] {o.description}".rstrip(),
-                 f"worst case: {format_usd(self.worst_case_usd)} (the cap; at most {self.max_minutes:.0f} min)"]
-        lines += [f"  next: {a.provider} {a.gpus} x {a.gpu_model} at {format_usd(a.price_usd_per_hour)}/h"
+                 f"worst case: {format_usd(self.worst_case_usd)} ({why}; at most {self.max_minutes:.0f} min)"]
+        lines += [f"  next: {a.provider} {a.gpus} x {a.gpu_model} at {format_rate(a.price_usd_per_hour)}/h"
                   for a in self.alternatives]
         lines += [f"  {name}: {text}" for name, text in self.errors.items()]
         lines.append("nothing was rented (--dry-run)")

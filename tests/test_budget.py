@@ -252,7 +252,8 @@ def test_a_lost_attempt_is_billed_on_its_own_row_and_leaves_the_rest_reserved(bu
     assert budget.rows() == [lost, final] and held(budget) == {}
     assert budget.snapshot(WEDNESDAY).day == CapUsage("day", Decimal("7"), Decimal(0), Decimal("20"))
     table = budget.table()
-    assert (table.total, table.reserved, table.jobs) == (Decimal("7"), Decimal("10"), 1)
+    assert (table.total, table.held, table.jobs) == (Decimal("7"), Decimal(0), 1)
+    assert sum(row.reserved_usd for row in table.rows) == Decimal("10")
 
 
 def test_record_attempt_and_settle_are_idempotent_per_attempt(budget: Budget) -> None:

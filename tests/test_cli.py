@@ -189,9 +189,13 @@ def test_budget_set_and_show(capsys: Capsys) -> None:
     assert main(["budget", "set", "--daily", "5"]) == 0
     capsys.readouterr()
     assert main(["budget", "show"]) == 0
-    assert capsys.readouterr().out == "Today: $0.00 / $5.00 (0%)\nThis week: $0.00 (no cap)\n"
+    assert capsys.readouterr().out == ("Today: $0.00 / $5.00 (0%)\nThis week: $0.00 (no cap)\n"
+                                       "daily cap $5.00: set with burst budget set, for every folder\n"
+                                       "weekly cap: none\n")
     assert main(["budget", "set", "--daily", "none", "--weekly", "200"]) == 0
-    assert capsys.readouterr().out == "Today: $0.00 (no cap)\nThis week: $0.00 / $200.00 (0%)\n"
+    assert capsys.readouterr().out == ("Today: $0.00 (no cap)\nThis week: $0.00 / $200.00 (0%)\n"
+                                       "daily cap: none\n"
+                                       "weekly cap $200.00: set with burst budget set, for every folder\n")
     assert main(["budget", "set", "--daily", "-1"]) == 2
     assert "cannot be negative" in capsys.readouterr().err
 
@@ -237,7 +241,7 @@ def test_providers_offers_and_a_dry_run(markets: Markets, burst_home: Path, caps
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["vast", "runpod", "thunder"]
     assert all(": available, " in line for line in lines)
-    assert "lowest RTX_4090 = $0.30/hr" in lines[0] and "lowest RTX_4090 = $0.34/hr" in lines[1]
+    assert "lowest RTX_4090 = $0.298/hr" in lines[0] and "lowest RTX_4090 = $0.34/hr" in lines[1]
 
     assert main(["offers", "--gpu", "rtx 4090", "--max-price", "0.5"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -251,7 +255,7 @@ def test_providers_offers_and_a_dry_run(markets: Markets, burst_home: Path, caps
     assert main(["submit", "--gpu", "RTX_4090", "--max-cost", "1", "--dry-run",
                  "--command", "python3 -c 'print(1)'"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("would rent: vast 1 x RTX_4090 at $0.30/h") and "worst case: $1.00" in out
+    assert out.startswith("would rent: vast 1 x RTX_4090 at $0.298/h") and "worst case: $1.00" in out
     assert "nothing was rented (--dry-run)" in out
     assert markets.creates() == 0 and ledger_rows(burst_home) == []
 
@@ -262,7 +266,7 @@ def test_a_cli_job_on_vast_and_a_notebook_job_share_the_ledger(markets: Markets,
     assert main(["submit", "--gpu-model", "RTX_4090", "--max-cost-usd", "1", "--name", "from-cli",
                  "--command", "python3 -c 'print(42)'"]) == 0
     out = capsys.readouterr().out
-    assert "42\n" in out and "[burst] offer selected · vast · RTX_4090 · $0.30/h" in out
+    assert "42\n" in out and "[burst] offer selected · vast · RTX_4090 · $0.298/h" in out
     [cli_row] = ledger_rows(burst_home)
     assert (cli_row.name, cli_row.provider, cli_row.status, cli_row.rate_usd_per_hour) == (
         "from-cli", "vast", "completed", Decimal("0.298"))
@@ -281,7 +285,7 @@ def test_a_cli_job_on_vast_and_a_notebook_job_share_the_ledger(markets: Markets,
     assert main(["show", cli_row.job_id]) == 0  # a finished marketplace job, from its log and its ledger row
     out = capsys.readouterr().out
     assert out.startswith(f"job {cli_row.job_id}: completed\n")
-    assert f"  provider: vast (instance {cli_row.instance_id}, RTX_4090)" in out and "  rate:     $0.30/h" in out
+    assert f"  provider: vast (instance {cli_row.instance_id}, RTX_4090)" in out and "  rate:     $0.298/h" in out
     assert "output:\n  42\n" in out
 
 

@@ -253,15 +253,15 @@ def sample() -> LedgerTable:
 
 def test_totals_count_unknown_costs_apart() -> None:
     table = sample()
-    assert (table.total, table.unknown, table.reserved) == (Decimal("3.30"), 1, Decimal("3"))
+    assert (table.total, table.unknown, table.held) == (Decimal("3.30"), 1, Decimal(0))
 
 
-def test_by_groups_sum_actual_and_reserved_and_count_jobs() -> None:
+def test_by_groups_sum_actual_and_count_jobs() -> None:
     groups = sample().by("provider").groups
     assert groups is not None
-    assert [(g.key, g.jobs, g.actual, g.reserved, g.unknown) for g in groups] == [
-        ("runpod", 1, Decimal("2.20"), Decimal("1"), 0),
-        ("vast", 2, Decimal("1.10"), Decimal("2"), 1),
+    assert [(g.key, g.jobs, g.actual, g.held, g.unknown) for g in groups] == [
+        ("runpod", 1, Decimal("2.20"), Decimal(0), 0),
+        ("vast", 2, Decimal("1.10"), Decimal(0), 1),
     ]
     by_day = sample().by("day").groups
     assert by_day is not None
@@ -313,7 +313,7 @@ def test_text_repr_is_an_aligned_table_with_totals() -> None:
         "completed",
     ]
     assert "unknown" in lines[4]  # c: duration and cost both unknown
-    assert lines[-1].split() == ["total", "3", "jobs", "$3.00", "$3.30", "+", "1", "unknown"]
+    assert lines[-1].split() == ["total", "3", "jobs", "$3.30", "+", "1", "unknown"]  # past reservations: no sum
     # Right-aligned money: every "actual" cell ends where its title does.
     end = lines[0].index("actual") + len("actual")
     assert all(line[end - 1] != " " and line[end : end + 1] in ("", " ") for line in lines[2:5])
@@ -321,10 +321,10 @@ def test_text_repr_is_an_aligned_table_with_totals() -> None:
 
 def test_grouped_text_repr_lines_up() -> None:
     lines = repr(sample().by("gpu")).splitlines()
-    assert lines[0].split() == ["gpu", "jobs", "actual", "reserved"]
-    assert lines[2].split() == ["H100", "1", "$2.20", "$1.00"]
-    assert lines[3].split() == ["RTX_4090", "2", "$1.10", "+", "1", "unknown", "$2.00"]
-    assert lines[-1].split() == ["total", "3", "$3.30", "+", "1", "unknown", "$3.00"]
+    assert lines[0].split() == ["gpu", "jobs", "actual"]
+    assert lines[2].split() == ["H100", "1", "$2.20"]
+    assert lines[3].split() == ["RTX_4090", "2", "$1.10", "+", "1", "unknown"]
+    assert lines[-1].split() == ["total", "3", "$3.30", "+", "1", "unknown"]
     assert len({len(line) for line in lines}) == 1  # last column right-aligned: every line the same width
 
 
@@ -343,7 +343,7 @@ def test_html_repr_escapes_and_has_a_totals_row() -> None:
 def test_an_empty_table_still_renders() -> None:
     empty = LedgerTable([])
     assert (empty.total, empty.unknown) == (Decimal(0), 0)
-    assert repr(empty).splitlines()[-1].split() == ["total", "0", "jobs", "$0.00", "$0.00"]
+    assert repr(empty).splitlines()[-1].split() == ["total", "0", "jobs", "$0.00"]
     assert "0 jobs" in empty._repr_html_()
 
 
@@ -376,8 +376,8 @@ def test_a_retried_job_shows_each_attempt_and_the_totals_sum_them_all() -> None:
     assert [line.split()[2:5] for line in lines[2:5]] == [["a", "1", "sweep"], ["a", "2", "sweep"],
                                                           ["b<i>", "1", "sweep"]]
     assert lines[2].split()[-1] == "preempted"
-    assert lines[-1].split() == ["total", "2", "jobs", "3", "attempts", "$2.00", "$1.50", "+", "1", "unknown"]
-    assert (table.total, table.reserved, table.jobs, table.unknown) == (Decimal("1.50"), Decimal("2"), 2, 1)
+    assert lines[-1].split() == ["total", "2", "jobs", "3", "attempts", "$1.50", "+", "1", "unknown"]
+    assert (table.total, table.held, table.jobs, table.unknown) == (Decimal("1.50"), Decimal(0), 2, 1)
     page = table._repr_html_()
     assert '<th style="text-align:right">attempt</th>' in page and "3 attempts" in page
     assert "b&lt;i&gt;" in page and "b<i>" not in page
@@ -386,12 +386,12 @@ def test_a_retried_job_shows_each_attempt_and_the_totals_sum_them_all() -> None:
 def test_a_retried_job_counts_once_per_group_with_its_attempts() -> None:
     by_provider = retried().by("provider")
     assert by_provider.groups == [
-        LedgerGroup("runpod", jobs=1, attempts=1, actual=Decimal(0), reserved=Decimal("1"), unknown=1),
-        LedgerGroup("vast", jobs=1, attempts=2, actual=Decimal("1.50"), reserved=Decimal("1.00"), unknown=0),
+        LedgerGroup("runpod", jobs=1, attempts=1, actual=Decimal(0), held=Decimal(0), unknown=1),
+        LedgerGroup("vast", jobs=1, attempts=2, actual=Decimal("1.50"), held=Decimal(0), unknown=0),
     ]
     lines = repr(by_provider).splitlines()
-    assert lines[0].split() == ["provider", "jobs", "attempts", "actual", "reserved"]
-    assert lines[-1].split() == ["total", "2", "3", "$1.50", "+", "1", "unknown", "$2.00"]
+    assert lines[0].split() == ["provider", "jobs", "attempts", "actual"]
+    assert lines[-1].split() == ["total", "2", "3", "$1.50", "+", "1", "unknown"]
     by_status = retried().by("status").groups
     assert by_status is not None
     assert [(g.key, g.jobs, g.attempts, g.actual) for g in by_status] == [
@@ -413,7 +413,7 @@ def test_to_pandas_keeps_decimals() -> None:
     assert frame["actual_usd"][0] == Decimal("1.10")
     assert list(frame["attempt"]) == [1, 1, 1]
     grouped = sample().by("provider").to_pandas()
-    assert list(grouped.columns) == ["provider", "jobs", "attempts", "actual", "reserved", "unknown"]
+    assert list(grouped.columns) == ["provider", "jobs", "attempts", "actual", "held", "unknown"]
     assert list(grouped["jobs"]) == [1, 2]
     assert list(retried().to_pandas()["attempt"]) == [1, 2, 1]
     assert list(retried().by("provider").to_pandas()[["jobs", "attempts"]].itertuples(index=False)) == [(1, 1), (1, 2)]

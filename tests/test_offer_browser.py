@@ -112,7 +112,7 @@ def html_parts(view: OfferBrowser) -> tuple[Any, Any, Any]:
 
 def test_rows_compute_per_gpu_price_in_decimal() -> None:
     quad, pair, big = offer_rows([QUAD, PAIR, BIG])
-    assert (quad.price, quad.gpu_price) == ("$1.10", "$0.28")  # 1.10 / 4 = 0.275, half-up
+    assert (quad.price, quad.gpu_price) == ("$1.10", "$0.275")  # 1.10 / 4, as priced: not rounded to the cent
     assert QUAD.price_per_gpu_hour == Decimal("0.275")
     assert (pair.gpus, pair.gpu_price, pair.reliability, pair.offer_id) == ("2", "$0.35", "99.9%", "RTX 4090")
     assert (big.gpu, big.memory, big.spot) == ("H100", "80", "")
@@ -180,7 +180,7 @@ def test_text_lists_offers_cheapest_first() -> None:
     ]
     assert lines[2].split() == ["vast", "RTX_4090", "1", "$0.35", "$0.35", "24", "90.0%", "Quebec,", "CA", "v-1"]
     assert lines[3].split() == ["runpod", "RTX_4090", "2", "$0.70", "$0.35", "24", "99.9%", "US", "RTX", "4090"]
-    assert lines[4].split() == ["vast", "RTX_4090", "4", "$1.10", "$0.28", "24", "95.0%", "US", "v-4"]
+    assert lines[4].split() == ["vast", "RTX_4090", "4", "$1.10", "$0.275", "24", "95.0%", "US", "v-4"]
     assert len(lines) == 5
     # Fixed width, numbers right-aligned: the $/h column ends at the same place in every line.
     assert lines[1].index("$/h") + 3 == lines[2].index("$0.35") + 5 == lines[3].index("$0.70") + 5

@@ -14,7 +14,7 @@ from html import escape
 from typing import Any
 
 from burst_jupyter.events import EventType, JobEvent
-from burst_jupyter.money import format_usd
+from burst_jupyter.money import format_rate, format_usd
 from burst_jupyter.widgets.render import (
     WIDGET_VIEW_MIMETYPE,
     LiveView,
@@ -206,7 +206,7 @@ def _facts(s: JobViewState) -> _Facts:
         title=f"burst job {s.name!r}",
         status=_phase_words(s.status),
         where=" · ".join(x for x in (s.provider, s.gpu) if x),
-        rate="" if s.rate_per_hour_usd is None else f"{format_usd(s.rate_per_hour_usd)}/h",
+        rate="" if s.rate_per_hour_usd is None else f"{format_rate(s.rate_per_hour_usd)}/h",
         progress=progress,
         cost=cost,
         elapsed=format_duration(s.elapsed_s),

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from burst_jupyter.errors import BurstError
-from burst_jupyter.money import format_usd
+from burst_jupyter.money import format_rate
 from burst_jupyter.widgets.render import clean_text
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class OfferFilter:
         """One short line: ``RTX_4090 ×2 · ≤ $1.50/h · vast · ≥ 95% reliable · spot``."""
         bits = [f"{self.gpu or 'any GPU'} ×{self.gpus}"]
         if self.max_price is not None:
-            bits.append(f"≤ {format_usd(self.max_price)}/h")
+            bits.append(f"≤ {format_rate(self.max_price)}/h")
         bits.append(self.provider or "all providers")
         if self.min_reliability is not None:
             bits.append(f"≥ {self.min_reliability:.0%} reliable")
@@ -155,14 +155,14 @@ class OfferRow:
 
 
 def offer_rows(offers: Iterable[Offer]) -> list[OfferRow]:
-    """The table rows for ``offers``, in order. Money stays Decimal until ``format_usd``."""
+    """The table rows for ``offers``, in order. Money stays Decimal until ``format_rate``."""
     return [
         OfferRow(
             provider=table_cell(o.provider),
             gpu=table_cell(o.gpu_model or "-"),
             gpus=str(o.gpus),
-            price=format_usd(o.price_usd_per_hour),
-            gpu_price=format_usd(o.price_per_gpu_hour),
+            price=format_rate(o.price_usd_per_hour),
+            gpu_price=format_rate(o.price_per_gpu_hour),
             memory="?" if o.memory_gb is None else str(o.memory_gb),
             reliability=f"{o.reliability * 100:.1f}%",
             spot="spot" if o.spot else "",
