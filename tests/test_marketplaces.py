@@ -82,7 +82,7 @@ def test_dry_run_shows_the_offer_and_rents_nothing(ip: Any, markets: Markets, bu
     result, _ = run_cell(ip, cell("--gpu RTX_4090 --max-cost 2 --dry-run"))
     assert result.error_in_exec is None
     text = repr(result.result)
-    assert "would rent: vast 1 x RTX_4090 at $0.30/h" in text and "[vast:4102]" in text
+    assert "would rent: vast 1 x RTX_4090 at $0.298/h" in text and "[vast:4102]" in text
     assert "worst case: $2.00" in text and "nothing was rented" in text
     assert markets.creates() == 0 and ledger_rows(burst_home) == []
 
@@ -111,7 +111,8 @@ def test_a_billed_rate_above_max_price_ends_the_instance_at_once(ip: Any, market
     markets.vast.bill_markup = Decimal(2)  # the host bills twice what the search quoted
     result, _ = run_cell(ip, cell("--gpu RTX_4090 --max-cost 1 --max-price 0.31 --provider vast"))
     line = usage_line(result)
-    assert "bills $0.60/h" in line and "above --max-price $0.31/h" in line and "ended" in line
+    assert "bills $0.596/h" in line and "(quoted $0.298/h)" in line  # as priced, not rounded to the cent
+    assert "above --max-price $0.31/h" in line and "ended" in line
     job = last_job()
     assert job.result().status is JobStatus.FAILED
     row = only_row(burst_home, job.id)  # what it billed until it was ended is on the books, at the billed rate
@@ -170,13 +171,13 @@ def test_no_offer_fits_is_one_clear_error(ip: Any, markets: Markets) -> None:
 
 def test_providers_status_and_offers_text(ip: Any, markets: Markets) -> None:
     status = repr(ip.run_line_magic("burst", "providers"))
-    assert "vast: available, " in status and "lowest RTX_4090 = $0.30/hr" in status
+    assert "vast: available, " in status and "lowest RTX_4090 = $0.298/hr" in status
     assert "runpod: available" in status and "thunder: available" in status
     browser = ip.run_line_magic("burst", "offers --gpu RTX_4090 --max-price 0.5")
     text = repr(browser)
     rows = [line.split()[0] for line in text.splitlines()[2:] if line.strip()]
     assert rows[:2] == ["vast", "runpod"] and "thunder" not in rows  # cheapest first across providers; no 4090s
-    assert "$0.30" in text and "$0.34" in text
+    assert "$0.298" in text and "$0.34" in text
     markets.runpod.api_key = "rotated"  # a provider that refuses is reported, not fatal
     status = repr(ip.run_line_magic("burst", "providers"))
     assert "runpod: not answering: the API key was refused" in status and "vast: available" in status
