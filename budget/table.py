@@ -54,7 +54,8 @@ class _Column:
     numeric: bool = False  # right-aligned
 
 
-_RIGHT = ' style="text-align:right"'
+# JupyterLab wraps table cells (white-space: normal on td and th): a date or "1h 35m" on two lines is hard to read.
+_STYLE = {False: ' style="white-space:nowrap"', True: ' style="white-space:nowrap;text-align:right"'}
 _RUNNING = "running"  # the status of a job whose reservation is still open
 
 _DETAIL_COLUMNS = (
@@ -204,19 +205,21 @@ class LedgerTable:
         return "\n".join([text_line(titles), rule, *(text_line(line) for line in body), rule, text_line(totals)])
 
     def _repr_html_(self) -> str:
+        from ..widgets.render import no_math
+
         columns, body, totals = self._grid()
 
         def html_line(cells: list[str], tag: str) -> str:
             return (
                 "<tr>"
                 + "".join(
-                    f"<{tag}{_RIGHT if column.numeric else ''}>{html.escape(cell)}</{tag}>"
+                    f"<{tag}{_STYLE[column.numeric]}>{html.escape(cell)}</{tag}>"
                     for cell, column in zip(cells, columns, strict=True)
                 )
                 + "</tr>"
             )
 
-        return (
+        return no_math(
             '<table class="burst-ledger">'
             f"<thead>{html_line([column.title for column in columns], 'th')}</thead>"
             f"<tbody>{''.join(html_line(line, 'td') for line in body)}</tbody>"

@@ -176,6 +176,8 @@ class ProvidersStatus:
         return "\n".join(line.describe() for line in self.lines)
 
     def _repr_html_(self) -> str:
+        from .widgets.render import no_math
+
         rows = "".join(f"<tr><td>{html.escape(line.name)}</td><td>{html.escape(line.describe().split(': ', 1)[1])}"
                        "</td></tr>" for line in self.lines)
-        return f"<table><tr><th>provider</th><th>status</th></tr>{rows}</table>"
+        return no_math(f"<table><tr><th>provider</th><th>status</th></tr>{rows}</table>")

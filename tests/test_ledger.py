@@ -335,9 +335,9 @@ def test_html_repr_escapes_and_has_a_totals_row() -> None:
 
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
     assert "j&lt;1&gt;" in page
-    assert page.startswith("<table") and page.endswith("</table>")
+    assert page.startswith('<div class="mathjax_ignore tex2jax_ignore"><table') and page.endswith("</table></div>")
     assert "<tfoot" in page and "2 jobs" in page and "$1.00 + 1 unknown" in page
-    assert "<th>provider</th>" in table.by("provider")._repr_html_()
+    assert '<th style="white-space:nowrap">provider</th>' in table.by("provider")._repr_html_()
 
 
 def test_an_empty_table_still_renders() -> None:
@@ -379,7 +379,7 @@ def test_a_retried_job_shows_each_attempt_and_the_totals_sum_them_all() -> None:
     assert lines[-1].split() == ["total", "2", "jobs", "3", "attempts", "$1.50", "+", "1", "unknown"]
     assert (table.total, table.held, table.jobs, table.unknown) == (Decimal("1.50"), Decimal(0), 2, 1)
     page = table._repr_html_()
-    assert '<th style="text-align:right">attempt</th>' in page and "3 attempts" in page
+    assert '<th style="white-space:nowrap;text-align:right">attempt</th>' in page and "3 attempts" in page
     assert "b&lt;i&gt;" in page and "b<i>" not in page
 
 

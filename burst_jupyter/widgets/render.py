@@ -1,4 +1,5 @@
-"""Helpers shared by the views: money and time formatting, safe text, HTML bars, and the LiveView base.
+"""Helpers shared by the views: money and time formatting, safe text, HTML bars, HTML kept from MathJax, and the
+LiveView base.
 
 Nothing here imports ipywidgets at module level: ``%load_ext burst_jupyter`` must stay fast, and the views must
 still render as text/html and text/plain where ipywidgets is missing.
@@ -11,7 +12,6 @@ import importlib.util
 import re
 import threading
 from collections.abc import Callable, Collection, Iterator
-from decimal import Decimal
 from typing import Any
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "format_duration",
     "html_bar",
     "ipython_kernel_present",
+    "no_math",
     "set_bar",
 ]
 
@@ -31,7 +32,10 @@ WIDGET_VIEW_MIMETYPE = "application/vnd.jupyter.widget-view+json"
 _BAR_COLOURS = {"": "#2196f3", "success": "#4caf50", "info": "#00bcd4", "warning": "#ff9800", "danger": "#f44336"}
 _WARN_FRACTION = 0.8
 
-_CENT = Decimal("0.01")
+# The class each MathJax skips, with all it holds: 3's default (JupyterLab 4, Notebook 7), then 2's (nbconvert's
+# classic template). Both typeset text between two `$` in any HTML output as LaTeX (seen in JupyterLab 4 on
+# 2026-12-06: "$0.19/hr (1 offers), lowest RTX_4090 = $" became a formula), and every money view holds several.
+_NO_MATH_CLASSES = "mathjax_ignore tex2jax_ignore"
 # CSI sequences (colours, cursor moves) and OSC strings (window titles, hyperlinks) first, so a coloured line
 # keeps its text and a link its label, then any other control byte.
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")
@@ -56,6 +60,17 @@ def clean_text(text: str) -> str:
     any view shows it. HTML escaping is separate and happens where HTML is built.
     """
     return _CONTROL.sub("", _ANSI.sub("", text))
+
+
+def no_math(html: str) -> str:
+    """``html`` in a block MathJax leaves alone, so ``$`` amounts show as written. Every view's HTML goes out
+    through this (LiveView does it for its subclasses).
+
+    Example:
+        >>> no_math("<b>$0.35 of $1.00</b>")
+        '<div class="mathjax_ignore tex2jax_ignore"><b>$0.35 of $1.00</b></div>'
+    """
+    return f'<div class="{_NO_MATH_CLASSES}">{html}</div>'
 
 
 def bar_style(fraction: float | None) -> str:
@@ -163,7 +178,7 @@ class LiveView(abc.ABC):
             # Always send snapshots too: nbconvert drops the widget view when no widget state was saved, and
             # terminal IPython only shows text/plain.
             if wanted("text/html"):
-                bundle["text/html"] = self.snapshot_html()
+                bundle["text/html"] = no_math(self.snapshot_html())
             if wanted("text/plain"):
                 bundle["text/plain"] = self.snapshot_text()
             return bundle
