@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, JobCancelled, JobInterrupted, NoCapacity, one_line
 from .events import FINAL_EVENTS, EventType, JobEvent
-from .money import format_usd
+from .money import format_rate, format_usd
 from .offer_book import rank
 from .output import OutputBounds
 from .providers.base import Offer, OfferQuery, Provider
@@ -65,7 +65,7 @@ def job_cap(max_cost: Decimal | None, rate: Decimal, max_seconds: float) -> Deci
 def check_cap(cap: Decimal, rate: Decimal, teardown_seconds: float) -> None:
     """Refuse a cap too small to start and stop a job at ``rate``: one clear line, before anything is rented."""
     if rate > 0 and cap < cost_of(rate, MIN_BILLABLE_SECONDS + teardown_seconds):
-        raise ConfigError(f"--max-cost ${cap} buys only {float(cap / rate * 3600):.0f} s at ${rate}/h, "
+        raise ConfigError(f"--max-cost ${cap} buys only {float(cap / rate * 3600):.0f} s at {format_rate(rate)}/h, "
                           f"too little to start and stop a job")
 
 

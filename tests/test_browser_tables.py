@@ -5,8 +5,8 @@ read "lowest RTX_3090 = $0.19/hr (1 offers), lowest RTX_4090 = " as a formula. O
 ``%burst providers`` (the three marketplace fakes), ``burst.ledger()`` (rows at a Vast rate of $0.347/h and a job
 still holding money), the budget bars, and the HTML snapshots of the bars and the offer browser (what a front end
 without widgets, or an exported notebook, shows). A last cell holds real math, ``$x^2$``: once MathJax has
-typeset it, MathJax is known to run, and no other cell may hold a MathJax element. Screenshots of the ledger and
-the bars are saved in tmp (the paths are printed) and are the README's.
+typeset it, MathJax is known to run, and no other cell may hold a MathJax element. In JupyterLab and Notebook 7;
+screenshots of the ledger and the bars are saved in tmp (the paths are printed), JupyterLab's are the README's.
 
 The server and the browser come from tests/jupyter_servers.py.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from burst_checks import db_file
-from jupyter_servers import Server, chromium, jupyter_server, open_notebook, poll, run_all_cells
+from jupyter_servers import App, Server, chromium, jupyter_server, open_notebook, poll, run_all_cells
 from marketplaces import Markets
 
 from burst_jupyter.budget import Budget
@@ -78,22 +78,26 @@ def write_notebook(path: Path) -> None:
     nbformat.write(nb, path)
 
 
-@pytest.fixture
-def lab(tmp_path: Path, burst_home: Path, markets: Markets) -> Iterator[Server]:
+@pytest.fixture(params=["lab", "notebook"])
+def server(request: pytest.FixtureRequest, tmp_path: Path, burst_home: Path, markets: Markets) -> Iterator[Server]:
+    app: App = request.param
     root = tmp_path / "root"
     root.mkdir()
     write_notebook(root / NOTEBOOK)
     seed(burst_home)
-    with jupyter_server(tmp_path, burst_home, root) as server:  # the kernel inherits the fakes' keys and URLs
-        yield server
+    with jupyter_server(tmp_path, burst_home, root, app) as started:  # the kernel inherits the fakes' keys and URLs
+        yield started
 
 
-def test_money_views_show_dollars_literally_in_jupyterlab(lab: Server, tmp_path: Path) -> None:
+def test_money_views_show_dollars_literally(server: Server, tmp_path: Path) -> None:
     shots = {name: tmp_path / f"{name}.png" for name in ("notebook", "ledger", "budget-bars")}
-    with chromium(lab, width=1400, height=1400) as (page, js_errors):
-        open_notebook(page, lab, NOTEBOOK, cells=len(CELLS))
-        # The file browser closed: the ledger's width fits the pictures.
-        page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
+    with chromium(server, width=1400, height=1400) as (page, js_errors):
+        open_notebook(page, server, NOTEBOOK, cells=len(CELLS))
+        # Notebook 7 logs "Cannot read properties of undefined (reading 'schema')" while it starts, before any cell
+        # ran (2026-12-06): the front end's own, so only what comes after counts.
+        startup = len(js_errors)
+        if server.app == "lab":  # the file browser closed: the ledger's width fits the pictures
+            page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
         run_all_cells(page)
         outputs = poll(page, OUTPUTS_JS, lambda cells: cells[CONTROL]["math"] > 0
                        and all(cell["text"].strip() or cell["widget"] for cell in cells[1:]),
@@ -106,7 +110,7 @@ def test_money_views_show_dollars_literally_in_jupyterlab(lab: Server, tmp_path:
         outputs = page.evaluate(OUTPUTS_JS)  # after the pause: MathJax had every chance to act
     for name, path in shots.items():
         print(f"screenshot of the {name}: {path}")
-    assert not js_errors, js_errors
+    assert not js_errors[startup:], js_errors
 
     assert [cell["math"] for cell in outputs[1:CONTROL]] == [0] * (CONTROL - 1), outputs
     providers, ledger, bars, bars_html, offers_html = (outputs[i]["text"] for i in range(1, CONTROL))
