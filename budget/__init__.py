@@ -8,12 +8,11 @@ Example:
 
 from __future__ import annotations
 
-from .enforcer import STORED, Budget, BudgetSnapshot, Cap, CapUsage, Period, Reservation, period_bounds
+from .enforcer import Budget, BudgetSnapshot, Cap, CapUsage, Period, Reservation, period_bounds
 from .ledger import LedgerRow, format_usd
 from .table import GroupKey, LedgerGroup, LedgerTable
 
 __all__ = [
-    "STORED",
     "Budget",
     "BudgetSnapshot",
     "Cap",
