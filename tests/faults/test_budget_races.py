@@ -1,10 +1,11 @@
-"""Fault cases 9 and 10: the budget under concurrent launches and under kill -9.
+"""Fault cases 9, 9b and 10: the budget under concurrent launches and under kill -9.
 
 Case 9: eight ``burst submit`` processes start at once against a daily cap that fits five jobs' reservations.
 Exactly five rent an instance and run; the other three fail before renting anything, with one line naming the
 cap. Each job's command waits for a gate file (the fake machines are sshd processes on this host, so they see
 it), so the five winners still hold their reservations while the losers decide: "at once" does not depend on how
-fast a loaded machine starts eight Python processes.
+fast a loaded machine starts eight Python processes. Case 9b is the same race against a project's
+``daily-budget``, which each process reads and none stores.
 
 Case 10: a process writing the ledger in a tight loop (reserve, then settle / record an attempt and settle /
 release) is killed with SIGKILL at random moments. After each kill the file is intact, every row whole, no job is
@@ -36,17 +37,25 @@ from burst_jupyter.budget import Budget, format_usd
 
 RACERS, FITS = 8, 5
 JOB_CAP = Decimal(1)
-RACE = "9 budget race (8 launch, 5 fit)"
+RACE = {"stored": "9 budget race (8 launch, 5 fit)", "project": "9b budget race, project cap"}
 
 
 @pytest.mark.ssh
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("trial", [1, 2])
+@pytest.mark.parametrize("where", ["stored", "project"])
 def test_eight_launches_against_a_cap_that_fits_five_run_exactly_five(
-    trial: int, markets: Markets, burst_home: Path, tmp_path: Path, fault_ledger: Any
+    where: str, trial: int, markets: Markets, burst_home: Path, tmp_path: Path, fault_ledger: Any
 ) -> None:
-    with Budget(db_file(burst_home)) as budget:
-        budget.set_cap("day", JOB_CAP * FITS)
+    project = tmp_path / "project"
+    project.mkdir()
+    named = ""
+    if where == "stored":
+        with Budget(db_file(burst_home)) as budget:
+            budget.set_cap("day", JOB_CAP * FITS)
+    else:
+        (project / "pyproject.toml").write_text(f"[tool.burst]\ndaily-budget = {JOB_CAP * FITS}\n")
+        named = f" (daily-budget in {project / 'pyproject.toml'} [tool.burst])"
     gate, started = tmp_path / "gate", tmp_path / "started"
     started.mkdir()
     # Runs on the rented (fake) machine: say it started, then hold the instance until the test opens the gate.
@@ -56,7 +65,7 @@ def test_eight_launches_against_a_cap_that_fits_five_run_exactly_five(
         f"racer-{n}": subprocess.Popen(
             [str(burst), "submit", "--provider", "runpod", "--gpu-model", "RTX_4090", "--max-cost-usd",
              str(JOB_CAP), "--name", f"racer-{n}", "--", "sh", "-c", command],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=project,
         )
         for n in range(RACERS)
     }
@@ -84,7 +93,7 @@ def test_eight_launches_against_a_cap_that_fits_five_run_exactly_five(
         assert codes[name] == 1 and len(said) == 1, (name, out, err)
         assert said[0].startswith("burst: job ") and said[0].endswith(
             f" failed: daily budget: $0.00 spent + {format_usd(JOB_CAP * FITS)} reserved + {format_usd(JOB_CAP)}"
-            f" for this job > {format_usd(JOB_CAP * FITS)} cap"), said
+            f" for this job > {format_usd(JOB_CAP * FITS)} cap{named}"), said
     # Only the winners rented: one instance each at the fakes, one state row each, one ledger row each.
     created = {name: len(cloud.bills()) for name, cloud in markets.all.items()}
     assert created == {"vast": 0, "runpod": FITS, "thunder": 0}
@@ -93,7 +102,9 @@ def test_eight_launches_against_a_cap_that_fits_five_run_exactly_five(
     assert sorted(row.name or "" for row in rows) == winners
     assert all((row.status, row.attempt, row.reserved_usd) == ("completed", 1, JOB_CAP) for row in rows), rows
     assert open_reservations(burst_home) == []
-    fault_ledger.check_clouds(RACE, markets, JOB_CAP, faults=RACERS - FITS)
+    with Budget(db_file(burst_home)) as budget:  # a project's cap is never stored: other folders know nothing of it
+        assert budget.caps()["day"] == (JOB_CAP * FITS if where == "stored" else None)
+    fault_ledger.check_clouds(RACE[where], markets, JOB_CAP, faults=RACERS - FITS)
 
 
 # --- case 10 -----------------------------------------------------------------------------------------------
