@@ -438,7 +438,7 @@ class Budget:
         zone by default)."""
         with self._read() as conn:
             rows, held = select_rows(conn, since=None), _open_reservations(conn)
-        return LedgerTable(rows, open=held, tz=tz)
+        return LedgerTable(rows, reservations=held, tz=tz)
 
     # --- caps ---
 

@@ -90,14 +90,14 @@ class LedgerTable:
         self,
         rows: Iterable[LedgerRow],
         *,
-        open: Iterable[Reservation] = (),
+        reservations: Iterable[Reservation] = (),
         group_by: GroupKey | None = None,
         tz: dt.tzinfo | None = None,
     ) -> None:
         if group_by is not None and group_by not in GROUP_KEYS:
             raise ValueError(f"group by one of {GROUP_KEYS}, not {group_by!r}")
         self.rows: list[LedgerRow] = list(rows)
-        self.open: list[Reservation] = list(open)
+        self.reservations: list[Reservation] = list(reservations)  # open: their jobs have not settled
         self.group_by = group_by
         self.tz = tz
 
@@ -111,7 +111,7 @@ class LedgerTable:
     @property
     def jobs(self) -> int:
         """How many distinct jobs the rows and open reservations are (a retried job has a row per attempt)."""
-        return len({row.job_id for row in self.rows} | {held.job_id for held in self.open})
+        return len({row.job_id for row in self.rows} | {held.job_id for held in self.reservations})
 
     @property
     def retried(self) -> bool:
@@ -126,7 +126,7 @@ class LedgerTable:
     @property
     def held(self) -> Decimal:
         """What is reserved now for the jobs not settled yet: money committed, which the caps count."""
-        return sum((held.amount for held in self.open), Decimal(0))
+        return sum((held.amount for held in self.reservations), Decimal(0))
 
     @property
     def groups(self) -> list[LedgerGroup] | None:
@@ -137,8 +137,8 @@ class LedgerTable:
         members: dict[str, LedgerTable] = {}
         for row in self.rows:
             members.setdefault(key_of(row), LedgerTable([])).rows.append(row)
-        for held in self.open:
-            members.setdefault(key_of(held), LedgerTable([])).open.append(held)
+        for held in self.reservations:
+            members.setdefault(key_of(held), LedgerTable([])).reservations.append(held)
         return [
             LedgerGroup(key, part.jobs, len(part.rows), part.total, part.held, part.unknown)
             for key, part in sorted(members.items())
@@ -159,14 +159,14 @@ class LedgerTable:
 
     def by(self, key: GroupKey) -> LedgerTable:
         """The same rows grouped by ``"day"`` (of ``started_at``, in :attr:`tz`), provider, gpu or status."""
-        return LedgerTable(self.rows, open=self.open, group_by=key, tz=self.tz)
+        return LedgerTable(self.rows, reservations=self.reservations, group_by=key, tz=self.tz)
 
     def since(self, moment: dt.datetime) -> LedgerTable:
         """Only the rows that started (and reservations made) at or after ``moment`` (timezone-aware), keeping the
         grouping."""
         require_aware(moment, "since")
         return LedgerTable([row for row in self.rows if row.started_at >= moment],
-                           open=[held for held in self.open if held.created_at >= moment],
+                           reservations=[held for held in self.reservations if held.created_at >= moment],
                            group_by=self.group_by, tz=self.tz)
 
     def to_pandas(self) -> pandas.DataFrame:
@@ -231,7 +231,7 @@ class LedgerTable:
         """Column specs, body cells and totals cells: everything both renderers need, as text."""
         columns, body, totals = self._full_grid()
         dropped = () if self.retried else ("attempt", "attempts")
-        if not self.open:
+        if not self.reservations:
             dropped += ("reserved now",)
         keep = [i for i, column in enumerate(columns) if column.title not in dropped]
         return tuple(columns[i] for i in keep), [[line[i] for i in keep] for line in body], [totals[i] for i in keep]
@@ -243,7 +243,8 @@ class LedgerTable:
         actual = _cost_text(self.total, self.unknown, len(self.rows))
         groups = self.groups
         if groups is None:
-            body = [self._detail_cells(row) for row in self.rows] + [self._open_cells(held) for held in self.open]
+            body = [self._detail_cells(row) for row in self.rows]
+            body += [self._open_cells(held) for held in self.reservations]
             # No total under "reserved": those reservations were released when each job settled.
             totals = ["total", jobs, attempts, "", "", "", "", "", "", format_usd(self.held), actual, ""]
             return _DETAIL_COLUMNS, body, totals
