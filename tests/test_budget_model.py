@@ -10,6 +10,7 @@ real local jobs.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,7 @@ def row(job_id: str, reserved: str, actual: str | None, **changes: Any) -> Ledge
 
 
 def test_the_ledger_shows_what_is_reserved_now_apart_from_past_reservations(
-        tmp_path: Path, burst_home: Path) -> None:
+        tmp_path: Path, burst_home: Path, capsys: Capsys) -> None:
     with Budget(burst_home / "burst.sqlite3") as budget:
         for job_id in ("old1", "old2"):
             budget.reserve(job_id=job_id, name=None, provider="vast", gpu="RTX_4090", amount=Decimal(5), now=NOW)
@@ -174,6 +175,9 @@ def test_the_ledger_shows_what_is_reserved_now_apart_from_past_reservations(
     grouped = repr(table.by("provider")).splitlines()
     assert grouped[0].split() == ["provider", "jobs", "actual", "reserved", "now"]
     assert grouped[2].split() == ["vast", "3", "$0.70", "$3.00"]
+    assert main(["ledger", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["reserved_now_usd"] == "3" and [r["job_id"] for r in document["reservations"]] == ["live"]
     # Nothing held: no such column.
     settled_only = LedgerTable([row("a", "5", "1")], tz=dt.timezone.utc)
     assert "now" not in repr(settled_only).splitlines()[0]
