@@ -221,11 +221,11 @@ class CellDisplay:
         text = "".join(self._tail)
         if not text:
             return bundle
-        from .widgets.render import clean_text
+        from .widgets.render import clean_text, no_math
 
         if self._tail_cut:
             text = f"[burst: earlier output left out; the whole of it: burst show {self.job.id}]\n…{text}"
-        html = f'<pre class="burst-output">{escape(clean_text(text))}</pre>'
+        html = no_math(f'<pre class="burst-output">{escape(clean_text(text))}</pre>')
         return {**bundle, "text/plain": f"{bundle.get('text/plain', '')}\n{text}",
                 "text/html": bundle.get("text/html", "") + html}
 
