@@ -133,6 +133,7 @@ def test_the_job_view_reads_well_while_running_and_after(lab: Server, tmp_path: 
     assert "`" not in line + title and "job's own finally" in title and opened is False, guard
     # Once ended, each view is its final snapshot, as a saved or exported notebook keeps it.
     assert first["rows"]["Status"] == "completed" and "working 5" in first["rows"]["Last output"], first
+    assert first["rows"]["Cost"].strip() == "$0.00 of $1.00", first  # as written, not typeset by MathJax
     assert "<Job" not in background["outputs"], background  # the Out is the job's view, not its repr at "queued"
     assert "sweep 2" in background["streams"], background
     assert re.search(r"sweep-\S+ completed", waited["streams"]), waited
