@@ -189,7 +189,7 @@ def test_text_lines_for_terminal_mode() -> None:
     queued = view.text_line(ev(E.QUEUED, provider="local", max_cost_usd=Decimal(1)))
     assert queued == f"job 'sweep' ({view.state.job_id}) · queued · local · cap $1.00"
     line = view.text_line(ev(E.PROVISIONED, provider="local", cost_per_hour_usd=Decimal("0.40")))
-    assert line == "provisioned · local · $0.40/h"
+    assert line == "machine started · local · $0.40/h"
     clock.now = 65.0
     final = ev(E.FAILED, total_cost_usd=Decimal("0.00694"), error="\x1b[2Jboom")
     expected = f"job 'sweep' ({view.state.job_id}) · failed · total $0.0069 · 0:01:05 · error: boom"

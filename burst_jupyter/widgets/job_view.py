@@ -40,7 +40,6 @@ _FINAL_BAR_STYLES = {"completed": "success", "failed": "danger", "budget_killed"
 # What each phase means, in words (the event names are the API's; these are what a user reads).
 _PHASES = {
     "pending": "waiting",
-    "offer_selected": "offer chosen",
     "budget_reserved": "cost cap set aside",
     "provisioning": "starting a machine",
     "provisioned": "machine started",
@@ -273,8 +272,9 @@ class JobView(LiveView):
             return clean_text(f"starting a machine on {event.provider}{said}")
         if not event.is_final:
             # The first line names the job; the rest are short (the [burst] prefix already says whose they are).
-            text = f"{title} · {event.describe()}" if event.type is EventType.QUEUED else event.describe()
-            return clean_text(text)
+            # describe() starts with the event's name; a user reads the phase in words.
+            text = _phase_words(event.type.value) + event.describe()[len(event.type.value):]
+            return clean_text(f"{title} · {text}" if event.type is EventType.QUEUED else text)
         with self._lock:
             elapsed = self._state.elapsed_at(self._clock())
         bits = [title, _phase_words(event.type.value)]
