@@ -141,8 +141,9 @@ def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float 
     """Browse live offers across the configured marketplaces: filters, a sortable table, refresh.
     ``refresh`` asks every provider again instead of reusing offers from the last 30 s.
 
-    The browser's Insert gives a ready ``%%burst`` line for the chosen offer. With ``cell`` (Python source),
-    Launch runs it on the chosen offer at once, in the background, capped at ``max_cost``, and shows its view.
+    The browser shows a ready ``%%burst`` cell for the chosen offer, copied in one click; ``.insert()`` on the
+    browser, run in a cell, adds it below that cell. With ``cell`` (Python source) a Launch button runs it on the
+    chosen offer at once, in the background, capped at ``max_cost``, and shows its view.
 
     Example:
         >>> burst.offers(gpu="RTX_4090", max_price=1.0)   # doctest: +SKIP
@@ -171,7 +172,7 @@ def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float 
         from .display import CellDisplay
 
         assert cell is not None
-        spec = JobSpec.build(cell=cell, provider=offer.provider, offer=f"{offer.provider}:{offer.offer_id}",
+        spec = JobSpec.build(cell=cell, provider=offer.provider, offer=offer.ref,
                              gpu_model=offer.gpu_model, gpus=offer.gpus, spot=offer.spot, name="from-offers",
                              **({} if max_cost is None else {"max_cost_usd": parse_money(max_cost)}))
         job = session.submit(spec, namespace=namespace)
@@ -184,8 +185,9 @@ def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float 
         from IPython import get_ipython
 
         shell = get_ipython()
-        if shell is not None:
-            shell.set_next_input(text, replace=False)
+        if shell is None:
+            raise ConfigError("insert() adds a cell in a notebook or IPython; elsewhere use cell_text()")
+        shell.set_next_input(text, replace=False)  # in the execute reply of the cell running this
 
     return OfferBrowser(search=search, initial=initial, providers=configured, result=first,
                         on_launch=launch if cell is not None else None, on_insert=insert,

@@ -19,7 +19,7 @@ from .events import FINAL_EVENTS, EventType, JobEvent
 from .money import format_rate, format_usd
 from .offer_book import rank
 from .output import OutputBounds
-from .providers.base import Offer, OfferQuery, Provider
+from .providers.base import Offer, OfferQuery, OfferRef, Provider
 from .sync import MountPlan
 from .variables import NO_RESULT
 
@@ -126,7 +126,8 @@ class JobPlan:
             (provider,) = self.providers.values()
             offers = rank(await provider.offers(self.query()))
         if self.spec.offer is not None:
-            offers = [o for o in offers if f"{o.provider}:{o.offer_id}" == self.spec.offer]
+            ref = OfferRef.parse(self.spec.offer)
+            offers = [o for o in offers if ref.matches(o)]
         return offers, errors
 
     def no_offer(self, errors: dict[str, str]) -> NoCapacity:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode, Union
 from traitlets import List as ListTrait
 
@@ -30,6 +30,18 @@ __all__ = ["BurstMagics"]
 
 _GROUPS = ("day", "provider", "gpu", "status")
 _MONEY = Union([Int(), Float(), Unicode()], default_value=None, allow_none=True)
+
+
+def _split_line(line: str) -> list[str]:
+    """The words of a magic's line, as a shell splits them: quotes group and are removed (IPython's own split
+    keeps them, so ``--offer "runpod:NVIDIA GeForce RTX 4090"`` arrived quoted). Backslashes stay literal, as in
+    Windows paths."""
+    lexer = shlex.shlex(line, posix=True)
+    lexer.whitespace_split, lexer.escape, lexer.commenters = True, "", ""
+    try:
+        return list(lexer)
+    except ValueError as exc:  # an unclosed quote
+        raise UsageError(f"%%burst: {exc}") from None
 
 
 def _names(text: str | None) -> list[str]:
@@ -124,7 +136,7 @@ class BurstMagics(Magics):
             %%burst --max-cost 1 --mount ./data:data:ro --mount ./out:out:rw --push lr --pull loss
             loss = train(lr)
         """
-        args = parse_argstring(self.burst, line)
+        args = self.burst.parser.parse_args(_split_line(line))
         from .reconcile import announce  # not at %load_ext: it brings the agent's and asyncio's imports
 
         announce()  # what reconciliation at load or while jobs ran did since the last command, said once
@@ -147,7 +159,8 @@ class BurstMagics(Magics):
                 fields[name] = value
 
         hosts = _names(args.host) or self.hosts
-        put("provider", args.provider or ("ssh" if args.host else None) or self.provider)
+        # --offer names its provider; a configured default provider must not contradict it.
+        put("provider", args.provider or ("ssh" if args.host else None) or (None if args.offer else self.provider))
         put("gpu_model", args.gpu)
         put("gpus", args.gpus)
         put("memory_gb", args.memory)

@@ -146,7 +146,9 @@ class ProviderLine:
             return f"{self.name}: not configured ({self.note})"
         if not self.reachable:
             return f"{self.name}: not answering: {self.note}"
-        prices = ", ".join(f"lowest {gpu} = {format_rate(price)}/hr ({count} offers)"
+        from .widgets.offer_table import plural
+
+        prices = ", ".join(f"lowest {gpu} = {format_rate(price)}/hr ({plural(count, 'offer')})"
                            for gpu, (price, count) in self.lowest.items())
         return f"{self.name}: available, {prices or 'no offers for ' + ', '.join(COMMON_GPUS)}"
 

@@ -32,8 +32,8 @@ from .output import output_log_path
 from .paths import burst_home, db_path, open_private, secure_home
 from .providers import REGISTRY, ProviderConfig, build_provider
 from .providers.accounts import MARKETPLACES, accounts, require_account
-from .providers.base import Capability, Offer, OfferQuery, Provider
-from .providers.catalog import canonical_gpu
+from .providers.base import Capability, Offer, OfferQuery, OfferRef, Provider
+from .providers.catalog import ANY, canonical_gpu
 from .sinks import open_sink
 from .spec import HARD_MAX_MINUTES, JobSpec
 from .sync import plan_mounts
@@ -263,6 +263,8 @@ class Session:
     def search_offers(self, query: OfferQuery, *, providers: list[str] | None = None,
                       refresh: bool = False) -> SearchResult:
         """Live offers across the configured marketplaces (or ``providers``), ranked, through the TTL cache."""
+        if query.gpu_model is not None:
+            canonical_gpu(query.gpu_model)  # a typo is one line about the name, not an error from each provider
         markets = self.marketplaces()
         for name in providers or ():
             if name not in MARKETPLACES:
@@ -298,6 +300,8 @@ class Session:
         for field, value in defaults.items():
             if field not in given and value is not None:
                 update[field] = value
+        if spec.offer is not None:
+            update.update(_offer_defaults(spec))
         provider = str(update.get("provider", spec.provider))
         if provider not in PROVIDER_NAMES:
             import difflib
@@ -328,6 +332,27 @@ class Session:
             return [ProviderConfig(name=name)]
         return [ProviderConfig(name=name, rate=spec.rate_usd_per_hour or Decimal(0), hosts=tuple(spec.ssh_hosts),
                                trust_on_first_use=spec.ssh_trust_on_first_use, python=spec.remote_python)]
+
+
+def _offer_defaults(spec: JobSpec) -> dict[str, Any]:
+    """What ``--offer PROVIDER:ID`` decides alone: the provider (its prefix), the GPU count where it names one,
+    and any GPU model (the live offer's is the one rented). An option that contradicts it is one clear error."""
+    assert spec.offer is not None
+    ref = OfferRef.parse(spec.offer)
+    given = spec.model_fields_set
+    if ref.provider not in MARKETPLACES:
+        raise ConfigError(f"--offer {spec.offer}: {ref.provider} is not a marketplace; offers are from "
+                          f"{', '.join(MARKETPLACES)}")
+    if "provider" in given and spec.provider not in ("auto", ref.provider):
+        raise ConfigError(f"--offer {spec.offer} is a {ref.provider} offer, not --provider {spec.provider}")
+    update: dict[str, Any] = {"provider": ref.provider}
+    if ref.gpus is not None:
+        if "gpus" in given and spec.gpus != ref.gpus:
+            raise ConfigError(f"--offer {spec.offer} is {ref.gpus} GPUs, not --gpus {spec.gpus}")
+        update["gpus"] = ref.gpus
+    if spec.gpu_model is None:
+        update["gpu_model"] = ANY
+    return update
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,8 @@ class JobSpec(BaseModel):
     spot: bool = Field(False, description="Rent interruptible capacity (cheaper; may be preempted).")
     min_reliability: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
                                           description="Skip offers scored below this (0..1).")
-    offer: str | None = Field(None, description="Rent exactly this offer, PROVIDER:OFFER_ID (from the offer browser).")
+    offer: str | None = Field(None, description="Rent exactly this offer, PROVIDER:ID as the offer browser shows it; "
+                              "its provider, GPU and price come from the live offer.")
     provision_timeout_seconds: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="One limit on boot, image pull and SSH readiness of a rented "
         "instance.")
@@ -227,6 +228,13 @@ class JobSpec(BaseModel):
             return parse_money(v, what="amount")  # the error's place names the field (or its option)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("offer")
+    @classmethod
+    def _offer(cls, v: str | None) -> str | None:
+        from .providers.base import OfferRef
+
+        return None if v is None else str(OfferRef.parse(v))  # one word, however it was pasted
 
     @field_validator("gpus")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import enum
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ __all__ = [
     "InstanceState",
     "Offer",
     "OfferQuery",
+    "OfferRef",
     "Provider",
     "SelfDestruct",
     "SelfDestructing",
@@ -151,6 +153,57 @@ class Offer:
     @property
     def price_per_gpu_hour(self) -> Decimal:
         return self.price_usd_per_hour / self.gpus if self.gpus else self.price_usd_per_hour
+
+    @property
+    def ref(self) -> str:
+        """How a user names this offer after ``--offer``: ``PROVIDER:ID``, typed or pasted as one word (see
+        :class:`OfferRef`)."""
+        return str(OfferRef(provider=self.provider, offer_id=_word(self.offer_id),
+                            gpus=self.gpus if self.gpus > 1 else None))
+
+
+_SPACES = re.compile(r"\s+")
+_COUNT = re.compile(r"^(?P<id>.+):x(?P<gpus>[1-9][0-9]*)$")
+
+
+def _word(offer_id: str) -> str:
+    # RunPod's ids are GPU type names with spaces ("NVIDIA GeForce RTX 4090"): as one word they can be typed on
+    # a magic line or a shell command without quotes. No marketplace id mixes "_" and " " (2026-12-06), so the
+    # one-word form names one offer.
+    return _SPACES.sub("_", offer_id.strip())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OfferRef:
+    """``--offer PROVIDER:ID[:xN]``: one offer, as the offer browser shows it. Spaces in the id may be typed as
+    ``_``; ``:xN`` names an offer of N GPUs (RunPod prices a GPU type per count, and a Thunder spec has one count,
+    so the id alone does not always say how many).
+
+    Example:
+        >>> OfferRef.parse("runpod:NVIDIA GeForce RTX 4090:x2")
+        OfferRef(provider='runpod', offer_id='NVIDIA_GeForce_RTX_4090', gpus=2)
+    """
+
+    provider: str
+    offer_id: str
+    gpus: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> OfferRef:
+        """Raises ValueError, in words, for anything that is not ``PROVIDER:ID[:xN]``."""
+        provider, _, rest = text.strip().partition(":")
+        match = _COUNT.match(rest)
+        offer_id, gpus = (match["id"], int(match["gpus"])) if match else (rest, None)
+        if not provider or not offer_id.strip() or not provider.isidentifier():
+            raise ValueError(f"{text!r} is not PROVIDER:ID (e.g. vast:4101, as the offer browser shows it)")
+        return cls(provider=provider.lower(), offer_id=_word(offer_id), gpus=gpus)
+
+    def matches(self, offer: Offer) -> bool:
+        return (offer.provider == self.provider and _word(offer.offer_id) == self.offer_id
+                and (self.gpus is None or offer.gpus == self.gpus))
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.offer_id}" + (f":x{self.gpus}" if self.gpus is not None else "")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

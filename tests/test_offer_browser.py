@@ -103,8 +103,13 @@ def find(view: OfferBrowser, description: str) -> Any:
 
 def html_parts(view: OfferBrowser) -> tuple[Any, Any, Any]:
     """(status, table, errors): the three HTML widgets between the control rows and the action row."""
-    _, _, status, table, errors, _ = view.widget.children
+    _, _, status, table, errors, _, _ = view.widget.children
     return status, table, errors
+
+
+def cell_box(view: OfferBrowser) -> Any:
+    """The HTML widget under the action row: the chosen offer's cell and its Copy button."""
+    return view.widget.children[-1]
 
 
 # --- pure helpers -----------------------------------------------------------------------------------------------
@@ -114,7 +119,7 @@ def test_rows_compute_per_gpu_price_in_decimal() -> None:
     quad, pair, big = offer_rows([QUAD, PAIR, BIG])
     assert (quad.price, quad.gpu_price) == ("$1.10", "$0.275")  # 1.10 / 4, as priced: not rounded to the cent
     assert QUAD.price_per_gpu_hour == Decimal("0.275")
-    assert (pair.gpus, pair.gpu_price, pair.reliability, pair.offer_id) == ("2", "$0.35", "99.9%", "RTX 4090")
+    assert (pair.gpus, pair.gpu_price, pair.reliability, pair.offer_id) == ("2", "$0.35", "99.9%", "runpod:RTX_4090:x2")
     assert (big.gpu, big.memory, big.spot) == ("H100", "80", "")
     assert offer_rows([offer("vast", "x", "0.004", gpu=None, memory=None, spot=True)])[0].gpu_price == "$0.004"
 
@@ -143,16 +148,20 @@ def test_sort_puts_unknown_memory_last_and_rejects_unknown_keys() -> None:
 def test_burst_options_for_a_filter_and_for_an_offer() -> None:
     assert OfferFilter().to_burst_options() == ""
     flt = OfferFilter(gpu="H100", gpus=2, max_price=Decimal("6.50"), provider="runpod", min_reliability=0.9, spot=True)
-    assert flt.to_burst_options() == "--provider runpod --gpu H100 --gpus 2 --max-price 6.50 --spot"
-    # An offer pins provider, model, count and price; the filter's own values do not leak in.
-    assert flt.to_burst_options(QUAD) == "--provider vast --gpu RTX_4090 --gpus 4 --max-price 1.10"
-    assert OfferFilter().to_burst_options(SPOT) == "--provider vast --gpu RTX_4090 --gpus 1 --max-price 0.20 --spot"
-    assert OfferFilter().to_burst_options(offer("vast", "c", "0.05", gpu=None)) == (
-        "--provider vast --gpus 1 --max-price 0.05"
+    assert flt.to_burst_options() == (
+        "--provider runpod --gpu H100 --gpus 2 --max-price 6.50 --min-reliability 0.9 --spot"
     )
+    # An offer is named by its --offer word (provider and count in it), at no more than its listed price, and
+    # every filter that chose it stays: the minimum reliability too.
+    assert flt.to_burst_options(QUAD) == "--offer vast:v-4:x4 --gpu RTX_4090 --max-price 1.10 --min-reliability 0.9"
+    assert flt.to_burst_options(PAIR) == (
+        "--offer runpod:RTX_4090:x2 --gpu RTX_4090 --max-price 0.70 --min-reliability 0.9"
+    )
+    assert OfferFilter().to_burst_options(SPOT) == "--offer vast:v-9 --gpu RTX_4090 --max-price 0.20 --spot"
+    assert OfferFilter().to_burst_options(offer("vast", "c", "0.05", gpu=None)) == "--offer vast:c --max-price 0.05"
     # Nothing in the line for IPython to expand or the parser to split.
     odd = offer("my box", "x", "1", gpu="RTX_4090 ${secret}")
-    assert OfferFilter().to_burst_options(odd) == "--provider 'my box' --gpu 'RTX_4090 secret' --gpus 1 --max-price 1"
+    assert OfferFilter().to_burst_options(odd) == "--offer 'my box:x' --gpu 'RTX_4090 secret' --max-price 1"
 
 
 # --- text and HTML snapshots ------------------------------------------------------------------------------------
@@ -175,12 +184,14 @@ def test_text_lists_offers_cheapest_first() -> None:
         "reliability",
         "spot",
         "location",
-        "offer",
-        "id",
+        "--offer",
     ]
-    assert lines[2].split() == ["vast", "RTX_4090", "1", "$0.35", "$0.35", "24", "90.0%", "Quebec,", "CA", "v-1"]
-    assert lines[3].split() == ["runpod", "RTX_4090", "2", "$0.70", "$0.35", "24", "99.9%", "US", "RTX", "4090"]
-    assert lines[4].split() == ["vast", "RTX_4090", "4", "$1.10", "$0.275", "24", "95.0%", "US", "v-4"]
+    # The last column is what --offer takes, in one word: a RunPod GPU type's spaces become "_".
+    assert lines[2].split() == ["vast", "RTX_4090", "1", "$0.35", "$0.35", "24", "90.0%", "Quebec,", "CA", "vast:v-1"]
+    assert lines[3].split() == [
+        "runpod", "RTX_4090", "2", "$0.70", "$0.35", "24", "99.9%", "US", "runpod:RTX_4090:x2"
+    ]
+    assert lines[4].split() == ["vast", "RTX_4090", "4", "$1.10", "$0.275", "24", "95.0%", "US", "vast:v-4:x4"]
     assert len(lines) == 5
     # Fixed width, numbers right-aligned: the $/h column ends at the same place in every line.
     assert lines[1].index("$/h") + 3 == lines[2].index("$0.35") + 5 == lines[3].index("$0.70") + 5
@@ -225,7 +236,11 @@ def test_hostile_remote_text_is_escaped_and_cleaned() -> None:
     html = view.snapshot_html()
     assert "<script" not in html and "<img" not in html and "<b>x" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "vast:&lt;img_src=x_onerror=alert(1)&gt;" in html  # the --offer word: whitespace made "_"
+    view.select(evil)
+    with_cell = view._cell_html(view.cell_text())
+    assert "<img" not in with_cell and "<b>x" not in with_cell and "\x1b" not in with_cell
+    assert "--offer &#x27;vast:&lt;img_src=x_onerror=alert(1)&gt;&#x27;" in with_cell  # quoted: one word still
     assert "\x1b" not in html and "\x07" not in html
     row = offer_rows([evil])[0]
     assert row.location == "<b>x</b> line two"  # one line: a table cell (or a cell comment) stays one line
@@ -297,7 +312,7 @@ def test_filter_changes_search_the_cache_and_update_the_table() -> None:
     find(view, "GPU").value = "h100"
     assert search.calls[-1] == (OfferFilter(gpu="H100"), False)
     assert table.value.count("<tr") == 2 and "h100-1" in table.value and "v-1" not in table.value
-    assert status.value.startswith('<span style="color:inherit">1 offer from 1 of 3 providers')
+    assert '<span style="color:inherit">1 offer from 1 of 3 providers' in status.value
 
     find(view, "GPU").value = "RTX_4090"
     find(view, "spot").value = True
@@ -313,7 +328,7 @@ def test_filter_changes_search_the_cache_and_update_the_table() -> None:
         OfferFilter(gpu="RTX_4090", gpus=2, max_price=Decimal("1"), provider="vast", min_reliability=0.5),
         False,
     )
-    assert table.value == "<div><i>no offers fit</i></div>"  # QUAD costs $1.10
+    assert "<i>no offers fit</i>" in table.value and "<table" not in table.value  # QUAD costs $1.10
     assert all(refresh is False for _, refresh in search.calls)
     assert view.filter == search.calls[-1][0]
 
@@ -352,21 +367,30 @@ def test_sorting_reorders_the_table_without_searching() -> None:
 
 
 @pytest.mark.usefixtures("dummy_comm")
-def test_insert_and_launch_use_the_chosen_offer() -> None:
+def test_the_cell_copy_and_launch_use_the_chosen_offer() -> None:
     inserted: list[str] = []
     launched: list[Offer] = []
     view = browser(on_insert=inserted.append, on_launch=launched.append)
-    choice, insert, launch = find(view, "offer"), find(view, "Insert %%burst cell"), find(view, "Launch")
-    assert choice.value == -1 and launch.disabled and not insert.disabled  # nothing chosen yet
+    choice, launch, cell = find(view, "offer"), find(view, "Launch"), cell_box(view)
+    assert choice.value == -1 and launch.disabled  # nothing chosen yet: the filter's cell
+    assert "%%burst --gpu RTX_4090\n# the cheapest offer that fits" in cell.value
 
     choice.value = 1  # the second row: runpod's pair
     assert view.selected == PAIR and not launch.disabled
     assert 'style="background:#e3f2fd"' in html_parts(view)[1].value
-    insert.click()
-    first, comment = inserted[-1].splitlines()
-    assert first == "%%burst --provider runpod --gpu RTX_4090 --gpus 2 --max-price 0.70"
-    assert comment == "# RTX_4090 ×2 on runpod, $0.70/h when listed (offer RTX 4090, US)"
-    assert inserted[-1].endswith("\n")
+    # The cell is shown in full with a Copy button the browser runs alone; no widget claims to add a cell.
+    text = view.cell_text()
+    assert text == (
+        "%%burst --offer runpod:RTX_4090:x2 --gpu RTX_4090 --max-price 0.70\n"
+        "# RTX_4090 ×2 on runpod, $0.70/h when listed (offer runpod:RTX_4090:x2, US)\n"
+    )
+    assert f'rows="3" spellcheck="false"' in cell.value and f">{text}</textarea>" in cell.value
+    assert "Copy %%burst cell</button>" in cell.value and "navigator.clipboard.writeText" in cell.value
+    assert "a click in a widget cannot add a cell" in cell.value
+    assert all(getattr(w, "description", "") != "Insert %%burst cell" for w in view.widget.children[-2].children)
+    view.insert()  # from code in a cell: the front end adds it below that cell
+    assert inserted == [text]
+    assert "inserted a %%burst cell below the cell that ran insert()" in html_parts(view)[0].value
     launch.click()
     assert launched == [PAIR]
 
@@ -377,14 +401,25 @@ def test_insert_and_launch_use_the_chosen_offer() -> None:
     assert view.selected == PAIR
     find(view, "GPU").value = "H100"
     assert view.selected is None and choice.value == -1 and launch.disabled
+    assert "--offer" not in cell.value and "%%burst --gpu H100" in cell.value
 
 
 @pytest.mark.usefixtures("dummy_comm")
-def test_launch_is_disabled_without_a_callback() -> None:
+def test_launch_is_not_shown_without_a_callback() -> None:
     view = browser()
     find(view, "offer").value = 0
-    assert find(view, "Launch").disabled and find(view, "Insert %%burst cell").disabled
-    find(view, "Launch").click()  # a no-op, not an error
+    launch = find(view, "Launch")
+    assert launch.layout.display == "none" and launch.disabled
+    launch.click()  # a no-op, not an error
+    assert find(browser(on_launch=print), "Launch").layout.display is None
+
+
+@pytest.mark.usefixtures("dummy_comm")
+def test_prices_are_kept_from_mathjax() -> None:
+    view = browser()
+    for part in (*html_parts(view)[:2], cell_box(view)):
+        assert part.value.startswith('<div class="tex2jax_ignore">'), part.value
+    assert view.snapshot_html().startswith('<div class="tex2jax_ignore">') and "$0.35" in view.snapshot_html()
 
 
 @pytest.mark.usefixtures("dummy_comm")

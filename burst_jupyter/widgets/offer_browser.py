@@ -1,13 +1,19 @@
-"""OfferBrowser: live GPU offers across providers, filtered, sorted, and turned into a ``%%burst`` line or a launch.
+"""OfferBrowser: live GPU offers across providers, filtered, sorted, and turned into a ``%%burst`` cell or a launch.
 
 It only renders: the caller injects ``search(filter, refresh)`` (blocking; the caller runs it on its own loop),
 and optionally ``on_launch(offer)`` and ``on_insert(cell_text)``. It never imports a provider or the session.
+
+The cell for the chosen offer is shown with a Copy button that works in the browser alone. A widget click cannot
+add a cell: the kernel's ``set_next_input`` rides on an execute reply, and a click is a comm message, which has
+none, so JupyterLab and Notebook 7 drop it (jupyterlab#8893, #13080: adding cells from a widget needs a front-end
+extension such as ipylab). ``insert()`` run in a cell does add one, below that cell.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal, InvalidOperation
 from html import escape
@@ -30,7 +36,7 @@ from burst_jupyter.widgets.offer_table import (
     table_cell,
     text_table,
 )
-from burst_jupyter.widgets.render import LiveView, ipython_kernel_present
+from burst_jupyter.widgets.render import LiveView, ipython_kernel_present, no_math
 
 if TYPE_CHECKING:
     from burst_jupyter.providers.base import Offer
@@ -39,15 +45,33 @@ __all__ = ["COLUMNS", "SORT_KEYS", "OfferBrowser", "OfferFilter", "OfferRow", "o
 
 _NO_CHOICE = -1  # the offer dropdown's "nothing chosen" value (None would blank the dropdown instead)
 _ALL = "all"
+_COPY_HINT = "Copy, then paste it into a new cell: a click in a widget cannot add a cell in JupyterLab or Notebook 7"
+_COPIED = "copied: paste it into a new cell (Ctrl+V, or ⌘V on a Mac)"
+_NOT_COPIED = "this browser did not allow copying: the text is selected, press Ctrl+C (⌘C)"
+# Runs in the browser on a click, without the kernel (which may be busy running a cell): the clipboard API where
+# the page is a secure context (https, localhost), else the older execCommand("copy") on the selected text. It
+# says itself whether the copy happened; the kernel never learns of the click and claims nothing.
+_COPY_JS = (
+    "(function(b){var box=b.closest('.burst-cell'),t=box.querySelector('textarea'),"
+    "n=box.querySelector('.burst-cell-note');"
+    f"function said(ok){{n.textContent=ok?{json.dumps(_COPIED)}:{json.dumps(_NOT_COPIED)};"
+    "n.dataset.copied=ok?'yes':'no';if(!ok){t.focus();t.select();}}"
+    "function old(){t.focus();t.select();var ok=false;try{ok=document.execCommand('copy');}catch(e){}said(ok);}"
+    "if(navigator.clipboard&&window.isSecureContext){navigator.clipboard.writeText(t.value)"
+    ".then(function(){said(true);},old);}else{old();}})(this)"
+)
+
 
 class OfferBrowser(LiveView):
-    """Live offers: filter controls, a sortable table, per-provider errors, and Insert/Launch for a chosen offer.
+    """Live offers: filter controls, a sortable table, per-provider errors, and the ``%%burst`` cell for a chosen
+    offer (copied in one click) or Launch.
 
     ``search(filter, refresh)`` blocks until the offers are in; ``refresh=True`` bypasses the offer cache. It is
     called once by the constructor (unless ``result`` is given), on every filter change with ``refresh=False``
     and by Refresh with ``refresh=True``. A search that raises shows as the status line and never propagates.
-    ``on_insert(cell_text)`` gets a ``%%burst`` cell for the chosen offer (or the filter when none is chosen);
-    ``on_launch(offer)`` gets the chosen offer and should return promptly (start the job, do not wait for it).
+    ``on_insert(cell_text)`` gets the ``%%burst`` cell for the chosen offer (or the filter when none is chosen)
+    when code calls ``insert()``; ``on_launch(offer)`` gets the chosen offer and should return promptly (start the
+    job, do not wait for it). Without ``on_launch`` there is no Launch button.
     Without a kernel, or without ipywidgets, the browser shows as an HTML table and a fixed-width text table.
 
     Example:
@@ -55,9 +79,9 @@ class OfferBrowser(LiveView):
         >>> browser = OfferBrowser(search=search, initial=flt, providers=["vast", "runpod"])  # doctest: +SKIP
         >>> print(browser)  # doctest: +SKIP
         2 offers from 1 of 2 providers in 0.42 s · RTX_4090 ×1 · all providers
-        provider  GPU       count    $/h  $/GPU-h  GPU GB  reliability  spot  location    offer id
-        vast      RTX_4090      1  $0.35    $0.35      24        99.0%        Quebec, CA  4242
-        vast      RTX_4090      2  $0.80    $0.40      24        97.5%        US          5151
+        provider  GPU       count    $/h  $/GPU-h  GPU GB  reliability  spot  location    --offer
+        vast      RTX_4090      1  $0.35    $0.35      24        99.0%        Quebec, CA  vast:4242
+        vast      RTX_4090      2  $0.80    $0.40      24        97.5%        US          vast:5151:x2
         errors:
           runpod: rate limited (429)
     """
@@ -93,6 +117,7 @@ class OfferBrowser(LiveView):
         self._generation = 0
         self._syncing = False  # true while the view writes its own controls: their observers must not search
         self._parts: _BrowserWidgets | None = None
+        self._shown_cell: str | None = None
         if result is None:
             self._run_search(initial, refresh=False)
 
@@ -148,7 +173,7 @@ class OfferBrowser(LiveView):
             self._render_widget()
 
     def cell_text(self) -> str:
-        """The ``%%burst`` cell Insert creates: the option line, then a comment naming what was chosen."""
+        """The ``%%burst`` cell for the chosen offer: the option line, then a comment naming what was chosen."""
         offer = self.selected
         if offer is None:
             comment = f"# the cheapest offer that fits when the cell runs ({self._filter.describe()})"
@@ -161,12 +186,13 @@ class OfferBrowser(LiveView):
         return f"%%burst {self._filter.to_burst_options(offer)}\n{comment}\n"
 
     def insert(self) -> None:
-        """Hand ``cell_text()`` to ``on_insert``; a failure shows in the status line."""
+        """Hand ``cell_text()`` to ``on_insert`` (in a notebook: a new cell below the cell that runs this); a
+        failure shows in the status line."""
         on_insert = self._on_insert
         if on_insert is None:
             return
         text = self.cell_text()
-        self._act(lambda: on_insert(text), "inserted a %%burst cell", "insert")
+        self._act(lambda: on_insert(text), "inserted a %%burst cell below the cell that ran insert()", "insert")
 
     def launch(self) -> None:
         """Hand the chosen offer to ``on_launch``; nothing without a choice. A failure shows in the status line."""
@@ -280,7 +306,7 @@ class OfferBrowser(LiveView):
             notes = self._notes_html()
             table = self._table_html()
             errors = self._errors_html()
-        return f'<div class="burst-offers"><div>{status}</div>{notes}{table}{errors}</div>'
+        return no_math(f'<div class="burst-offers"><div>{status}</div>{notes}{table}{errors}</div>')
 
     def _notes_html(self) -> str:
         return "".join(
@@ -374,21 +400,20 @@ class OfferBrowser(LiveView):
                 style=wide,
                 layout=w.Layout(width="34em"),
             ),
-            insert=w.Button(
-                description="Insert %%burst cell",
-                icon="plus",
-                tooltip="A new cell with the options for the chosen offer (or this filter)",
-            ),
             launch=w.Button(
-                description="Launch", icon="rocket", button_style="primary", tooltip="Rent the chosen offer now"
+                description="Launch",
+                icon="rocket",
+                button_style="primary",
+                tooltip="Run the given cell on the chosen offer now",
+                layout=w.Layout(display=None if self._on_launch else "none"),
             ),
+            cell=w.HTML(),
         )
         for control in (p.gpu, p.gpus, p.max_price, p.provider, p.min_reliability, p.spot):
             control.observe(self._on_filter_change, names="value")
         p.sort.observe(self._on_sort_change, names="value")
         p.choice.observe(self._on_choice_change, names="value")
         p.refresh.on_click(lambda _b: self.refresh())
-        p.insert.on_click(lambda _b: self.insert())
         p.launch.on_click(lambda _b: self.launch())
         return w.VBox(
             [
@@ -397,7 +422,8 @@ class OfferBrowser(LiveView):
                 p.status,
                 p.table,
                 p.errors,
-                w.HBox([p.choice, p.insert, p.launch]),
+                w.HBox([p.choice, p.launch]),
+                p.cell,
             ]
         )
 
@@ -486,16 +512,32 @@ class OfferBrowser(LiveView):
             for part in p.all():
                 stack.enter_context(part.hold_sync())
             colour = "#c62828" if self._error else "inherit"
-            p.status.value = f'<span style="color:{colour}">{escape(self._status())}</span>{self._notes_html()}'
-            p.table.value = self._table_html()
+            p.status.value = no_math(
+                f'<span style="color:{colour}">{escape(self._status())}</span>{self._notes_html()}'
+            )
+            p.table.value = no_math(self._table_html())
             p.errors.value = self._errors_html()
+            cell = self.cell_text()
+            if cell != self._shown_cell:  # a new value would also wipe the browser's "copied" note
+                self._shown_cell = cell
+                p.cell.value = self._cell_html(cell)
             p.sort.value = self._sort_key
             if tuple(p.choice.options) != tuple(options):
                 p.choice.options = options
             p.choice.value = choice
             p.refresh.disabled = self._busy
-            p.insert.disabled = self._on_insert is None
             p.launch.disabled = self._on_launch is None or selected is None
+
+    @staticmethod
+    def _cell_html(cell: str) -> str:
+        rows = cell.count("\n") + 1
+        return no_math(
+            '<div class="burst-cell">'
+            f'<textarea readonly rows="{rows}" spellcheck="false" style="width:100%;box-sizing:border-box;'
+            f'font-family:var(--jp-code-font-family,monospace);resize:vertical">{escape(cell)}</textarea>'
+            f'<button class="burst-copy jupyter-button" onclick="{escape(_COPY_JS)}">Copy %%burst cell</button> '
+            f'<span class="burst-cell-note">{escape(_COPY_HINT)}</span></div>'
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -512,8 +554,8 @@ class _BrowserWidgets:
     table: Any
     errors: Any
     choice: Any
-    insert: Any
     launch: Any
+    cell: Any
 
     def all(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))

@@ -40,10 +40,11 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("reliability", "reliability"),
     ("spot", "spot"),
     ("location", "location"),
-    ("offer_id", "offer id"),
+    ("offer_id", "--offer"),
 )
 NUMERIC = frozenset({"gpus", "price", "gpu_price", "memory", "reliability"})
 CELL_CHARS = 40  # remote strings (location, ids) are cut to this in the tables
+REF_CHARS = 100  # an offer's --offer word is shown whole up to this, so that it can be copied as it is
 _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_.:/+-]+")
 _WHITESPACE = re.compile(r"\s+")
 
@@ -66,17 +67,17 @@ class OfferFilter:
     spot: bool = False
 
     def to_burst_options(self, offer: Offer | None = None) -> str:
-        """The ``%%burst`` option line for this filter, or, given an offer, one that asks for exactly its kind of
-        machine at no more than its price: ``--provider P --gpu G --gpus N --max-price PRICE [--spot]``.
-
-        ``min_reliability`` has no ``%%burst`` option and is left out.
+        """The ``%%burst`` option line for this filter, or, given an offer (one this filter chose), one that rents
+        exactly it at no more than its listed price and keeps every filter that chose it:
+        ``--offer REF --gpu G --max-price PRICE [--min-reliability R] [--spot]``.
         """
+        reliability = None if self.min_reliability is None else f"{self.min_reliability:g}"
         if offer is not None:
             parts = [
-                ("--provider", offer.provider),
+                ("--offer", offer.ref),
                 ("--gpu", offer.gpu_model),
-                ("--gpus", str(offer.gpus)),
                 ("--max-price", f"{offer.price_usd_per_hour:f}"),
+                ("--min-reliability", reliability),
             ]
             spot = offer.spot
         else:
@@ -85,6 +86,7 @@ class OfferFilter:
                 ("--gpu", self.gpu),
                 ("--gpus", str(self.gpus) if self.gpus != 1 else None),
                 ("--max-price", None if self.max_price is None else f"{self.max_price:f}"),
+                ("--min-reliability", reliability),
             ]
             spot = self.spot
         words = [f"{flag} {_token(value)}" for flag, value in parts if value is not None]
@@ -150,7 +152,7 @@ class OfferRow:
     reliability: str
     spot: str
     location: str
-    offer_id: str
+    offer_id: str  # the offer as ``--offer`` takes it: PROVIDER:ID in one word
     description: str
 
 
@@ -167,7 +169,7 @@ def offer_rows(offers: Iterable[Offer]) -> list[OfferRow]:
             reliability=f"{o.reliability * 100:.1f}%",
             spot="spot" if o.spot else "",
             location=table_cell(o.location),
-            offer_id=table_cell(o.offer_id),
+            offer_id=one_line(o.ref, REF_CHARS),
             description=one_line(o.description, 200),
         )
         for o in offers
