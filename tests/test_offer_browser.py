@@ -384,7 +384,7 @@ def test_the_cell_copy_and_launch_use_the_chosen_offer() -> None:
         "%%burst --offer runpod:RTX_4090:x2 --gpu RTX_4090 --max-price 0.70\n"
         "# RTX_4090 ×2 on runpod, $0.70/h when listed (offer runpod:RTX_4090:x2, US)\n"
     )
-    assert f'rows="3" spellcheck="false"' in cell.value and f">{text}</textarea>" in cell.value
+    assert 'rows="3" spellcheck="false"' in cell.value and f">{text}</textarea>" in cell.value
     assert "Copy %%burst cell</button>" in cell.value and "navigator.clipboard.writeText" in cell.value
     assert "a click in a widget cannot add a cell" in cell.value
     assert all(getattr(w, "description", "") != "Insert %%burst cell" for w in view.widget.children[-2].children)
@@ -418,8 +418,9 @@ def test_launch_is_not_shown_without_a_callback() -> None:
 def test_prices_are_kept_from_mathjax() -> None:
     view = browser()
     for part in (*html_parts(view)[:2], cell_box(view)):
-        assert part.value.startswith('<div class="tex2jax_ignore">'), part.value
-    assert view.snapshot_html().startswith('<div class="tex2jax_ignore">') and "$0.35" in view.snapshot_html()
+        assert part.value.startswith('<div class="tex2jax_ignore mathjax_ignore">'), part.value
+    html = view.snapshot_html()
+    assert html.startswith('<div class="tex2jax_ignore mathjax_ignore">') and "$0.35" in html
 
 
 @pytest.mark.usefixtures("dummy_comm")

@@ -321,16 +321,17 @@ class OfferBrowser(LiveView):
         head = "".join(f'<th style="text-align:left;padding:0 0.6em">{escape(h)}</th>' for _, h in COLUMNS)
         body = []
         for offer, row in zip(offers, offer_rows(offers), strict=True):
+            # The provider's description is on hover: as a column it made the table wider than the output.
             mark = ' style="background:#e3f2fd"' if offer_key(offer) == self._selected else ""
             cells = "".join(
-                f'<td style="text-align:{"right" if f in NUMERIC else "left"};padding:0 0.6em">'
+                f'<td style="text-align:{"right" if f in NUMERIC else "left"};padding:0 0.6em;white-space:nowrap">'
                 f"{escape(getattr(row, f))}</td>"
                 for f, _ in COLUMNS
             )
-            body.append(f'<tr{mark}>{cells}<td style="padding:0 0.6em">{escape(row.description)}</td></tr>')
+            body.append(f'<tr title="{escape(row.description)}"{mark}>{cells}</tr>')
         more = self._more()
         tail = f"<div><i>{escape(more)}</i></div>" if more else ""
-        return f"<table><thead><tr>{head}<th></th></tr></thead><tbody>{''.join(body)}</tbody></table>{tail}"
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{tail}"
 
     def _errors_html(self) -> str:
         return "".join(f'<div style="color:#c62828">{escape(e)}</div>' for e in self._errors())
