@@ -535,7 +535,7 @@ class OfferBrowser(LiveView):
         return no_math(
             '<div class="burst-cell">'
             f'<textarea readonly rows="{rows}" spellcheck="false" style="width:100%;box-sizing:border-box;'
-            f'font-family:var(--jp-code-font-family,monospace);resize:vertical">{escape(cell)}</textarea>'
+            f'font-family:monospace;resize:vertical">{escape(cell)}</textarea>'
             f'<button class="burst-copy jupyter-button" onclick="{escape(_COPY_JS)}">Copy %%burst cell</button> '
             f'<span class="burst-cell-note">{escape(_COPY_HINT)}</span></div>'
         )
