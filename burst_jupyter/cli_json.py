@@ -55,7 +55,7 @@ def dumps(value: Any) -> str:
 
 
 def offer_json(offer: Offer) -> dict[str, Any]:
-    return {"offer": f"{offer.provider}:{offer.offer_id}", "provider": offer.provider, "offer_id": offer.offer_id,
+    return {"offer": offer.ref, "provider": offer.provider, "offer_id": offer.offer_id,
             "gpu_model": offer.gpu_model, "gpus": offer.gpus, "memory_gb": offer.memory_gb,
             "price_usd_per_hour": offer.price_usd_per_hour, "price_usd_per_gpu_hour": offer.price_per_gpu_hour,
             "reliability": offer.reliability, "spot": offer.spot, "location": offer.location,

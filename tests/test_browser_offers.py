@@ -26,7 +26,7 @@ NOTEBOOK = "offers.ipynb"
 CELLS = [
     "%load_ext burst_jupyter\nimport burst_jupyter as burst",
     'b = burst.offers("RTX_4090", min_reliability=0.9)\nb',
-    "from IPython.display import HTML\nHTML(b.snapshot_html())",
+    'display(b, include=["text/html"])  # what a front end without widgets shows',
     "b.insert()",
 ]
 REF = "runpod:" + RUNPOD_GPU.replace(" ", "_")

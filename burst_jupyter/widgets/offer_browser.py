@@ -298,7 +298,7 @@ class OfferBrowser(LiveView):
         p.text(self.snapshot_text())
 
     def _repr_html_(self) -> str:
-        return self.snapshot_html()
+        return no_math(self.snapshot_html())  # as the mimebundle sends it
 
     def snapshot_html(self) -> str:
         with self._lock:
@@ -306,7 +306,7 @@ class OfferBrowser(LiveView):
             notes = self._notes_html()
             table = self._table_html()
             errors = self._errors_html()
-        return no_math(f'<div class="burst-offers"><div>{status}</div>{notes}{table}{errors}</div>')
+        return f'<div class="burst-offers"><div>{status}</div>{notes}{table}{errors}</div>'
 
     def _notes_html(self) -> str:
         return "".join(
