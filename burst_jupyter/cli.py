@@ -43,94 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .widgets.offer_table import SORT_KEYS
-
-    p = argparse.ArgumentParser(prog="burst", description="Run work on a rented GPU for a known, capped price.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    s = sub.add_parser("submit", help="run a command or a Python file and wait for it")
-    s.add_argument("--file", "-f", type=Path, help="a Python file to run like a notebook cell")
-    s.add_argument("--command", "-c", dest="command_line", metavar='"PROGRAM ARGS"',
-                   help="a command line, split as a shell would (or give -- PROGRAM ARGS at the end)")
-    s.add_argument("--name", "-n")
-    s.add_argument("--provider", "-p", help="auto, local, ssh, vast, runpod or thunder")
-    s.add_argument("--image", help="container image (marketplace providers)")
-    s.add_argument("--gpu", "--gpu-model", dest="gpu", help="RTX_4090, H100, A100_80GB, ANY ...")
-    s.add_argument("--gpus", type=int)
-    s.add_argument("--memory", type=int, metavar="GB", help="minimum GPU memory per GPU")
-    s.add_argument("--max-cost", "--max-cost-usd", dest="max_cost", metavar="USD", help="hard cap on the bill")
-    s.add_argument("--max-price", metavar="USD_PER_HOUR", help="ceiling on the machine's hourly price")
-    s.add_argument("--max-duration", type=int, metavar="MINUTES")
-    s.add_argument("--spot", action="store_true", default=None, help="interruptible capacity (vast, runpod)")
-    s.add_argument("--min-reliability", type=float, metavar="0..1")
-    s.add_argument("--offer", metavar="PROVIDER:ID", help="rent exactly this offer (from burst offers)")
-    s.add_argument("--provision-timeout", type=float, metavar="SECONDS")
-    s.add_argument("--rate", metavar="USD_PER_HOUR", help="declared $/h for local and ssh machines")
-    s.add_argument("--mount", "-m", action="append", default=[], metavar="LOCAL:REMOTE[:ro|:rw]")
-    s.add_argument("--host", metavar="H1,H2")
-    s.add_argument("--trust-new-host", action="store_true", default=None)
-    s.add_argument("--python", metavar="PATH")
-    s.add_argument("--lease", type=int, metavar="SECONDS", help="stop the job if this process is silent this long")
-    s.add_argument("--retries", type=int, metavar="N", help="after a preemption, relaunch on the next offer N times")
-    s.add_argument("--sync-every", type=int, metavar="SECONDS", help="bring rw mounts back this often while running")
-    s.add_argument("--sink", metavar="URL", help="also store rw results in URL/<job id>/ (folder, s3://, r2://)")
-    s.add_argument("--max-results", metavar="SIZE", help="most rw results brought back (default 20GB)")
-    s.add_argument("--dry-run", action="store_true", help="show the offer and the worst case; rent nothing")
-    s.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS",
-                   help="the command (unless --file or --command)")
-
-    _json_flag(sub.add_parser("list", help="jobs still holding an instance, and whose they are"))
-
-    sh = sub.add_parser("show", help="a job's status, cost and output, from any process")
-    sh.add_argument("job", metavar="JOB")
-    sh.add_argument("--lines", type=int, default=50, metavar="N", help="the last N lines of output (default 50)")
-    sh.add_argument("--events", action="store_true", help="also every status event, with its time")
-    _json_flag(sh)
-
-    k = sub.add_parser("kill", help="end a job early: sync back, terminate, settle")
-    k.add_argument("job", metavar="JOB")
-    k.add_argument("--wait", type=float, default=180.0, metavar="SECONDS",
-                   help="how long to wait for the job to end (default 180)")
-
-    b = sub.add_parser("budget", help="show or set the daily and weekly caps")
-    bsub = b.add_subparsers(dest="action", required=True)
-    _json_flag(bsub.add_parser("show"))
-    bset = bsub.add_parser("set")
-    bset.add_argument("--daily", metavar="USD|none")
-    bset.add_argument("--weekly", metavar="USD|none")
-    _json_flag(bset)
-
-    pr = sub.add_parser("providers", help="each marketplace: configured, reachable, lowest prices")
-    pr.add_argument("action", nargs="?", choices=["status"], default="status")
-    _json_flag(pr)
-
-    o = sub.add_parser("offers", help="live offers across the configured marketplaces")
-    o.add_argument("--gpu", "--gpu-model", dest="gpu")
-    o.add_argument("--gpus", type=int, default=1)
-    o.add_argument("--max-price", metavar="USD_PER_HOUR")
-    o.add_argument("--provider", "-p")
-    o.add_argument("--min-reliability", type=float, metavar="0..1")
-    o.add_argument("--spot", action="store_true")
-    o.add_argument("--sort", choices=list(SORT_KEYS), default="price")
-    o.add_argument("--refresh", action="store_true", help="ask every provider again, past the offer cache")
-    _json_flag(o)
-
-    led = sub.add_parser("ledger", help="what every job cost")
-    led.add_argument("--by", choices=["day", "provider", "gpu", "status"])
-    _json_flag(led)
-
-    c = sub.add_parser("cleanup", help="end what no live job owns: jobs of processes that are gone (synced back, "
-                       "settled) and instances a marketplace lists with this install's tag that no job knows")
-    c.add_argument("--dry-run", action="store_true", help="list them with their $/h and cost so far; end nothing")
-    return p
-
-
-def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON document for scripts (money as decimal strings; README: From a terminal)")
-
-
 # -- submit ---------------------------------------------------------------------------------------------------
 
 
@@ -138,54 +50,42 @@ def _command(args: argparse.Namespace) -> list[str] | None:
     program = list(args.program)
     if program[:1] == ["--"]:
         program = program[1:]  # only the separator: a `--` meant for the program stays
-    if args.command_line is None:
+    if args.command is None:
         return program or None
     if program:
         raise ConfigError('give --command "PROGRAM ARGS" or -- PROGRAM ARGS, not both')
     try:
-        words = shlex.split(args.command_line)
+        words = shlex.split(args.command)
     except ValueError as exc:
-        raise ConfigError(f"--command {args.command_line!r}: {exc}") from None
+        raise ConfigError(f"--command {args.command!r}: {exc}") from None
     if not words:
         raise ConfigError("--command is empty")
     return words
 
 
 def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
-    from .spec import parse_money
+    from .options import job_fields
 
     command = _command(args)
     if (args.file is None) == (command is None):
         raise ConfigError('give one of --file FILE.py, --command "PROGRAM ARGS" or -- PROGRAM ARGS')
     fields: dict[str, Any] = {"command": command}
     if args.file is not None:
+        path = Path(args.file)
         try:
-            fields = {"cell": args.file.read_text(), "cell_file": str(args.file), "name": args.file.stem}
+            fields = {"cell": path.read_text(), "cell_file": str(path), "name": path.stem}
         except OSError as exc:
-            raise ConfigError(f"--file {args.file}: {exc.strerror or exc}") from None
-    money = {"max_cost_usd": (args.max_cost, "--max-cost"), "rate_usd_per_hour": (args.rate, "--rate"),
-             "max_price_usd_per_hour": (args.max_price, "--max-price")}
-    for key, (text, what) in money.items():
-        if text is not None:
-            fields[key] = parse_money(text, what=what)
-    plain = {"name": args.name, "provider": args.provider or ("ssh" if args.host else None), "image": args.image,
-             "gpu_model": args.gpu, "gpus": args.gpus, "memory_gb": args.memory,
-             "max_duration_minutes": args.max_duration, "spot": args.spot, "min_reliability": args.min_reliability,
-             "offer": args.offer, "provision_timeout_seconds": args.provision_timeout,
-             "remote_python": args.python, "ssh_trust_on_first_use": args.trust_new_host,
-             "lease_seconds": args.lease, "retries": args.retries, "sync_every_seconds": args.sync_every,
-             "result_sink": args.sink, "max_results_bytes": args.max_results, "mount_local": args.mount or None,
-             "ssh_hosts": [h.strip() for h in args.host.split(",") if h.strip()] if args.host else None}
-    fields.update({key: value for key, value in plain.items() if value is not None})
-    return fields
+            raise ConfigError(f"--file {path}: {exc.strerror or exc}") from None
+    return fields | job_fields(args, "submit")
 
 
-def _submit(args: argparse.Namespace) -> int:
+def submit(args: argparse.Namespace) -> int:
     from .display import CellDisplay
+    from .options import FLAGS
     from .session import Session
-    from .spec import OPTIONS, JobSpec
+    from .spec import JobSpec
 
-    spec = JobSpec.build(OPTIONS, **_spec_fields(args))
+    spec = JobSpec.build(FLAGS, **_spec_fields(args))
     session = Session.current()
     if args.dry_run:
         print(repr(session.dry_run(spec)))
@@ -335,7 +235,7 @@ def _facts(rec: _Record) -> dict[str, Any]:
     }
 
 
-def _show(args: argparse.Namespace) -> int:
+def show(args: argparse.Namespace) -> int:
     from .budget import LedgerTable
     from .money import format_rate, format_usd
     from .session import Session
@@ -407,7 +307,7 @@ def _print_output(events: list[JobEvent], limit: int) -> None:
         print(f"  {clean_text(line)}")  # remote text: no terminal escapes reach the user's terminal
 
 
-def _kill(args: argparse.Namespace) -> int:
+def kill(args: argparse.Namespace) -> int:
     from .money import format_usd
     from .session import Session
 
@@ -491,7 +391,7 @@ def _reap(session: Session, owned: OwnedInstance) -> int:
 # -- the rest ---------------------------------------------------------------------------------------------------
 
 
-def _list(args: argparse.Namespace) -> int:
+def list_jobs(args: argparse.Namespace) -> int:
     from .money import format_rate
     from .session import Session
 
@@ -516,73 +416,11 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _offers(args: argparse.Namespace) -> int:
-    from . import api
-    from .spec import parse_money
-
-    max_price = None if args.max_price is None else parse_money(args.max_price, what="--max-price")
-    browser = api.offers(args.gpu, gpus=args.gpus, max_price=max_price, provider=args.provider,
-                         min_reliability=args.min_reliability, spot=args.spot, refresh=args.refresh)
-    if args.json:
-        from .cli_json import dumps, offer_json
-        from .widgets.offer_table import sort_offers
-
-        result = browser.result
-        print(dumps({"offers": [offer_json(o) for o in sort_offers(result.offers, args.sort)],
-                     "errors": result.errors, "error": browser.error}))
-        return 0
-    browser.sort_by(args.sort)
-    print(browser.snapshot_text())
-    return 0
-
-
-def _run(args: argparse.Namespace) -> int:
-    from . import api
-    from .cli_json import budget_json, dumps, ledger_json, providers_json
-
-    if args.cmd == "submit":
-        return _submit(args)
-    if args.cmd == "list":
-        return _list(args)
-    if args.cmd == "show":
-        return _show(args)
-    if args.cmd == "kill":
-        return _kill(args)
-    if args.cmd == "providers":
-        status = api.provider_status()
-        print(dumps(providers_json(status)) if args.json else repr(status))
-        return 0
-    if args.cmd == "offers":
-        return _offers(args)
-    if args.cmd == "budget":
-        if args.action == "set":
-            for value, setter in ((args.daily, api.set_daily_budget), (args.weekly, api.set_weekly_budget)):
-                if value is not None:
-                    setter(None if value.lower() == "none" else value)
-        from .session import Session
-
-        snapshot = Session.current().budget.snapshot()
-        if args.json:
-            print(dumps(budget_json(snapshot)))
-        else:
-            print(snapshot)  # "Today: $12.50 / $50.00 (25%)" and "This week: ...", then each cap and its source
-            print("\n".join(snapshot.cap_lines()))
-        return 0
-    if args.cmd == "ledger":
-        table = api.ledger()
-        table = table.by(args.by) if args.by else table
-        print(dumps(ledger_json(table)) if args.json else repr(table))
-        return 0
-    if args.cmd == "cleanup":
-        report = api.cleanup(dry_run=args.dry_run)
-        print(report)
-        return 0 if report.ok else 1
-    raise AssertionError(args.cmd)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from .commands import parser
+
     try:
-        args = _parser().parse_args(argv)
+        args = parser("burst").parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse has said why
         return exc.code if isinstance(exc.code, int) else 2
     from .session import Session
@@ -590,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     # Called in a process that already has a session (a notebook, a test): leave it, and its running jobs, alone.
     own_session = Session._current is None
     try:
-        return _run(args)
+        return int(args.handler.printed(args.handler.run(args), args))
     except BurstError as exc:
         print(f"burst: {exc}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ from .config_files import PROJECT_TABLE
 from .config_files import find_project_table as _find_project_table
 from .config_files import read_toml as _read_toml
 from .errors import ConfigError
+from .options import JOB_OPTIONS, LEASE_SECONDS, PROVISION_TIMEOUT_SECONDS
 from .paths import user_config_path
 from .spec import HARD_MAX_MINUTES, describe_validation, parse_money
 
@@ -85,7 +86,8 @@ class Settings(BaseModel):
     hosts: list[str] = Field(default_factory=list, description="SSH hosts for provider ssh, round-robin.")
     trust_new_hosts: bool = Field(default=False, description="Accept and remember unknown SSH host keys.")
     remote_python: str | None = Field(default=None, description="Python on the instance (default python3).")
-    lease_seconds: int = Field(default=600, ge=0, description="The agent stops a job whose client is silent this long.")
+    lease_seconds: int = Field(default=LEASE_SECONDS, ge=0,
+                               description="The agent stops a job whose client is silent this long.")
     result_sink: str | None = Field(
         default=None, description="Also store rw results here: a folder, file://, s3:// or r2:// URL (sinks.py).")
     daily_budget: Decimal | None = Field(default=None, description="All jobs' daily cap, for jobs under this file.")
@@ -98,7 +100,7 @@ class Settings(BaseModel):
     offer_ttl_seconds: float = Field(default=30.0, ge=0, allow_inf_nan=False,
                                      description="How long searched offers are reused.")
     provision_timeout_seconds: float = Field(
-        default=900.0, gt=0, allow_inf_nan=False,
+        default=PROVISION_TIMEOUT_SECONDS, gt=0, allow_inf_nan=False,
         description="One limit on boot, image pull and SSH readiness of a rented instance.")
     reconcile_interval_seconds: float = Field(
         default=300.0, gt=0, allow_inf_nan=False,
@@ -286,7 +288,7 @@ def _refuse_account_tables(label: str, table: dict[str, Any], user_path: Path) -
 
 
 #: Keys spelled as their ``%%burst`` option rather than as their field (the README's spelling, issue 10).
-_AS_OPTION = {"max_duration_minutes": "max-duration"}
+_AS_OPTION = {o.setting: o.key for o in JOB_OPTIONS if o.setting and o.key}
 _FIELD_OF = {name.replace("-", "_"): field for field, name in _AS_OPTION.items()}
 
 

@@ -18,6 +18,7 @@ from .errors import ConfigError, JobCancelled, JobInterrupted, NoCapacity, one_l
 from .events import FINAL_EVENTS, EventType, JobEvent
 from .money import format_rate, format_usd
 from .offer_book import rank
+from .options import PROVISION_TIMEOUT_SECONDS
 from .output import OutputBounds
 from .providers.base import Offer, OfferQuery, OfferRef, Provider
 from .sync import MountPlan
@@ -107,7 +108,7 @@ class JobPlan:
     sink: ResultSink | None = None  # also receives the rw results; check()ed before anything was rented
     offers: OfferBook | None = None  # marketplaces: the session's cached, concurrent search
     keys_dir: Path | None = None  # where per-job SSH keys live (marketplaces)
-    provision_timeout: float = 900.0
+    provision_timeout: float = PROVISION_TIMEOUT_SECONDS
 
     def query(self) -> OfferQuery:
         spec = self.spec

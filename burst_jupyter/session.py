@@ -28,6 +28,7 @@ from .lifecycle import Lifecycle
 from .meter import WALL_CLOCK, Clock
 from .money import format_rate, format_usd
 from .offer_book import OfferBook, SearchResult
+from .options import JOB_OPTIONS
 from .output import output_log_path
 from .paths import burst_home, db_path, open_private, secure_home
 from .providers import REGISTRY, ProviderConfig, build_provider
@@ -289,17 +290,13 @@ class Session:
 
     def _with_defaults(self, spec: JobSpec) -> JobSpec:
         """Fill what the user did not set from [tool.burst] / the user config; canonicalise names."""
-        s, given = self.settings, spec.model_fields_set
+        settings, given = dict(self.settings), spec.model_fields_set
         update: dict[str, Any] = {}
-        defaults = {
-            "provider": s.provider, "max_cost_usd": s.max_cost, "max_duration_minutes": s.max_duration_minutes,
-            "rate_usd_per_hour": s.rate, "ssh_hosts": s.hosts, "ssh_trust_on_first_use": s.trust_new_hosts,
-            "remote_python": s.remote_python, "lease_seconds": s.lease_seconds, "result_sink": s.result_sink,
-            "min_reliability": s.min_reliability,
-        }
-        for field, value in defaults.items():
-            if field not in given and value is not None:
-                update[field] = value
+        for option in JOB_OPTIONS:
+            if option.field and option.setting and not option.late and option.field not in given:
+                value = settings[option.setting]
+                if value is not None:
+                    update[option.field] = value
         if spec.offer is not None:
             update.update(_offer_defaults(spec))
         provider = str(update.get("provider", spec.provider))

@@ -19,12 +19,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import ConfigError
+from .options import LEASE_SECONDS
 
 __all__ = [
     "DEFAULT_MAX_RESULTS",
     "HARD_MAX_MINUTES",
     "MAX_GPUS",
-    "OPTIONS",
     "JobSpec",
     "Mount",
     "describe_validation",
@@ -199,7 +199,8 @@ class JobSpec(BaseModel):
     ssh_hosts: list[str] = Field(default_factory=list, description="Hosts for provider ssh, round-robin.")
     ssh_trust_on_first_use: bool = Field(False, description="Accept and remember unknown SSH host keys.")
     remote_python: str | None = Field(None, description="Python on the instance (default python3).")
-    lease_seconds: int = Field(600, ge=0, description="The agent stops a job whose client is silent this long.")
+    lease_seconds: int = Field(LEASE_SECONDS, ge=0,
+                               description="The agent stops a job whose client is silent this long.")
     retries: int = Field(0, ge=0, le=10, description="Relaunch on the next offer this many times after a preemption.")
     sync_every_seconds: int | None = Field(
         None, ge=5, description="Also bring rw mounts back this often while the job runs (a preempted job's "
@@ -287,25 +288,13 @@ class JobSpec(BaseModel):
     @classmethod
     def build(cls, named: Mapping[str, str] | None = None, /, **fields: Any) -> JobSpec:
         """Like ``JobSpec(...)`` but raises one :class:`ConfigError` line instead of a ValidationError, naming a
-        field as ``named`` says (:data:`OPTIONS`: as typed on a ``%%burst`` or ``burst submit`` line)."""
+        field as ``named`` says (:data:`~burst_jupyter.options.FLAGS`: as typed on a ``%%burst`` or ``burst submit``
+        line)."""
         try:
             return cls(**fields)
         except ValueError as exc:
             raise ConfigError(describe_validation(exc, named or {})) from None
 
-
-#: Each JobSpec field as the user types it on a ``%%burst`` or ``burst submit`` line (issue 10: an error names
-#: the option, never the field behind it).
-OPTIONS = {
-    "name": "--name", "cell_file": "--file", "command": "--command", "image": "--image", "gpus": "--gpus",
-    "gpu_model": "--gpu", "memory_gb": "--memory", "max_duration_minutes": "--max-duration",
-    "max_cost_usd": "--max-cost", "max_price_usd_per_hour": "--max-price", "rate_usd_per_hour": "--rate",
-    "mount_local": "--mount", "push": "--push", "pull": "--pull", "provider": "--provider", "spot": "--spot",
-    "min_reliability": "--min-reliability", "offer": "--offer", "provision_timeout_seconds": "--provision-timeout",
-    "ssh_hosts": "--host", "ssh_trust_on_first_use": "--trust-new-host", "remote_python": "--python",
-    "lease_seconds": "--lease", "retries": "--retries", "sync_every_seconds": "--sync-every",
-    "result_sink": "--sink", "max_results_bytes": "--max-results",
-}
 
 #: pydantic's bound checks, said the way the other checks say them.
 _BOUNDS = {"greater_than_equal": "must be at least {ge}", "less_than_equal": "must be at most {le}",

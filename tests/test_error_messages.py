@@ -104,15 +104,15 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
 def test_every_command_and_option_a_message_names_exists(ip: Any) -> None:
     from IPython.core.error import UsageError
 
-    from burst_jupyter import cli
-    from burst_jupyter.magics import BurstMagics, _offers_parser
+    from burst_jupyter.commands import parser
+    from burst_jupyter.magics import BurstMagics
 
-    commands = _options(cli._parser())
+    commands = _options(parser("burst"))
     with pytest.raises(UsageError) as unknown:  # the line magic's own list of its commands
         ip.run_line_magic("burst", "no-such-command")
     magic_commands = set(re.findall(r"[a-z]+", str(unknown.value).split("try ", 1)[1])) - {"or"}
     every_option = {o for opts in (*commands.values(), *_options(BurstMagics.burst.parser).values(),
-                                   *_options(_offers_parser()).values()) for o in opts}
+                                   *_options(parser("%burst")).values()) for o in opts}
     wrong = []
     for name, line, text in _message_strings():
         where = f"{name}:{line}: {text!r}"
@@ -252,11 +252,12 @@ def test_an_offer_taken_before_the_create_is_said_once(ip: Any, markets: Markets
 
 
 def test_each_job_field_is_named_by_an_option_both_lines_take() -> None:
-    from burst_jupyter import cli
+    from burst_jupyter.commands import parser
     from burst_jupyter.magics import BurstMagics
-    from burst_jupyter.spec import OPTIONS, JobSpec
+    from burst_jupyter.options import FLAGS as OPTIONS
+    from burst_jupyter.spec import JobSpec
 
-    submit = _options(cli._parser())["submit"]
+    submit = _options(parser("burst"))["submit"]
     cell_line = _options(BurstMagics.burst.parser)[""]
     assert set(OPTIONS) == set(JobSpec.model_fields) - {"cell"}
     assert [o for o in OPTIONS.values() if o not in submit] == ["--push", "--pull"]  # a notebook's variables
