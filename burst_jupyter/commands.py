@@ -263,8 +263,8 @@ def _print_cleanup(report: Any, args: argparse.Namespace) -> int:
 COMMANDS: tuple[Command, ...] = (
     Command("submit", "run a command or a Python file and wait for it", _submit, _submit_options, ("burst",),
             printed=_status),
-    Command("offers", "live offers across the configured marketplaces: filters, sortable table, refresh, insert a "
-            "cell", _offers, _offers_options, printed=_print_offers),
+    Command("offers", "live offers across the configured marketplaces: filters, a sortable table, refresh (in a "
+            "notebook: insert a cell)", _offers, _offers_options, printed=_print_offers),
     Command("providers", "each marketplace: configured, reachable, lowest price for common GPUs", _providers,
             _providers_options, printed=_print_providers),
     Command("ledger", "what every job cost (grouped when a key is given)", _ledger, _ledger_options,
@@ -287,7 +287,11 @@ COMMANDS: tuple[Command, ...] = (
 
 
 class _Refusing(argparse.ArgumentParser):
-    """A notebook's parser: a bad line is one ConfigError line (a UsageError in the cell), never a SystemExit."""
+    """A notebook's parser: a bad line is one ConfigError line (a UsageError in the cell), never a SystemExit
+    (nor a -h that exits: ``%burst help`` and ``%burst?`` say what each command takes)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"add_help": False, **kwargs})
 
     def error(self, message: str) -> Any:
         raise ConfigError(f"{self.prog}: {message}")
@@ -319,7 +323,7 @@ def dispatch(words: Sequence[str]) -> Any:
     if command is None:
         names = ", ".join(c.name for c in offered("%burst"))
         raise ConfigError(f"%burst {words[0]}: unknown command; try {names} or help")
-    p = _fill(_Refusing(prog=f"%burst {command.name}", add_help=False), command, "%burst")
+    p = _fill(_Refusing(prog=f"%burst {command.name}"), command, "%burst")
     args, extra = p.parse_known_args(list(words[1:]))
     if extra:
         known = ", ".join(a.option_strings[0] for a in p._actions if a.option_strings)

@@ -13,10 +13,11 @@ A project file comes with a cloned repository and is not trusted: :data:`PROJECT
 may do. It may shape jobs and tighten limits; it may never say where credentials, results or commands go, what is
 trusted, or loosen a limit past the user's own value (the user file's, else the default).
 
-A key set at a higher level replaces the lower value whole (``hosts`` lists are not concatenated). Keys are
-spelled with hyphens, as the README writes them (``max-cost``), and a key that is a ``%%burst`` option is spelled
-as the option (``max-duration``); the older spellings (``max_cost``, ``max-duration-minutes``) are still read, so
-files written before stay valid. Every problem is one :class:`ConfigError` line naming the file and the key as
+A key set at a higher level replaces the lower value whole (``host`` lists are not concatenated). Keys are
+spelled with hyphens, as the README writes them (``max-cost``), and a key that is a job option is spelled as the
+option (``max-duration``, ``lease``, ``host``: options.py declares each once); the older spellings
+(``max_cost``, ``max-duration-minutes``, ``lease-seconds``, ``hosts``) are still read, so files written before
+stay valid. Every problem is one :class:`ConfigError` line naming the file and the key as
 the file wrote it; keys an error lists or suggests are in the README's spelling.
 
 Example:
@@ -24,7 +25,7 @@ Example:
 
         [tool.burst]
         provider = "ssh"
-        hosts = ["gpu1.lab", "gpu2.lab"]
+        host = ["gpu1.lab", "gpu2.lab"]
         max-cost = 2.50
 
     >>> load_settings().max_cost  # doctest: +SKIP
@@ -287,9 +288,10 @@ def _refuse_account_tables(label: str, table: dict[str, Any], user_path: Path) -
             raise ConfigError(f"{where} {written}: a project file cannot {why}; set {instead} in {user_path}")
 
 
-#: Keys spelled as their ``%%burst`` option rather than as their field (the README's spelling, issue 10).
-_AS_OPTION = {o.setting: o.key for o in JOB_OPTIONS if o.setting and o.key}
-_FIELD_OF = {name.replace("-", "_"): field for field, name in _AS_OPTION.items()}
+#: A key that is a job option is spelled as the option (the README's spelling, issue 10 and 11), or as the Settings
+#: field it fills, as files written before did (``lease-seconds``).
+_AS_OPTION = {o.setting: o.key for o in JOB_OPTIONS if o.setting}
+_FIELD_OF = {name: o.setting for o in JOB_OPTIONS if o.setting for name in o.spellings}
 
 
 def _field(key: str) -> str:
@@ -333,7 +335,10 @@ def _normalise(table: dict[str, Any], *, label: str) -> dict[str, Any]:
 def _suggest(key: str, *, as_field: bool) -> str:
     """The closest key in a file's spelling (or, ``as_field``, the keyword :meth:`Settings.merged` takes)."""
     known = [field if as_field else _key(field) for field in Settings.model_fields]
-    close = difflib.get_close_matches(str(key).replace("_", "-"), known, n=1)
     if as_field:
         close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
+    else:  # the README's spelling, else an older one close to what was typed (lease-secnds: lease-seconds)
+        older = [name.replace("_", "-") for name in _FIELD_OF if name.replace("_", "-") not in known]
+        typed = str(key).replace("_", "-")
+        close = difflib.get_close_matches(typed, known, n=1) or difflib.get_close_matches(typed, older, n=1)
     return f"did you mean {close[0]}?" if close else "known keys: " + ", ".join(known)

@@ -18,7 +18,7 @@ from traitlets import Bool, Float, Int, TraitType, Unicode, Union
 from traitlets import List as ListTrait
 
 from .commands import help_text
-from .errors import BurstError, RemoteError
+from .errors import BurstError, ConfigError, RemoteError
 from .options import JOB_OPTIONS, Option, for_line
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _TRAITS: dict[str, Callable[[], TraitType[Any, Any]]] = {
     "text": lambda: Unicode(None, allow_none=True),
     "int": lambda: Int(None, allow_none=True),
+    "float": lambda: Float(None, allow_none=True),
     "money": lambda: Union([Int(), Float(), Unicode()], default_value=None, allow_none=True),
     "size": lambda: Union([Int(), Unicode()], default_value=None, allow_none=True),
     "flag": lambda: Bool(None, allow_none=True),
@@ -43,9 +44,10 @@ _TRAITS: dict[str, Callable[[], TraitType[Any, Any]]] = {
 }
 
 
-def _trait(option: Option) -> TraitType[Any, Any]:
+def _trait(option: Option, spelling: str) -> TraitType[Any, Any]:
     trait = _TRAITS[option.kind]()
-    trait.help = f"Default for {option.flag}: {option.help}"
+    trait.help = (f"Default for {option.flag}: {option.help}" if spelling == option.name else
+                  f"The older spelling of BurstMagics.{option.name}.")
     return trait.tag(config=True)
 
 
@@ -83,8 +85,8 @@ def _split_line(line: str) -> list[str]:
 class BurstMagics(Magics):
     """Run a cell on a rented GPU (or your own boxes) for a known, capped price."""
 
-    # One trait per option a notebook may default (``%config BurstMagics.max_cost = 5``), named in the table.
-    locals().update({o.trait: _trait(o) for o in JOB_OPTIONS if o.trait})
+    # A trait per spelling of each option a notebook may default (``%config BurstMagics.max_cost = 5``).
+    locals().update({name: _trait(o, name) for o in JOB_OPTIONS if o.trait for name in o.spellings})
 
     def __init__(self, shell: Any, session_factory: Any = None) -> None:
         super().__init__(shell)
@@ -135,8 +137,18 @@ class BurstMagics(Magics):
         from .options import FLAGS, job_fields
         from .spec import JobSpec  # pydantic loads on the first cell, not at %load_ext
 
-        defaults = {o.name: (getattr(self, o.trait), f"BurstMagics.{o.trait}") for o in JOB_OPTIONS if o.trait}
-        return JobSpec.build(FLAGS, cell=cell, **job_fields(args, "cell", defaults))
+        return JobSpec.build(FLAGS, cell=cell, **job_fields(args, "cell", self._defaults()))
+
+    def _defaults(self) -> dict[str, tuple[Any, str]]:
+        """Each option's ``%config`` default and its name there; both spellings of one are refused, as in a file."""
+        found: dict[str, tuple[Any, str]] = {}
+        for option in JOB_OPTIONS:
+            given = [(getattr(self, name), f"BurstMagics.{name}") for name in option.spellings
+                     if option.trait and getattr(self, name) is not None]
+            if len(given) > 1:
+                raise ConfigError(f"{given[1][1]} and {given[0][1]} are the same setting; keep one")
+            found.update({option.name: given[0]} if given else {})
+        return found
 
     def _show(self, job: Job, *, background: bool) -> Any:
         from .display import CellDisplay

@@ -38,12 +38,12 @@ _TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float}
 
 @dataclass(frozen=True)
 class Option:
-    """One job option. ``field`` is None for an option about the run rather than the job (``--dry-run``).
-    ``setting`` is the Settings field a job left without the option takes its value from: a config file spells it
-    with hyphens, or as ``key`` where that is the option's own name (issue 10: ``max-duration``), and reads every
-    other spelling of the two as the same setting. ``late``: the session applies that setting when it plans, not
-    as the job's own value (an image only for a rented machine). ``trait``: its ``%config BurstMagics.<trait>``
-    default in a notebook."""
+    """One job option, and its one name: ``--lease`` on a line, ``lease`` in a config file, ``BurstMagics.lease``
+    in ``%config``. The Settings field's own name is its older spelling, which files and ``%config`` still take
+    (giving both is an error). ``field`` is the JobSpec field it fills, None for an option about the run rather
+    than the job (``--dry-run``). ``setting`` is the Settings field a job left without the option takes its value
+    from; ``late``: the session applies that setting when it plans, not as the job's own value (an image only for
+    a rented machine). ``trait``: a notebook may give its default with ``%config``."""
 
     name: str
     kind: Kind
@@ -53,14 +53,23 @@ class Option:
     also: tuple[str, ...] = ()  # more flags for the same value (the seed's --gpu-model, --max-cost-usd)
     metavar: str | None = None
     setting: str | None = None
-    key: str | None = None
     late: bool = False
-    trait: str | None = None
+    trait: bool = False
     lines: tuple[Line, ...] = ("cell", "submit")
 
     @property
+    def key(self) -> str:
+        """Its config key, as the README spells it."""
+        return self.name.replace("_", "-")
+
+    @property
+    def spellings(self) -> tuple[str, ...]:
+        """Its name, then the older one a file or ``%config`` may still use (``lease_seconds``, ``hosts``)."""
+        return (self.name, *(() if self.setting in (None, self.name) else (self.setting,)))
+
+    @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return "--" + self.key
 
     def argument(self, **overrides: Any) -> tuple[list[str], dict[str, Any]]:
         """This option as ``add_argument``'s arguments (a parser's, or IPython's ``magic_arguments.argument``)."""
@@ -79,17 +88,17 @@ class Option:
 JOB_OPTIONS: tuple[Option, ...] = (
     Option("provider", "text", "Where to run: auto (default: the cheapest configured marketplace for a --gpu job, "
            "else your --host boxes, else this machine), local, ssh, vast, runpod, thunder.", field="provider",
-           short="-p", setting="provider", trait="provider"),
+           short="-p", setting="provider", trait=True),
     Option("gpu", "text", "GPU model: RTX_4090, H100, A100_80GB, ANY ... (default: no GPU required).",
            field="gpu_model", also=("--gpu-model",)),
     Option("gpus", "int", "Number of GPUs (default 1).", field="gpus", metavar="N"),
     Option("memory", "int", "Minimum GPU memory per GPU, GB.", field="memory_gb", metavar="GB"),
     Option("max_cost", "money", "Hard cap on this job's bill, USD.", field="max_cost_usd", also=("--max-cost-usd",),
-           metavar="USD", setting="max_cost", trait="max_cost"),
+           metavar="USD", setting="max_cost", trait=True),
     Option("max_price", "money", "Ceiling on the hourly price of the machine.", field="max_price_usd_per_hour",
            metavar="USD_PER_HOUR"),
     Option("max_duration", "int", "Stop the job after this many minutes.", field="max_duration_minutes",
-           metavar="MINUTES", setting="max_duration_minutes", key="max-duration", trait="max_duration"),
+           metavar="MINUTES", setting="max_duration_minutes", trait=True),
     Option("spot", "flag", "Rent interruptible capacity (cheaper, may be preempted): Vast bids, RunPod spot.",
            field="spot"),
     Option("min_reliability", "float", "Skip offers the provider scores below this.", field="min_reliability",
@@ -101,28 +110,28 @@ JOB_OPTIONS: tuple[Option, ...] = (
            setting="provision_timeout_seconds", late=True),
     Option("dry_run", "flag", "Show the offer it would rent and the worst-case cost; rent nothing."),
     Option("rate", "money", "Declared $/h for local and ssh machines (default 0).", field="rate_usd_per_hour",
-           metavar="USD_PER_HOUR", setting="rate", trait="rate"),
+           metavar="USD_PER_HOUR", setting="rate", trait=True),
     Option("mount", "mounts", "Upload a folder (ro), or upload it and sync it back after the run (rw). Repeatable.",
            field="mount_local", short="-m", metavar="LOCAL:REMOTE[:ro|:rw]"),
     Option("push", "names", "Notebook variables to send to the cell.", field="push", metavar="A,B", lines=("cell",)),
     Option("pull", "names", "Variables to bring back into the notebook after the run.", field="pull", metavar="C,D",
            lines=("cell",)),
     Option("host", "names", "SSH hosts ([user@]host[:port] or ~/.ssh/config aliases), taken round-robin; implies "
-           "--provider ssh.", field="ssh_hosts", metavar="H1,H2", setting="hosts", trait="hosts"),
+           "--provider ssh.", field="ssh_hosts", metavar="H1,H2", setting="hosts", trait=True),
     Option("trust_new_host", "flag", "Accept and remember an unknown SSH host key (a changed key is always "
-           "refused).", field="ssh_trust_on_first_use", setting="trust_new_hosts", trait="trust_new_hosts"),
+           "refused).", field="ssh_trust_on_first_use", setting="trust_new_hosts", trait=True),
     Option("image", "text", "Container image (marketplace providers only).", field="image", metavar="IMAGE",
            setting="image", late=True),
     Option("python", "text", "Python on the instance (default python3; local: this kernel's).",
-           field="remote_python", metavar="PATH", setting="remote_python", trait="remote_python"),
+           field="remote_python", metavar="PATH", setting="remote_python", trait=True),
     Option("lease", "int", f"Stop the job if this kernel or process is silent this long (default {LEASE_SECONDS}; "
-           "0: never).", field="lease_seconds", metavar="SECONDS", setting="lease_seconds", trait="lease"),
+           "0: never).", field="lease_seconds", metavar="SECONDS", setting="lease_seconds", trait=True),
     Option("retries", "int", "After a preemption, relaunch on the next offer up to N times.", field="retries",
            metavar="N"),
     Option("sync_every", "int", "Also bring rw mounts back this often while the job runs (a relaunch continues "
            "from them).", field="sync_every_seconds", metavar="SECONDS"),
     Option("max_results", "size", "Most rw results brought back (default 20GB), e.g. 100GB.",
-           field="max_results_bytes", metavar="SIZE", trait="max_results"),
+           field="max_results_bytes", metavar="SIZE", trait=True),
     Option("name", "text", "A name for the job in views and the ledger.", field="name", short="-n"),
     Option("sink", "text", "Also store rw results in URL/<job id>/: a folder, s3://bucket/prefix or "
            "r2://bucket/prefix; {job_id} in URL places the id itself (IPython expands {name} in magic lines from "

@@ -48,7 +48,7 @@ class SSHProvider:
                  trust_on_first_use: bool = False, python: str = "python3",
                  rotation: itertools.count[int] | None = None) -> None:
         if not hosts:
-            raise ConfigError("provider ssh needs at least one host (--host gpu1,gpu2 or hosts = [...] in config)")
+            raise ConfigError("provider ssh needs at least one host (--host gpu1,gpu2 or host = [...] in config)")
         self.hosts = list(hosts)
         self.rate = rate
         self._rotation = rotation if rotation is not None else itertools.count()

@@ -15,6 +15,7 @@ import sys
 import textwrap
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from burst_checks import (
@@ -342,3 +343,28 @@ def test_ctrl_c_in_burst_submit_says_what_became_of_the_job_in_one_line(burst_ho
     assert last.startswith("burst: job ") and " cancelled by Ctrl-C · " in last and last.endswith("settled $0.00"), err
     assert "Traceback" not in err, err
     assert_clean(burst_home)
+
+
+def test_a_notebook_and_a_terminal_route_through_one_table_of_commands(ip: Any) -> None:
+    import argparse
+
+    from IPython.core.error import UsageError
+
+    from burst_jupyter.commands import COMMANDS, parser
+
+    def options(where: Any) -> dict[str, set[str]]:
+        (sub,) = [a for a in parser(where)._actions if isinstance(a, argparse._SubParsersAction)]
+        return {name: {o for a in p._actions for o in a.option_strings} for name, p in sub.choices.items()}
+
+    terminal, notebook = options("burst"), options("%burst")
+    assert list(terminal) == [c.name for c in COMMANDS if "burst" in c.where]
+    assert list(notebook) == [c.name for c in COMMANDS if "%burst" in c.where]
+    for name in set(terminal) & set(notebook):  # the same options, but for what a terminal alone prints
+        assert terminal[name] - {"-h", "--help", "--json"} == notebook[name], name
+    assert terminal["offers"] >= {"--gpu", "--gpu-model", "--gpus", "--max-price", "--provider", "--spot"}
+    with pytest.raises(UsageError) as unknown:
+        ip.run_line_magic("burst", "lease")
+    assert str(unknown.value) == ("%burst lease: unknown command; try offers, providers, ledger, budget, jobs, down, "
+                                  "cleanup or help")
+    assert ip.run_line_magic("burst", "ledger --by provider").groups == ip.run_line_magic("burst",
+                                                                                         "ledger provider").groups

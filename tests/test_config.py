@@ -236,6 +236,25 @@ def test_unknown_key_without_match_lists_known_keys(tmp_path: Path, project: Pat
         load_settings(cwd=project, user_file=user)
 
 
+def test_a_job_option_s_key_is_the_option_s_name_and_its_older_spelling_still_reads(tmp_path: Path,
+                                                                                      project: Path) -> None:
+    user = write(tmp_path / "user.toml", 'lease = 60\nhost = ["gpu1"]\ntrust-new-host = true\npython = "py3"\n'
+                 'sink = "file:///tmp/out"\nprovision-timeout = 300\n')
+    settings = load_settings(cwd=project, user_file=user)
+    assert (settings.lease_seconds, settings.hosts, settings.trust_new_hosts, settings.remote_python,
+            settings.result_sink, settings.provision_timeout_seconds) == (60, ["gpu1"], True, "py3",
+                                                                          "file:///tmp/out", 300.0)
+    write(user, "lease = 60\nlease-seconds = 30\n")
+    with pytest.raises(ConfigError, match=r"lease and lease-seconds are the same setting; keep one$"):
+        load_settings(cwd=project, user_file=user)
+    write(user, "colour = 1\n")
+    with pytest.raises(ConfigError) as listed:
+        load_settings(cwd=project, user_file=user)
+    keys = str(listed.value).split("known keys: ")[1].split(", ")
+    assert {"lease", "host", "trust-new-host", "python", "sink", "provision-timeout"} <= set(keys), keys
+    assert not {"lease-seconds", "hosts", "remote-python"} & set(keys), keys
+
+
 def test_same_key_twice_is_an_error(tmp_path: Path, project: Path) -> None:
     user = write(tmp_path / "user.toml", "max_cost = 1\nmax-cost = 2\n")
     with pytest.raises(ConfigError, match="max_cost and max-cost are the same setting; keep one"):

@@ -302,6 +302,19 @@ def test_config_magic_sets_the_default_cap(clean_config: Any, burst_home: Path) 
     assert last_job().plan.cap_usd == Decimal(2)
 
 
+def test_config_magic_takes_an_option_s_name_and_its_older_spelling_but_not_both(clean_config: Any,
+                                                                                 burst_home: Path) -> None:
+    ip = clean_config
+    ip.run_line_magic("config", "BurstMagics.lease = 30")  # as the option is named: --lease
+    result, streams = run_cell(ip, cell("", "print('ok')"))
+    assert result.error_in_exec is None, streams.text()
+    assert last_job().plan.spec.lease_seconds == 30
+    ip.run_line_magic("config", "BurstMagics.lease_seconds = 40")  # the config file's older spelling
+    result, _ = run_cell(ip, cell("", "print('never')"))
+    assert usage_line(result) == "BurstMagics.lease_seconds and BurstMagics.lease are the same setting; keep one"
+    assert local_jobdirs(burst_home) == []
+
+
 def test_pyproject_tool_burst_sets_defaults(ip: Any, burst_home: Path, tmp_path: Path) -> None:
     from burst_jupyter.session import Session
 
