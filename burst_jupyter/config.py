@@ -48,9 +48,9 @@ from .config_files import PROJECT_TABLE
 from .config_files import find_project_table as _find_project_table
 from .config_files import read_toml as _read_toml
 from .errors import ConfigError
-from .options import JOB_OPTIONS, LEASE_SECONDS, PROVISION_TIMEOUT_SECONDS
+from .options import DEFAULT_HELP, HARD_MAX_MINUTES, JOB_OPTIONS, LEASE_SECONDS, PROVISION_TIMEOUT_SECONDS
 from .paths import user_config_path
-from .spec import HARD_MAX_MINUTES, describe_validation, parse_money
+from .spec import describe_validation, parse_money
 
 if TYPE_CHECKING:
     from .budget import Cap
@@ -78,31 +78,27 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    provider: str = Field(default="auto", description="Where jobs run: auto, local, ssh, or a marketplace.")
-    max_cost: Decimal | None = Field(default=None, description="Default cap on one job's bill, USD.")
-    max_duration_minutes: int | None = Field(
-        default=None, ge=1, le=HARD_MAX_MINUTES, description=f"Default wall-clock limit (at most {HARD_MAX_MINUTES})."
-    )
-    rate: Decimal | None = Field(default=None, description="Declared $/h for local and ssh machines.")
-    hosts: list[str] = Field(default_factory=list, description="SSH hosts for provider ssh, round-robin.")
-    trust_new_hosts: bool = Field(default=False, description="Accept and remember unknown SSH host keys.")
-    remote_python: str | None = Field(default=None, description="Python on the instance (default python3).")
-    lease_seconds: int = Field(default=LEASE_SECONDS, ge=0,
-                               description="The agent stops a job whose client is silent this long.")
-    result_sink: str | None = Field(
-        default=None, description="Also store rw results here: a folder, file://, s3:// or r2:// URL (sinks.py).")
+    provider: str = Field(default="auto", description=DEFAULT_HELP["provider"])
+    max_cost: Decimal | None = Field(default=None, description=DEFAULT_HELP["max_cost"])
+    max_duration_minutes: int | None = Field(default=None, ge=1, le=HARD_MAX_MINUTES,
+                                             description=DEFAULT_HELP["max_duration_minutes"])
+    rate: Decimal | None = Field(default=None, description=DEFAULT_HELP["rate"])
+    hosts: list[str] = Field(default_factory=list, description=DEFAULT_HELP["hosts"])
+    trust_new_hosts: bool = Field(default=False, description=DEFAULT_HELP["trust_new_hosts"])
+    remote_python: str | None = Field(default=None, description=DEFAULT_HELP["remote_python"])
+    lease_seconds: int = Field(default=LEASE_SECONDS, ge=0, description=DEFAULT_HELP["lease_seconds"])
+    result_sink: str | None = Field(default=None, description=DEFAULT_HELP["result_sink"])
     daily_budget: Decimal | None = Field(default=None, description="All jobs' daily cap, for jobs under this file.")
     weekly_budget: Decimal | None = Field(default=None, description="All jobs' weekly cap, for jobs under this file.")
-    image: str | None = Field(default=None, description="Container image for marketplace jobs.")
+    image: str | None = Field(default=None, description=DEFAULT_HELP["image"])
     prefer: list[str] = Field(default_factory=lambda: ["runpod", "thunder", "vast"],
                               description="Tie-break between equal prices: the more reliable provider first.")
     min_reliability: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
-                                          description="Skip offers scored below this.")
+                                          description=DEFAULT_HELP["min_reliability"])
     offer_ttl_seconds: float = Field(default=30.0, ge=0, allow_inf_nan=False,
                                      description="How long searched offers are reused.")
-    provision_timeout_seconds: float = Field(
-        default=PROVISION_TIMEOUT_SECONDS, gt=0, allow_inf_nan=False,
-        description="One limit on boot, image pull and SSH readiness of a rented instance.")
+    provision_timeout_seconds: float = Field(default=PROVISION_TIMEOUT_SECONDS, gt=0, allow_inf_nan=False,
+                                             description=DEFAULT_HELP["provision_timeout_seconds"])
     reconcile_interval_seconds: float = Field(
         default=300.0, gt=0, allow_inf_nan=False,
         description="While jobs run, how often instances no live job owns are looked for "

@@ -46,8 +46,7 @@ _TRAITS: dict[str, Callable[[], TraitType[Any, Any]]] = {
 
 def _trait(option: Option, spelling: str) -> TraitType[Any, Any]:
     trait = _TRAITS[option.kind]()
-    trait.help = (f"Default for {option.flag}: {option.help}" if spelling == option.name else
-                  f"The older spelling of BurstMagics.{option.name}.")
+    trait.help = option.default_help if spelling == option.name else f"The older spelling of BurstMagics.{option.name}."
     return trait.tag(config=True)
 
 

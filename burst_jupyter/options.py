@@ -18,9 +18,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["FLAGS", "JOB_OPTIONS", "LEASE_SECONDS", "OFFER_SEARCH", "PROVISION_TIMEOUT_SECONDS", "Option",
-           "add_options", "by_name", "for_line", "job_fields"]
+__all__ = ["DEFAULT_HELP", "FLAGS", "HARD_MAX_MINUTES", "HELP", "JOB_OPTIONS", "LEASE_SECONDS", "MAX_GPUS",
+           "OFFER_SEARCH", "PROVISION_TIMEOUT_SECONDS", "Option", "add_options", "by_name", "for_line", "job_fields"]
 
+#: No job runs longer than this, whatever it asks (architecture: "hard max 12 h").
+HARD_MAX_MINUTES = 12 * 60
+#: The most GPUs one job (or offer search) asks for: no marketplace rents more in one machine.
+MAX_GPUS = 16
 #: The built-in lease: the agent stops a job whose client has been silent this long (0: never).
 LEASE_SECONDS = 600
 #: The built-in limit on boot, image pull and SSH readiness of a rented machine.
@@ -71,6 +75,11 @@ class Option:
     def flag(self) -> str:
         return "--" + self.key
 
+    @property
+    def default_help(self) -> str:
+        """What its config key and its ``%config`` trait hold."""
+        return f"Default for {self.flag}: {self.help.replace('%%', '%')}"
+
     def argument(self, **overrides: Any) -> tuple[list[str], dict[str, Any]]:
         """This option as ``add_argument``'s arguments (a parser's, or IPython's ``magic_arguments.argument``)."""
         flags = [self.flag, *self.also, *([self.short] if self.short else [])]
@@ -91,13 +100,14 @@ JOB_OPTIONS: tuple[Option, ...] = (
            short="-p", setting="provider", trait=True),
     Option("gpu", "text", "GPU model: RTX_4090, H100, A100_80GB, ANY ... (default: no GPU required).",
            field="gpu_model", also=("--gpu-model",)),
-    Option("gpus", "int", "Number of GPUs (default 1).", field="gpus", metavar="N"),
+    Option("gpus", "int", f"Number of GPUs, 1 to {MAX_GPUS} (default 1).", field="gpus", metavar="N"),
     Option("memory", "int", "Minimum GPU memory per GPU, GB.", field="memory_gb", metavar="GB"),
     Option("max_cost", "money", "Hard cap on this job's bill, USD.", field="max_cost_usd", also=("--max-cost-usd",),
            metavar="USD", setting="max_cost", trait=True),
     Option("max_price", "money", "Ceiling on the hourly price of the machine.", field="max_price_usd_per_hour",
            metavar="USD_PER_HOUR"),
-    Option("max_duration", "int", "Stop the job after this many minutes.", field="max_duration_minutes",
+    Option("max_duration", "int", f"Stop the job after this many minutes (at most {HARD_MAX_MINUTES}).",
+           field="max_duration_minutes",
            metavar="MINUTES", setting="max_duration_minutes", trait=True),
     Option("spot", "flag", "Rent interruptible capacity (cheaper, may be preempted): Vast bids, RunPod spot.",
            field="spot"),
@@ -148,6 +158,12 @@ JOB_OPTIONS: tuple[Option, ...] = (
 #: Each JobSpec field as the user types it on a ``%%burst`` or ``burst submit`` line (issue 10: an error names
 #: the option, never the field behind it).
 FLAGS: dict[str, str] = {o.field: o.flag for o in JOB_OPTIONS if o.field is not None}
+
+#: Each JobSpec field's description: its option's help.
+HELP: dict[str, str] = {o.field: o.help.replace("%%", "%") for o in JOB_OPTIONS if o.field is not None}
+
+#: Each Settings field an option's default comes from, and its description.
+DEFAULT_HELP: dict[str, str] = {o.setting: o.default_help for o in JOB_OPTIONS if o.setting is not None}
 
 #: The options an offer search takes (``%burst offers``, ``burst offers``), with their defaults there.
 OFFER_SEARCH: dict[str, Any] = {"gpu": None, "gpus": 1, "max_price": None, "provider": None,

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import ConfigError
-from .options import LEASE_SECONDS
+from .options import HARD_MAX_MINUTES, HELP, LEASE_SECONDS, MAX_GPUS
 
 __all__ = [
     "DEFAULT_MAX_RESULTS",
@@ -33,11 +33,6 @@ __all__ = [
     "parse_mount",
     "parse_size",
 ]
-
-#: No job runs longer than this, whatever it asks (architecture: "hard max 12 h").
-HARD_MAX_MINUTES = 12 * 60
-#: The most GPUs one job (or offer search) asks for: no marketplace rents more in one machine.
-MAX_GPUS = 16
 
 #: ``C:\\...`` or ``C:/...``: a Windows drive, whose colon is not the LOCAL:REMOTE separator.
 _DRIVE_RE = re.compile(r"^[A-Za-z]:[\\/]")
@@ -166,51 +161,35 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
-    name: str = Field("job", description="A label shown in views and the ledger.")
+    name: str = Field("job", description=HELP["name"])
     cell: str | None = Field(None, description="Python source to run remotely (exactly one of cell/command).")
-    cell_file: str | None = Field(None, description="The file the cell was read from (burst submit --file): its "
-                                  "tracebacks name it.")
-    command: list[str] | None = Field(None, description="A program and its arguments to run remotely.")
-    image: str | None = Field(None, description="Container image (marketplace providers only).")
-    gpus: int = Field(1, description=f"Number of GPUs (1 to {MAX_GPUS}).")
-    gpu_model: str | None = Field(
-        None, description="Canonical GPU name (RTX_4090, H100, A100_80GB, ANY); None: no GPU required."
-    )
-    memory_gb: int | None = Field(None, ge=1, description="Minimum GPU memory per GPU, GB.")
-    max_duration_minutes: int | None = Field(
-        None, ge=1, le=HARD_MAX_MINUTES, description=f"Wall-clock limit (hard max {HARD_MAX_MINUTES} min)."
-    )
-    max_cost_usd: Decimal | None = Field(None, description="Hard cap for this job's bill, USD.")
-    max_price_usd_per_hour: Decimal | None = Field(None, description="Ceiling on the offer's $/h.")
-    rate_usd_per_hour: Decimal | None = Field(None, description="Declared $/h for local and ssh (default 0).")
-    mount_local: list[Mount] = Field(default_factory=list, description="LOCAL:REMOTE[:ro|:rw] mounts.")
-    push: list[str] = Field(default_factory=list, description="Notebook variables sent to the cell.")
-    pull: list[str] = Field(default_factory=list, description="Variables brought back after the run.")
-    provider: str = Field("auto", description="auto (the cheapest configured marketplace, else your hosts, else "
-                          "this machine), local, ssh, vast, runpod, thunder.")
-    spot: bool = Field(False, description="Rent interruptible capacity (cheaper; may be preempted).")
-    min_reliability: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
-                                          description="Skip offers scored below this (0..1).")
-    offer: str | None = Field(None, description="Rent exactly this offer, PROVIDER:ID as the offer browser shows it; "
-                              "its provider, GPU and price come from the live offer.")
-    provision_timeout_seconds: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="One limit on boot, image pull and SSH readiness of a rented "
-        "instance.")
-    ssh_hosts: list[str] = Field(default_factory=list, description="Hosts for provider ssh, round-robin.")
-    ssh_trust_on_first_use: bool = Field(False, description="Accept and remember unknown SSH host keys.")
-    remote_python: str | None = Field(None, description="Python on the instance (default python3).")
-    lease_seconds: int = Field(LEASE_SECONDS, ge=0,
-                               description="The agent stops a job whose client is silent this long.")
-    retries: int = Field(0, ge=0, le=10, description="Relaunch on the next offer this many times after a preemption.")
-    sync_every_seconds: int | None = Field(
-        None, ge=5, description="Also bring rw mounts back this often while the job runs (a preempted job's "
-        "relaunch starts from what came back).")
-    result_sink: str | None = Field(
-        None, description="Also store rw results here, under <job id>/: a folder, file://, s3:// or r2:// URL "
-        "({job_id} in it places the id).")
-    max_results_bytes: int = Field(
-        DEFAULT_MAX_RESULTS, description="Most bytes of rw results brought back (--max-results 50GB); past it the "
-        "transfer stops and the job fails saying what was left out.")
+    cell_file: str | None = Field(None, description=HELP["cell_file"])
+    command: list[str] | None = Field(None, description=HELP["command"])
+    image: str | None = Field(None, description=HELP["image"])
+    gpus: int = Field(1, description=HELP["gpus"])
+    gpu_model: str | None = Field(None, description=HELP["gpu_model"])
+    memory_gb: int | None = Field(None, ge=1, description=HELP["memory_gb"])
+    max_duration_minutes: int | None = Field(None, ge=1, le=HARD_MAX_MINUTES, description=HELP["max_duration_minutes"])
+    max_cost_usd: Decimal | None = Field(None, description=HELP["max_cost_usd"])
+    max_price_usd_per_hour: Decimal | None = Field(None, description=HELP["max_price_usd_per_hour"])
+    rate_usd_per_hour: Decimal | None = Field(None, description=HELP["rate_usd_per_hour"])
+    mount_local: list[Mount] = Field(default_factory=list, description=HELP["mount_local"])
+    push: list[str] = Field(default_factory=list, description=HELP["push"])
+    pull: list[str] = Field(default_factory=list, description=HELP["pull"])
+    provider: str = Field("auto", description=HELP["provider"])
+    spot: bool = Field(False, description=HELP["spot"])
+    min_reliability: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description=HELP["min_reliability"])
+    offer: str | None = Field(None, description=HELP["offer"])
+    provision_timeout_seconds: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                                    description=HELP["provision_timeout_seconds"])
+    ssh_hosts: list[str] = Field(default_factory=list, description=HELP["ssh_hosts"])
+    ssh_trust_on_first_use: bool = Field(False, description=HELP["ssh_trust_on_first_use"])
+    remote_python: str | None = Field(None, description=HELP["remote_python"])
+    lease_seconds: int = Field(LEASE_SECONDS, ge=0, description=HELP["lease_seconds"])
+    retries: int = Field(0, ge=0, le=10, description=HELP["retries"])
+    sync_every_seconds: int | None = Field(None, ge=5, description=HELP["sync_every_seconds"])
+    result_sink: str | None = Field(None, description=HELP["result_sink"])
+    max_results_bytes: int = Field(DEFAULT_MAX_RESULTS, description=HELP["max_results_bytes"])
 
     @field_validator("max_results_bytes", mode="before")
     @classmethod
