@@ -17,6 +17,10 @@
 
 Exit status: 0 success, 1 the job failed (or was stopped; for cleanup: a provider could not be asked or an
 instance could not be ended), 2 bad input, 130 interrupted.
+
+Every command is routed through commands.py, the table ``%burst`` uses too; ``burst submit``'s options are
+options.py's. What this module holds is what only a terminal does: run a job to its end (submit), and list, show
+and kill jobs of any process on this machine.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""``%%burst`` and ``%burst``: thin adapters that parse options into a JobSpec and hand it to the Session.
+"""``%%burst`` and ``%burst``: thin adapters. The cell magic's options, and the ``%config BurstMagics`` traits
+that default them, are made from options.py's table; its line becomes a JobSpec handed to the Session. The line
+magic routes ``%burst COMMAND`` through commands.py, the table ``burst COMMAND`` uses too.
 
 Defaults come, lowest first, from built-ins, the user config file, ``[tool.burst]`` in the project's
 pyproject.toml, ``%config BurstMagics.<name> = ...``, and the options of the cell. Every failure of the user's
