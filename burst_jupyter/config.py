@@ -15,10 +15,11 @@ trusted, or loosen a limit past the user's own value (the user file's, else the 
 
 A key set at a higher level replaces the lower value whole (``host`` lists are not concatenated). Keys are
 spelled with hyphens, as the README writes them (``max-cost``), and a key that is a job option is spelled as the
-option (``max-duration``, ``lease``, ``host``: options.py declares each once); the older spellings
-(``max_cost``, ``max-duration-minutes``, ``lease-seconds``, ``hosts``) are still read, so files written before
-stay valid. Every problem is one :class:`ConfigError` line naming the file and the key as
-the file wrote it; keys an error lists or suggests are in the README's spelling.
+option (``max-duration``, ``lease``, ``host``: options.py declares each once); the older spellings (``max_cost``,
+``max-duration-minutes``, ``lease-seconds``, ``hosts``) are still read, so files written before stay valid. Every
+problem is one :class:`ConfigError` line naming the file and the key as the file wrote it; keys an error lists
+are in the README's spelling, and so is a suggestion unless an older spelling is the one close to what was
+written.
 
 Example:
     ``pyproject.toml``::

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["DEFAULT_HELP", "FLAGS", "HARD_MAX_MINUTES", "HELP", "JOB_OPTIONS", "LEASE_SECONDS", "MAX_GPUS",
-           "OFFER_SEARCH", "PROVISION_TIMEOUT_SECONDS", "Option", "add_options", "by_name", "for_line", "job_fields"]
+__all__ = ["DEFAULT_HELP", "DEFAULT_MAX_RESULTS", "FLAGS", "HARD_MAX_MINUTES", "HELP", "JOB_OPTIONS",
+           "LEASE_SECONDS", "MAX_GPUS", "OFFER_SEARCH", "PROVISION_TIMEOUT_SECONDS", "Option", "add_options",
+           "by_name", "for_line", "job_fields"]
 
 #: No job runs longer than this, whatever it asks (architecture: "hard max 12 h").
 HARD_MAX_MINUTES = 12 * 60
@@ -27,6 +28,8 @@ HARD_MAX_MINUTES = 12 * 60
 MAX_GPUS = 16
 #: The built-in lease: the agent stops a job whose client has been silent this long (0: never).
 LEASE_SECONDS = 600
+#: What one job's results may bring back unless ``--max-results`` says more: bounds a hostile instance's flood.
+DEFAULT_MAX_RESULTS = 20 * 10**9
 #: The built-in limit on boot, image pull and SSH readiness of a rented machine.
 PROVISION_TIMEOUT_SECONDS = 900.0
 
@@ -107,8 +110,7 @@ JOB_OPTIONS: tuple[Option, ...] = (
     Option("max_price", "money", "Ceiling on the hourly price of the machine.", field="max_price_usd_per_hour",
            metavar="USD_PER_HOUR"),
     Option("max_duration", "int", f"Stop the job after this many minutes (at most {HARD_MAX_MINUTES}).",
-           field="max_duration_minutes",
-           metavar="MINUTES", setting="max_duration_minutes", trait=True),
+           field="max_duration_minutes", metavar="MINUTES", setting="max_duration_minutes", trait=True),
     Option("spot", "flag", "Rent interruptible capacity (cheaper, may be preempted): Vast bids, RunPod spot.",
            field="spot"),
     Option("min_reliability", "float", "Skip offers the provider scores below this.", field="min_reliability",
@@ -140,7 +142,8 @@ JOB_OPTIONS: tuple[Option, ...] = (
            metavar="N"),
     Option("sync_every", "int", "Also bring rw mounts back this often while the job runs (a relaunch continues "
            "from them).", field="sync_every_seconds", metavar="SECONDS"),
-    Option("max_results", "size", "Most rw results brought back (default 20GB), e.g. 100GB.",
+    Option("max_results", "size", f"Most rw results brought back (default {DEFAULT_MAX_RESULTS // 10**9}GB), e.g. "
+           "100GB; past it the transfer stops and the job fails saying what was left out.",
            field="max_results_bytes", metavar="SIZE", trait=True),
     Option("name", "text", "A name for the job in views and the ledger.", field="name", short="-n"),
     Option("sink", "text", "Also store rw results in URL/<job id>/: a folder, s3://bucket/prefix or "

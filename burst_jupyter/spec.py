@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import ConfigError
-from .options import HARD_MAX_MINUTES, HELP, LEASE_SECONDS, MAX_GPUS
+from .options import DEFAULT_MAX_RESULTS, HARD_MAX_MINUTES, HELP, LEASE_SECONDS, MAX_GPUS
 
 __all__ = [
     "DEFAULT_MAX_RESULTS",
@@ -36,9 +36,6 @@ __all__ = [
 
 #: ``C:\\...`` or ``C:/...``: a Windows drive, whose colon is not the LOCAL:REMOTE separator.
 _DRIVE_RE = re.compile(r"^[A-Za-z]:[\\/]")
-
-#: What one job's results may bring back unless ``--max-results`` says more: bounds a hostile instance's flood.
-DEFAULT_MAX_RESULTS = 20 * 10**9
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*$")
