@@ -303,7 +303,7 @@ def _fill(p: argparse.ArgumentParser, command: Command, where: Where) -> argpars
     return p
 
 
-def offered(where: Where) -> list[Command]:
+def _offered(where: Where) -> list[Command]:
     return [c for c in COMMANDS if where in c.where]
 
 
@@ -312,16 +312,16 @@ def parser(where: Where) -> argparse.ArgumentParser:
     cls = argparse.ArgumentParser if where == "burst" else _Refusing
     p = cls(prog=where, description="Run work on a rented GPU for a known, capped price.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for command in offered(where):
+    for command in _offered(where):
         _fill(sub.add_parser(command.name, help=command.help, description=command.help), command, where)
     return p
 
 
 def dispatch(words: Sequence[str]) -> Any:
     """``%burst WORDS``: the command's result as the notebook shows it; ConfigError for a line it cannot take."""
-    command = next((c for c in offered("%burst") if c.name == words[0]), None)
+    command = next((c for c in _offered("%burst") if c.name == words[0]), None)
     if command is None:
-        names = ", ".join(c.name for c in offered("%burst"))
+        names = ", ".join(c.name for c in _offered("%burst"))
         raise ConfigError(f"%burst {words[0]}: unknown command; try {names} or help")
     p = _fill(_Refusing(prog=f"%burst {command.name}"), command, "%burst")
     args, extra = p.parse_known_args(list(words[1:]))
@@ -337,5 +337,5 @@ def help_text(where: Where) -> str:
     import textwrap
 
     lines = (textwrap.fill(c.help, 110, initial_indent=f"  {c.name:<10} ", subsequent_indent=" " * 13)
-             for c in offered(where))
+             for c in _offered(where))
     return "\n".join([f"{where} COMMAND [OPTIONS]", "", *lines])
