@@ -197,13 +197,13 @@ def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float 
 def provider_status() -> ProvidersStatus:
     """Each marketplace: configured or not, reachable, and its lowest price for common GPUs right now."""
     from .offer_book import ProvidersStatus
-    from .providers.accounts import MARKETPLACES
+    from .providers import marketplaces
     from .providers.base import OfferQuery
     from .providers.catalog import ANY
 
     session = Session.current()
     configured = list(session.marketplaces())
-    missing = {name: f"set {src.key_var}" for name, src in MARKETPLACES.items() if name not in configured}
+    missing = {d.name: f"set {d.account.key_var}" for d in marketplaces() if d.account and d.name not in configured}
     if not configured:
         from .offer_book import SearchResult
 

@@ -43,7 +43,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator
 
 from .config_files import PROJECT_TABLE
 from .config_files import find_project_table as _find_project_table
@@ -51,20 +51,21 @@ from .config_files import read_toml as _read_toml
 from .errors import ConfigError
 from .options import DEFAULT_HELP, HARD_MAX_MINUTES, JOB_OPTIONS, LEASE_SECONDS, PROVISION_TIMEOUT_SECONDS
 from .paths import user_config_path
+from .providers import marketplaces, preference
 from .spec import describe_validation, parse_money
 
 if TYPE_CHECKING:
     from .budget import Cap
 
-__all__ = ["ACCOUNT_TABLES", "PROJECT_RULES", "AccountSettings", "ProjectRule", "Settings", "budget_caps",
-           "load_settings"]
+__all__ = ["PROJECT_RULES", "AccountSettings", "ProjectRule", "Settings", "budget_caps", "load_settings"]
 
-ACCOUNT_TABLES = ("vast", "runpod", "thunder")
+#: The Settings field that holds every marketplace's account table (``[vast]`` in a file is ``accounts["vast"]``).
+ACCOUNTS = "accounts"
 
 
 class AccountSettings(BaseModel):
-    """One marketplace account (``[vast]``, ``[runpod]``, ``[thunder]`` in the user file). The environment's own
-    variables (VAST_API_KEY, RUNPOD_API_KEY, TNR_API_TOKEN and the URL ones) win over these."""
+    """One marketplace account: the user file's table named as the provider (``[vast]``). The variables the
+    provider declares (providers/declaration.py: ``VAST_API_KEY``, ``VAST_URL``) win over these."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True,
                               alias_generator=lambda name: name.replace("_", "-"))
@@ -92,7 +93,7 @@ class Settings(BaseModel):
     daily_budget: Decimal | None = Field(default=None, description="All jobs' daily cap, for jobs under this file.")
     weekly_budget: Decimal | None = Field(default=None, description="All jobs' weekly cap, for jobs under this file.")
     image: str | None = Field(default=None, description=DEFAULT_HELP["image"])
-    prefer: list[str] = Field(default_factory=lambda: ["runpod", "thunder", "vast"],
+    prefer: list[str] = Field(default_factory=preference,
                               description="Tie-break between equal prices: the more reliable provider first.")
     min_reliability: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
                                           description=DEFAULT_HELP["min_reliability"])
@@ -104,9 +105,8 @@ class Settings(BaseModel):
         default=300.0, gt=0, allow_inf_nan=False,
         description="While jobs run, how often instances no live job owns are looked for "
         "at the providers and ended.")
-    vast: AccountSettings | None = Field(default=None, description="Vast.ai account ([vast] table).")
-    runpod: AccountSettings | None = Field(default=None, description="RunPod account ([runpod] table).")
-    thunder: AccountSettings | None = Field(default=None, description="Thunder Compute account ([thunder] table).")
+    accounts: dict[str, AccountSettings] = Field(
+        default_factory=dict, description="Marketplace accounts by provider, each a table of its name ([vast]).")
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -133,7 +133,10 @@ class Settings(BaseModel):
             Decimal('1.5')
         """
         given = _normalise({key: value for key, value in overrides.items() if value is not None}, label="override")
-        result = _validate(self._explicit() | given, label="override")
+        values = self._explicit()
+        if ACCOUNTS in given:
+            given[ACCOUNTS] = values.get(ACCOUNTS, {}) | given[ACCOUNTS]  # one table replaces that account alone
+        result = _checked(values | given, label="override")
         result._sources = self._sources | dict.fromkeys(given, "override")
         return result
 
@@ -169,7 +172,7 @@ def load_settings(*, cwd: Path | None = None, user_file: Path | None = None, pro
             PROJECT_RULES[key].check(f"{label} {written}", explicit[key], getattr(users, key), user_path)
         values |= explicit
         sources |= dict.fromkeys(explicit, label)
-    settings = _validate(values, label="settings")
+    settings = _checked(values, label="settings")
     settings._sources = sources
     return settings
 
@@ -257,9 +260,7 @@ PROJECT_RULES: dict[str, ProjectRule] = {
     "trust_new_hosts": ProjectRule("never", "decide which SSH host keys are trusted"),
     "remote_python": ProjectRule("never", "choose the command run on your machines"),
     "result_sink": ProjectRule("never", "choose where your results (and your storage credentials) are sent"),
-    "vast": ProjectRule("never", "hold account settings"),  # refused key by key first: _refuse_account_tables
-    "runpod": ProjectRule("never", "hold account settings"),
-    "thunder": ProjectRule("never", "hold account settings"),
+    ACCOUNTS: ProjectRule("never", "hold account settings"),  # refused key by key first: _refuse_account_tables
 }
 
 #: Why each key of an account table belongs to the user (``[tool.burst.vast] url`` and the like).
@@ -269,13 +270,11 @@ _ACCOUNT_KEYS = {"api_key": "hold an API key", "url": "set where credentials go"
 
 def _refuse_account_tables(label: str, table: dict[str, Any], user_path: Path) -> None:
     """One line naming the first account setting in a project table, and where it belongs instead."""
-    from .providers.accounts import MARKETPLACES
-
-    for name in ACCOUNT_TABLES:
+    for declared in marketplaces():
+        name, source = declared.name, declared.account
         account = table.get(name)
-        if not isinstance(account, dict):
+        if source is None or not isinstance(account, dict):
             continue
-        source = MARKETPLACES[name]
         env = {"api_key": source.key_var, "url": source.url_var}
         where = label.removesuffix("]") + f".{name}]"
         for written in account:
@@ -292,9 +291,22 @@ _FIELD_OF = {name: o.setting for o in JOB_OPTIONS if o.setting for name in o.spe
 
 
 def _field(key: str) -> str:
-    """The Settings field a key names, in any spelling a file may use."""
+    """The Settings field a key names, in any spelling a file may use (a marketplace's table: ``accounts``)."""
     name = str(key).replace("-", "_")
+    if name == ACCOUNTS:
+        return ""  # not a key of its own: a file writes each account as its provider's table
+    if name in _account_tables():
+        return ACCOUNTS
     return _FIELD_OF.get(name, name)
+
+
+def _account_tables() -> list[str]:
+    return [d.name for d in marketplaces()]
+
+
+def _file_keys() -> list[str]:
+    """Every key a file may write, as Settings fields and account tables."""
+    return [name for field in Settings.model_fields for name in (_account_tables() if field == ACCOUNTS else [field])]
 
 
 def _key(field: str) -> str:
@@ -308,30 +320,47 @@ def _written_names(table: dict[str, Any]) -> dict[str, str]:
 
 
 def _validate(table: dict[str, Any], *, label: str) -> Settings:
-    values = _normalise(table, label=label)
+    return _checked(_normalise(table, label=label), label=label, written=_written_names(table))
+
+
+def _checked(values: dict[str, Any], *, label: str, written: dict[str, str] | None = None) -> Settings:
+    """Settings from values keyed by field (``_normalise``'s, or ``_explicit``'s)."""
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(f"{label}: {describe_validation(exc, _written_names(table))}") from None
+        raise ConfigError(f"{label}: {describe_validation(exc, written or {})}") from None
 
 
 def _normalise(table: dict[str, Any], *, label: str) -> dict[str, Any]:
     """Keys as Settings fields; an unknown key, or one setting given twice, is a :class:`ConfigError`."""
     values: dict[str, Any] = {}
     written: dict[str, str] = {}
+    tables: dict[str, Any] = {}
     for key, value in table.items():
         name = _field(key)
         if name not in Settings.model_fields:
             raise ConfigError(f"{label}: unknown key {key!r}; {_suggest(key, as_field=label == 'override')}")
+        if name == ACCOUNTS:
+            tables[str(key)] = value
+            continue
         if name in values:
             raise ConfigError(f"{label}: {written[name]} and {key} are the same setting; keep one")
         values[name], written[name] = value, key
+    if tables:
+        try:
+            values[ACCOUNTS] = _ACCOUNT_TABLES.validate_python(tables)
+        except ValidationError as exc:
+            raise ConfigError(f"{label}: {describe_validation(exc, {})}") from None
     return values
+
+
+#: Account tables keyed by their provider's name, each validated as the strict AccountSettings it is.
+_ACCOUNT_TABLES = TypeAdapter(dict[str, AccountSettings])
 
 
 def _suggest(key: str, *, as_field: bool) -> str:
     """The closest key in a file's spelling (or, ``as_field``, the keyword :meth:`Settings.merged` takes)."""
-    known = [field if as_field else _key(field) for field in Settings.model_fields]
+    known = [field if as_field else _key(field) for field in _file_keys()]
     if as_field:
         close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
     else:  # the README's spelling, else an older one close to what was typed (lease-secnds: lease-seconds)

@@ -1,7 +1,8 @@
 """Live offers across providers: ask every configured provider at once, keep what fits, rank, cache briefly.
 
 The ranking is the whole policy of ``--provider auto``: the cheapest offer that fits; equal prices go to the more
-reliable provider (``prefer``, default RunPod > Thunder > Vast as the seed's job-completion ranking has it), then
+reliable provider (``prefer``, by default the order the providers declare: RunPod > Thunder > Vast, as the seed's
+job-completion ranking has it), then
 to the higher reliability score. Offers are cached per (provider, query) for a short TTL: the price truth
 decays in minutes, and a notebook re-running a cell should not pay a search round trip each time.
 
@@ -25,18 +26,17 @@ from typing import TYPE_CHECKING
 
 from .errors import BurstError, one_line
 from .money import format_rate
+from .providers import preference as declared_preference
 
 if TYPE_CHECKING:
     from .providers.base import Offer, OfferQuery, Provider
 
-__all__ = ["COMMON_GPUS", "DEFAULT_PREFERENCE", "OfferBook", "ProvidersStatus", "SearchResult", "rank"]
-
-DEFAULT_PREFERENCE = ("runpod", "thunder", "vast")
+__all__ = ["COMMON_GPUS", "OfferBook", "ProvidersStatus", "SearchResult", "rank"]
 
 
-def rank(offers: Iterable[Offer], preference: Sequence[str] = DEFAULT_PREFERENCE) -> list[Offer]:
-    """Cheapest first; ties to the preferred provider, then the more reliable offer."""
-    order = {name: i for i, name in enumerate(preference)}
+def rank(offers: Iterable[Offer], preference: Sequence[str] | None = None) -> list[Offer]:
+    """Cheapest first; ties to the preferred provider (None: as declared), then the more reliable offer."""
+    order = {name: i for i, name in enumerate(declared_preference() if preference is None else preference)}
     return sorted(offers, key=lambda o: (o.price_usd_per_hour, order.get(o.provider, len(order)), -o.reliability))
 
 
@@ -70,10 +70,10 @@ class _Failure:
 class OfferBook:
     """Searches providers concurrently. Thread-safe enough for one event loop (the session's)."""
 
-    def __init__(self, *, ttl: float = 30.0, preference: Sequence[str] = DEFAULT_PREFERENCE,
+    def __init__(self, *, ttl: float = 30.0, preference: Sequence[str] | None = None,
                  timeout: float = 10.0, quiet: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
-        self.preference = tuple(preference)
+        self.preference = tuple(declared_preference() if preference is None else preference)
         self.timeout = timeout
         self.quiet = quiet
         self._clock = clock

@@ -25,8 +25,7 @@ from .job import check_cap
 from .keys import create_job_key
 from .lifecycle_state import utc
 from .money import format_rate
-from .providers.accounts import MARKETPLACES
-from .providers.base import BootWatch, InstanceState, Offer, terminate_confirmed
+from .providers.base import BootWatch, Capability, InstanceState, Offer, terminate_confirmed
 from .stop_policy import StopPolicy
 
 __all__ = ["Provisioning"]
@@ -74,7 +73,7 @@ class Provisioning(StopPolicy):
                 self.recorded = True
             self._check_cancel()
             provider = self.chosen
-            if self.key is None and provider.name in MARKETPLACES and plan.keys_dir is not None:
+            if self.key is None and Capability.RENTED in provider.capabilities and plan.keys_dir is not None:
                 self.key = await asyncio.to_thread(create_job_key, plan.keys_dir, job.id,
                                                    comment=f"{plan.tag}/{job.id}")
             job.emit(EventType.PROVISIONING, provider=provider.name, message=offer.description or None)

@@ -260,7 +260,7 @@ class Reconciler:
 
     def _stranded_finding(self, o: OwnedInstance, at: dt.datetime, errors: Mapping[str, str]) -> Finding:
         from .job import cost_of
-        from .providers.accounts import MARKETPLACES
+        from .providers import is_marketplace
 
         rate, since = o.rate_usd_per_hour, o.billing_since
         cost = None if rate is None else cost_of(rate, (at - since).total_seconds())
@@ -269,7 +269,7 @@ class Reconciler:
         if o.reaper_pid is not None and o.reaper_pid != os.getpid():
             gone = f"the reaper it was handed to (pid {o.reaper_pid}) is gone"
         problem = None
-        if o.provider in MARKETPLACES and o.provider not in self.providers:
+        if is_marketplace(o.provider) and o.provider not in self.providers:
             problem = f"no {o.provider} account here"
         elif o.provider in errors:
             problem = f"{o.provider} could not be asked"
@@ -488,8 +488,7 @@ def _standalone_pass(home: Path) -> Report:
                 return await Reconciler(state=state, budget=budget, connections=connections, home=home,
                                         tag=install_tag(home), providers=providers).run(reason=AT_LOAD)
             finally:
-                clients = [p for p in providers.values() if hasattr(p, "aclose")]  # marketplaces' HTTP clients
-                await asyncio.gather(*(p.aclose() for p in clients), return_exceptions=True)
+                await asyncio.gather(*(p.aclose() for p in providers.values()), return_exceptions=True)
 
         return asyncio.run(run())
     finally:

@@ -14,7 +14,7 @@ import itertools
 import re
 import secrets
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -31,8 +31,8 @@ from .offer_book import OfferBook, SearchResult
 from .options import JOB_OPTIONS
 from .output import output_log_path
 from .paths import burst_home, db_path, open_private, secure_home
-from .providers import REGISTRY, ProviderConfig, build_provider
-from .providers.accounts import MARKETPLACES, accounts, require_account
+from .providers import REGISTRY, ProviderConfig, build_provider, is_marketplace, marketplaces
+from .providers.accounts import accounts, require_account
 from .providers.base import Capability, Offer, OfferQuery, OfferRef, Provider
 from .providers.catalog import ANY, canonical_gpu
 from .sinks import open_sink
@@ -131,15 +131,13 @@ class Session:
             providers, self._providers = list(self._providers.values()), {}
             watcher, self._watcher = self._watcher, None
         if loop is not None and not loop.is_closed() and loop.is_running():
-            clients = [p for p in providers if hasattr(p, "aclose")]  # marketplaces' HTTP clients
-
             async def wind_down() -> None:
                 if watcher is not None:
                     watcher.cancel()  # a task still pending when its loop closes is reported as destroyed
-                await asyncio.gather(*(p.aclose() for p in clients), *([watcher] if watcher else []),
+                await asyncio.gather(*(p.aclose() for p in providers), *([watcher] if watcher else []),
                                      return_exceptions=True)
 
-            if clients or watcher is not None:
+            if providers or watcher is not None:
                 with contextlib.suppress(Exception):
                     asyncio.run_coroutine_threadsafe(wind_down(), loop).result(5)
         if loop is not None and not loop.is_closed():
@@ -189,23 +187,24 @@ class Session:
         spec = self._with_defaults(spec)
         configs = {c.name: c for c in self._provider_configs(spec)}
         providers = {name: self.provider(cfg) for name, cfg in configs.items()}
+        rented = [name for name, p in providers.items() if Capability.RENTED in p.capabilities]
         if spec.image is not None and len(providers) > 1:
             # `auto` with --image: only the marketplaces that run a container image of the user's choice.
-            providers = {n: p for n, p in providers.items() if getattr(p, "supports_image", True)}
-            configs = {n: configs[n] for n in providers}
+            providers = {n: p for n, p in providers.items() if Capability.CUSTOM_IMAGE in p.capabilities}
+            configs, rented = {n: configs[n] for n in providers}, [n for n in rented if n in providers]
             if not providers:
                 raise ConfigError("--image is not supported by any configured marketplace")
-        for name, p in providers.items():
-            if spec.image is not None and not getattr(p, "supports_image", True):
+        for name in rented:
+            if spec.image is not None and Capability.CUSTOM_IMAGE not in providers[name].capabilities:
                 raise ConfigError(f"--image is not supported by {name}: it runs its own images")
-        rented = [name for name in providers if name in MARKETPLACES]
         if rented and spec.image is None and self.settings.image is not None:
             spec = spec.model_copy(update={"image": self.settings.image})
         if spec.image is not None and not rented:
             raise ConfigError(f"--image needs a marketplace provider; {', '.join(providers)} runs the machine's own "
                               f"Python")
         if spec.spot and not any(Capability.SPOT in providers[n].capabilities for n in rented):
-            raise ConfigError(f"--spot needs a provider with interruptible capacity (vast, runpod); "
+            spot = ", ".join(d.name for d in marketplaces() if Capability.SPOT in d.capabilities)
+            raise ConfigError(f"--spot needs a provider with interruptible capacity ({spot}); "
                               f"not {', '.join(providers)}")
         if spec.cell is not None:
             check_pulls(spec.pull, _parse_cell(spec.cell), spec.push)
@@ -268,13 +267,14 @@ class Session:
             canonical_gpu(query.gpu_model)  # a typo is one line about the name, not an error from each provider
         markets = self.marketplaces()
         for name in providers or ():
-            if name not in MARKETPLACES:
-                raise ConfigError(f"{name} has no offers to browse; choose from {', '.join(MARKETPLACES)}")
+            if not is_marketplace(name):
+                raise ConfigError(f"{name} has no offers to browse; choose from {_marketplace_names()}")
             require_account(name, self.settings)
         chosen = {n: p for n, p in markets.items() if not providers or n in providers}
         if not chosen:
-            raise ConfigError("no marketplace is configured: set VAST_API_KEY, RUNPOD_API_KEY or TNR_API_TOKEN "
-                              "(or api-key under [vast], [runpod] or [thunder] in the user config)")
+            listed = [(d.account.key_var, f"[{d.name}]") for d in marketplaces() if d.account is not None]
+            raise ConfigError(f"no marketplace is configured: set {_either(v for v, _ in listed)} (or api-key "
+                              f"under {_either(t for _, t in listed)} in the user config)")
         return self.run_sync(self.offer_book.search(chosen, query, refresh=refresh))
 
     def dry_run(self, spec: JobSpec) -> DryRun:
@@ -324,11 +324,21 @@ class Session:
                 return [ProviderConfig(name=m) for m in markets]
             else:
                 name = "local"
-        elif name in MARKETPLACES:
+        elif is_marketplace(name):
             require_account(name, self.settings)
             return [ProviderConfig(name=name)]
         return [ProviderConfig(name=name, rate=spec.rate_usd_per_hour or Decimal(0), hosts=tuple(spec.ssh_hosts),
                                trust_on_first_use=spec.ssh_trust_on_first_use, python=spec.remote_python)]
+
+
+def _marketplace_names() -> str:
+    return ", ".join(d.name for d in marketplaces())
+
+
+def _either(names: Iterable[str]) -> str:
+    """``a, b or c``."""
+    *rest, last = names
+    return f"{', '.join(rest)} or {last}" if rest else last
 
 
 def _offer_defaults(spec: JobSpec) -> dict[str, Any]:
@@ -337,9 +347,9 @@ def _offer_defaults(spec: JobSpec) -> dict[str, Any]:
     assert spec.offer is not None
     ref = OfferRef.parse(spec.offer)
     given = spec.model_fields_set
-    if ref.provider not in MARKETPLACES:
+    if not is_marketplace(ref.provider):
         raise ConfigError(f"--offer {spec.offer}: {ref.provider} is not a marketplace; offers are from "
-                          f"{', '.join(MARKETPLACES)}")
+                          f"{_marketplace_names()}")
     if "provider" in given and spec.provider not in ("auto", ref.provider):
         raise ConfigError(f"--offer {spec.offer} is a {ref.provider} offer, not --provider {spec.provider}")
     update: dict[str, Any] = {"provider": ref.provider}

@@ -21,27 +21,13 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..paths import user_config_path
+from . import REGISTRY, marketplaces
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from .declaration import AccountSource
 
-__all__ = ["MARKETPLACES", "Account", "accounts", "key_source", "key_url_problem", "require_account"]
-
-
-@dataclass(frozen=True)
-class _Source:
-    key_var: str
-    url_var: str
-    default_url: str
-
-
-#: The variables each provider's own CLI or SDK reads (reference/provider-apis.md; vastai CLI, runpod-python,
-#: thunder-cli). The URL is the API root: Vast paths start /api/v0, RunPod's is /graphql, Thunder's /v1.
-MARKETPLACES: dict[str, _Source] = {
-    "vast": _Source("VAST_API_KEY", "VAST_URL", "https://console.vast.ai"),
-    "runpod": _Source("RUNPOD_API_KEY", "RUNPOD_API_BASE_URL", "https://api.runpod.io"),
-    "thunder": _Source("TNR_API_TOKEN", "TNR_API_URL", "https://api.thundercompute.com:8443"),
-}
+__all__ = ["Account", "accounts", "key_source", "key_url_problem", "require_account"]
 
 
 @dataclass(frozen=True)
@@ -73,13 +59,14 @@ def _loopback(host: str) -> bool:
 
 
 def accounts(settings: Settings | None, environ: Mapping[str, str] | None = None) -> dict[str, Account]:
-    """Every configured marketplace, in MARKETPLACES order (``settings`` None: no settings file, the environment
-    alone). A base URL a key may not be sent to is one :class:`ConfigError` naming the variable or file that set
-    it."""
+    """Every configured marketplace, in registry order (``settings`` None: no settings file, the environment
+    alone). Each declares where its account comes from (``ProviderDeclaration.account``). A base URL a key may not
+    be sent to is one :class:`ConfigError` naming the variable or file that set it."""
     env = os.environ if environ is None else environ
     found = {}
-    for name, source in MARKETPLACES.items():
-        table = getattr(settings, name) if settings is not None else None
+    for declared in marketplaces():
+        name, source = declared.name, _source(declared.name)
+        table = settings.accounts.get(name) if settings is not None else None
         key = env.get(source.key_var) or (table.api_key if table else None)
         if not key:
             continue
@@ -98,7 +85,8 @@ def accounts(settings: Settings | None, environ: Mapping[str, str] | None = None
 def key_source(provider: str, key: str, environ: Mapping[str, str] | None = None) -> str:
     """Where a refused key came from, as the user would fix it: its variable when that holds it (as
     :func:`accounts` prefers), else ``api-key`` under the provider's table in the user file."""
-    source = MARKETPLACES.get(provider)
+    declared = REGISTRY.get(provider)
+    source = declared.account if declared is not None else None
     if source is None:
         return "the API key"
     env = os.environ if environ is None else environ
@@ -110,7 +98,15 @@ def key_source(provider: str, key: str, environ: Mapping[str, str] | None = None
 def require_account(name: str, settings: Settings, environ: Mapping[str, str] | None = None) -> Account:
     account = accounts(settings, environ).get(name)
     if account is None:
-        source = MARKETPLACES[name]
+        source = _source(name)
         raise ConfigError(f"provider {name} has no API key: set {source.key_var}, or api-key under [{name}] in "
                           f"{user_config_path()}")
     return account
+
+
+def _source(name: str) -> AccountSource:
+    """The account source of marketplace ``name`` (a KeyError for a name the registry does not hold)."""
+    source = REGISTRY[name].account
+    if source is None:
+        raise KeyError(f"{name} is not a marketplace")
+    return source

@@ -44,6 +44,11 @@ REMOTE_JOB_ROOT = ".cache/burst/jobs"
 
 
 class Capability(str, enum.Enum):
+    """What a provider can do, declared once (its ``ProviderDeclaration``) and read from there or the built
+    provider's ``capabilities``; never found out by its name or by probing for attributes."""
+
+    RENTED = "rented"  # a marketplace: an account, offers to browse, billed from the create request
+    CUSTOM_IMAGE = "custom_image"  # runs a container image of the user's choice (--image)
     SPOT = "spot"  # interruptible capacity at a lower price
     STOP = "stop"  # can stop without destroying
     LABELS = "labels"  # instances carry our owner tag at the provider
@@ -306,6 +311,10 @@ class Provider(Protocol):
     async def list_owned(self, tag: str) -> list[Instance]: ...
 
     async def terminate(self, instance_id: str) -> None: ...
+
+    async def aclose(self) -> None:
+        """Release what the provider holds open (a marketplace's HTTP client); a no-op where it holds nothing."""
+        ...
 
 
 async def find_created(provider: Provider, *, tag: str, job_id: str, lost: BaseException) -> Instance:

@@ -1,18 +1,20 @@
-"""Canonical GPU names and each provider's spelling of them.
+"""Canonical GPU names, and the type of a provider's spellings of them.
 
 Users write ``RTX_4090``, ``H100``, ``A100_80GB`` or ``ANY``; providers spell them their own way (Vast
-``"RTX 4090"``, RunPod ``"NVIDIA GeForce RTX 4090"``, Thunder ``h100``; see reference/provider-apis.md). The
-``nvidia_smi`` spelling is what ``nvidia-smi --query-gpu=name`` prints, used to check local and SSH boxes.
+``"RTX 4090"``, RunPod ``"NVIDIA GeForce RTX 4090"``, Thunder ``h100``; see reference/provider-apis.md). Each
+provider declares its own spellings (a :class:`GpuSpellings` in its declaration); the ``nvidia_smi`` spelling here
+is what ``nvidia-smi --query-gpu=name`` prints, used to check local and SSH boxes.
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-__all__ = ["ANY", "CATALOG", "WHOLE_CARD", "GpuModel", "canonical_gpu", "gpu_model", "identify", "spellings",
+__all__ = ["ANY", "CATALOG", "WHOLE_CARD", "GpuModel", "GpuSpellings", "canonical_gpu", "gpu_model",
            "whole_card_gb"]
 
 ANY = "ANY"
@@ -29,41 +31,31 @@ WHOLE_CARD = 0.9
 class GpuModel:
     name: str
     memory_gb: int
-    vast: tuple[str, ...] = ()
-    runpod: tuple[str, ...] = ()
-    thunder: tuple[str, ...] = ()
     nvidia_smi: tuple[str, ...] = ()
 
     def matches_smi(self, smi_name: str) -> bool:
         return smi_name.strip() in self.nvidia_smi
 
 
-def _m(name: str, mem: int, *, vast: str | tuple[str, ...] = (), runpod: str | tuple[str, ...] = (),
-       thunder: str | tuple[str, ...] = (), smi: str | tuple[str, ...] = ()) -> GpuModel:
-    def tup(x: str | tuple[str, ...]) -> tuple[str, ...]:
-        return (x,) if isinstance(x, str) else x
-
-    return GpuModel(name, mem, tup(vast), tup(runpod), tup(thunder), tup(smi))
+def _m(name: str, mem: int, smi: str | tuple[str, ...]) -> GpuModel:
+    return GpuModel(name, mem, (smi,) if isinstance(smi, str) else smi)
 
 
 CATALOG: dict[str, GpuModel] = {
     m.name: m
     for m in (
-        _m("RTX_3090", 24, vast="RTX 3090", runpod="NVIDIA GeForce RTX 3090", smi="NVIDIA GeForce RTX 3090"),
-        _m("RTX_4090", 24, vast="RTX 4090", runpod="NVIDIA GeForce RTX 4090", smi="NVIDIA GeForce RTX 4090"),
-        _m("RTX_5090", 32, vast="RTX 5090", runpod="NVIDIA GeForce RTX 5090", smi="NVIDIA GeForce RTX 5090"),
-        _m("RTX_A6000", 48, vast="RTX A6000", runpod="NVIDIA RTX A6000", thunder="a6000", smi="NVIDIA RTX A6000"),
-        _m("A40", 48, vast="A40", runpod="NVIDIA A40", smi="NVIDIA A40"),
-        _m("L4", 24, vast="L4", runpod="NVIDIA L4", smi="NVIDIA L4"),
-        _m("L40S", 48, vast="L40S", runpod="NVIDIA L40S", smi="NVIDIA L40S"),
-        _m("T4", 16, vast="Tesla T4", runpod="Tesla T4", smi="Tesla T4"),
-        _m("A100_40GB", 40, vast=("A100 PCIE", "A100 SXM4"), runpod="NVIDIA A100-PCIE-40GB",
-           smi=("NVIDIA A100-PCIE-40GB", "NVIDIA A100-SXM4-40GB")),
-        _m("A100_80GB", 80, vast=("A100 SXM4", "A100 PCIE"), runpod=("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"),
-           thunder="a100xl", smi=("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe")),
-        _m("H100", 80, vast=("H100 SXM", "H100 PCIE", "H100 NVL"), runpod=("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe"),
-           thunder="h100", smi=("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL")),
-        _m("H200", 141, vast="H200", runpod="NVIDIA H200", smi="NVIDIA H200"),
+        _m("RTX_3090", 24, "NVIDIA GeForce RTX 3090"),
+        _m("RTX_4090", 24, "NVIDIA GeForce RTX 4090"),
+        _m("RTX_5090", 32, "NVIDIA GeForce RTX 5090"),
+        _m("RTX_A6000", 48, "NVIDIA RTX A6000"),
+        _m("A40", 48, "NVIDIA A40"),
+        _m("L4", 24, "NVIDIA L4"),
+        _m("L40S", 48, "NVIDIA L40S"),
+        _m("T4", 16, "Tesla T4"),
+        _m("A100_40GB", 40, ("NVIDIA A100-PCIE-40GB", "NVIDIA A100-SXM4-40GB")),
+        _m("A100_80GB", 80, ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe")),
+        _m("H100", 80, ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL")),
+        _m("H200", 141, "NVIDIA H200"),
     )
 }
 
@@ -101,26 +93,39 @@ def whole_card_gb(name: str | None) -> float | None:
     return None if model is None else round(model.memory_gb * WHOLE_CARD, 1)
 
 
-def spellings(provider: str, name: str | None) -> tuple[str, ...]:
-    """How ``provider`` ("vast", "runpod", "thunder") spells a canonical name; every known GPU for ``ANY``/None."""
-    if name in (None, ANY):
-        return tuple(dict.fromkeys(s for m in CATALOG.values() for s in getattr(m, provider)))
-    return tuple(getattr(CATALOG[canonical_gpu(name)], provider))
-
-
-def identify(provider: str, spelling: str, *, memory_gb: float | None = None) -> str | None:
-    """The canonical name of a provider's GPU spelling, or None if the catalog does not know it.
-
-    Some spellings name two models (Vast ``"A100 SXM4"`` is sold with 40 and 80 GB): ``memory_gb`` then picks the
-    one whose memory is nearest.
+class GpuSpellings:
+    """One provider's names for catalog GPUs: canonical name -> its spellings there (one, or a tuple of several).
 
     Example:
-        >>> identify("vast", "A100 SXM4", memory_gb=81.9)
-        'A100_80GB'
+        >>> vast = GpuSpellings({"A100_40GB": ("A100 PCIE", "A100 SXM4"), "A100_80GB": ("A100 SXM4", "A100 PCIE")})
+        >>> vast.of("A100_80GB"), vast.identify("A100 SXM4", memory_gb=81.9)
+        (('A100 SXM4', 'A100 PCIE'), 'A100_80GB')
     """
-    found = [m for m in CATALOG.values() if spelling in getattr(m, provider)]
-    if not found:
-        return None
-    if memory_gb is not None:
-        found.sort(key=lambda m: abs(m.memory_gb - memory_gb))
-    return found[0].name
+
+    __slots__ = ("_names",)
+
+    def __init__(self, names: Mapping[str, str | tuple[str, ...]]) -> None:
+        unknown = [name for name in names if name not in CATALOG]
+        if unknown:
+            raise ValueError(f"GPU spellings for {', '.join(unknown)}: not in the catalog")
+        # In catalog order, whatever order they were written in: ``identify`` without a memory size takes the
+        # first model that has the spelling, and ``of(ANY)`` lists them in this order.
+        self._names = {m: (names[m],) if isinstance(names[m], str) else tuple(names[m]) for m in CATALOG if m in names}
+
+    def of(self, name: str | None) -> tuple[str, ...]:
+        """How this provider spells a canonical name; every GPU it knows for ``ANY``/None."""
+        if name in (None, ANY):
+            return tuple(dict.fromkeys(s for spelled in self._names.values() for s in spelled))
+        return self._names.get(canonical_gpu(name), ())
+
+    def identify(self, spelling: str, *, memory_gb: float | None = None) -> str | None:
+        """The canonical name of one of this provider's spellings, or None if the catalog does not know it.
+
+        Some spellings name two models (Vast ``"A100 SXM4"`` is sold with 40 and 80 GB): ``memory_gb`` then picks
+        the one whose memory is nearest."""
+        found = [CATALOG[m] for m, spelled in self._names.items() if spelling in spelled]
+        if not found:
+            return None
+        if memory_gb is not None:
+            found.sort(key=lambda m: abs(m.memory_gb - memory_gb))
+        return found[0].name

@@ -18,6 +18,7 @@ from ..paths import local_jobs_dir
 from ._agent_hosts import AgentHost
 from .base import BootWatch, Capability, Endpoint, Instance, Offer, OfferQuery
 from .catalog import ANY, CATALOG
+from .local_declared import DECLARATION
 
 if TYPE_CHECKING:
     from ..connections import Connections
@@ -55,10 +56,8 @@ def _fitting(query: OfferQuery, gpus: tuple[tuple[str, int], ...]) -> list[tuple
 
 
 class LocalProvider:
-    name: ClassVar[str] = "local"
-    # No SELF_DESTRUCT: there is no machine to end. When the lease lapses the agent stops the job and removes its
-    # work/ folder; the results wait in the job folder for the client or `burst cleanup`.
-    capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.LOCAL_FILES})
+    name: ClassVar[str] = DECLARATION.name
+    capabilities: ClassVar[frozenset[Capability]] = DECLARATION.capabilities
     teardown_seconds: ClassVar[float] = 1.0
     bills_from_launch: ClassVar[bool] = False
     poll_seconds: float = 0.0  # launch returns a running "instance": nothing to poll
@@ -101,3 +100,6 @@ class LocalProvider:
 
     async def terminate(self, instance_id: str) -> None:
         await self.host.destroy(instance_id)
+
+    async def aclose(self) -> None:
+        """Nothing to release: its connections belong to the session's pool (connections.py)."""

@@ -36,14 +36,13 @@ from .base import (
     SelfDestruct,
     find_created,
 )
-from .catalog import identify
+from .runpod_declared import DECLARATION, DEFAULT_BASE_URL
 
 if TYPE_CHECKING:
     from ..spec import JobSpec
 
 __all__ = ["DEFAULT_BASE_URL", "DEFAULT_IMAGE", "RunPodProvider"]
 
-DEFAULT_BASE_URL = "https://api.runpod.io"  # runpod-python's default; RUNPOD_API_BASE_URL overrides it there
 #: A RunPod image that starts sshd and honours PUBLIC_KEY, with Python 3 for the agent.
 DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
 
@@ -172,11 +171,8 @@ class RunPodProvider:
         >>> offers = await provider.offers(OfferQuery(gpu_model="RTX_4090"))  # doctest: +SKIP
     """
 
-    name: ClassVar[str] = "runpod"
-    # SPOT: RunPod removed the spot docs on 2026-05-06 but kept podRentInterruptable in the schema; whether spot
-    # can still be rented is UNCONFIRMED (2.1). Kept (2026-11-23): a refusal comes back as a GraphQL error.
-    capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.SPOT, Capability.STOP, Capability.SELF_DESTRUCT})
+    name: ClassVar[str] = DECLARATION.name
+    capabilities: ClassVar[frozenset[Capability]] = DECLARATION.capabilities
     teardown_seconds: ClassVar[float] = 15.0  # podTerminate is accepted at once; the pod is gone seconds later
     bills_from_launch: ClassVar[bool] = True
 
@@ -240,7 +236,7 @@ class RunPodProvider:
         return found
 
     def _offer(self, gpu: _GpuType, query: OfferQuery) -> Offer | None:
-        model = identify("runpod", gpu.id, memory_gb=gpu.memory_in_gb)
+        model = DECLARATION.gpus.identify(gpu.id, memory_gb=gpu.memory_in_gb)
         low = gpu.lowest_price
         stock = low.stock_status if low is not None else None
         if model is None or low is None or stock is None or stock == "None":

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 from ..errors import ConfigError
 from ._agent_hosts import AgentHost
 from .base import REMOTE_JOB_ROOT, BootWatch, Capability, Endpoint, Instance, Offer, OfferQuery
+from .ssh_declared import DECLARATION
 
 if TYPE_CHECKING:
     from ..connections import Connections
@@ -36,10 +37,8 @@ def parse_host(text: str, *, trust_on_first_use: bool = False) -> Endpoint:
 
 
 class SSHProvider:
-    name: ClassVar[str] = "ssh"
-    # No SELF_DESTRUCT: there is no machine to end. When the lease lapses the agent stops the job and removes its
-    # work/ folder; the results wait in the job folder for the client or `burst cleanup`.
-    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    name: ClassVar[str] = DECLARATION.name
+    capabilities: ClassVar[frozenset[Capability]] = DECLARATION.capabilities
     teardown_seconds: ClassVar[float] = 2.0
     bills_from_launch: ClassVar[bool] = False
     poll_seconds: float = 0.0  # launch returns a running "instance": nothing to poll
@@ -108,3 +107,6 @@ class SSHProvider:
     async def terminate(self, instance_id: str) -> None:
         job_id, host = self._split(instance_id)
         await self._agent(host).destroy(job_id)
+
+    async def aclose(self) -> None:
+        """Nothing to release: its connections belong to the session's pool (connections.py)."""

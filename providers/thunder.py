@@ -40,14 +40,14 @@ from .base import (
     OfferQuery,
     find_created,
 )
-from .catalog import CATALOG, identify
+from .catalog import CATALOG
+from .thunder_declared import DECLARATION, DEFAULT_URL
 
 if TYPE_CHECKING:
     from ..spec import JobSpec
 
 __all__ = ["DEFAULT_URL", "MODES", "ThunderProvider", "api_root"]
 
-DEFAULT_URL = "https://api.thundercompute.com:8443"
 MODES = ("prototyping", "production")
 INCLUDED_DISK_GB = 100  # "(disk - 100) x disk_gb" (reference 3, thunder-cli utils/pricing.go)
 DEFAULT_VCPUS = 4  # included vCPUs when a spec lists no vcpuOptions (thunder-cli)
@@ -100,7 +100,7 @@ def _memory_gb(gpu_type: str, count: int, spec: Mapping[str, Any]) -> int | None
     vram = _int(spec.get("vramGB"))
     if vram <= 0:
         return None
-    canonical = identify("thunder", gpu_type)
+    canonical = DECLARATION.gpus.identify(gpu_type)
     if canonical is not None and count > 1 and vram > CATALOG[canonical].memory_gb * 1.5:
         return vram // count
     return vram
@@ -184,15 +184,10 @@ class ThunderProvider:
     known price for a cell that runs to the end. ``("prototyping", "production")`` adds the cheaper mode.
     """
 
-    name: ClassVar[str] = "thunder"
-    # No SPOT (prototyping is not a bid), no LABELS (ownership rides on the key comment), no SELF_DESTRUCT (no
-    # instance-scoped credential is documented, 2026-11-23: the account token must never reach the machine),
-    # no STOP (not implemented: burst deletes).
-    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    name: ClassVar[str] = DECLARATION.name
+    capabilities: ClassVar[frozenset[Capability]] = DECLARATION.capabilities  # no CUSTOM_IMAGE: see launch
     teardown_seconds: ClassVar[float] = 30.0  # a delete is one call; the list drops the instance soon after
     bills_from_launch: ClassVar[bool] = True
-    #: Thunder boots its own templates: a JobSpec with ``image`` is refused (callers can check this first).
-    supports_image: ClassVar[bool] = False
 
     def __init__(self, *, api_key: str, base_url: str = DEFAULT_URL, client: httpx.AsyncClient | None = None,
                  retry: RetryPolicy | None = None, ssh_user: str | None = None, poll_seconds: float = 5.0,
@@ -255,7 +250,7 @@ class ThunderProvider:
             return None
         gpu_type, count, mode = parsed
         memory = _memory_gb(gpu_type, count, spec)
-        model = identify("thunder", gpu_type, memory_gb=memory)
+        model = DECLARATION.gpus.identify(gpu_type, memory_gb=memory)
         storage: Mapping[str, Any] = spec.get("storageGB") or {}
         disk = max(self.disk_gb, _int(storage.get("min"), INCLUDED_DISK_GB))
         if model is None or (_int(storage.get("max")) and disk > _int(storage.get("max"))):
@@ -346,7 +341,7 @@ class ThunderProvider:
         return Instance(provider=self.name, instance_id=str(raw.get("uuid")), state=state, endpoint=endpoint,
                         workdir=f"{REMOTE_JOB_ROOT}/{owner[1]}" if owner else REMOTE_JOB_ROOT,
                         price_usd_per_hour=await self._price(raw), tag=owner[0] if owner else "",
-                        gpu_model=identify("thunder", gpu_type), job_id=owner[1] if owner else None,
+                        gpu_model=DECLARATION.gpus.identify(gpu_type), job_id=owner[1] if owner else None,
                         detail=detail, created_at=_created(raw))
 
     async def _price(self, raw: Mapping[str, Any]) -> Decimal:

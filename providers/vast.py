@@ -34,7 +34,7 @@ from .base import (
     SelfDestruct,
     find_created,
 )
-from .catalog import identify, spellings
+from .vast_declared import DECLARATION, DEFAULT_URL
 
 if TYPE_CHECKING:
     from ..spec import JobSpec
@@ -75,13 +75,12 @@ class VastProvider:
     ``ssh_user`` overrides Vast's ``root`` (the tests' fake machines log in as the test user).
     """
 
-    name: ClassVar[str] = "vast"
-    capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.SPOT, Capability.STOP, Capability.LABELS, Capability.SELF_DESTRUCT})
+    name: ClassVar[str] = DECLARATION.name
+    capabilities: ClassVar[frozenset[Capability]] = DECLARATION.capabilities
     teardown_seconds: ClassVar[float] = 5.0  # a destroy is accepted at once; the show call confirms it soon after
     bills_from_launch: ClassVar[bool] = True
 
-    def __init__(self, *, api_key: str, base_url: str = "https://console.vast.ai",
+    def __init__(self, *, api_key: str, base_url: str = DEFAULT_URL,
                  client: httpx.AsyncClient | None = None, retry: RetryPolicy | None = None,
                  ssh_user: str | None = None, image: str = DEFAULT_IMAGE, poll_seconds: float = 10.0,
                  disk_gb: int = 20) -> None:
@@ -105,7 +104,7 @@ class VastProvider:
         """
         body: dict[str, Any] = {
             **DEFAULT_FILTERS,
-            "gpu_name": {"in": list(spellings("vast", query.gpu_model))},  # spaces: "RTX 4090" (1.3 gotcha)
+            "gpu_name": {"in": list(DECLARATION.gpus.of(query.gpu_model))},  # spaces: "RTX 4090" (1.3 gotcha)
             "num_gpus": {"eq": max(query.gpus, 1)},
             "order": [["dph_total", "asc"]],
             "type": "bid" if query.spot else "on-demand",
@@ -126,7 +125,7 @@ class VastProvider:
 
     async def offers(self, query: OfferQuery) -> list[Offer]:
         """Live offers that fit ``query``, cheapest first. Offers of GPUs the catalog does not know are dropped."""
-        if not spellings("vast", query.gpu_model):
+        if not DECLARATION.gpus.of(query.gpu_model):
             return []  # a model Vast does not sell
         # A search changes nothing, so retrying it after a 5xx is safe although it is a POST.
         reply = await self._api.json("POST", "/api/v0/bundles/", json=self._search_body(query), idempotent=True,
@@ -139,7 +138,7 @@ class VastProvider:
         if row.get("rented") is True or row.get("id") is None:
             return None  # the CLI re-checks rented on its side too (1.3)
         memory = _memory_gb(row)
-        model = identify("vast", str(row.get("gpu_name") or ""), memory_gb=memory)
+        model = DECLARATION.gpus.identify(str(row.get("gpu_name") or ""), memory_gb=memory)
         # Spot: the bid floor for the whole machine (1.9). Whether min_bid includes the storage folded into
         # dph_total is not documented (2026-11-23); get() reads the billed dph_total once it runs.
         price = money_from_json(row.get("min_bid") if spot else row.get("dph_total"))
@@ -329,6 +328,6 @@ class VastProvider:
             workdir=f"{REMOTE_JOB_ROOT}/{job_id}" if job_id else REMOTE_JOB_ROOT,
             price_usd_per_hour=money_from_json(row.get("dph_total")) or Decimal(0),  # the rate actually billed (1.9)
             tag=str(row.get("label") or ""), job_id=job_id, detail=detail, spot=bool(row.get("is_bid")),
-            gpu_model=identify("vast", str(row.get("gpu_name") or ""), memory_gb=_memory_gb(row)),
+            gpu_model=DECLARATION.gpus.identify(str(row.get("gpu_name") or ""), memory_gb=_memory_gb(row)),
             created_at=created or dt.datetime.now(dt.timezone.utc),
         )

@@ -118,9 +118,11 @@ def test_all_fields_round_trip(tmp_path: Path, project: Path) -> None:
         "offer_ttl_seconds": 10.0,
         "provision_timeout_seconds": 300.0,
         "reconcile_interval_seconds": 60.0,
-        "vast": {"api_key": "k-vast", "url": None, "ssh_user": None},
-        "runpod": {"api_key": None, "url": "http://127.0.0.1:9", "ssh_user": None},
-        "thunder": {"api_key": None, "url": None, "ssh_user": "root"},
+        "accounts": {
+            "vast": {"api_key": "k-vast", "url": None, "ssh_user": None},
+            "runpod": {"api_key": None, "url": "http://127.0.0.1:9", "ssh_user": None},
+            "thunder": {"api_key": None, "url": None, "ssh_user": "root"},
+        },
     }
     assert set(settings.sources) == set(Settings.model_fields)
 

@@ -14,7 +14,8 @@ from decimal import Decimal
 import pytest
 
 from burst_jupyter.config import load_settings
-from burst_jupyter.providers.accounts import MARKETPLACES, accounts
+from burst_jupyter.providers import marketplaces
+from burst_jupyter.providers.accounts import accounts
 from burst_jupyter.providers.base import OfferQuery
 
 pytestmark = pytest.mark.live
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.live
 CONFIGURED = accounts(load_settings())
 
 
-@pytest.mark.parametrize("name", list(MARKETPLACES))
+@pytest.mark.parametrize("name", [d.name for d in marketplaces()])
 def test_live_offers_are_real_prices_with_known_gpus(name: str) -> None:
     if name not in CONFIGURED:
         pytest.skip(f"{name}: no API key")

@@ -20,7 +20,7 @@ from fakes.thunder import FakeThunder
 
 from burst_jupyter.errors import ApiError, AuthFailed, ConfigError, NoCapacity, OfferGone
 from burst_jupyter.providers._http import RetryPolicy
-from burst_jupyter.providers.base import Instance, InstanceState, Offer, OfferQuery, Provider
+from burst_jupyter.providers.base import Capability, Instance, InstanceState, Offer, OfferQuery, Provider
 from burst_jupyter.providers.thunder import ThunderProvider, api_root
 from burst_jupyter.spec import JobSpec
 
@@ -85,7 +85,9 @@ def creates(fake: FakeThunder) -> list[Any]:
 def test_is_a_provider(fake: FakeThunder) -> None:
     p = provider(fake)
     assert isinstance(p, Provider)
-    assert p.capabilities == frozenset() and p.bills_from_launch and not p.supports_image
+    # Rented, and nothing else: no spot, labels, self-destruct, stop, or image of the user's choice.
+    assert p.capabilities == frozenset({Capability.RENTED}) and p.bills_from_launch
+    assert Capability.CUSTOM_IMAGE not in p.capabilities
     asyncio.run(p.aclose())
 
 

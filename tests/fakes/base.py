@@ -233,9 +233,11 @@ class FakeMachines:
         set in its SSH sessions and its ``start`` command."""
         names: tuple[str, ...] = ()
         if gpu is not None:
-            from burst_jupyter.providers.catalog import CATALOG, identify
+            from burst_jupyter.providers import REGISTRY
+            from burst_jupyter.providers.catalog import CATALOG
 
-            canonical = identify(*gpu)
+            provider, spelling = gpu
+            canonical = REGISTRY[provider].gpus.identify(spelling)
             names = (CATALOG[canonical].nvidia_smi[0],) * count if canonical else ()
         with self._lock:
             self._count += 1
