@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .agent import LAPSE_ARCHIVE
 from .errors import SyncError
-from .providers.base import self_destruct_of
+from .providers.base import Capability, self_destruct_of
 
 if TYPE_CHECKING:
     from .providers.base import Provider
@@ -74,7 +74,7 @@ def dead_mans_switch(provider: Provider, sink: ResultSink | None, *, max_seconds
 def protection(provider: Provider, sink: ResultSink | None, *, lease_seconds: int, max_seconds: float) -> Protection:
     """The layers guarding a job on ``provider``, and whether its results outlive a dead kernel."""
     self_destructs = self_destruct_of(provider) is not None
-    rented = provider.bills_from_launch
+    rented = Capability.RENTED in provider.capabilities
     layers = ["job's own finally", "kernel-exit reaper"]
     if not lease_seconds:
         layers.append("no agent lease (--lease 0): a dead kernel's job runs to its maximum duration")
@@ -112,7 +112,7 @@ def _summary(provider: Provider, *, lease_seconds: int, max_seconds: float, self
     within = f"within {_span(lease_seconds)}"
     if self_destructs:
         return f"If this notebook dies, the machine shuts itself down {within}."
-    if provider.bills_from_launch:
+    if Capability.RENTED in provider.capabilities:
         return (f"If this notebook dies, the job stops {within}; the machine is ended the next time burst loads "
                 "(or by burst cleanup).")
     return f"If this notebook dies, the job stops {within}."

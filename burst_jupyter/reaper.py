@@ -34,7 +34,7 @@ from .lifecycle_state import unsynced, utc
 from .meter import WALL_CLOCK, Clock, Meter
 from .paths import burst_home, db_path, logs_dir, open_private
 from .providers import ProviderConfig, build_provider
-from .providers.base import Endpoint, terminate_confirmed
+from .providers.base import Capability, Endpoint, terminate_confirmed
 from .remote import AgentStream
 from .remote_run import REFETCH_SECONDS, fetch_results, read_results
 from .sinks import ResultSink, open_sink
@@ -114,8 +114,8 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
         # Handed over between "intent" and "launched": look for it at the provider by this install's tag.
         found = [i for i in await provider.list_owned(h.get("tag", "")) if i.job_id == owned.job_id]
         if not found:
-            return await _settle_unseen(owned, provider.bills_from_launch, state=state, budget=budget,
-                                        reason=reason, clock=clock)
+            return await _settle_unseen(owned, Capability.RENTED in provider.capabilities, state=state,
+                                        budget=budget, reason=reason, clock=clock)
         instance_id, listed_rate = found[0].instance_id, found[0].price_usd_per_hour
     # What a reaper killed mid-sync left in the mounts' scratch folders goes, whatever happens next.
     await asyncio.to_thread(sweep_scratch, _handoff_mounts(h))
@@ -157,7 +157,7 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
     # when they ended. A marketplace instance whose rate nobody recorded (a row from before the intent carried
     # it) bills at the listed rate, else its cost is unknown: never $0.
     now = utc(clock.time())
-    cost = meter.attempt_cost() if meter.rate or not provider.bills_from_launch else None
+    cost = meter.attempt_cost() if meter.rate or Capability.RENTED not in provider.capabilities else None
     await asyncio.to_thread(
         budget.settle, owned.job_id, provider=owned.provider, instance_id=instance_id,
         gpu=h.get("gpu") or "", rate_usd_per_hour=meter.rate, started_at=owned.billing_since, ended_at=now,

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .errors import one_line
 from .money import format_rate, format_usd
 from .paths import has_local_jobs, open_private, private_dir
+from .providers.base import Capability
 from .state import LIVE_STATES
 
 if TYPE_CHECKING:
@@ -319,7 +320,7 @@ class Reconciler:
         else:
             why = "its job ended, but the instance was still there"
         rate: Decimal | None = inst.price_usd_per_hour
-        if not rate and self.providers[name].bills_from_launch:
+        if not rate and Capability.RENTED in self.providers[name].capabilities:
             # A marketplace listing $0/h does not know the rate (a Thunder SKU gone from its price table).
             rate = row.rate_usd_per_hour if row else None
         # An instance whose provider reports no creation time (RunPod) was given "now" when the listing was read
@@ -359,7 +360,7 @@ class Reconciler:
         if inst.job_id is not None and (row is None or not row.owner.is_alive()):
             # (A live owner may be about to launch the job's next attempt with that key; it removes it itself.)
             await asyncio.to_thread(remove_job_key, self.home / "keys", inst.job_id)
-        if provider.bills_from_launch:
+        if Capability.RENTED in provider.capabilities:
             await asyncio.to_thread(self._settle, finding, inst, row, ended_at, reason)
         log.info("%s %s (job %s) ended: leaked, %s", name, inst.instance_id, inst.job_id, finding.why)
         return finding

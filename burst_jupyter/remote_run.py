@@ -26,7 +26,7 @@ from .events import EventType
 from .lifecycle_state import StopRequested
 from .output import RemoteDisplay
 from .protection import dead_mans_switch, protection
-from .providers.base import InstanceState
+from .providers.base import Capability, InstanceState
 from .providers.catalog import ANY, CATALOG
 from .remote import AgentClient, AgentStream, Record
 from .stop_policy import STOP_TEXT, TICK_SECONDS, StopPolicy
@@ -319,7 +319,7 @@ class RemoteRun(StopPolicy):
     async def _check_preempted(self) -> None:
         """Raise Preempted when the provider says the instance was taken away (paused, exited, gone)."""
         assert self.instance is not None
-        if not self.chosen.bills_from_launch:
+        if Capability.RENTED not in self.chosen.capabilities:
             return  # the user's own machine: unreachable is an outage, never a preemption
         try:
             current = await self.chosen.get(self.instance.instance_id)

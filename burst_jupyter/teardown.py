@@ -21,7 +21,7 @@ from .job import JobResult, JobStatus
 from .keys import remove_job_key
 from .lifecycle_state import LifecycleState, StopRequested, utc
 from .money import format_usd
-from .providers.base import Instance, terminate_confirmed
+from .providers.base import Capability, Instance, terminate_confirmed
 from .stop_policy import STOP_TEXT
 from .variables import PulledValues, unpack_pulled
 
@@ -86,7 +86,7 @@ class Teardown(LifecycleState):
         """The instance a create that failed without an answer may have made (its create request was sent)."""
         assert self.launched_wall is not None
         provider = self.provider
-        if provider is None or not provider.bills_from_launch:
+        if provider is None or Capability.RENTED not in provider.capabilities:
             return None  # local and ssh create nothing before launch returns
         try:
             found = [i for i in await provider.list_owned(self.plan.tag) if i.job_id == self.job.id]
@@ -164,7 +164,7 @@ class Teardown(LifecycleState):
     async def _settle(self, result: JobResult) -> None:
         job = self.job
         assert self.launched_wall is not None
-        if not (self.started or self.chosen.bills_from_launch):
+        if not (self.started or Capability.RENTED in self.chosen.capabilities):
             # The user's own machine, and the job never ran: nothing to bill, no ledger row.
             await asyncio.to_thread(self.budget.release, job.id)
             return

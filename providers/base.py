@@ -47,7 +47,10 @@ class Capability(str, enum.Enum):
     """What a provider can do, declared once (its ``ProviderDeclaration``) and read from there or the built
     provider's ``capabilities``; never found out by its name or by probing for attributes."""
 
-    RENTED = "rented"  # a marketplace: an account, offers to browse, billed from the create request
+    #: A marketplace: an account, offers to browse, a per-job SSH key, and an instance that bills from its create
+    #: request even if the job never starts. The others are the user's own machines: a job that never started
+    #: costs nothing and leaves no row.
+    RENTED = "rented"
     CUSTOM_IMAGE = "custom_image"  # runs a container image of the user's choice (--image)
     SPOT = "spot"  # interruptible capacity at a lower price
     STOP = "stop"  # can stop without destroying
@@ -293,9 +296,6 @@ class Provider(Protocol):
     capabilities: ClassVar[frozenset[Capability]]
     #: Seconds a terminate usually takes to be confirmed; budgets keep this much money back for teardown.
     teardown_seconds: ClassVar[float]
-    #: Whether an instance bills from its create request even if the job never starts (marketplaces), or only
-    #: once the job runs (the user's own machines: a job that never started costs nothing and leaves no row).
-    bills_from_launch: ClassVar[bool]
     #: How often ``get`` may be asked while an instance boots (the provider's rate limits decide; tests lower it).
     poll_seconds: float
 

@@ -59,7 +59,6 @@ class LocalProvider:
     name: ClassVar[str] = DECLARATION.name
     capabilities: ClassVar[frozenset[Capability]] = DECLARATION.capabilities
     teardown_seconds: ClassVar[float] = 1.0
-    bills_from_launch: ClassVar[bool] = False
     poll_seconds: float = 0.0  # launch returns a running "instance": nothing to poll
 
     def __init__(self, *, connections: Connections, rate: Decimal = Decimal(0), root: Path | None = None,

@@ -174,7 +174,6 @@ class RunPodProvider:
     name: ClassVar[str] = DECLARATION.name
     capabilities: ClassVar[frozenset[Capability]] = DECLARATION.capabilities
     teardown_seconds: ClassVar[float] = 15.0  # podTerminate is accepted at once; the pod is gone seconds later
-    bills_from_launch: ClassVar[bool] = True
 
     def __init__(self, *, api_key: str, base_url: str = DEFAULT_BASE_URL, client: httpx.AsyncClient | None = None,
                  retry: RetryPolicy | None = None, ssh_user: str | None = None, image: str = DEFAULT_IMAGE,

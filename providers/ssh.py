@@ -40,7 +40,6 @@ class SSHProvider:
     name: ClassVar[str] = DECLARATION.name
     capabilities: ClassVar[frozenset[Capability]] = DECLARATION.capabilities
     teardown_seconds: ClassVar[float] = 2.0
-    bills_from_launch: ClassVar[bool] = False
     poll_seconds: float = 0.0  # launch returns a running "instance": nothing to poll
 
     def __init__(self, *, hosts: list[str], connections: Connections, rate: Decimal = Decimal(0),

@@ -187,7 +187,6 @@ class ThunderProvider:
     name: ClassVar[str] = DECLARATION.name
     capabilities: ClassVar[frozenset[Capability]] = DECLARATION.capabilities  # no CUSTOM_IMAGE: see launch
     teardown_seconds: ClassVar[float] = 30.0  # a delete is one call; the list drops the instance soon after
-    bills_from_launch: ClassVar[bool] = True
 
     def __init__(self, *, api_key: str, base_url: str = DEFAULT_URL, client: httpx.AsyncClient | None = None,
                  retry: RetryPolicy | None = None, ssh_user: str | None = None, poll_seconds: float = 5.0,

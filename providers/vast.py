@@ -78,7 +78,6 @@ class VastProvider:
     name: ClassVar[str] = DECLARATION.name
     capabilities: ClassVar[frozenset[Capability]] = DECLARATION.capabilities
     teardown_seconds: ClassVar[float] = 5.0  # a destroy is accepted at once; the show call confirms it soon after
-    bills_from_launch: ClassVar[bool] = True
 
     def __init__(self, *, api_key: str, base_url: str = DEFAULT_URL,
                  client: httpx.AsyncClient | None = None, retry: RetryPolicy | None = None,

@@ -86,7 +86,7 @@ def test_is_a_provider(fake: FakeThunder) -> None:
     p = provider(fake)
     assert isinstance(p, Provider)
     # Rented, and nothing else: no spot, labels, self-destruct, stop, or image of the user's choice.
-    assert p.capabilities == frozenset({Capability.RENTED}) and p.bills_from_launch
+    assert p.capabilities == frozenset({Capability.RENTED})  # rented: it bills from its create request
     assert Capability.CUSTOM_IMAGE not in p.capabilities
     asyncio.run(p.aclose())
 
