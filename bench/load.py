@@ -29,11 +29,13 @@ from fakes.runpod import FakeRunPod
 from fakes.thunder import FakeThunder
 from fakes.vast import FakeVast
 
+from burst_jupyter.providers import marketplaces
+
 BARE = "from IPython.core.interactiveshell import InteractiveShell\nip = InteractiveShell.instance()\n"
 LOAD = BARE + "ip.run_line_magic('load_ext', 'burst_jupyter')\n"
 
-ENV = {"vast": ("VAST_API_KEY", "VAST_URL"), "runpod": ("RUNPOD_API_KEY", "RUNPOD_API_BASE_URL"),
-       "thunder": ("TNR_API_TOKEN", "TNR_API_URL")}
+#: The variables each marketplace declares for its key and URL, as a user would set them.
+ENV = {d.name: (d.account.key_var, d.account.url_var) for d in marketplaces() if d.account is not None}
 
 
 def process_ms(code: str, env: dict[str, str]) -> float:

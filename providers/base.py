@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+from .declaration import Capability
+
 if TYPE_CHECKING:
     from ..spec import JobSpec
 
@@ -41,22 +43,6 @@ __all__ = [
 
 #: Where jobs live on a remote machine, relative to the login's home (no root needed): ssh boxes and rented ones.
 REMOTE_JOB_ROOT = ".cache/burst/jobs"
-
-
-class Capability(str, enum.Enum):
-    """What a provider can do, declared once (its ``ProviderDeclaration``) and read from there or the built
-    provider's ``capabilities``; never found out by its name or by probing for attributes."""
-
-    #: A marketplace: an account, offers to browse, a per-job SSH key, and an instance that bills from its create
-    #: request even if the job never starts. The others are the user's own machines: a job that never started
-    #: costs nothing and leaves no row.
-    RENTED = "rented"
-    CUSTOM_IMAGE = "custom_image"  # runs a container image of the user's choice (--image)
-    SPOT = "spot"  # interruptible capacity at a lower price
-    STOP = "stop"  # can stop without destroying
-    LABELS = "labels"  # instances carry our owner tag at the provider
-    SELF_DESTRUCT = "self_destruct"  # the agent can end its own instance with provider-scoped means
-    LOCAL_FILES = "local_files"  # the instance shares this machine's filesystem
 
 
 class InstanceState(str, enum.Enum):

@@ -12,6 +12,7 @@ by ``build``, when a job or a reconciliation needs it.
 
 from __future__ import annotations
 
+import enum
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import Capability
 from .catalog import GpuSpellings
 
 if TYPE_CHECKING:
@@ -28,7 +28,24 @@ if TYPE_CHECKING:
     from .accounts import Account
     from .base import Provider
 
-__all__ = ["AccountSource", "Build", "BuildContext", "ProviderConfig", "ProviderDeclaration", "from_account"]
+__all__ = ["AccountSource", "Build", "BuildContext", "Capability", "ProviderConfig", "ProviderDeclaration",
+           "from_account"]
+
+
+class Capability(str, enum.Enum):
+    """What a provider can do, declared once (its ``ProviderDeclaration``) and read from there or the built
+    provider's ``capabilities``; never found out by its name or by probing for attributes."""
+
+    #: A marketplace: an account, offers to browse, a per-job SSH key, and an instance that bills from its create
+    #: request even if the job never starts. The others are the user's own machines: a job that never started
+    #: costs nothing and leaves no row.
+    RENTED = "rented"
+    CUSTOM_IMAGE = "custom_image"  # runs a container image of the user's choice (--image)
+    SPOT = "spot"  # interruptible capacity at a lower price
+    STOP = "stop"  # can stop without destroying
+    LABELS = "labels"  # instances carry our owner tag at the provider
+    SELF_DESTRUCT = "self_destruct"  # the agent can end its own instance with provider-scoped means
+    LOCAL_FILES = "local_files"  # the instance shares this machine's filesystem
 
 
 @dataclass(frozen=True)

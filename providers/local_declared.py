@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from .base import Capability
-from .declaration import ProviderDeclaration
+from .declaration import Capability, ProviderDeclaration
 
 if TYPE_CHECKING:
     from .base import Provider

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Capability
 from .catalog import GpuSpellings
-from .declaration import AccountSource, ProviderDeclaration, from_account
+from .declaration import AccountSource, Capability, ProviderDeclaration, from_account
 
 if TYPE_CHECKING:
     from .runpod import RunPodProvider

@@ -27,6 +27,7 @@ from fakes.thunder import FakeThunder
 from fakes.vast import FakeVast
 
 from burst_jupyter.job import MIN_BILLABLE_SECONDS, cost_of
+from burst_jupyter.providers import REGISTRY
 from burst_jupyter.providers.runpod import RunPodProvider
 from burst_jupyter.providers.thunder import ThunderProvider
 from burst_jupyter.providers.vast import VastProvider
@@ -38,10 +39,6 @@ GPU = {"vast": "RTX_4090", "runpod": "RTX_4090", "thunder": "H100"}  # a GPU eac
 TEARDOWN = {p.name: p.teardown_seconds for p in (VastProvider, RunPodProvider, ThunderProvider)}
 RUNPOD_GPU = "NVIDIA GeForce RTX 4090"
 THUNDER_SPEC = "h100_x1_production"
-
-_ENV = {"vast": ("VAST_API_KEY", "VAST_URL"), "runpod": ("RUNPOD_API_KEY", "RUNPOD_API_BASE_URL"),
-        "thunder": ("TNR_API_TOKEN", "TNR_API_URL")}
-
 
 @dataclass
 class Markets:
@@ -102,14 +99,15 @@ def markets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, market_keys: dict[s
     for name, key in market_keys.items():
         clouds.all[name].api_key = key
     user = getpass.getuser()
-    clouds.config.write_text("".join(f'[{name}]\nssh-user = "{user}"\n' for name in _ENV))
+    clouds.config.write_text("".join(f'[{name}]\nssh-user = "{user}"\n' for name in clouds.all))
     monkeypatch.setenv("BURST_CONFIG", str(clouds.config))
     with contextlib.ExitStack() as stack:
         for name, cloud in clouds.all.items():
             server = stack.enter_context(cloud.serve())
-            key_var, url_var = _ENV[name]
-            monkeypatch.setenv(key_var, cloud.api_key)
-            monkeypatch.setenv(url_var, server.url)
+            account = REGISTRY[name].account  # the variables the provider declares, as a user would set them
+            assert account is not None
+            monkeypatch.setenv(account.key_var, cloud.api_key)
+            monkeypatch.setenv(account.url_var, server.url)
         try:
             yield clouds
             assert clouds.leftovers() == {}, "an instance was left running"
