@@ -120,6 +120,14 @@ class Settings(BaseModel):
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
 
+    @field_validator(ACCOUNTS)
+    @classmethod
+    def _declared_accounts(cls, value: dict[str, AccountSettings]) -> dict[str, AccountSettings]:
+        unknown = [name for name in value if name not in _account_tables()]
+        if unknown:
+            raise ValueError(f"no marketplace is named {', '.join(unknown)} (known: {', '.join(_account_tables())})")
+        return value
+
     @property
     def sources(self) -> dict[str, str]:
         """Where each value that is not a default came from: a file (with its table) or ``"override"``."""

@@ -5,6 +5,20 @@ The registry is one list, one line per provider: the module where it declares it
 declaration holds). Everything else asks the registry, never a provider's name. The session builds providers from
 a JobSpec; a reaper rebuilds them from the ``provider_config`` recorded in the state store. Marketplace keys are
 never in that record: they are looked up again (accounts.py) wherever a provider is built.
+
+Adding a marketplace ``NAME``:
+
+- ``NAME.py`` (or ``NAME_something.py``): its class, implementing :class:`base.Provider`, with ``name`` and
+  ``capabilities`` taken from its declaration, built with keyword arguments ``api_key``, ``base_url`` and
+  ``ssh_user``, spelling GPUs through ``DECLARATION.gpus``, and a ``self_destruct()`` recipe if it declares
+  :attr:`Capability.SELF_DESTRUCT`;
+- ``<that module>_declared.py``: ``DECLARATION = ProviderDeclaration(...)``, importing nothing heavy (its class is
+  imported inside ``build``);
+- one line below;
+- its fake and tests (tests/fakes/, tests/marketplaces.py).
+
+Its account table (``[NAME]`` in the user file), its place in ``auto``, the offer browser, ``%burst providers``,
+reconciliation and every message that lists marketplaces follow from the declaration.
 """
 
 from __future__ import annotations

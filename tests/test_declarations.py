@@ -7,9 +7,11 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from burst_jupyter.config import Settings, load_settings
+from burst_jupyter.config import AccountSettings, Settings, load_settings
 from burst_jupyter.connections import Connections
+from burst_jupyter.errors import ConfigError
 from burst_jupyter.providers import REGISTRY, build_provider, is_marketplace, marketplaces, preference
 from burst_jupyter.providers.base import Capability, Provider
 from burst_jupyter.providers.catalog import GpuSpellings
@@ -73,6 +75,15 @@ def test_every_marketplace_account_is_a_table_of_its_name(tmp_path: Path, name: 
     assert not hasattr(settings, name)  # no Settings field per marketplace: `lambda` could not be one
 
 
+def test_an_account_is_only_for_a_declared_marketplace(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="no marketplace is named nowhere"):
+        Settings(accounts={"nowhere": AccountSettings()})
+    user = tmp_path / "user.toml"
+    user.write_text('[nowhere]\napi-key = "k"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="unknown key 'nowhere'"):
+        load_settings(cwd=tmp_path, user_file=user)
+
+
 def _literals(path: Path) -> list[tuple[int, str]]:
     """Every string constant of a module that is not a docstring, with its line."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -84,8 +95,10 @@ def _literals(path: Path) -> list[tuple[int, str]]:
 
 
 def test_no_code_outside_a_providers_own_modules_names_a_marketplace() -> None:
-    own = {f"{name}{suffix}.py" for name in MARKETS for suffix in ("", "_declared")}
+    def own(path: Path) -> bool:  # vast.py and vast_declared.py; lambda_cloud.py and lambda_cloud_declared.py
+        return path.parent.name == "providers" and any(path.stem == n or path.stem.startswith(f"{n}_") for n in MARKETS)
+
     found = [f"{path.relative_to(ROOT)}:{line}: {text!r}"
              for folder in ("burst_jupyter", "providers", "budget") for path in sorted((ROOT / folder).rglob("*.py"))
-             if path.name not in own for line, text in _literals(path) if text in MARKETS]
+             if not own(path) for line, text in _literals(path) if text in MARKETS]
     assert found == []
