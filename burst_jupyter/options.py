@@ -3,8 +3,8 @@
 
 From :data:`JOB_OPTIONS` come the ``%%burst`` line's parser, ``burst submit``'s, the offer search's (``%burst
 offers`` and ``burst offers``), the traits of ``BurstMagics``, the Settings a config file fills a job from, the
-spelling of a JobSpec field in an error (:data:`FLAGS`), and the help text. Stdlib only: ``%load_ext`` builds the
-cell magic's parser from it.
+spelling of a JobSpec field in an error (:data:`FLAGS`), and the help text. Stdlib only (and the provider
+declarations, which are): ``%load_ext`` builds the cell magic's parser from it.
 
 Example:
     >>> FLAGS["lease_seconds"], by_name("lease").setting
@@ -17,6 +17,9 @@ import argparse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from .providers import REGISTRY, offering
+from .providers.declaration import Capability
 
 __all__ = ["DEFAULT_HELP", "DEFAULT_MAX_RESULTS", "FLAGS", "HARD_MAX_MINUTES", "HELP", "JOB_OPTIONS",
            "LEASE_SECONDS", "MAX_GPUS", "OFFER_SEARCH", "PROVISION_TIMEOUT_SECONDS", "Option", "add_options",
@@ -99,7 +102,7 @@ class Option:
 
 JOB_OPTIONS: tuple[Option, ...] = (
     Option("provider", "text", "Where to run: auto (default: the cheapest configured marketplace for a --gpu job, "
-           "else your --host boxes, else this machine), local, ssh, vast, runpod, thunder.", field="provider",
+           f"else your --host boxes, else this machine), {', '.join(REGISTRY)}.", field="provider",
            short="-p", setting="provider", trait=True),
     Option("gpu", "text", "GPU model: RTX_4090, H100, A100_80GB, ANY ... (default: no GPU required).",
            field="gpu_model", also=("--gpu-model",)),
@@ -111,7 +114,7 @@ JOB_OPTIONS: tuple[Option, ...] = (
            metavar="USD_PER_HOUR"),
     Option("max_duration", "int", f"Stop the job after this many minutes (at most {HARD_MAX_MINUTES}).",
            field="max_duration_minutes", metavar="MINUTES", setting="max_duration_minutes", trait=True),
-    Option("spot", "flag", "Rent interruptible capacity (cheaper, may be preempted): Vast bids, RunPod spot.",
+    Option("spot", "flag", f"Rent interruptible capacity (cheaper, may be preempted): {offering(Capability.SPOT)}.",
            field="spot"),
     Option("min_reliability", "float", "Skip offers the provider scores below this.", field="min_reliability",
            metavar="0..1", setting="min_reliability"),

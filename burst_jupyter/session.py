@@ -31,7 +31,7 @@ from .offer_book import OfferBook, SearchResult
 from .options import JOB_OPTIONS
 from .output import output_log_path
 from .paths import burst_home, db_path, open_private, secure_home
-from .providers import REGISTRY, ProviderConfig, build_provider, is_marketplace, marketplaces
+from .providers import REGISTRY, ProviderConfig, build_provider, is_marketplace, marketplaces, offering
 from .providers.accounts import accounts, require_account
 from .providers.base import Capability, Offer, OfferQuery, OfferRef, Provider
 from .providers.catalog import ANY, canonical_gpu
@@ -203,8 +203,7 @@ class Session:
             raise ConfigError(f"--image needs a marketplace provider; {', '.join(providers)} runs the machine's own "
                               f"Python")
         if spec.spot and not any(Capability.SPOT in providers[n].capabilities for n in rented):
-            spot = ", ".join(d.name for d in marketplaces() if Capability.SPOT in d.capabilities)
-            raise ConfigError(f"--spot needs a provider with interruptible capacity ({spot}); "
+            raise ConfigError(f"--spot needs a provider with interruptible capacity ({offering(Capability.SPOT)}); "
                               f"not {', '.join(providers)}")
         if spec.cell is not None:
             check_pulls(spec.pull, _parse_cell(spec.cell), spec.push)
@@ -268,7 +267,7 @@ class Session:
         markets = self.marketplaces()
         for name in providers or ():
             if not is_marketplace(name):
-                raise ConfigError(f"{name} has no offers to browse; choose from {_marketplace_names()}")
+                raise ConfigError(f"{name} has no offers to browse; choose from {offering(Capability.RENTED)}")
             require_account(name, self.settings)
         chosen = {n: p for n, p in markets.items() if not providers or n in providers}
         if not chosen:
@@ -331,10 +330,6 @@ class Session:
                                trust_on_first_use=spec.ssh_trust_on_first_use, python=spec.remote_python)]
 
 
-def _marketplace_names() -> str:
-    return ", ".join(d.name for d in marketplaces())
-
-
 def _either(names: Iterable[str]) -> str:
     """``a, b or c``."""
     *rest, last = names
@@ -349,7 +344,7 @@ def _offer_defaults(spec: JobSpec) -> dict[str, Any]:
     given = spec.model_fields_set
     if not is_marketplace(ref.provider):
         raise ConfigError(f"--offer {spec.offer}: {ref.provider} is not a marketplace; offers are from "
-                          f"{_marketplace_names()}")
+                          f"{offering(Capability.RENTED)}")
     if "provider" in given and spec.provider not in ("auto", ref.provider):
         raise ConfigError(f"--offer {spec.offer} is a {ref.provider} offer, not --provider {spec.provider}")
     update: dict[str, Any] = {"provider": ref.provider}

@@ -28,7 +28,7 @@ import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .declaration import BuildContext, ProviderConfig, ProviderDeclaration
+from .declaration import BuildContext, Capability, ProviderConfig, ProviderDeclaration
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .base import Provider
 
 __all__ = ["REGISTRY", "ProviderConfig", "ProviderDeclaration", "build_provider", "is_marketplace", "marketplaces",
-           "preference"]
+           "offering", "preference"]
 
 
 def _declared(module: str) -> ProviderDeclaration:
@@ -59,6 +59,11 @@ REGISTRY: dict[str, ProviderDeclaration] = {d.name: d for d in (
 def marketplaces() -> list[ProviderDeclaration]:
     """The marketplaces (:attr:`Capability.RENTED`), in registry order."""
     return [d for d in REGISTRY.values() if d.rented]
+
+
+def offering(capability: Capability) -> str:
+    """The providers that declare ``capability``, as help and errors list them: ``vast, runpod``."""
+    return ", ".join(d.name for d in REGISTRY.values() if capability in d.capabilities)
 
 
 def is_marketplace(name: str) -> bool:
