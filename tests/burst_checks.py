@@ -8,6 +8,7 @@ cell wrote to stdout and stderr, in the order it arrived.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sqlite3
 import sys
 import textwrap
@@ -233,3 +234,28 @@ for i in range({lines}):
     time.sleep({pause})
 open("out/done.txt", "w").write("all {lines} lines")
 """
+
+
+def protocol_gaps(obj: object, protocol: type) -> list[str]:
+    """How ``obj`` falls short of ``protocol``: a member it lacks, or a method that is not async where the
+    Protocol's is or takes other parameters. (``isinstance`` on a runtime-checkable Protocol only asks that each
+    name exists, whatever its value: it passes a ``launch`` that lost a keyword.)"""
+    names = {n for klass in protocol.__mro__[:-1] for n in (*vars(klass), *getattr(klass, "__annotations__", {}))
+             if not n.startswith("_") and klass.__module__ != "typing"}
+    gaps = []
+    for name in sorted(names):
+        if not hasattr(obj, name):
+            gaps.append(f"no {name}")
+            continue
+        wanted = inspect.getattr_static(protocol, name, None)
+        if not inspect.isfunction(wanted):
+            continue  # an attribute: having it is all the Protocol asks
+        got = getattr(obj, name)
+        if inspect.iscoroutinefunction(wanted) and not inspect.iscoroutinefunction(got):
+            gaps.append(f"{name} is not async")
+        want, have = inspect.signature(wanted), inspect.signature(got)  # ``got`` is bound: no self
+        want = want.replace(parameters=list(want.parameters.values())[1:])
+        if [(p.name, p.kind, p.default is p.empty) for p in want.parameters.values()] != \
+                [(p.name, p.kind, p.default is p.empty) for p in have.parameters.values()]:
+            gaps.append(f"{name}{have} is not {name}{want}")
+    return gaps

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from burst_checks import protocol_gaps
 from fakes.thunder import FakeThunder
 
 from burst_jupyter.errors import ApiError, AuthFailed, ConfigError, NoCapacity, OfferGone
@@ -84,7 +85,7 @@ def creates(fake: FakeThunder) -> list[Any]:
 
 def test_is_a_provider(fake: FakeThunder) -> None:
     p = provider(fake)
-    assert isinstance(p, Provider)
+    assert protocol_gaps(p, Provider) == []
     # Rented, and nothing else: no spot, labels, self-destruct, stop, or image of the user's choice.
     assert p.capabilities == frozenset({Capability.RENTED})  # rented: it bills from its create request
     assert Capability.CUSTOM_IMAGE not in p.capabilities
