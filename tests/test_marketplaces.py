@@ -134,16 +134,9 @@ def test_a_429_storm_on_search_and_create_still_runs(ip: Any, markets: Markets) 
         cloud.switches.rate_limit_next = 3
     result, streams = run_cell(ip, cell("--gpu RTX_4090 --max-cost 1", "print('through')"))
     ok(result, streams)
-
-
-def test_a_lost_create_reply_is_found_by_tag_and_ended(ip: Any, markets: Markets, burst_home: Path) -> None:
-    markets.vast.switches.drop_create_reply = 1
-    result, _ = run_cell(ip, cell("--gpu RTX_4090 --max-cost 1 --provider vast", "print('ran')"))
-    # Either the provider found its own instance again and ran the cell, or the job failed and the instance
-    # was found by tag and ended; never a second instance, never one left running (the fixture checks).
-    assert len(markets.vast.machines.all) == 1
-    if result.error_in_exec is not None:
-        assert "may have been carried out" in usage_line(result) or "connection" in usage_line(result)
+    # The search asked every fake, so each served its three 429s and the job rode them out.
+    assert {name: cloud.switches.rate_limit_next for name, cloud in markets.all.items()} == dict.fromkeys(
+        markets.all, 0)
 
 
 def test_spot_rents_at_the_bid(ip: Any, markets: Markets, burst_home: Path) -> None:
