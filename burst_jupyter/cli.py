@@ -205,29 +205,29 @@ def _find(session: Session, job_id: str) -> _Record:
 
 def _facts(rec: _Record) -> dict[str, Any]:
     """What ``burst show`` says of a job, as values: the text view and ``--json`` both render these."""
+    from .handoff import Handoff
     from .job import cost_of
 
     o, led = rec.owned, rec.ledger
-    h = o.handoff if o is not None else {}
+    h = o.handoff if o is not None else Handoff()
     rate = _first(rec.latest("cost_per_hour_usd"), o.rate_usd_per_hour if o else None,
                   led.rate_usd_per_hour if led else None)
     final = rec.final
     settled = (final is not None and final.total_cost_usd is not None) or (led is not None and not rec.live)
     so_far = None
-    if not settled and o is not None and rec.live and rate is not None and h.get("launched_at"):
+    if not settled and o is not None and rec.live and rate is not None and h.launched_at is not None:
         # As the reaper counts it: from this attempt's create request, at the last known rate (never under).
         so_far = cost_of(rate, (dt.datetime.now(dt.timezone.utc) - o.billing_since).total_seconds())
     live_owner = o if o is not None and rec.live else None
     return {
         "status": rec.status(),
-        "name": _first(h.get("name"), led.name if led else None),
+        "name": _first(h.name, led.name if led else None),
         "provider": _first(rec.latest("provider"), o.provider if o else None, led.provider if led else None),
         "instance_id": _first(o.instance_id if o else None, rec.latest("instance_id"),
                               led.instance_id if led else None),
-        "gpu": _first(rec.latest("gpu"), h.get("gpu"), led.gpu if led else None),
+        "gpu": _first(rec.latest("gpu"), h.gpu, led.gpu if led else None),
         "rate_usd_per_hour": rate,
-        "max_cost_usd": _first(rec.latest("max_cost_usd"),
-                               Decimal(h["max_cost_usd"]) if h.get("max_cost_usd") else None),
+        "max_cost_usd": _first(rec.latest("max_cost_usd"), h.max_cost_usd),
         "cost_settled": settled,  # cost_usd is the job's whole bill (None: unknown), else cost_so_far_usd
         "cost_usd": (final.total_cost_usd if final is not None and final.total_cost_usd is not None
                      else rec.billed) if settled else None,
@@ -358,20 +358,16 @@ def _ask_agent_to_stop(session: Session, owned: OwnedInstance) -> bool:
     """The stop the lifecycle itself sends: the agent interrupts the command and exits "cancelled"; the owning
     process sees that in its stream, syncs back, terminates and settles as it always does. False while the job
     has no agent to ask yet (still provisioning, or uploading)."""
-    from .providers.base import Endpoint
-
-    h = owned.handoff
-    if "endpoint" not in h or "workdir" not in h:
+    client = owned.handoff.agent(session.connections)
+    if client is None:
         return False
-    endpoint = Endpoint.from_json(h["endpoint"])
-    client = session.connections.agent(endpoint, h["python"], h["workdir"])
     status = client.status()
     if not status.get("exists"):
         return False
     if status.get("running"):
         client.stop("cancelled")
-        print(f"asked job {owned.job_id}'s agent on {endpoint} to stop; its owner (pid {owned.owner.pid} on "
-              f"{owned.owner.host}) syncs back, terminates the instance and settles the bill")
+        print(f"asked job {owned.job_id}'s agent on {owned.handoff.endpoint} to stop; its owner (pid "
+              f"{owned.owner.pid} on {owned.owner.host}) syncs back, terminates the instance and settles the bill")
     else:
         print(f"job {owned.job_id}'s command already ended; its owner is bringing the results back")
     return True

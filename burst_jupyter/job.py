@@ -25,6 +25,7 @@ from .sync import MountPlan
 from .variables import NO_RESULT
 
 if TYPE_CHECKING:
+    from .handoff import Handoff
     from .offer_book import OfferBook
     from .providers import ProviderConfig
     from .sinks import ResultSink
@@ -104,7 +105,7 @@ class JobPlan:
     pushed: dict[str, bytes]
     cell: str | None
     tag: str
-    handoff: dict[str, Any]  # what a reaper needs beyond the instance (local mount paths, names)
+    handoff: Handoff  # what a reaper needs beyond the instance (local mount paths, names); its mounts kept current
     sink: ResultSink | None = None  # also receives the rw results; check()ed before anything was rented
     offers: OfferBook | None = None  # marketplaces: the session's cached, concurrent search
     keys_dir: Path | None = None  # where per-job SSH keys live (marketplaces)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import RemoteError
+from .handoff import Handoff
 from .job import Job, JobPlan
 from .keys import JobKey
 from .meter import WALL_CLOCK, Clock, Meter
@@ -100,17 +101,16 @@ class LifecycleState:
         if self.job.cancel_requested.is_set() or self.job.handed_off.is_set():
             raise StopRequested("cancelled")
 
-    def _handoff(self) -> dict[str, Any]:
+    def _handoff(self) -> Handoff:
         # What bounds a reaper's wait on the agent: the cap, what earlier attempts spent, the maximum duration.
-        return {**self.plan.handoff, "provider_config": self.plan.configs[self.chosen.name].to_json(),
-                "max_cost_usd": str(self.cap), "spent_usd": str(self.spent), "max_seconds": self.plan.max_seconds,
-                **({"first_launch": self.first_launch} if self.first_launch is not None else {})}
+        return replace(self.plan.handoff, provider_config=self.plan.configs[self.chosen.name], max_cost_usd=self.cap,
+                       spent_usd=self.spent, max_seconds=self.plan.max_seconds, first_launch=self.first_launch)
 
-    def _billing_handoff(self, since: dt.datetime) -> dict[str, Any]:
+    def _billing_handoff(self, since: dt.datetime) -> Handoff:
         """The handoff with what the attempt bills, for a row that has no instance recorded yet: a kernel that
         dies during the create leaves cleanup only this, and an instance that was made bills from ``since``."""
-        return {**self._handoff(), "rate": str(self.rate), "attempt": self.attempt,
-                "gpu": self.offer.gpu_model if self.offer else None, "launched_at": since.isoformat()}
+        return replace(self._handoff(), rate=self.rate, attempt=self.attempt,
+                       gpu=self.offer.gpu_model if self.offer else None, launched_at=since)
 
     def _client(self) -> AgentClient:
         assert self.instance is not None and self.instance.endpoint is not None

@@ -94,7 +94,7 @@ class Provisioning(StopPolicy):
                 continue
             self.instance = instance
             await asyncio.to_thread(self.state.record_launched, job.id, instance.instance_id,
-                                    {**self._handoff(), **self._instance_handoff()})
+                                    dataclasses.replace(self._handoff(), **self._instance_handoff()))
             job.emit(EventType.PROVISIONED, provider=provider.name, instance_id=instance.instance_id,
                      gpu=instance.gpu_model, cost_per_hour_usd=instance.price_usd_per_hour, max_cost_usd=self.cap)
             try:
@@ -260,15 +260,8 @@ class Provisioning(StopPolicy):
                          end_by=0.0 if left is None else self.clock.time() + max(left, 0.0))
 
     def _instance_handoff(self) -> dict[str, Any]:
+        """The :class:`~burst_jupyter.handoff.Handoff` fields the instance fills in."""
         assert self.instance is not None and self.launched_wall is not None
-        endpoint = self.instance.endpoint
-        return {
-            "instance_id": self.instance.instance_id,
-            "workdir": self.instance.workdir,
-            "python": self.instance.python,
-            **({"endpoint": endpoint.to_json()} if endpoint is not None else {}),
-            "rate": str(self.rate),
-            "gpu": self.instance.gpu_model,
-            "launched_at": self.launched_wall.isoformat(),
-            "attempt": self.attempt,
-        }
+        return {"instance_id": self.instance.instance_id, "workdir": self.instance.workdir,
+                "python": self.instance.python, "endpoint": self.instance.endpoint, "rate": self.rate,
+                "gpu": self.instance.gpu_model, "launched_at": self.launched_wall, "attempt": self.attempt}

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 from .agent import LAPSE_ARCHIVE
 from .budget import Budget
@@ -33,14 +32,13 @@ from .keys import remove_job_key
 from .lifecycle_state import unsynced, utc
 from .meter import WALL_CLOCK, Clock, Meter
 from .paths import burst_home, db_path, logs_dir, open_private
-from .providers import ProviderConfig, build_provider
-from .providers.base import Capability, Endpoint, terminate_confirmed
-from .remote import AgentStream
+from .providers import build_provider
+from .providers.base import Capability, terminate_confirmed
+from .remote import AgentClient, AgentStream
 from .remote_run import REFETCH_SECONDS, fetch_results, read_results
 from .sinks import ResultSink, open_sink
 from .state import OwnedInstance, StateStore
 from .stop_policy import STOP_GRACE_SECONDS, TICK_SECONDS, terminate_reserve
-from .sync import MountPlan
 from .sync_back import Received, receive_results, sweep_scratch
 
 __all__ = ["Outcome", "reap", "spawn_reaper"]
@@ -107,30 +105,32 @@ async def _reap_safely(owned: OwnedInstance, **kw: object) -> Outcome:
 async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, connections: Connections,
                     home: Path, reason: str, clock: Clock) -> Outcome:
     h = owned.handoff
-    provider = build_provider(ProviderConfig.from_json(h["provider_config"]), connections=connections, home=home)
+    if h.provider_config is None:
+        raise BurstError("its row records no provider configuration")
+    provider = build_provider(h.provider_config, connections=connections, home=home)
     instance_id = owned.instance_id
     listed_rate: Decimal | None = None
     if instance_id is None:
         # Handed over between "intent" and "launched": look for it at the provider by this install's tag.
-        found = [i for i in await provider.list_owned(h.get("tag", "")) if i.job_id == owned.job_id]
+        found = [i for i in await provider.list_owned(h.tag) if i.job_id == owned.job_id]
         if not found:
             return await _settle_unseen(owned, Capability.RENTED in provider.capabilities, state=state,
                                         budget=budget, reason=reason, clock=clock)
         instance_id, listed_rate = found[0].instance_id, found[0].price_usd_per_hour
     # What a reaper killed mid-sync left in the mounts' scratch folders goes, whatever happens next.
-    await asyncio.to_thread(sweep_scratch, _handoff_mounts(h))
-    meter = Meter(rate=owned.rate_usd_per_hour or listed_rate or Decimal(0),
-                  cap=Decimal(h.get("max_cost_usd") or 0), since=owned.billing_since.timestamp(),
-                  spent=Decimal(h.get("spent_usd") or 0), clock=clock)
+    await asyncio.to_thread(sweep_scratch, h.mount_plans())
+    meter = Meter(rate=owned.rate_usd_per_hour or listed_rate or Decimal(0), cap=h.max_cost_usd or Decimal(0),
+                  since=owned.billing_since.timestamp(), spent=h.spent_usd, clock=clock)
     synced, problem, reached = 0, None, False
-    if "endpoint" in h:
+    client = h.agent(connections)
+    if client is not None:
         try:
-            synced, problem = await _stop_and_sync_bounded(owned, connections, meter, provider.teardown_seconds)
+            synced, problem = await _stop_and_sync_bounded(owned, client, meter, provider.teardown_seconds)
             reached = True
         except _GaveUp as exc:
             # The instance is ended through the provider's API below: the wait on the agent is over.
             reached = True  # the sink holds nothing of this job's: the agent was not the one that ended it
-            lost = exc.missing or unsynced(_handoff_mounts(h), [])
+            lost = exc.missing or unsynced(h.mount_plans(), [])
             problem = f"{exc}" + (f"; not brought back: {lost}" if lost else "")
             log.warning("%s: %s", owned.job_id, problem)
         except (BurstError, OSError, EOFError) as exc:
@@ -160,10 +160,9 @@ async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, 
     cost = meter.attempt_cost() if meter.rate or Capability.RENTED not in provider.capabilities else None
     await asyncio.to_thread(
         budget.settle, owned.job_id, provider=owned.provider, instance_id=instance_id,
-        gpu=h.get("gpu") or "", rate_usd_per_hour=meter.rate, started_at=owned.billing_since, ended_at=now,
-        actual_usd=cost, status="cancelled", name=h.get("name"),
-        message=f"{reason}; finished by the reaper" + (f"; {problem}" if problem else ""),
-        attempt=int(h.get("attempt", 1)))
+        gpu=h.gpu or "", rate_usd_per_hour=meter.rate, started_at=owned.billing_since, ended_at=now,
+        actual_usd=cost, status="cancelled", name=h.name,
+        message=f"{reason}; finished by the reaper" + (f"; {problem}" if problem else ""), attempt=h.attempt)
     log.info("%s: synced %d file(s), terminated, settled %s", owned.job_id, synced, cost)
     return Outcome(owned.job_id, synced, True, cost, problem)
 
@@ -183,16 +182,15 @@ async def _settle_unseen(owned: OwnedInstance, bills_from_launch: bool, *, state
         return Outcome(owned.job_id, 0, True, None)
     launched, now = owned.billing_since, utc(clock.time())
     cost = cost_of(rate, (now - launched).total_seconds())
-    cap = h.get("max_cost_usd")
-    if cap:
-        cost = min(cost, Decimal(cap))
+    if h.max_cost_usd is not None:
+        cost = min(cost, h.max_cost_usd)
     await asyncio.to_thread(state.mark_terminated, owned.job_id)
     await asyncio.to_thread(
-        budget.settle, owned.job_id, provider=owned.provider, instance_id=None, gpu=h.get("gpu") or "",
+        budget.settle, owned.job_id, provider=owned.provider, instance_id=None, gpu=h.gpu or "",
         rate_usd_per_hour=rate, started_at=launched, ended_at=now, actual_usd=cost, status="leaked",
-        name=h.get("name"), message=f"{reason}: its kernel died during the create, and {owned.provider} lists no "
+        name=h.name, message=f"{reason}: its kernel died during the create, and {owned.provider} lists no "
         "instance of it (never made, or it ended itself): billed as made, until now, at most the cap",
-        attempt=int(h.get("attempt", 1)))
+        attempt=h.attempt)
     log.info("%s: no instance found; billed %s as if one was made", owned.job_id, cost)
     return Outcome(owned.job_id, 0, True, cost)
 
@@ -215,17 +213,15 @@ class _SyncWatch:
     missing: str | None = None  # results this machine could not write yet (a full disk), as got.missing() says
 
 
-async def _stop_and_sync_bounded(owned: OwnedInstance, connections: Connections, meter: Meter,
+async def _stop_and_sync_bounded(owned: OwnedInstance, client: AgentClient, meter: Meter,
                                  teardown_seconds: float) -> tuple[int, str | None]:
     """:func:`_stop_and_sync`, waited on only while the agent confirms the stop within the grace and the cap and the
     maximum duration allow: a frozen instance or agent is never waited out, the lease renewed meanwhile. Raises
     :class:`_GaveUp` when the wait ends first (the thread is left to the terminate, which breaks its connection)."""
-    h = owned.handoff
     watch = _SyncWatch()
-    done = _in_thread(lambda: _stop_and_sync(owned, connections, watch), name=f"burst-reaper-{owned.job_id}")
+    done = _in_thread(lambda: _stop_and_sync(owned, client, watch), name=f"burst-reaper-{owned.job_id}")
     grace_over = meter.clock.monotonic() + STOP_GRACE_SECONDS
-    ends = (float(h["first_launch"]) + float(h["max_seconds"])) if "first_launch" in h and "max_seconds" in h \
-        else None
+    ends = owned.handoff.ends_at
     while not done.done():
         why = None
         if not watch.confirmed.is_set() and meter.clock.monotonic() > grace_over:
@@ -264,7 +260,7 @@ def _in_thread(call: Callable[[], tuple[int, str | None]], *, name: str) -> asyn
     return future
 
 
-def _stop_and_sync(owned: OwnedInstance, connections: Connections, watch: _SyncWatch) -> tuple[int, str | None]:
+def _stop_and_sync(owned: OwnedInstance, client: AgentClient, watch: _SyncWatch) -> tuple[int, str | None]:
     """Stop the cell, bring its rw results back (and into the result sink). Returns (files, sink problem).
     ``watch.confirmed`` is set once the agent has said that the cell is stopping or over.
 
@@ -273,8 +269,6 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections, watch: _SyncW
     Results this machine could not write (a full disk) are asked for again every few seconds, the instance kept
     with them, until they land or the wait is abandoned (the cap, the maximum duration), as the job itself does."""
     h = owned.handoff
-    endpoint = Endpoint.from_json(h["endpoint"])
-    client = connections.agent(endpoint, h["python"], h["workdir"])
     status = client.status()
     if not status.get("exists"):
         watch.confirmed.set()
@@ -299,13 +293,11 @@ def _stop_and_sync(owned: OwnedInstance, connections: Connections, watch: _SyncW
         for record in stream.records():  # the whole log up to the exit record: the cell has stopped once it ends
             if record.get("k") == "exit" or str(record.get("m", "")).startswith("stopping: "):
                 watch.confirmed.set()
-        plans = _handoff_mounts(h)
-        sink, problem = _handoff_sink(h)
-        limit = h.get("max_results")
+        plans = h.mount_plans()
+        sink, problem = _handoff_sink(h.result_sink)
 
         def receive(results: AgentStream) -> Received:
-            return read_results(results, plans, sink=sink, job_id=owned.job_id,
-                                max_bytes=limit if isinstance(limit, int) else None)
+            return read_results(results, plans, sink=sink, job_id=owned.job_id, max_bytes=h.max_results)
 
         got = receive(stream)
         while got.unwritten:
@@ -332,11 +324,10 @@ def _restore_lapse(owned: OwnedInstance) -> int | None:
     """The instance is out of reach (its agent ended it when the lease lapsed, or it is gone): what that agent
     uploaded to the result sink lands in the rw mounts as a sync back would have put it. The number of files, or
     None when the sink holds nothing of this job's."""
-    h = owned.handoff
-    sink, _ = _handoff_sink(h)
+    sink, _ = _handoff_sink(owned.handoff.result_sink)
     if sink is None:
         return None
-    plans = _handoff_mounts(h)
+    plans = owned.handoff.mount_plans()
     with tempfile.TemporaryDirectory(prefix="burst-lapse-") as tmp:
         archive = Path(tmp) / LAPSE_ARCHIVE
         if not sink.fetch(LAPSE_ARCHIVE, archive):
@@ -345,15 +336,9 @@ def _restore_lapse(owned: OwnedInstance) -> int | None:
             return len(receive_results(f, plans, job_id=owned.job_id).files)
 
 
-def _handoff_mounts(h: dict[str, Any]) -> list[MountPlan]:
-    """The job's mounts, as session.plan() put them in the handoff: where rw results land on this machine."""
-    return [MountPlan.from_json(m) for m in h.get("mounts", [])]
-
-
-def _handoff_sink(h: dict[str, object]) -> tuple[ResultSink | None, str | None]:
+def _handoff_sink(url: str | None) -> tuple[ResultSink | None, str | None]:
     """The job's result sink, reopened from the URL session.plan() put in the handoff (already job-specific)."""
-    url = h.get("result_sink")
-    if not isinstance(url, str):
+    if url is None:
         return None, None
     try:
         return open_sink(url), None

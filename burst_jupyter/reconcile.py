@@ -375,9 +375,8 @@ class Reconciler:
         self.budget.settle(
             job_id, provider=f.provider, instance_id=inst.instance_id, gpu=inst.gpu_model or "",
             rate_usd_per_hour=f.rate_usd_per_hour or Decimal(0), started_at=f.since or ended_at, ended_at=ended_at,
-            actual_usd=f.cost_usd, status="leaked", name=row.handoff.get("name") if row else None,
-            message=f"leaked: {f.why}; ended by {reason}",
-            attempt=int(row.handoff.get("attempt", 1)) if row is not None else 1)
+            actual_usd=f.cost_usd, status="leaked", name=row.handoff.name if row else None,
+            message=f"leaked: {f.why}; ended by {reason}", attempt=row.handoff.attempt if row is not None else 1)
 
 
 # -- which providers --------------------------------------------------------------------------------------------

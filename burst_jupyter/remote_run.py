@@ -210,7 +210,7 @@ class RemoteRun(StopPolicy):
         def record() -> None:
             with self.sync_lock:  # not while a transfer changes them
                 mounts = [m.to_json() for m in self.plan.mounts]
-            self.plan.handoff["mounts"] = mounts
+            self.plan.handoff.mounts = mounts
             self.state.update_handoff(self.job.id, mounts=mounts)
 
         await asyncio.to_thread(record)

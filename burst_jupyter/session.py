@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import Settings, budget_caps, load_settings
 from .errors import ConfigError
+from .handoff import Handoff
 from .job import Job, JobPlan, check_cap, job_cap
 from .job_log import JobLogWriter
 from .lifecycle import Lifecycle
@@ -217,18 +218,14 @@ class Session:
             cap = job_cap(cap, config.rate, minutes * 60.0)
             check_cap(cap, config.rate, next(iter(providers.values())).teardown_seconds)
         job_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
-        handoff = {
-            "name": spec.name,
-            "tag": self.tag,
-            "mounts": [m.to_json() for m in mounts],
-            "max_results": spec.max_results_bytes,
-        }
+        handoff = Handoff(name=spec.name, tag=self.tag, mounts=[m.to_json() for m in mounts],
+                          max_results=spec.max_results_bytes)
         sink = None
         if spec.result_sink:
             # Last: it may be a network call (S3 head_bucket), and every local check above is cheaper.
             sink = open_sink(spec.result_sink, job_id=job_id)
             sink.check()
-            handoff["result_sink"] = sink.describe()  # absolute and job-specific: the reaper reopens it as is
+            handoff.result_sink = sink.describe()
         timeout = spec.provision_timeout_seconds or self.settings.provision_timeout_seconds
         return JobPlan(job_id=job_id, spec=spec, providers=providers, configs=configs, cap_usd=cap,
                        max_seconds=minutes * 60.0, mounts=mounts, pushed=pushed, cell=spec.cell, tag=self.tag,

@@ -1,13 +1,15 @@
 """The state store: every instance this install owns, recorded *before* it is created.
 
 Two-phase: ``record_intent`` before the create call, ``record_launched`` with the instance id right after,
-``mark_terminated`` only once the provider confirms it is gone. A row also carries a JSON ``handoff``: all a
-detached reaper needs to sync, terminate and settle the job without the kernel that started it.
+``mark_terminated`` only once the provider confirms it is gone. A row also carries a
+:class:`~burst_jupyter.handoff.Handoff` (JSON): all a detached reaper needs to sync, terminate and settle the job
+without the kernel that started it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -18,9 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .db import connect, write_transaction
+
+if TYPE_CHECKING:
+    from .handoff import Handoff
 
 __all__ = ["OwnedInstance", "Owner", "StateStore"]
 
@@ -82,7 +87,7 @@ class OwnedInstance:
     owner: Owner
     reaper_pid: int | None
     created_at: dt.datetime
-    handoff: dict[str, Any]
+    handoff: Handoff
 
     @property
     def orphaned(self) -> bool:
@@ -98,15 +103,13 @@ class OwnedInstance:
     @property
     def rate_usd_per_hour(self) -> Decimal | None:
         """The current attempt's billed $/h as the job last recorded it; None before an instance was recorded."""
-        rate = self.handoff.get("rate")
-        return Decimal(rate) if rate else None
+        return self.handoff.rate
 
     @property
     def billing_since(self) -> dt.datetime:
         """The current attempt's create request (the row's creation before the launch was recorded): what it has
         billed counts from here, never less."""
-        at = self.handoff.get("launched_at")
-        return dt.datetime.fromisoformat(at) if at else self.created_at
+        return self.handoff.launched_at or self.created_at
 
 
 def _now() -> str:
@@ -131,39 +134,42 @@ class StateStore:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
-    def record_intent(self, job_id: str, provider: str, owner: Owner, handoff: dict[str, Any]) -> None:
+    def record_intent(self, job_id: str, provider: str, owner: Owner, handoff: Handoff) -> None:
         now = _now()
         with self._write() as c:
             c.execute(
                 "INSERT INTO instances (job_id, provider, state, owner_host, owner_pid, owner_started,"
                 " created_at, updated_at, handoff) VALUES (?, ?, 'intent', ?, ?, ?, ?, ?, ?)",
-                (job_id, provider, owner.host, owner.pid, owner.started, now, now, json.dumps(handoff)),
+                (job_id, provider, owner.host, owner.pid, owner.started, now, now, json.dumps(handoff.to_json())),
             )
 
-    def record_attempt(self, job_id: str, provider: str, handoff: dict[str, Any]) -> None:
+    def record_attempt(self, job_id: str, provider: str, handoff: Handoff) -> None:
         """A new launch attempt (the previous instance is confirmed gone): back to intent, maybe elsewhere."""
         with self._write() as c:
             c.execute(
                 "UPDATE instances SET provider = ?, instance_id = NULL, state = 'intent', handoff = ?, updated_at = ?"
                 " WHERE job_id = ?",
-                (provider, json.dumps(handoff), _now(), job_id),
+                (provider, json.dumps(handoff.to_json()), _now(), job_id),
             )
 
-    def record_launched(self, job_id: str, instance_id: str, handoff: dict[str, Any]) -> None:
+    def record_launched(self, job_id: str, instance_id: str, handoff: Handoff) -> None:
         with self._write() as c:
             c.execute(
                 "UPDATE instances SET instance_id = ?, state = 'launched', handoff = ?, updated_at = ?"
                 " WHERE job_id = ?",
-                (instance_id, json.dumps(handoff), _now(), job_id),
+                (instance_id, json.dumps(handoff.to_json()), _now(), job_id),
             )
 
     def update_handoff(self, job_id: str, **fields: Any) -> None:
+        """Change these :class:`~burst_jupyter.handoff.Handoff` fields of the row's handoff, keeping the others."""
+        from .handoff import Handoff
+
         with self._write() as c:
             row = c.execute("SELECT handoff FROM instances WHERE job_id = ?", (job_id,)).fetchone()
             if row is not None:
-                handoff = {**json.loads(row["handoff"]), **fields}
+                handoff = dataclasses.replace(Handoff.from_json(json.loads(row["handoff"])), **fields)
                 c.execute("UPDATE instances SET handoff = ?, updated_at = ? WHERE job_id = ?",
-                          (json.dumps(handoff), _now(), job_id))
+                          (json.dumps(handoff.to_json()), _now(), job_id))
 
     def mark_terminated(self, job_id: str) -> None:
         self._set_state(job_id, "terminated")
@@ -201,6 +207,8 @@ class StateStore:
 
 
 def _row(row: Any) -> OwnedInstance:
+    from .handoff import Handoff  # its provider parts are not needed at %load_ext, which imports this module
+
     return OwnedInstance(
         job_id=row["job_id"],
         provider=row["provider"],
@@ -209,5 +217,5 @@ def _row(row: Any) -> OwnedInstance:
         owner=Owner(row["owner_host"], row["owner_pid"], row["owner_started"]),
         reaper_pid=row["reaper_pid"],
         created_at=dt.datetime.fromisoformat(row["created_at"]),
-        handoff=json.loads(row["handoff"]),
+        handoff=Handoff.from_json(json.loads(row["handoff"])),
     )

@@ -4,6 +4,7 @@ made anyway) is terminated, confirmed gone and settled on the ledger, and the jo
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from decimal import Decimal
 
 from .errors import (
@@ -95,8 +96,8 @@ class Teardown(LifecycleState):
                           f"create may have made ({exc}); `%burst cleanup` will look again\n")
             return None
         if found:
-            await asyncio.to_thread(self.state.record_launched, self.job.id, found[0].instance_id,
-                                    {**self._billing_handoff(self.launched_wall), "instance_id": found[0].instance_id})
+            handoff = replace(self._billing_handoff(self.launched_wall), instance_id=found[0].instance_id)
+            await asyncio.to_thread(self.state.record_launched, self.job.id, found[0].instance_id, handoff)
         return found[0] if found else None
 
     async def _terminate(self) -> bool:

@@ -27,6 +27,7 @@ from marketplaces import Markets
 import burst_jupyter as burst
 from burst_jupyter import EventType, JobSpec, JobStatus, cli, reconcile
 from burst_jupyter.budget import Budget
+from burst_jupyter.handoff import Handoff
 from burst_jupyter.paths import burst_home as home_dir
 from burst_jupyter.session import install_tag
 from burst_jupyter.state import Owner, StateStore
@@ -137,7 +138,7 @@ def test_a_launch_in_flight_protects_its_instance_and_ended_rows_do_not(markets:
                                                                         store: StateStore) -> None:
     me = Owner.current()
     # A launch of a live process: its intent row holds no instance id yet, and the create has reached Vast.
-    store.record_intent("racing-1", "vast", me, {"tag": install_tag(home_dir())})
+    store.record_intent("racing-1", "vast", me, Handoff(tag=install_tag(home_dir())))
     racing = plant(markets, "racing-1")
     nameless = plant(markets, None)  # the tag, but no job id: it may be that launch's too
     report = burst.cleanup()
@@ -148,8 +149,8 @@ def test_a_launch_in_flight_protects_its_instance_and_ended_rows_do_not(markets:
     # instance is still there (a terminate that did not take).
     store.mark_abandoned("racing-1")
     done = plant(markets, "done-1", minutes_ago=5)
-    store.record_intent("done-1", "vast", me, {})
-    store.record_launched("done-1", done, {})
+    store.record_intent("done-1", "vast", me, Handoff())
+    store.record_launched("done-1", done, Handoff())
     store.mark_terminated("done-1")
     now = dt.datetime.now(dt.timezone.utc)
     with Budget(db_file(burst_home)) as budget:
@@ -177,8 +178,8 @@ def test_rows_of_a_dead_kernel_are_reaped_even_when_their_instance_is_gone(ip: A
                                                                            store: StateStore) -> None:
     dead = dead_owner()
     launched = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)).isoformat()
-    handoff = {"provider_config": {"name": "vast"}, "tag": install_tag(home_dir()), "rate": "0.40",
-               "launched_at": launched, "name": "stranded"}
+    handoff = Handoff.from_json({"provider_config": {"name": "vast"}, "tag": install_tag(home_dir()), "rate": "0.40",
+                                 "launched_at": launched, "name": "stranded"})
     alive = plant(markets, "orphan-1", minutes_ago=10)
     for job_id, instance_id in (("orphan-1", alive), ("vanished-1", "999")):  # 999: Vast has no such instance
         store.record_intent(job_id, "vast", dead, handoff)
@@ -208,14 +209,15 @@ def test_a_kernel_that_died_during_the_create_is_billed_never_0_and_counts_again
     dead, tag = dead_owner(), install_tag(home_dir())
     # Its instance was made and is still there, and its intent (written before intents carried the rate) has no
     # rate: it bills at the rate the provider lists.
-    store.record_intent("midcreate-1", "vast", dead, {"provider_config": {"name": "vast"}, "tag": tag})
+    store.record_intent("midcreate-1", "vast", dead,
+                        Handoff.from_json({"provider_config": {"name": "vast"}, "tag": tag}))
     alive = plant(markets, "midcreate-1", minutes_ago=10, rate="0.40")
     # Its instance is gone (its boot watchdog ended it), or was never made: billed as made, at the intent's rate,
     # from the intent until now, at most the job's cap.
     intent_at = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)).isoformat()
-    store.record_intent("midcreate-2", "vast", dead, {"provider_config": {"name": "vast"}, "tag": tag, "rate": "0.40",
-                                                      "launched_at": intent_at, "max_cost_usd": "0.05",
-                                                      "gpu": "RTX_4090", "name": "held"})
+    store.record_intent("midcreate-2", "vast", dead, Handoff.from_json(
+        {"provider_config": {"name": "vast"}, "tag": tag, "rate": "0.40", "launched_at": intent_at,
+         "max_cost_usd": "0.05", "gpu": "RTX_4090", "name": "held"}))
 
     report = burst.cleanup()
     assert report.ok and {f.job_id for f in report.ended} == {"midcreate-1", "midcreate-2"}
