@@ -109,7 +109,8 @@ def _read_json(path: str, default: object = None) -> object:
         return default
 
 
-def pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool:
+    # The client has its own (processes.py): this file imports nothing of the package, nor the package this file.
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -1204,7 +1205,7 @@ def _supervisor_alive(jobdir: str) -> bool:
             pid = int(f.read().strip())
     except (OSError, ValueError):
         return True  # not written yet: it is starting
-    if not pid_alive(pid):
+    if not _pid_alive(pid):
         return False
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as f:
@@ -1336,7 +1337,7 @@ def destroy(jobdir: str) -> bool:
         if started:
             _kill_group(started, signal.SIGKILL)
         for pid in pids:
-            if pid_alive(pid):
+            if _pid_alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import BurstError, ConfigError, RemoteError
+from .processes import pid_alive
 
 if TYPE_CHECKING:
     from .budget import LedgerRow
@@ -160,7 +161,7 @@ class _Record:
         if o is not None and self.live:
             if o.orphaned:
                 return "orphaned (its process is gone; `burst kill` or `burst cleanup` ends it)"
-            if o.reaper_pid is not None and _alive(o.reaper_pid):
+            if o.reaper_pid is not None and pid_alive(o.reaper_pid):
                 return f"being finished by the reaper (pid {o.reaper_pid})"
         if o is not None and o.state == "abandoned":
             return "ended (nothing was rented)"
@@ -175,12 +176,6 @@ class _Record:
 def _first(*values: Any) -> Any:
     """The first value that is not None ($0 is a value)."""
     return next((v for v in values if v is not None), None)
-
-
-def _alive(pid: int) -> bool:
-    from .agent import pid_alive
-
-    return pid_alive(pid)
 
 
 def _find(session: Session, job_id: str) -> _Record:
@@ -335,7 +330,7 @@ def kill(args: argparse.Namespace) -> int:
             print(f"job {rec.job_id} ended: {rec.status()}, {format_usd(total)} in all"
                   + (" (synced back, terminated, settled)" if rec.status() == "cancelled" else ""))
             return 0
-        reaping = o is not None and o.reaper_pid is not None and _alive(o.reaper_pid)
+        reaping = o is not None and o.reaper_pid is not None and pid_alive(o.reaper_pid)
         if o is not None and rec.live and not asked and not reaping:
             try:
                 asked = _ask_agent_to_stop(session, o)

@@ -40,6 +40,7 @@ from .errors import one_line
 from .money import format_rate, format_usd
 from .paths import has_local_jobs, open_private, private_dir
 from .providers.base import Capability
+from .processes import pid_alive
 from .state import LIVE_STATES
 
 if TYPE_CHECKING:
@@ -240,8 +241,6 @@ class Reconciler:
             return False
         if o.reaper_pid is not None and o.reaper_pid != os.getpid():
             # Handed off: its kernel let go of it (and stays away, alive or not); the reaper alone finishes it.
-            from .agent import pid_alive  # not at import: reconcile is imported by %load_ext
-
             return not pid_alive(o.reaper_pid)
         return o.job_id in self.finished or not o.owner.is_alive()
 

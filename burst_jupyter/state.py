@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .db import connect, write_transaction
+from .processes import pid_alive, process_start
 
 if TYPE_CHECKING:
     from .handoff import Handoff
@@ -49,15 +50,6 @@ CREATE INDEX IF NOT EXISTS instances_state ON instances(state);
 LIVE_STATES = ("intent", "launched")
 
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's boot-relative start time of ``pid`` (Linux), to tell a live owner from a reused pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 @dataclass(frozen=True, slots=True)
 class Owner:
     host: str
@@ -66,16 +58,14 @@ class Owner:
 
     @classmethod
     def current(cls) -> Owner:
-        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()))
+        return cls(socket.gethostname(), os.getpid(), process_start(os.getpid()))
 
     def is_alive(self) -> bool:
         if self.host != socket.gethostname():
             return True  # another machine's kernel: we cannot tell, so we never take its jobs
-        from .agent import pid_alive  # the agent shares its stdlib helpers; imported when a row is read, not at load
-
         if not pid_alive(self.pid):
             return False
-        return self.started is None or _process_start(self.pid) in (None, self.started)
+        return self.started is None or process_start(self.pid) in (None, self.started)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +84,6 @@ class OwnedInstance:
         """Live at the provider (as far as we know) while neither its kernel nor a reaper is alive."""
         if self.state not in LIVE_STATES:
             return False
-        from .agent import pid_alive
-
         if self.reaper_pid is not None and pid_alive(self.reaper_pid):
             return False
         return not self.owner.is_alive()

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from .agent import pid_alive
 from .errors import ResultsTooLarge, SyncError, UnsafeResults
 from .ignore import NEVER_SYNCED, excluded
+from .processes import pid_alive
 from .sync import MountPlan, file_digest, file_signature, unchanged_since
 from .variables import pull_limit
 
