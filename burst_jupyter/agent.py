@@ -65,13 +65,65 @@ BOOT = (
     "{'__name__':'__main__'})"
 )
 
+
+# -------------------------------------------------------------------------------------------------- protocol
+# What client and agent say to each other, spelled once. The client imports these names from this module, as it
+# imports the module already (its source is what BOOT runs; ChunkedReader frames the results both ways): this file
+# runs alone on the instance, so it cannot take them from a module of its own.
+
+
+class Kind:
+    """A record's ``k``: a line of the event log (events.jsonl), or of the attach channel."""
+
+    OUT = "out"  # s: stdout or stderr, d: the text
+    STARTED = "started"  # pid: the cell's process
+    PROGRESS = "progress"  # p: percent, m: a message (burst.progress in the cell)
+    RESULT = "result"  # data: the cell's value, as display formats
+    ERROR = "error"  # ename, evalue, tb: the cell raised
+    NOTE = "note"  # m: a stop under way (STOPPING and the reason), or a step of the dead-man's switch
+    SETUP_ERROR = "setup-error"  # m: the job could not be staged
+    EXIT = "exit"  # rc, reason (a Reason): the log's last record
+    # The attach channel's own lines, never in the log:
+    RESULTS = "results"  # the chunk-framed results tar follows
+    GONE = "gone"  # the answer to ``destroy``: the job directory is removed
+    STILL_THERE = "still-there"
+
+
+class Reason:
+    """Why a job ended: an exit record's ``reason``. The stop reasons are also what ``stop REASON`` asks for."""
+
+    OK = "ok"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"  # the job's maximum duration is over
+    LEASE = "lease"  # the client's lease lapsed: it went silent
+    BUDGET = "budget"  # the money left is what ending the instance takes
+    AGENT_DIED = "agent-died"  # the supervisor is gone without an exit record (written by an attach)
+    STOPS = frozenset({CANCELLED, DEADLINE, LEASE, BUDGET})
+
+
+STOPPING = "stopping: "  # a NOTE's text while the cell is being stopped, followed by the Reason
+
+
+class Control:
+    """The client's lines to an ``attach`` (on its stdin)."""
+
+    LEASE = "lease"  # renews the lease: the client is still there
+    STOP = "stop"  # ``stop REASON``: stop the cell (a Reason of Reason.STOPS; anything else is a cancel)
+    DESTROY = "destroy"  # once the results are in: remove the job, answered on the channel (GONE or STILL_THERE)
+
+LAPSE_ARCHIVE = "lapse-results.tar"  # what a lapse uploads to the result sink: the same tar ``results`` sends
+VALUES_MAGIC = b"burst-values-1\n"  # the first line of values.out.pkl (write_values), the --pull variables
+
+
+def record_line(record: dict[str, object]) -> bytes:
+    """One record as a line of the log or the channel."""
+    return (json.dumps(record, separators=(",", ":")) + "\n").encode()
+
+
+# ----------------------------------------------------------------------------------------- limits, helpers
+
 CELL_FILENAME = "<burst-cell>"  # a notebook cell's name in tracebacks; a file's cell goes by its path (cell_file)
-EXIT_KIND = "exit"
-# Exit reasons written in the exit record.
-OK, ERROR, CANCELLED, DEADLINE, LEASE, BUDGET, AGENT_DIED = (
-    "ok", "error", "cancelled", "deadline", "lease", "budget", "agent-died"
-)
-_STOP_REASONS = {CANCELLED, DEADLINE, LEASE, BUDGET}
 _MAX_RECORD = 64 * 1024  # characters: huge writes are split so one log line stays small
 _MAX_FRAME = 8 << 20  # bytes of one cell -> supervisor frame; a larger one means the pipe was written over
 _MAX_DISPLAY = 512 * 1024  # characters of one display format of the cell's value (repr, HTML, a base64 image)
@@ -85,7 +137,6 @@ _HTTP_TIMEOUT = 60.0
 # Seconds kept back beyond the provider's terminate when the job's money runs out with nobody stopping it: the
 # watchdog's tick and the self-destruct call itself.
 _MONEY_MARGIN = 1.0
-LAPSE_ARCHIVE = "lapse-results.tar"  # what a lapse uploads: the same tar ``results`` sends
 
 
 def _now() -> float:
@@ -132,13 +183,13 @@ class EventLog:
 
     def append(self, records: list[dict[str, object]]) -> None:
         if records:
-            data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+            data = b"".join(record_line(r) for r in records)
             os.write(self.fd, data)
 
 
 def _out_records(stream: str, text: str, t: float) -> list[dict[str, object]]:
     return [
-        {"k": "out", "s": stream, "d": text[i : i + _MAX_RECORD], "t": t}
+        {"k": Kind.OUT, "s": stream, "d": text[i : i + _MAX_RECORD], "t": t}
         for i in range(0, len(text), _MAX_RECORD)
     ]
 
@@ -299,9 +350,6 @@ def _dump_value(value: object) -> bytes:
         except ImportError:
             raise
         return cloudpickle.dumps(value, protocol=4)  # type: ignore[no-any-return]
-
-
-VALUES_MAGIC = b"burst-values-1\n"
 
 
 def write_values(path: str, table: dict[str, tuple[str, object]]) -> None:
@@ -524,7 +572,7 @@ class Supervisor:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGTERM, lambda *_: self.request_stop(CANCELLED))
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop(Reason.CANCELLED))
         signal.signal(signal.SIGUSR1, lambda *_: None)  # `stop` wakes the select; the stop file says why
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -539,7 +587,7 @@ class Supervisor:
         env.setdefault("MPLBACKEND", "Agg")  # no display on an instance
         self.proc = self.spawn(env, frame_w)
         os.close(frame_w)
-        self.log.append([{"k": "started", "pid": self.proc.pid, "t": _now()}])
+        self.log.append([{"k": Kind.STARTED, "pid": self.proc.pid, "t": _now()}])
         sel = selectors.DefaultSelector()
         decoders = {"stdout": codecs.getincrementaldecoder("utf-8")("replace"),
                     "stderr": codecs.getincrementaldecoder("utf-8")("replace")}
@@ -582,7 +630,7 @@ class Supervisor:
             if self.stop_reason is None and exited_at is None:  # a cell that ended by itself ended so
                 if os.path.exists(self.path("stop")):
                     with open(self.path("stop")) as f:
-                        self.request_stop(f.read().strip() or CANCELLED)
+                        self.request_stop(f.read().strip() or Reason.CANCELLED)
                 else:
                     self.lapsed = self.lapse_reason(started, deadline, lease)
                     if self.lapsed is not None:
@@ -590,12 +638,12 @@ class Supervisor:
             self.escalate()
         rc = self.proc.wait()
         _kill_group(self.proc.pid, signal.SIGKILL)  # leftovers of the cell die with the job
-        reason = self.stop_reason or (OK if rc == 0 else ERROR)
+        reason = self.stop_reason or (Reason.OK if rc == 0 else Reason.ERROR)
         self.finish(rc, reason)
         # The cell is over: a machine shutting down simply ends the watchdog.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         uploaded = False
-        if self.lapsed == BUDGET:
+        if self.lapsed == Reason.BUDGET:
             # Stopped at the cap: a client may still fetch the results and end the instance; until only its end is
             # left of the money, wait for one (with the results in the sink first, while there is money for it).
             uploaded = self.upload_lapse_results()
@@ -611,11 +659,11 @@ class Supervisor:
         when the job's money reaches the client's own budget stop (the client stops it then; an agent that gets
         there first means the client could not), else None."""
         if deadline and time.monotonic() - started > deadline:
-            return DEADLINE
+            return Reason.DEADLINE
         if lease and _now() - _mtime(self.path("lease")) > lease:
-            return LEASE
+            return Reason.LEASE
         if self.money.out(self.money.stop_reserve):
-            return BUDGET
+            return Reason.BUDGET
         return None
 
     def watch(self, started: float, deadline: float, lease: int) -> str | None:
@@ -632,9 +680,9 @@ class Supervisor:
             if not os.path.exists(self.path("lease")):
                 return None  # the client's destroy is removing the job
             if self.money.out(self.money.end_reserve):
-                return BUDGET  # only the end of the instance is left of the money, whoever is fetching results
+                return Reason.BUDGET  # only the end of the instance is left of the money, whoever is fetching results
             reason = self.lapse_reason(started, 0.0 if lease else deadline, lease)
-            if reason in (LEASE, DEADLINE):
+            if reason in (Reason.LEASE, Reason.DEADLINE):
                 return reason
 
     def spawn(self, env: dict[str, str], frame_w: int) -> _Child:
@@ -687,12 +735,12 @@ class Supervisor:
                                             payload.decode("utf-8", "replace"), t))
             elif kind == b"p":
                 info = json.loads(payload)
-                records.append({"k": "progress", "p": info.get("p"), "m": info.get("m"), "t": t})
+                records.append({"k": Kind.PROGRESS, "p": info.get("p"), "m": info.get("m"), "t": t})
             elif kind == b"r":
-                records.append({"k": "result", "data": json.loads(payload), "t": t})
+                records.append({"k": Kind.RESULT, "data": json.loads(payload), "t": t})
             elif kind == b"x":
                 err = json.loads(payload)
-                err.update(k="error", t=t)
+                err.update(k=Kind.ERROR, t=t)
                 records.append(err)
         return records
 
@@ -700,7 +748,7 @@ class Supervisor:
         if self.stop_reason is None:
             self.stop_reason = reason
             self.stop_at = time.monotonic()
-            self.log.append([{"k": "note", "m": "stopping: %s" % reason, "t": _now()}])
+            self.log.append([{"k": Kind.NOTE, "m": STOPPING + reason, "t": _now()}])
             if self.proc is not None and self.proc.poll() is None:
                 _kill_group(self.proc.pid, signal.SIGINT)
 
@@ -709,8 +757,8 @@ class Supervisor:
             return
         if self.money.out(self.money.end_reserve):
             # Only the end of the instance is left of the money: no more grace for the cell, whoever stopped it.
-            self.lapsed = BUDGET
-            self.request_stop(BUDGET)
+            self.lapsed = Reason.BUDGET
+            self.request_stop(Reason.BUDGET)
             _kill_group(self.proc.pid, signal.SIGKILL)
             return
         if self.stop_at is None:
@@ -722,14 +770,14 @@ class Supervisor:
             _kill_group(self.proc.pid, signal.SIGTERM)
 
     def finish(self, rc: int, reason: str) -> None:
-        _write_exit(self.jobdir, {"k": EXIT_KIND, "rc": rc, "reason": reason, "t": _now()})
+        _write_exit(self.jobdir, {"k": Kind.EXIT, "rc": rc, "reason": reason, "t": _now()})
 
     # -- the dead-man's switch ------------------------------------------------------------------------------
 
     def say(self, message: str) -> None:
         """One step of the dead-man's switch: a note in the event log (a client that re-attaches sees it) and a
         line in agent.log (what is left to read if the instance survives)."""
-        self.log.append([{"k": "note", "m": "dead-man's switch: " + message, "t": _now()}])
+        self.log.append([{"k": Kind.NOTE, "m": "dead-man's switch: " + message, "t": _now()}])
         sys.stderr.write("%s burst-agent: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), message))
         sys.stderr.flush()
 
@@ -738,9 +786,9 @@ class Supervisor:
         spent but for the end of the instance (BUDGET), and the cell has stopped: save the results where the
         manifest says, then end the instance by the provider's recipe; with none (or if it fails), remove the
         scratch ``work/`` and keep the results here for a later cleanup."""
-        if reason == LEASE:
+        if reason == Reason.LEASE:
             self.say("no word from the client for %d s (the lease lapsed)" % lease)
-        elif reason == BUDGET:
+        elif reason == Reason.BUDGET:
             self.say("the job's money ran out (%s); nobody ended the instance" % self.money.describe())
         else:
             self.say("the job ran past its hard maximum duration and the client did not stop it")
@@ -889,10 +937,10 @@ def _coalesce(records: list[dict[str, object]]) -> list[dict[str, object]]:
     merged: list[dict[str, object]] = []
     for r in records:
         prev = merged[-1] if merged else None
-        if (prev is not None and r["k"] == "out" and prev["k"] == "out" and prev["s"] == r["s"]
+        if (prev is not None and r["k"] == Kind.OUT and prev["k"] == Kind.OUT and prev["s"] == r["s"]
                 and len(str(prev["d"])) + len(str(r["d"])) <= _MAX_RECORD):
             prev["d"] = str(prev["d"]) + str(r["d"])
-        elif prev is not None and r["k"] == "progress" and prev["k"] == "progress":
+        elif prev is not None and r["k"] == Kind.PROGRESS and prev["k"] == Kind.PROGRESS:
             merged[-1] = dict(r)  # a progress flood: only the latest of a batch matters
         else:
             merged.append(dict(r))
@@ -1096,8 +1144,8 @@ def _write_exit(jobdir: str, record: dict[str, object], before: list[dict[str, o
 
 
 def _fail_setup(jobdir: str, message: str) -> None:
-    _write_exit(jobdir, {"k": EXIT_KIND, "rc": 2, "reason": ERROR, "t": _now()},
-                [{"k": "setup-error", "m": message, "t": _now()}])
+    _write_exit(jobdir, {"k": Kind.EXIT, "rc": 2, "reason": Reason.ERROR, "t": _now()},
+                [{"k": Kind.SETUP_ERROR, "m": message, "t": _now()}])
 
 
 def run_main(jobdir: str, stdin: object) -> int:
@@ -1186,13 +1234,13 @@ def _control_loop(jobdir: str, stdin: object, out: object, finished: threading.E
             if not line:
                 return
             word, _, arg = line.decode("utf-8", "replace").strip().partition(" ")
-            if word == "lease":
+            if word == Control.LEASE:
                 os.utime(os.path.join(jobdir, "lease"))
-            elif word == "stop":
-                stop_main(jobdir, arg or CANCELLED)
-            elif word == "destroy":
+            elif word == Control.STOP:
+                stop_main(jobdir, arg or Reason.CANCELLED)
+            elif word == Control.DESTROY:
                 gone = destroy(jobdir)
-                out.write(b'{"k":"gone"}\n' if gone else b'{"k":"still-there"}\n')  # type: ignore[attr-defined]
+                out.write(record_line({"k": Kind.GONE if gone else Kind.STILL_THERE}))  # type: ignore[attr-defined]
                 out.flush()  # type: ignore[attr-defined]
                 return
     finally:
@@ -1245,7 +1293,7 @@ def attach_main(jobdir: str, offset: int, stdin: object) -> int:
                 time.sleep(idle)
                 polls += 1
                 if polls % 40 == 0 and not _supervisor_alive(jobdir) and not os.path.exists(exit_path):
-                    _write_exit(jobdir, {"k": EXIT_KIND, "rc": -1, "reason": AGENT_DIED, "t": _now()})
+                    _write_exit(jobdir, {"k": Kind.EXIT, "rc": -1, "reason": Reason.AGENT_DIED, "t": _now()})
                 continue
         idle = 0.0
         pending += chunk
@@ -1263,7 +1311,7 @@ def results_main(jobdir: str) -> int:
     """The results on stdout after a ``results`` line: a chunk-framed tar of the files the cell changed in rw
     mounts (``m/<i>/...``) and ``values.out.pkl``."""
     out = sys.stdout.buffer
-    out.write(b'{"k":"results"}\n')
+    out.write(record_line({"k": Kind.RESULTS}))
     out.flush()
     framed = ChunkWriter(out.write)
     with tarfile.open(fileobj=framed, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
@@ -1308,7 +1356,7 @@ def stop_main(jobdir: str, reason: str) -> int:
     if not os.path.isdir(jobdir) or os.path.exists(os.path.join(jobdir, "exit.json")):
         return 0
     with open(os.path.join(jobdir, "stop"), "w") as f:
-        f.write(reason if reason in _STOP_REASONS else CANCELLED)
+        f.write(reason if reason in Reason.STOPS else Reason.CANCELLED)
     try:
         with open(os.path.join(jobdir, "supervisor.pid")) as f:
             os.kill(int(f.read().strip()), signal.SIGUSR1)  # wake its select; it reads the stop file
@@ -1319,7 +1367,7 @@ def stop_main(jobdir: str, reason: str) -> int:
 
 def destroy_main(jobdir: str) -> int:
     gone = destroy(jobdir)
-    sys.stdout.write("gone\n" if gone else "still there\n")
+    sys.stdout.write(Kind.GONE + "\n" if gone else "still there\n")
     return 0 if gone else 1
 
 
@@ -1354,7 +1402,7 @@ def _started_pid(jobdir: str) -> int | None:
     try:
         with open(os.path.join(jobdir, "events.jsonl"), "rb") as f:
             for line in f:
-                if b'"k":"started"' in line:
+                if b'"k":"%s"' % Kind.STARTED.encode() in line:
                     return int(json.loads(line)["pid"])
     except (OSError, ValueError, KeyError):
         pass

@@ -353,6 +353,8 @@ def _ask_agent_to_stop(session: Session, owned: OwnedInstance) -> bool:
     """The stop the lifecycle itself sends: the agent interrupts the command and exits "cancelled"; the owning
     process sees that in its stream, syncs back, terminates and settles as it always does. False while the job
     has no agent to ask yet (still provisioning, or uploading)."""
+    from .agent import Reason
+
     client = owned.handoff.agent(session.connections)
     if client is None:
         return False
@@ -360,7 +362,7 @@ def _ask_agent_to_stop(session: Session, owned: OwnedInstance) -> bool:
     if not status.get("exists"):
         return False
     if status.get("running"):
-        client.stop("cancelled")
+        client.stop(Reason.CANCELLED)
         print(f"asked job {owned.job_id}'s agent on {owned.handoff.endpoint} to stop; its owner (pid "
               f"{owned.owner.pid} on {owned.owner.host}) syncs back, terminates the instance and settles the bill")
     else:

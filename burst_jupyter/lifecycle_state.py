@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+from .agent import Reason
 from .errors import RemoteError
 from .handoff import Handoff
 from .job import Job, JobPlan
@@ -99,7 +100,7 @@ class LifecycleState:
 
     def _check_cancel(self) -> None:
         if self.job.cancel_requested.is_set() or self.job.handed_off.is_set():
-            raise StopRequested("cancelled")
+            raise StopRequested(Reason.CANCELLED)
 
     def _handoff(self) -> Handoff:
         # What bounds a reaper's wait on the agent: the cap, what earlier attempts spent, the maximum duration.

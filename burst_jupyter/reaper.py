@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from .agent import LAPSE_ARCHIVE
+from .agent import LAPSE_ARCHIVE, STOPPING, Control, Kind, Reason
 from .budget import Budget
 from .connections import Connections
 from .errors import BurstError
@@ -276,14 +276,14 @@ def _stop_and_sync(owned: OwnedInstance, client: AgentClient, watch: _SyncWatch)
     if status.get("exit") is not None:
         watch.confirmed.set()
     stream = client.attach(int(status.get("log_end") or 0))  # no past output needed: the end, then the results
-    stream.send("lease")
-    stream.send("stop cancelled")  # ignored by an agent whose cell has ended already
+    stream.send(Control.LEASE)
+    stream.send(f"{Control.STOP} {Reason.CANCELLED}")  # ignored by an agent whose cell has ended already
     done = threading.Event()
 
     def renew() -> None:
         while not done.wait(_RENEW_SECONDS):
             try:
-                stream.send("lease")
+                stream.send(Control.LEASE)
             except (OSError, EOFError, BurstError):
                 return  # the connection broke: reading the stream fails too and says why
 
@@ -291,7 +291,7 @@ def _stop_and_sync(owned: OwnedInstance, client: AgentClient, watch: _SyncWatch)
     renewer.start()
     try:
         for record in stream.records():  # the whole log up to the exit record: the cell has stopped once it ends
-            if record.get("k") == "exit" or str(record.get("m", "")).startswith("stopping: "):
+            if record.get("k") == Kind.EXIT or str(record.get("m", "")).startswith(STOPPING):
                 watch.confirmed.set()
         plans = h.mount_plans()
         sink, problem = _handoff_sink(h.result_sink)

@@ -106,12 +106,12 @@ class AgentStream:
             del self._buf[: nl + 1]
             scanned = 0
             record = _parse(line, self._where)
-            if record.get("k") == "results":
+            if record.get("k") == agent.Kind.RESULTS:
                 self._rest = _Exact(bytes(self._buf), self._proc)
                 self._buf = bytearray()
                 return
             self.offset += len(line)
-            if record.get("k") == agent.EXIT_KIND:
+            if record.get("k") == agent.Kind.EXIT:
                 self.exit = record
             yield record
 
@@ -142,9 +142,9 @@ class AgentStream:
     def destroy(self) -> bool:
         """On the same channel, once the results are read: end the job and remove its directory."""
         assert self._rest is not None
-        self.send("destroy")
+        self.send(agent.Control.DESTROY)
         reply = self._rest.readline()
-        return reply.strip() == b'{"k":"gone"}'
+        return reply.strip() == agent.record_line({"k": agent.Kind.GONE}).strip()
 
     def close(self) -> None:
         self._proc.close()
@@ -257,7 +257,7 @@ class AgentClient:
                 gone = False  # the front broke: ask again on a new command below
             self.release()
         if not gone:
-            gone = self._call("destroy").strip() == "gone"
+            gone = self._call("destroy").strip() == agent.Kind.GONE
         self.gone = gone
         return gone
 

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .agent import STOPPING, Control, Kind, Reason
 from .errors import (
     BurstError,
     ConnectFailed,
@@ -120,7 +121,7 @@ class RemoteRun(StopPolicy):
                 kind, payload = "tick", None
             if kind == "record":
                 self._on_record(payload)
-                if payload.get("k") == "exit" and payload.get("reason") == "agent-died":
+                if payload.get("k") == Kind.EXIT and payload.get("reason") == Reason.AGENT_DIED:
                     await self._check_preempted()  # a container stopped under the agent: taken away, or a crash
             elif kind == "results":
                 await self._on_results(payload)
@@ -141,12 +142,12 @@ class RemoteRun(StopPolicy):
             elif kind == "error":
                 raise payload
             if self.job.handed_off.is_set():
-                raise StopRequested("cancelled")  # a reaper owns the instance now: hands off
+                raise StopRequested(Reason.CANCELLED)  # a reaper owns the instance now: hands off
             now = self.clock.monotonic()
             if lease_every and now - last_lease >= lease_every:
                 # Also while the results come back: the agent's watchdog outlives the cell until they are fetched.
                 last_lease = now
-                await self._send(stream, "lease")
+                await self._send(stream, Control.LEASE)
             end = self._must_end()
             if end is not None:
                 raise self._end_now(end)
@@ -170,8 +171,8 @@ class RemoteRun(StopPolicy):
                 if reason is not None:
                     self.stop_reason, self.stop_sent = reason, self.clock.monotonic()
                     job.emit(EventType.STOPPING, message=STOP_TEXT[reason], cost_so_far_usd=self.cost_so_far())
-                    await self._send(stream, f"stop {reason}")
-            elif self.stop_reason != "cancelled" and self.cancel_by is None and self.job.cancel_requested.is_set():
+                    await self._send(stream, f"{Control.STOP} {reason}")
+            elif self.stop_reason != Reason.CANCELLED and self.cancel_by is None and self.job.cancel_requested.is_set():
                 # Cancelled while another stop is under way: a short last chance for the results, then the end.
                 self.cancel_by = self.clock.monotonic() + _CANCEL_RECONNECT_SECONDS
                 job.emit(EventType.STOPPING, message=f"cancelled while stopping; the instance is ended within "
@@ -333,25 +334,25 @@ class RemoteRun(StopPolicy):
 
     def _on_record(self, r: Record) -> None:
         job, k = self.job, r.get("k")
-        if k == "out":  # the instance's data, shown inert: a stream of the two, text bounded by the job
+        if k == Kind.OUT:  # the instance's data, shown inert: a stream of the two, text bounded by the job
             job.remote_output("stderr" if r.get("s") == "stderr" else "stdout", str(r.get("d", "")))
-        elif k == "result" and isinstance(r.get("data"), dict):
+        elif k == Kind.RESULT and isinstance(r.get("data"), dict):
             self.shown = RemoteDisplay(r["data"])
-        elif k == "progress":
+        elif k == Kind.PROGRESS:
             job.emit(EventType.PROGRESS, percent=r.get("p"), message=r.get("m"))
-        elif k == "started":
+        elif k == Kind.STARTED:
             self.started = True
             job.emit(EventType.STARTED, instance_id=self.instance.instance_id if self.instance else None)
-        elif k == "error":
+        elif k == Kind.ERROR:
             self.remote_error = RemoteError(str(r.get("ename")), str(r.get("evalue", "")), list(r.get("tb") or []))
-        elif k == "setup-error":
+        elif k == Kind.SETUP_ERROR:
             self.setup_error = str(r.get("m"))
-        elif k == "note" and str(r.get("m", "")).startswith("stopping: "):
+        elif k == Kind.NOTE and str(r.get("m", "")).startswith(STOPPING):
             self.stop_confirmed = True
             if self.stop_reason is None:
-                self.stop_reason = str(r["m"]).removeprefix("stopping: ")
+                self.stop_reason = str(r["m"]).removeprefix(STOPPING)
                 job.emit(EventType.STOPPING, message=STOP_TEXT.get(self.stop_reason, self.stop_reason))
-        elif k == "exit":
+        elif k == Kind.EXIT:
             self.exit_record, self.stop_confirmed = r, True
             job.emit(EventType.SYNCING_DOWN, message=_describe_mounts([m for m in self.plan.mounts if m.rw]))
 

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
+from .agent import Reason
 from .events import EventType
 from .lifecycle_state import LifecycleState, StopRequested
 from .money import format_usd
@@ -32,11 +33,11 @@ def terminate_reserve(teardown_seconds: float) -> float:
     return teardown_seconds + 2 * TICK_SECONDS
 
 STOP_TEXT = {
-    "cancelled": "cancelled",
-    "budget": "reached its cost cap",
-    "deadline": "reached its maximum duration",
-    "lease": "the agent's lease lapsed (the client went silent)",
-    "agent-died": "the agent on the instance died",
+    Reason.CANCELLED: "cancelled",
+    Reason.BUDGET: "reached its cost cap",
+    Reason.DEADLINE: "reached its maximum duration",
+    Reason.LEASE: "the agent's lease lapsed (the client went silent)",
+    Reason.AGENT_DIED: "the agent on the instance died",
 }
 
 
@@ -46,11 +47,11 @@ class StopPolicy(LifecycleState):
     def _should_stop(self) -> str | None:
         """Why the agent should be asked to stop the job now (None: not yet)."""
         if self.job.cancel_requested.is_set():
-            return "cancelled"
+            return Reason.CANCELLED
         if self.first_launch is not None and self.clock.time() - self.first_launch > self.plan.max_seconds:
-            return "deadline"
+            return Reason.DEADLINE
         if self.meter().exhausted(reserve=self._reserve_seconds()):
-            return "budget"
+            return Reason.BUDGET
         return None
 
     def _must_end(self) -> str | None:
@@ -59,25 +60,25 @@ class StopPolicy(LifecycleState):
         agent never confirmed; a cancel's last chance is over. Checked after a stop and while results come back,
         so a first stop never switches the limits off."""
         if self.meter().exhausted(reserve=terminate_reserve(self.chosen.teardown_seconds)):
-            return "budget"
+            return Reason.BUDGET
         if self.first_launch is not None and \
                 self.clock.time() - self.first_launch > self.plan.max_seconds + self._reserve_seconds():
-            return "deadline"
+            return Reason.DEADLINE
         if self.stop_sent is not None and not self.stop_confirmed and self.exit_record is None \
                 and self.clock.monotonic() - self.stop_sent > STOP_GRACE_SECONDS:
             return "unconfirmed"
         if self.cancel_by is not None and self.clock.monotonic() > self.cancel_by:
-            return "cancelled"
+            return Reason.CANCELLED
         return None
 
     def _end_now(self, why: str) -> StopRequested:
         """The instance is ended through the provider (the teardown that follows): say why, and what is lost."""
-        reason = self.stop_reason or ("cancelled" if why == "unconfirmed" else why)
+        reason = self.stop_reason or (Reason.CANCELLED if why == "unconfirmed" else why)
         self.stop_reason = reason
-        text = {"budget": f"the cap ({format_usd(self.cap)}) leaves only the terminate",
-                "deadline": "the maximum duration is over",
+        text = {Reason.BUDGET: f"the cap ({format_usd(self.cap)}) leaves only the terminate",
+                Reason.DEADLINE: "the maximum duration is over",
                 "unconfirmed": f"the agent did not confirm the stop within {STOP_GRACE_SECONDS:.0f} s",
-                "cancelled": "a cancel's last chance is over"}[why]
+                Reason.CANCELLED: "a cancel's last chance is over"}[why]
         self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {text}; ending the instance through "
                       f"{self.chosen.name}'s API\n")
         self.lost = self._unsynced() if self.received is None else self.received.missing()
@@ -102,7 +103,7 @@ class StopPolicy(LifecycleState):
     def _check_budget(self) -> None:
         """While nothing else checks it (booting, unreachable): the cap and the maximum duration stop the job."""
         reason = self._should_stop()
-        if reason in ("budget", "deadline"):
+        if reason in (Reason.BUDGET, Reason.DEADLINE):
             raise StopRequested(reason)
 
     async def _within_budget(self, call: Callable[[], T]) -> T:
@@ -116,4 +117,4 @@ class StopPolicy(LifecycleState):
             return await asyncio.wait_for(work, timeout=left + 0.05)
         except asyncio.TimeoutError:
             # The thread finishes on its own; the teardown that follows ends the instance under it.
-            raise StopRequested(self._should_stop() or "budget") from None
+            raise StopRequested(self._should_stop() or Reason.BUDGET) from None

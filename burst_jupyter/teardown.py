@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import replace
 from decimal import Decimal
 
+from .agent import Reason
 from .errors import (
     BudgetKilled,
     BurstError,
@@ -44,7 +45,7 @@ class Teardown(LifecycleState):
         if isinstance(error, StopRequested):
             self.stop_reason, error = error.reason, None
         if isinstance(error, (asyncio.CancelledError, KeyboardInterrupt)):
-            self.stop_reason, error = "cancelled", None
+            self.stop_reason, error = Reason.CANCELLED, None
         total: Decimal | None = None
         confirmed = terminated_here = False
         if self.instance is None and self.launched_at is not None and not job.handed_off.is_set():
@@ -133,28 +134,28 @@ class Teardown(LifecycleState):
         recorded = (self.exit_record or {}).get("reason")
         # A cell that ended by itself before our stop reached it, with its results back, ended as it says.
         # (Not when results waited on this machine's disk until a stop: the stop ended the job, and says why.)
-        ended_itself = recorded in ("ok", "error") and self.received is not None and not self.lost
+        ended_itself = recorded in (Reason.OK, Reason.ERROR) and self.received is not None and not self.lost
         reason = recorded if ended_itself else (self.stop_reason or recorded)
         rc = (self.exit_record or {}).get("rc")
         if error is None and self.received is not None and self.received.over_limit:
             error = ResultsTooLarge(f"results over the limit: not brought back: {self.received.over_limit}")
         if error is not None:
             result.status, result.error = JobStatus.FAILED, error
-        elif reason == "cancelled":
+        elif reason == Reason.CANCELLED:
             result.status = JobStatus.CANCELLED
             if self.lost:  # cancelled while results waited for this machine's disk: the ledger says which
                 result.error = SyncError("cancelled" + self._lost_text())
-        elif reason == "budget":
+        elif reason == Reason.BUDGET:
             result.status = JobStatus.BUDGET_KILLED
             result.error = BudgetKilled(f"stopped at its cost cap ({format_usd(self.cap)})" + self._lost_text())
         elif self.setup_error is not None:
             result.status, result.error = JobStatus.FAILED, RemoteSetupError(self.setup_error)
-        elif reason in ("deadline", "lease"):
+        elif reason in (Reason.DEADLINE, Reason.LEASE):
             # Before remote_error: the stop reaches the cell as KeyboardInterrupt, an effect and not the cause.
             result.status, result.error = JobStatus.FAILED, BurstError(STOP_TEXT[str(reason)] + self._lost_text())
         elif self.remote_error is not None:
             result.status, result.error = JobStatus.FAILED, self.remote_error
-        elif reason == "agent-died":
+        elif reason == Reason.AGENT_DIED:
             result.status, result.error = JobStatus.FAILED, BurstError(STOP_TEXT[str(reason)])
         elif rc not in (0, None):
             result.status, result.error = JobStatus.FAILED, BurstError(f"the command exited with status {rc}")
