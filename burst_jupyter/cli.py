@@ -375,8 +375,7 @@ def _reap(session: Session, owned: OwnedInstance) -> int:
     from .reaper import reap
 
     print(f"job {owned.job_id}: its process (pid {owned.owner.pid} on {owned.owner.host}) is gone; ending it here")
-    (outcome,) = reap([owned], state=session.state, budget=session.budget, connections=session.connections,
-                      home=session.home, reason="burst kill")
+    (outcome,) = reap([owned], session.parts, reason="burst kill")
     if not outcome.terminated:
         print(f"burst: job {owned.job_id}: {outcome.problem}; `burst cleanup` tries again", file=sys.stderr)
         return 1

@@ -78,9 +78,12 @@ def open_private(path: Path, mode: str, **kwargs: Any) -> IO[Any]:
     return os.fdopen(os.open(path, flags, 0o600), mode, **kwargs)
 
 
+DB_NAME = "burst.sqlite3"  # in a state folder
+
+
 def db_path() -> Path:
     """The one SQLite file: owned instances and the ledger, shared by every kernel and the CLI."""
-    return burst_home() / "burst.sqlite3"
+    return burst_home() / DB_NAME
 
 
 def local_jobs_dir() -> Path:

@@ -25,19 +25,19 @@ from pathlib import Path
 
 from .agent import LAPSE_ARCHIVE, STOPPING, Control, Kind, Reason
 from .budget import Budget
-from .connections import Connections
 from .errors import BurstError
 from .job import cost_of
 from .keys import remove_job_key
 from .lifecycle_state import unsynced, utc
 from .meter import WALL_CLOCK, Clock, Meter
-from .paths import burst_home, db_path, logs_dir, open_private
+from .parts import InstallParts, open_parts
+from .paths import burst_home, logs_dir, open_private
 from .providers import build_provider
 from .providers.base import Capability, terminate_confirmed
 from .remote import AgentClient, AgentStream
 from .remote_run import REFETCH_SECONDS, fetch_results, read_results
 from .sinks import ResultSink, open_sink
-from .state import OwnedInstance, StateStore
+from .state import LIVE_STATES, OwnedInstance, StateStore
 from .stop_policy import STOP_GRACE_SECONDS, TICK_SECONDS, terminate_reserve
 from .sync_back import Received, receive_results, sweep_scratch
 
@@ -72,13 +72,11 @@ def spawn_reaper(job_ids: list[str], *, reason: str) -> int:
     return proc.pid
 
 
-def reap(owned: list[OwnedInstance], *, state: StateStore, budget: Budget, connections: Connections, home: Path,
-         reason: str, clock: Clock = WALL_CLOCK) -> list[Outcome]:
+def reap(owned: list[OwnedInstance], parts: InstallParts, *, reason: str, clock: Clock = WALL_CLOCK) -> list[Outcome]:
     """Finish each job (blocking): stop, sync back, terminate, confirm, settle. Never raises for one job."""
 
     def run() -> list[Outcome]:
-        return asyncio.run(_reap_all(owned, state=state, budget=budget, connections=connections, home=home,
-                                     reason=reason, clock=clock))
+        return asyncio.run(_reap_all(owned, parts, reason=reason, clock=clock))
 
     try:
         asyncio.get_running_loop()
@@ -89,22 +87,21 @@ def reap(owned: list[OwnedInstance], *, state: StateStore, budget: Budget, conne
         return pool.submit(run).result()
 
 
-async def _reap_all(owned: list[OwnedInstance], **kw: object) -> list[Outcome]:
-    return list(await asyncio.gather(*(_reap_safely(o, **kw) for o in owned)))
+async def _reap_all(owned: list[OwnedInstance], parts: InstallParts, *, reason: str, clock: Clock) -> list[Outcome]:
+    return list(await asyncio.gather(*(_reap_safely(o, parts, reason=reason, clock=clock) for o in owned)))
 
 
-async def _reap_safely(owned: OwnedInstance, **kw: object) -> Outcome:
+async def _reap_safely(owned: OwnedInstance, parts: InstallParts, *, reason: str, clock: Clock) -> Outcome:
     """One job's failure (no account for its provider any more, an API that is down) never stops the others."""
     try:
-        return await _reap_one(owned, **kw)  # type: ignore[arg-type]
+        return await _reap_one(owned, parts, reason=reason, clock=clock)
     except (BurstError, OSError) as exc:
         log.error("%s: could not be reaped: %s", owned.job_id, exc)
         return Outcome(owned.job_id, 0, False, None, f"could not be reaped: {exc}")
 
 
-async def _reap_one(owned: OwnedInstance, *, state: StateStore, budget: Budget, connections: Connections,
-                    home: Path, reason: str, clock: Clock) -> Outcome:
-    h = owned.handoff
+async def _reap_one(owned: OwnedInstance, parts: InstallParts, *, reason: str, clock: Clock) -> Outcome:
+    h, state, budget, connections, home = owned.handoff, parts.state, parts.budget, parts.connections, parts.home
     if h.provider_config is None:
         raise BurstError("its row records no provider configuration")
     provider = build_provider(h.provider_config, connections=connections, home=home)
@@ -354,15 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    state = StateStore(db_path())
-    owned = [o for o in (state.get(j) for j in args.job_ids) if o is not None and o.state in ("intent", "launched")]
-    log.info("reaping %s (%s)", ", ".join(o.job_id for o in owned) or "nothing", args.reason)
-    connections = Connections()
+    parts = open_parts(burst_home())
     try:
-        outcomes = reap(owned, state=state, budget=Budget(db_path()), connections=connections, home=burst_home(),
-                        reason=args.reason)
+        owned = [o for o in map(parts.state.get, args.job_ids) if o is not None and o.state in LIVE_STATES]
+        log.info("reaping %s (%s)", ", ".join(o.job_id for o in owned) or "nothing", args.reason)
+        outcomes = reap(owned, parts, reason=args.reason)
     finally:
-        connections.close_all()
+        parts.close()
     return 0 if all(o.terminated for o in outcomes) else 1
 
 

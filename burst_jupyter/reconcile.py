@@ -30,27 +30,25 @@ import datetime as dt
 import logging
 import os
 import threading
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .errors import one_line
 from .money import format_rate, format_usd
 from .paths import has_local_jobs, open_private, private_dir
-from .providers.base import Capability
 from .processes import pid_alive
+from .providers.base import Capability
 from .state import LIVE_STATES
 
 if TYPE_CHECKING:
-    from .budget import Budget
     from .config import Settings
-    from .connections import Connections
+    from .parts import InstallParts
     from .providers import ProviderConfig
     from .providers.base import Instance, Provider
     from .reaper import Outcome
-    from .session import Session
     from .state import OwnedInstance, StateStore
 
 __all__ = [
@@ -58,6 +56,7 @@ __all__ = [
     "CLEANUP",
     "WHILE_JOBS_RUN",
     "Finding",
+    "PassHost",
     "Reconciler",
     "Report",
     "announce",
@@ -171,17 +170,17 @@ def _duration(seconds: float) -> str:
 
 @dataclass
 class Reconciler:
-    """One pass over ``providers`` against the state store, from plain parts: a session, the CLI and the load-time
-    thread each bring their own."""
+    """One pass over ``providers`` against the state store, from plain parts: a session and the load-time thread
+    each bring their own."""
 
-    state: StateStore
-    budget: Budget
-    connections: Connections
-    home: Path
-    tag: str
+    parts: InstallParts
     providers: Mapping[str, Provider]
     #: Jobs of this process that have ended: a live row of theirs has nobody left to finish it.
     finished: Collection[str] = ()
+
+    @property
+    def state(self) -> StateStore:
+        return self.parts.state
 
     async def run(self, *, reason: str, dry_run: bool = False) -> Report:
         at = dt.datetime.now(dt.timezone.utc)
@@ -216,7 +215,7 @@ class Reconciler:
 
     async def _list_all(self) -> tuple[dict[str, list[Instance]], dict[str, str]]:
         names = list(self.providers)
-        answers = await asyncio.gather(*(asyncio.wait_for(self.providers[n].list_owned(self.tag), _LIST_TIMEOUT)
+        answers = await asyncio.gather(*(asyncio.wait_for(self.providers[n].list_owned(self.parts.tag), _LIST_TIMEOUT)
                                          for n in names), return_exceptions=True)
         listed: dict[str, list[Instance]] = {}
         errors: dict[str, str] = {}
@@ -301,8 +300,7 @@ class Reconciler:
         """The reaper's work on one row (in a thread; a failure comes back as the outcome's problem)."""
         from .reaper import reap
 
-        (outcome,) = reap([o], state=self.state, budget=self.budget, connections=self.connections, home=self.home,
-                          reason=reason)
+        (outcome,) = reap([o], self.parts, reason=reason)
         return outcome
 
     # -- leaked instances -----------------------------------------------------------------------------------
@@ -358,7 +356,7 @@ class Reconciler:
             await self._db(self.state.mark_terminated, row.job_id)
         if inst.job_id is not None and (row is None or not row.owner.is_alive()):
             # (A live owner may be about to launch the job's next attempt with that key; it removes it itself.)
-            await asyncio.to_thread(remove_job_key, self.home / "keys", inst.job_id)
+            await asyncio.to_thread(remove_job_key, self.parts.home / "keys", inst.job_id)
         if Capability.RENTED in provider.capabilities:
             await asyncio.to_thread(self._settle, finding, inst, row, ended_at, reason)
         log.info("%s %s (job %s) ended: leaked, %s", name, inst.instance_id, inst.job_id, finding.why)
@@ -369,9 +367,9 @@ class Reconciler:
         """A ledger row for what the leak billed, unless its job has one already: a job that settled billed its
         instances until their terminate was confirmed, and a second row would count that time twice."""
         job_id = inst.job_id or f"{f.provider}-{inst.instance_id}"
-        if any(r.job_id == job_id for r in self.budget.rows()):
+        if any(r.job_id == job_id for r in self.parts.budget.rows()):
             return
-        self.budget.settle(
+        self.parts.budget.settle(
             job_id, provider=f.provider, instance_id=inst.instance_id, gpu=inst.gpu_model or "",
             rate_usd_per_hour=f.rate_usd_per_hour or Decimal(0), started_at=f.since or ended_at, ended_at=ended_at,
             actual_usd=f.cost_usd, status="leaked", name=row.handoff.name if row else None,
@@ -401,15 +399,21 @@ _unseen: list[Report] = []
 _background: threading.Thread | None = None
 
 
-async def _session_pass(session: Session, *, reason: str, dry_run: bool = False) -> Report:
-    providers = providers_to_ask(session.settings, session.provider, session.home)
-    finished = {j.id for j in list(session.jobs.values()) if j.done()}
-    return await Reconciler(state=session.state, budget=session.budget, connections=session.connections,
-                            home=session.home, tag=session.tag, providers=providers,
-                            finished=finished).run(reason=reason, dry_run=dry_run)
+class PassHost(Protocol):
+    """What a pass in a session needs of it (a :class:`~burst_jupyter.session.Session`)."""
+
+    home: Path
+
+    def reconciler(self) -> Reconciler: ...
+
+    def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T: ...
 
 
-def run_in_session(session: Session, *, dry_run: bool = False, reason: str = CLEANUP) -> Report:
+async def _session_pass(host: PassHost, *, reason: str, dry_run: bool = False) -> Report:
+    return await host.reconciler().run(reason=reason, dry_run=dry_run)
+
+
+def run_in_session(host: PassHost, *, dry_run: bool = False, reason: str = CLEANUP) -> Report:
     """Blocking (Ctrl-C cancels): after the load-time pass, and what it found is printed, one pass on the
     session's loop."""
     wait_background()
@@ -417,25 +421,25 @@ def run_in_session(session: Session, *, dry_run: bool = False, reason: str = CLE
     while not _busy.acquire(timeout=0.2):
         pass
     try:
-        report = session.run_sync(_session_pass(session, reason=reason, dry_run=dry_run))
+        report = host.run_sync(_session_pass(host, reason=reason, dry_run=dry_run))
     finally:
         _busy.release()
-    _record(report, session.home)
+    _record(report, host.home)
     return report
 
 
-async def periodic_pass(session: Session) -> None:
+async def periodic_pass(host: PassHost) -> None:
     """One pass from the session's periodic task. Never raises: the next one tries again."""
     if not _busy.acquire(blocking=False):
         return  # a cleanup or the load-time pass is at it right now
     try:
-        report = await _session_pass(session, reason=WHILE_JOBS_RUN)
+        report = await _session_pass(host, reason=WHILE_JOBS_RUN)
     except Exception as exc:
         log.exception("reconciliation while jobs ran failed")
         report = Report(WHILE_JOBS_RUN, False, dt.datetime.now(dt.timezone.utc), errors={"reconcile": one_line(exc)})
     finally:
         _busy.release()
-    await asyncio.to_thread(_record, report, session.home, tell=True)
+    await asyncio.to_thread(_record, report, host.home, tell=True)
 
 
 def start_background() -> threading.Thread:
@@ -468,32 +472,26 @@ def _background_pass() -> None:
 
 
 def _standalone_pass(home: Path) -> Report:
-    from .budget import Budget
     from .config import load_settings
-    from .connections import Connections
-    from .paths import db_path
+    from .parts import open_parts
     from .providers import build_provider
-    from .session import install_tag
-    from .state import StateStore
 
     settings = load_settings(project=False)  # accounts only: the user's, whatever this folder's pyproject says
-    state, budget, connections = StateStore(db_path()), Budget(db_path()), Connections()
+    parts = open_parts(home)
     try:
         providers = providers_to_ask(
-            settings, lambda cfg: build_provider(cfg, connections=connections, home=home, settings=settings), home)
+            settings, lambda cfg: build_provider(cfg, connections=parts.connections, home=home, settings=settings),
+            home)
 
         async def run() -> Report:
             try:
-                return await Reconciler(state=state, budget=budget, connections=connections, home=home,
-                                        tag=install_tag(home), providers=providers).run(reason=AT_LOAD)
+                return await Reconciler(parts, providers).run(reason=AT_LOAD)
             finally:
                 await asyncio.gather(*(p.aclose() for p in providers.values()), return_exceptions=True)
 
         return asyncio.run(run())
     finally:
-        connections.close_all()
-        state.close()
-        budget.close()
+        parts.close()
 
 
 def _record(report: Report, home: Path, *, tell: bool = False) -> None:

@@ -31,7 +31,7 @@ from .money import format_rate, format_usd
 from .offer_book import OfferBook, SearchResult
 from .options import JOB_OPTIONS
 from .output import output_log_path
-from .paths import burst_home, db_path, open_private, secure_home
+from .paths import burst_home, secure_home
 from .providers import REGISTRY, ProviderConfig, build_provider, is_marketplace, marketplaces, offering
 from .providers.accounts import accounts, require_account
 from .providers.base import Capability, Offer, OfferQuery, OfferRef, Provider
@@ -44,6 +44,7 @@ from .variables import check_pulls, pack_push
 if TYPE_CHECKING:
     from .budget import Budget
     from .connections import Connections
+    from .reconcile import Reconciler
     from .state import Owner, StateStore
 
 __all__ = ["PROVIDER_NAMES", "DryRun", "Session"]
@@ -58,35 +59,22 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:24] or "job"
 
 
-def install_tag(home: Path) -> str:
-    """This install's owner tag, put on everything it rents so reconciliation finds it at the provider."""
-    path = home / "install-id"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        tag = f"burst-{secrets.token_hex(4)}"
-        with open_private(path, "w") as file:
-            file.write(tag + "\n")
-        return tag
-
-
 class Session:
     _current: Session | None = None
     _current_lock = threading.Lock()
 
     def __init__(self, *, settings: Settings | None = None, home: Path | None = None) -> None:
-        from .budget import Budget
-        from .connections import Connections
-        from .state import Owner, StateStore
+        from .parts import open_parts
+        from .state import Owner
 
-        self.home = secure_home(home) if home else burst_home()
+        home = secure_home(home) if home else burst_home()
         self.settings = settings if settings is not None else load_settings()
-        path = self.home / db_path().name if home else db_path()
-        self.budget: Budget = Budget(path, config_caps=budget_caps(self.settings))
-        self.state: StateStore = StateStore(path)
-        self.connections: Connections = Connections()
+        self.parts = open_parts(home, caps=budget_caps(self.settings))  # also what its reconciliation passes use
+        self.home, self.tag = home, self.parts.tag
+        self.budget: Budget = self.parts.budget
+        self.state: StateStore = self.parts.state
+        self.connections: Connections = self.parts.connections
         self.owner: Owner = Owner.current()
-        self.tag = install_tag(self.home)
         self.jobs: dict[str, Job] = {}
         self._rotations: dict[tuple[str, ...], itertools.count[int]] = {}
         self._providers: dict[ProviderConfig, Provider] = {}
@@ -181,6 +169,14 @@ class Session:
             await asyncio.sleep(self.settings.reconcile_interval_seconds)
             if self.live_jobs():
                 await periodic_pass(self)
+
+    def reconciler(self) -> Reconciler:
+        """A reconciliation pass of this session: its parts, every provider with an account (built once, as for
+        its jobs), and its jobs that have ended."""
+        from .reconcile import Reconciler, providers_to_ask
+
+        return Reconciler(self.parts, providers_to_ask(self.settings, self.provider, self.home),
+                          finished={j.id for j in list(self.jobs.values()) if j.done()})
 
     def plan(self, spec: JobSpec, *, namespace: Mapping[str, Any], dry_run: bool = False) -> JobPlan:
         """Every check that needs no provider call: bad input fails here, with one clear line. A ``dry_run``

@@ -20,11 +20,11 @@ from marketplaces import Markets
 
 from burst_jupyter import JobSpec
 from burst_jupyter.connections import Connections
+from burst_jupyter.parts import install_tag
 from burst_jupyter.paths import burst_home as home_dir
 from burst_jupyter.providers import ProviderConfig, build_provider
 from burst_jupyter.providers._boot_watchdog import START_SCRIPT_LIMIT
 from burst_jupyter.providers.base import REMOTE_JOB_ROOT, BootWatch, OfferQuery
-from burst_jupyter.session import install_tag
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 

@@ -28,8 +28,8 @@ import burst_jupyter as burst
 from burst_jupyter import EventType, JobSpec, JobStatus, cli, reconcile
 from burst_jupyter.budget import Budget
 from burst_jupyter.handoff import Handoff
+from burst_jupyter.parts import install_tag
 from burst_jupyter.paths import burst_home as home_dir
-from burst_jupyter.session import install_tag
 from burst_jupyter.state import Owner, StateStore
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
