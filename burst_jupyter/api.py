@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .budget import LedgerTable
     from .job import Job, JobResult
     from .offer_book import ProvidersStatus
-    from .reconcile import Report
+    from .reconcile_report import Report
     from .widgets import BudgetBars
     from .widgets.offer_browser import OfferBrowser
 
