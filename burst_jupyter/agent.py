@@ -112,6 +112,7 @@ class Control:
     STOP = "stop"  # ``stop REASON``: stop the cell (a Reason of Reason.STOPS; anything else is a cancel)
     DESTROY = "destroy"  # once the results are in: remove the job, answered on the channel (GONE or STILL_THERE)
 
+
 LAPSE_ARCHIVE = "lapse-results.tar"  # what a lapse uploads to the result sink: the same tar ``results`` sends
 VALUES_MAGIC = b"burst-values-1\n"  # the first line of values.out.pkl (write_values), the --pull variables
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import pkgutil
@@ -11,6 +12,7 @@ import types
 from pathlib import Path
 
 import burst_jupyter
+from burst_jupyter import agent
 
 
 def test_no_submodule_shadows_a_public_name() -> None:
@@ -41,3 +43,16 @@ def test_load_ext_imports_no_heavy_dependency(tmp_path: Path) -> None:
                          cwd=tmp_path).stdout
     lines = out.splitlines()
     assert lines and lines[-1] == "", lines  # the last line lists what was imported: nothing
+
+
+def test_the_agent_is_one_file_of_the_standard_library() -> None:
+    """agent.py runs alone on the instance (BOOT execs its source from stdin): it imports nothing of this package
+    and nothing from outside the standard library, but for cloudpickle where the instance has it (a --pull value
+    pickle cannot write). The client imports the protocol's names from it, never the other way round."""
+    tree = ast.parse(Path(agent.__file__).read_text())
+    relative = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module}
+    assert relative == [] and modules - sys.stdlib_module_names == {"cloudpickle"}
