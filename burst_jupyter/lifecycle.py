@@ -7,9 +7,11 @@ first of the four layers against a leaked instance: whatever happened, a launche
 confirmed gone and settled. A preempted instance is ended and billed as an attempt of its own, and with
 ``--retries`` the job relaunches on the next offer.
 
-:class:`Lifecycle` holds only that order; its phases are the classes it inherits, each in a module of its own:
-provisioning.py (rent, boot, relaunch), remote_run.py (the run on the instance, to its results) and teardown.py
-(always), over stop_policy.py (when a job stops) and lifecycle_state.py (what they all share).
+:class:`Lifecycle` holds only that order. The job's run (lifecycle_state.py) holds its money and its current
+:class:`~burst_jupyter.machine.Machine` and :class:`~burst_jupyter.attempt.Attempt`; the phases are parts of
+their own over it: provisioning.py (rent, boot, relaunch), remote_run.py (the run on the machine, to its
+results) and teardown.py (always), with the pure decisions in stop_policy.py (when to stop), attempt.py (what a
+record means) and outcome.py (how the job ended).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import asyncio
 
 from .errors import Preempted
 from .events import EventType
-from .job import JobResult
+from .job import Job, JobResult
+from .lifecycle_state import JobRun
+from .machine import JobParts
 from .provisioning import Provisioning
 from .remote_run import RemoteRun
 from .teardown import Teardown
@@ -26,35 +30,43 @@ from .teardown import Teardown
 __all__ = ["Lifecycle"]
 
 
-class Lifecycle(Provisioning, RemoteRun, Teardown):
-    """Runs one job. Injected: the budget, the state store, the connection pool, who owns it."""
+class Lifecycle:
+    """Runs one job on the machines it rents. Injected (``parts``): the budget, the state store, the connection
+    pool, who owns it, the clock."""
+
+    def __init__(self, job: Job, parts: JobParts) -> None:
+        self.run_state = JobRun(job=job, parts=parts)
+        self.provisioning = Provisioning(self.run_state)
+        self.remote = RemoteRun(self.run_state)
+        self.teardown = Teardown(self.run_state)
 
     async def run(self) -> JobResult:
-        job, plan = self.job, self.plan
+        run = self.run_state
+        job, plan = run.job, run.plan
         error: BaseException | None = None
         reserved = False
         try:
             job.emit(EventType.QUEUED, max_cost_usd=plan.cap_usd, provider=", ".join(plan.providers))
-            offers = await self._select_offer()
+            offers = await self.provisioning.select_offer()
             reservation = await asyncio.to_thread(
-                self.budget.reserve, job_id=job.id, name=plan.spec.name, provider=self.chosen.name,
-                gpu=offers[0].gpu_model or "", amount=plan.worst_case(self.cap, offers))
+                run.parts.budget.reserve, job_id=job.id, name=plan.spec.name, provider=run.chosen.name,
+                gpu=offers[0].gpu_model or "", amount=plan.worst_case(run.cap, offers))
             reserved = True
-            job.emit(EventType.BUDGET_RESERVED, max_cost_usd=self.cap)
+            job.emit(EventType.BUDGET_RESERVED, max_cost_usd=run.cap)
             for warning in reservation.warnings:
                 job.emit(EventType.BUDGET_WARNING, message=warning)
-            self.retries_left = plan.spec.retries
+            run.retries_left = plan.spec.retries
             while True:
-                self._check_cancel()
-                await self._launch(offers)
+                run.check_cancel()
+                await self.provisioning.launch(offers)
                 try:
-                    await self._run_remote()
+                    await self.remote.start()
                     break
                 except Preempted as exc:
-                    offers = await self._after_preemption(exc)
+                    offers = await self.provisioning.after_preemption(exc)
         except BaseException as exc:
             error = exc
         finally:
-            result = await self._teardown(error, reserved)
+            result = await self.teardown(error, reserved)
         job._finish(result)
         return result

@@ -1,33 +1,34 @@
-"""What a job's :class:`~burst_jupyter.lifecycle.Lifecycle` knows as it goes (:class:`LifecycleState`): the
-injected parts, the chosen provider, offer and instance, the money so far, what the agent said; and the few helpers
-every phase shares (its meter, the handoff a reaper works from, the agent client, a cancel check)."""
+"""One job's run as it goes (:class:`JobRun`), shared by its phases (provisioning.py, remote_run.py, teardown.py):
+the job and its injected :class:`~burst_jupyter.machine.JobParts`, its money (the cap, what earlier machines cost),
+the current :class:`~burst_jupyter.machine.Machine` and :class:`~burst_jupyter.attempt.Attempt`, and the few
+helpers every phase shares (the limits now, the handoff a reaper works from, a cancel check, a stop through the
+provider's API)."""
 
 from __future__ import annotations
 
-import datetime as dt
+import asyncio
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 from .agent import Reason
-from .errors import RemoteError
+from .attempt import Attempt
+from .events import EventType
 from .handoff import Handoff
 from .job import Job, JobPlan
 from .keys import JobKey
-from .meter import WALL_CLOCK, Clock, Meter
-from .output import RemoteDisplay
-from .providers.base import Instance, Offer, Provider
-from .remote import AgentClient, Record
+from .machine import JobParts, Machine
+from .meter import Clock, Meter, utc
+from .money import format_usd
+from .providers.base import Provider
+from .stop_policy import STOP_GRACE_SECONDS, Limits
 from .sync import MountPlan
-from .sync_back import Received
 
-if TYPE_CHECKING:
-    from .budget import Budget
-    from .connections import Connections
-    from .state import Owner, StateStore
+__all__ = ["JobRun", "StopRequested", "unsynced"]
 
-__all__ = ["LifecycleState", "StopRequested", "unsynced", "utc"]
+T = TypeVar("T")
 
 
 class StopRequested(Exception):
@@ -37,42 +38,21 @@ class StopRequested(Exception):
 
 
 @dataclass
-class LifecycleState:
-    """The state of one job's lifecycle, shared by its phases (provisioning, the remote run, the teardown)."""
+class JobRun:
+    """The state of one job's run. The machine and the attempt are replaced as the job moves on, never reset."""
 
     job: Job
-    budget: Budget
-    state: StateStore
-    connections: Connections
-    owner: Owner
-    reconnect_timeout: float = 300.0
-    terminate_timeout: float = 120.0
-    # filled as the job goes
-    provider: Provider | None = None  # the chosen one
-    instance: Instance | None = None
-    offer: Offer | None = None
-    cap: Decimal = Decimal(0)
-    rate: Decimal = Decimal(0)
-    spent: Decimal = Decimal(0)  # what earlier attempts cost (never booted, or preempted): billed on rows of their own
-    key: JobKey | None = None
-    clock: Clock = WALL_CLOCK  # what money and the maximum duration run on: the provider bills on the wall clock
-    launched_at: float | None = None  # clock seconds, at the create request of the current attempt
+    parts: JobParts
+    cap: Decimal = Decimal(0)  # decided once the offer is chosen (job.decide_cap)
+    spent: Decimal = Decimal(0)  # what earlier machines cost (never booted, or preempted): billed on rows of their own
     first_launch: float | None = None  # clock seconds, at the first create request: the job's duration counts from it
-    attempt: int = 1  # instances rented so far for this job, counting the current one; one ledger row each
+    machine: Machine | None = None  # the one chosen, renting, running or just ended
+    attempt: Attempt = field(default_factory=Attempt)
+    key: JobKey | None = None  # the job's own SSH key (marketplaces), for each machine it rents
     retries_left: int = 0  # relaunches still allowed after a preemption (--retries)
     tried: set[str] = field(default_factory=set)  # PROVIDER:OFFER_ID already rented and lost
     recorded: bool = False  # the state store has this job's row (intent first, then one per attempt)
-    started: bool = False
-    stop_reason: str | None = None
-    stop_sent: float | None = None  # monotonic, when this client sent its stop (its grace counts from here)
-    stop_confirmed: bool = False  # the agent said it is stopping (or the cell ended)
-    cancel_by: float | None = None  # monotonic: a cancel that came while stopping ends the instance by then
-    remote_error: RemoteError | None = None
-    setup_error: str | None = None
-    exit_record: Record | None = None
-    received: Received | None = None
     said: set[str] = field(default_factory=set)  # notes on results already shown in the job view
-    shown: RemoteDisplay | None = None  # the cell's value, as the notebook would show it
     lost: str | None = None  # what never came back when the job had to end with its instance unreachable
     sync_up_seconds: float = 0.0
     # One results transfer at a time writes into the local rw folders: a --sync-every pull or the final results.
@@ -83,46 +63,87 @@ class LifecycleState:
         return self.job.plan
 
     @property
-    def chosen(self) -> Provider:
-        assert self.provider is not None
-        return self.provider
+    def clock(self) -> Clock:
+        return self.parts.clock
 
     @property
-    def launched_wall(self) -> dt.datetime | None:
-        """The current attempt's create request, for its ledger row."""
-        return None if self.launched_at is None else utc(self.launched_at)
+    def on(self) -> Machine:
+        """The current machine (chosen, at least)."""
+        assert self.machine is not None
+        return self.machine
+
+    @property
+    def chosen(self) -> Provider:
+        return self.on.provider
 
     def meter(self) -> Meter:
-        return Meter(rate=self.rate, cap=self.cap, since=self.launched_at, spent=self.spent, clock=self.clock)
+        if self.machine is None:
+            return Meter(rate=Decimal(0), cap=self.cap, since=None, spent=self.spent, clock=self.clock)
+        return self.machine.meter(cap=self.cap, spent=self.spent)
 
     def cost_so_far(self) -> Decimal:
         return self.meter().cost()
 
-    def _check_cancel(self) -> None:
+    def limits(self) -> Limits:
+        """The job's limits now (pure decisions, on the injected clock)."""
+        return Limits(meter=self.meter(), first_launch=self.first_launch, max_seconds=self.plan.max_seconds,
+                      teardown_seconds=self.chosen.teardown_seconds, sync_up_seconds=self.sync_up_seconds)
+
+    def note(self, text: str) -> None:
+        """One line of this client's own in the job's output."""
+        self.job.emit(EventType.OUTPUT, stream="stderr", text=f"burst: {text}\n")
+
+    def check_cancel(self) -> None:
         if self.job.cancel_requested.is_set() or self.job.handed_off.is_set():
             raise StopRequested(Reason.CANCELLED)
 
-    def _handoff(self) -> Handoff:
+    def check_budget(self) -> None:
+        """While nothing else checks it (booting, unreachable): the cap and the maximum duration stop the job."""
+        reason = self.limits().out_of_time_or_money(cancelled=self.job.cancel_requested.is_set())
+        if reason is not None:
+            raise StopRequested(reason)
+
+    async def within_budget(self, call: Callable[[], T]) -> T:
+        """A blocking call (an SSH handshake may hang for its whole timeout) that the cap or the maximum
+        duration may cut short: the instance bills meanwhile, so we stop waiting for it when they say stop."""
+        left = self.limits().seconds_left()
+        work = asyncio.to_thread(call)
+        if left is None:
+            return await work
+        try:
+            return await asyncio.wait_for(work, timeout=left + 0.05)
+        except asyncio.TimeoutError:
+            # The thread finishes on its own; the teardown that follows ends the instance under it.
+            raise StopRequested(self.should_stop() or Reason.BUDGET) from None
+
+    def should_stop(self) -> str | None:
+        """Why the agent should be asked to stop the job now (None: not yet)."""
+        return self.limits().should_stop(cancelled=self.job.cancel_requested.is_set())
+
+    def end_now(self, why: str) -> StopRequested:
+        """The instance is ended through the provider (the teardown that follows): say why, and what is lost."""
+        attempt = self.attempt
+        reason = attempt.stop_reason or (Reason.CANCELLED if why == "unconfirmed" else why)
+        attempt.stop_reason = reason
+        text = {Reason.BUDGET: f"the cap ({format_usd(self.cap)}) leaves only the terminate",
+                Reason.DEADLINE: "the maximum duration is over",
+                "unconfirmed": f"the agent did not confirm the stop within {STOP_GRACE_SECONDS:.0f} s",
+                Reason.CANCELLED: "a cancel's last chance is over"}[why]
+        self.note(f"{text}; ending the instance through {self.chosen.name}'s API")
+        self.lost = self.unsynced() if attempt.received is None else attempt.received.missing()
+        return StopRequested(reason)
+
+    def handoff(self) -> Handoff:
         # What bounds a reaper's wait on the agent: the cap, what earlier attempts spent, the maximum duration.
         return replace(self.plan.handoff, provider_config=self.plan.configs[self.chosen.name], max_cost_usd=self.cap,
                        spent_usd=self.spent, max_seconds=self.plan.max_seconds, first_launch=self.first_launch)
 
-    def _billing_handoff(self, since: dt.datetime) -> Handoff:
-        """The handoff with what the attempt bills, for a row that has no instance recorded yet: a kernel that
-        dies during the create leaves cleanup only this, and an instance that was made bills from ``since``."""
-        return replace(self._handoff(), rate=self.rate, attempt=self.attempt,
-                       gpu=self.offer.gpu_model if self.offer else None, launched_at=since)
+    def billing_handoff(self, since: float) -> Handoff:
+        """The handoff with what the machine bills, for a row that has no instance recorded yet."""
+        return replace(self.handoff(), **self.on.billing(utc(since), self.attempt.number))
 
-    def _client(self) -> AgentClient:
-        assert self.instance is not None and self.instance.endpoint is not None
-        return self.connections.agent(self.instance.endpoint, self.instance.python, self.instance.workdir)
-
-    def _unsynced(self) -> str | None:
+    def unsynced(self) -> str | None:
         return unsynced(self.plan.mounts, self.plan.spec.pull)
-
-
-def utc(seconds: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
 
 
 def unsynced(mounts: list[MountPlan], pull: list[str]) -> str | None:

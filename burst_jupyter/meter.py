@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -28,7 +29,7 @@ from typing import Protocol
 
 from .job import cost_of
 
-__all__ = ["WALL_CLOCK", "Clock", "Meter", "WallClock"]
+__all__ = ["WALL_CLOCK", "Clock", "Meter", "WallClock", "utc"]
 
 
 class Clock(Protocol):
@@ -85,3 +86,8 @@ class Meter:
             return None
         money = self.cap - self.cost() - cost_of(self.rate, reserve)
         return max(float(money / self.rate) * 3600, 0.0)
+
+
+def utc(seconds: float) -> dt.datetime:
+    """Wall-clock seconds (a :class:`Clock`'s ``time()``) as the UTC time a ledger row keeps."""
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)

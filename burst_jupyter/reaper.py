@@ -28,8 +28,8 @@ from .budget import Budget
 from .errors import BurstError
 from .job import cost_of
 from .keys import remove_job_key
-from .lifecycle_state import unsynced, utc
-from .meter import WALL_CLOCK, Clock, Meter
+from .lifecycle_state import unsynced
+from .meter import WALL_CLOCK, Clock, Meter, utc
 from .parts import InstallParts, open_parts
 from .paths import burst_home, logs_dir, open_private
 from .providers import build_provider

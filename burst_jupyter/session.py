@@ -26,6 +26,7 @@ from .handoff import Handoff
 from .job import Job, JobPlan, check_cap, job_cap
 from .job_log import JobLogWriter
 from .lifecycle import Lifecycle
+from .machine import JobParts
 from .meter import WALL_CLOCK, Clock
 from .money import format_rate, format_usd
 from .offer_book import OfferBook, SearchResult
@@ -146,8 +147,7 @@ class Session:
         job = Job(plan, self.loop, output_log=output_log_path(log.path.parent, plan.job_id))
         job.add_listener(log)  # `burst show` reads the job from any process
         self.jobs[job.id] = job
-        lifecycle = Lifecycle(job=job, budget=self.budget, state=self.state, connections=self.connections,
-                              owner=self.owner, clock=self.clock)
+        lifecycle = Lifecycle(job, JobParts(install=self.parts, owner=self.owner, clock=self.clock))
         asyncio.run_coroutine_threadsafe(lifecycle.run(), self.loop)
         self.loop.call_soon_threadsafe(self._watch)
         return job
