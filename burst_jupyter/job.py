@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .sinks import ResultSink
     from .spec import JobSpec
 
-__all__ = ["MIN_BILLABLE_SECONDS", "Job", "JobPlan", "JobResult", "JobStatus", "check_cap", "cost_of", "job_cap"]
+__all__ = ["MIN_BILLABLE_SECONDS", "Job", "JobPlan", "JobResult", "JobStatus", "check_cap", "cost_of", "decide_cap"]
 
 _MICRO = Decimal("0.000001")
 # What a job needs beyond its own run time to start and stop: the cap must buy at least this much.
@@ -59,13 +59,18 @@ def cost_of(rate: Decimal, seconds: float) -> Decimal:
     return (rate * Decimal(repr(max(seconds, 0.0))) / 3600).quantize(_MICRO, rounding=ROUND_CEILING)
 
 
-def job_cap(max_cost: Decimal | None, rate: Decimal, max_seconds: float) -> Decimal:
-    """The job's finite cap: ``--max-cost``, else the rate for the whole maximum duration."""
-    return max_cost if max_cost is not None else cost_of(rate, max_seconds)
+def decide_cap(max_cost: Decimal | None, rate: Decimal, max_seconds: float, teardown_seconds: float) -> Decimal:
+    """The job's finite cap, decided here only: ``--max-cost``, else the rate for the whole maximum duration; one
+    clear line (:class:`ConfigError`) when it buys too little to start and stop a job at ``rate``. A declared rate
+    (local, ssh) decides it when the job is planned; a marketplace's when its offer is chosen."""
+    cap = max_cost if max_cost is not None else cost_of(rate, max_seconds)
+    check_cap(cap, rate, teardown_seconds)
+    return cap
 
 
 def check_cap(cap: Decimal, rate: Decimal, teardown_seconds: float) -> None:
-    """Refuse a cap too small to start and stop a job at ``rate``: one clear line, before anything is rented."""
+    """Refuse a cap too small to start and stop a job at ``rate``: one clear line, before anything is rented (and
+    again when a machine bills another rate than quoted, or a relaunch has only what is left of the cap)."""
     if rate > 0 and cap < cost_of(rate, MIN_BILLABLE_SECONDS + teardown_seconds):
         raise ConfigError(f"--max-cost ${cap} buys only {float(cap / rate * 3600):.0f} s at {format_rate(rate)}/h, "
                           f"too little to start and stop a job")
@@ -145,9 +150,8 @@ class JobPlan:
                           f"{' (spot)' if spec.spot else ''}{limit}{why}")
 
     def decide_cap(self, offer: Offer, teardown_seconds: float) -> Decimal:
-        cap = job_cap(self.cap_usd, offer.price_usd_per_hour, self.max_seconds)
-        check_cap(cap, offer.price_usd_per_hour, teardown_seconds)
-        return cap
+        """The job's cap on ``offer`` (:func:`decide_cap`): ``cap_usd`` when the plan fixed it."""
+        return decide_cap(self.cap_usd, offer.price_usd_per_hour, self.max_seconds, teardown_seconds)
 
     def worst_case(self, cap: Decimal, offers: list[Offer]) -> Decimal:
         """What the budget holds for the job before it runs: its cap, but $0 on the user's own machines at a

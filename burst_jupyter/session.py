@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .config import Settings, budget_caps, load_settings
 from .errors import ConfigError
 from .handoff import Handoff
-from .job import Job, JobPlan, check_cap, job_cap
+from .job import Job, JobPlan, decide_cap
 from .job_log import JobLogWriter
 from .lifecycle import Lifecycle
 from .machine import JobParts
@@ -211,8 +211,7 @@ class Session:
         if not rented:
             # The rate is declared (local, ssh): the cap is known now, and so is whether it buys enough.
             (config,) = configs.values()
-            cap = job_cap(cap, config.rate, minutes * 60.0)
-            check_cap(cap, config.rate, next(iter(providers.values())).teardown_seconds)
+            cap = decide_cap(cap, config.rate, minutes * 60.0, next(iter(providers.values())).teardown_seconds)
         job_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
         handoff = Handoff(name=spec.name, tag=self.tag, mounts=[m.to_json() for m in mounts],
                           max_results=spec.max_results_bytes)
