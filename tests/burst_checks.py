@@ -12,6 +12,7 @@ import inspect
 import sqlite3
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -168,6 +169,42 @@ def wait_until(condition: Callable[[], bool], what: str, *, limit: float = 60.0)
         if time.monotonic() > deadline:
             raise AssertionError(f"never happened: {what}")
         time.sleep(0.02)
+
+
+class MoneyClock:
+    """The session's clocks (:class:`burst_jupyter.meter.Clock`) for a test about a cap: the wall clock, which money
+    runs on, stands still until the test moves it on, and waits keep the real monotonic clock. The test moves the
+    money to the point it is about instead of waiting real seconds for it."""
+
+    def __init__(self) -> None:
+        self._now = time.time()
+        self._lock = threading.Lock()
+
+    def time(self) -> float:
+        with self._lock:
+            return self._now
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+    def advance_once(self, ready: Callable[[], bool], seconds: float) -> None:
+        """From a thread of its own (the test's own waits on the job): once ``ready()``, move the money on."""
+        def run() -> None:
+            wait_until(ready, "the moment to move the money on")
+            self.advance(seconds)
+
+        threading.Thread(target=run, name="money-clock", daemon=True).start()
+
+
+def job_event(type: Any, text: str = "") -> Callable[[], bool]:
+    """Whether a job of this process has had an event of ``type`` (with ``text`` in its text)."""
+    import burst_jupyter as burst
+
+    return lambda: any(e.type is type and text in (e.text or "") for job in burst.jobs() for e in job.events)
 
 
 def usage_line(result: Any) -> str:

@@ -12,11 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from burst_checks import ledger_rows, live_instances, local_jobdirs, open_reservations, state_row_count
+from burst_checks import (
+    MoneyClock,
+    job_event,
+    ledger_rows,
+    live_instances,
+    local_jobdirs,
+    open_reservations,
+    state_row_count,
+)
 
 import burst_jupyter as burst
 from burst_jupyter import BurstError, ConfigError, EventType, Job, JobResult, JobSpec, JobStatus, RemoteError
 from burst_jupyter.errors import BudgetExceededError, BudgetKilled, VariableError
+from burst_jupyter.session import Session
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -109,6 +118,9 @@ def test_run_with_mounts_lists_the_files_that_came_back(tmp_path: Path) -> None:
 
 
 def test_budget_killed_through_the_api(tmp_path: Path, burst_home: Path) -> None:
+    # $1/s; money stands still until the cell starts, then leaves 3 s: the cap stops it (test_magic_jobs.py).
+    clock = Session.current().clock = MoneyClock()
+    clock.advance_once(job_event(EventType.STARTED), 8.2)
     with pytest.raises(BudgetKilled, match="cost cap"):
         burst.run(JobSpec(cell="import time\ntime.sleep(50)", rate_usd_per_hour=3600, max_cost_usd="11.2"))
     [row] = ledger_rows(burst_home)

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 from burst_checks import (
+    MoneyClock,
     cell,
+    job_event,
     last_job,
     ledger_rows,
     live_instances,
@@ -32,6 +34,7 @@ from burst_checks import (
 import burst_jupyter as burst
 from burst_jupyter.events import EventType
 from burst_jupyter.job import Job, JobStatus
+from burst_jupyter.session import Session
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,7 +96,11 @@ def test_set_daily_budget_persists_across_sessions(ip: Any, burst_home: Path) ->
 
 
 def test_a_job_is_stopped_at_its_cost_cap(ip: Any, tmp_path: Path, burst_home: Path) -> None:
-    # $1/s. The cap must cover start and stop (about 11 s), so 11.5 buys a few seconds of run time.
+    # $1/s. The cap must cover start and stop (about 11 s), so 11.5 buys a few seconds of run time. Money stands
+    # still until the cell works, then moves on to leave 3 s of it: less than a stop keeps back on the local
+    # provider (4 s: stop_policy.py), more than the terminate alone (1.5 s). The cap stops the job at once.
+    clock = Session.current().clock = MoneyClock()
+    clock.advance_once(job_event(EventType.OUTPUT, "working"), 8.5)
     out = tmp_path / "out"
     out.mkdir()
     result, streams = run_cell(ip, cell("--rate 3600 --max-cost 11.5 --mount ./out:out:rw", """
