@@ -7,7 +7,7 @@ first of the four layers against a leaked instance: whatever happened, a launche
 confirmed gone and settled. A preempted instance is ended and billed as an attempt of its own, and with
 ``--retries`` the job relaunches on the next offer.
 
-:class:`Lifecycle` holds only that order. The job's run (lifecycle_state.py) holds its money and its current
+:class:`Lifecycle` holds only that order. The job's run (job_run.py) holds its money and its current
 :class:`~burst_jupyter.machine.Machine` and :class:`~burst_jupyter.attempt.Attempt`; the phases are parts of
 their own over it: provisioning.py (rent, boot, relaunch), remote_run.py (the run on the machine, to its
 results) and teardown.py (always), with the pure decisions in stop_policy.py (when to stop), attempt.py (what a
@@ -21,7 +21,7 @@ import asyncio
 from .errors import Preempted
 from .events import EventType
 from .job import Job, JobResult
-from .lifecycle_state import JobRun
+from .job_run import JobRun
 from .machine import JobParts
 from .provisioning import Provisioning
 from .remote_run import RemoteRun

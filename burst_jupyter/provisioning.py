@@ -21,8 +21,8 @@ from .errors import (
 )
 from .events import EventType
 from .job import check_cap
+from .job_run import JobRun
 from .keys import create_job_key
-from .lifecycle_state import JobRun
 from .machine import Machine
 from .money import format_rate
 from .providers.base import BootWatch, InstanceState, Offer

@@ -27,8 +27,8 @@ from .agent import LAPSE_ARCHIVE, STOPPING, Control, Kind, Reason
 from .budget import Budget
 from .errors import BurstError
 from .job import cost_of
+from .job_run import unsynced
 from .keys import remove_job_key
-from .lifecycle_state import unsynced
 from .meter import WALL_CLOCK, Clock, Meter, utc
 from .parts import InstallParts, open_parts
 from .paths import burst_home, logs_dir, open_private

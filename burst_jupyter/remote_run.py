@@ -27,7 +27,7 @@ from .errors import (
     one_line,
 )
 from .events import EventType
-from .lifecycle_state import JobRun, StopRequested
+from .job_run import JobRun, StopRequested
 from .protection import dead_mans_switch, protection
 from .providers.base import InstanceState
 from .providers.catalog import ANY, CATALOG

@@ -12,8 +12,8 @@ from .agent import Reason
 from .errors import ProviderError, one_line
 from .events import EventType
 from .job import JobResult, JobStatus
+from .job_run import JobRun, StopRequested
 from .keys import remove_job_key
-from .lifecycle_state import JobRun, StopRequested
 from .outcome import decide_result
 from .providers.base import Instance
 
