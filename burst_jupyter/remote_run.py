@@ -7,7 +7,6 @@ is decided by :meth:`~burst_jupyter.attempt.Attempt.take`, and when to stop by
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from .errors import (
     one_line,
 )
 from .events import EventType
+from .follow import CANCEL_RECONNECT_SECONDS, Follower
 from .job_run import JobRun, StopRequested
 from .protection import dead_mans_switch, protection
 from .providers.base import InstanceState
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["REFETCH_SECONDS", "RemoteRun", "fetch_results", "read_results"]
 
 _MAX_RECONNECTS = 20
-_CANCEL_RECONNECT_SECONDS = 15.0
 # Results this machine could not write (a full disk) stay on the kept instance; asked for again this often.
 REFETCH_SECONDS = 5.0
 
@@ -112,18 +111,17 @@ class RemoteRun:
         await self._follow(client, stream)
 
     async def _follow(self, client: AgentClient, stream: AgentStream) -> None:
-        """Stream records until the results are in; renew the lease, enforce cap/deadline/cancel, reconnect."""
+        """Stream records until the results are in, taking the steps the :class:`Follower` says (lease, stops,
+        pulls, refetches, the end through the API), and reconnecting when the stream drops."""
         run, job, spec = self.run, self.run.job, self.run.plan.spec
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        lease_every = min(max(spec.lease_seconds / 4, 1.0), 20.0) if spec.lease_seconds else None
-        last_lease = last_pull = run.clock.monotonic()
+        follower = Follower.start(lease_seconds=spec.lease_seconds, sync_every=spec.sync_every_seconds,
+                                  now=run.clock.monotonic())
         pull: asyncio.Future[None] | None = None
         reconnects = 0
-        refetch_at: float | None = None  # results are missing here (a local write error): ask again then
         self._start_reader(stream, queue, loop)
         while True:
-            attempt = run.attempt
             try:
                 kind, payload = await asyncio.wait_for(queue.get(), timeout=TICK_SECONDS)
             except asyncio.TimeoutError:
@@ -136,9 +134,9 @@ class RemoteRun:
                 await self._on_results(payload)
                 if not payload.unwritten:
                     return
-                refetch_at = run.clock.monotonic() + REFETCH_SECONDS  # kept, with its results, until the cap
+                follower.refetch_at = run.clock.monotonic() + REFETCH_SECONDS  # kept, with its results, until the cap
             elif kind == "refetch-failed":
-                refetch_at = run.clock.monotonic() + REFETCH_SECONDS
+                follower.refetch_at = run.clock.monotonic() + REFETCH_SECONDS
             elif kind in ("eof", "results-failed"):
                 # Dropped mid-stream, or while the results came back: the job (and its files) wait on the
                 # instance; attach again where we stopped (after the exit line that means: only the results).
@@ -152,43 +150,28 @@ class RemoteRun:
                 raise payload
             if job.handed_off.is_set():
                 raise StopRequested(Reason.CANCELLED)  # a reaper owns the instance now: hands off
-            now = run.clock.monotonic()
-            if lease_every and now - last_lease >= lease_every:
-                # Also while the results come back: the agent's watchdog outlives the cell until they are fetched.
-                last_lease = now
-                await self._send(stream, Control.LEASE)
-            end = run.limits().must_end(attempt.stop)
-            if end is not None:
-                raise run.end_now(end)
-            if attempt.exit_record is not None:
-                if attempt.received is not None and attempt.received.unwritten:
-                    # Waiting on this machine's disk, never past the cap, the maximum duration or a cancel.
-                    reason = run.should_stop()
-                    if reason is not None:
-                        run.lost = attempt.received.missing()
-                        raise StopRequested(reason)
-                    if refetch_at is not None and now >= refetch_at:
-                        refetch_at = None
-                        self._start_refetch(queue, loop)
-                continue  # the cell is over: only the results remain
-            if spec.sync_every_seconds and attempt.started and now - last_pull >= spec.sync_every_seconds \
-                    and (pull is None or pull.done()):
-                last_pull = now
-                pull = asyncio.ensure_future(self._pull())
-            if attempt.stop_reason is None:
-                reason = run.should_stop()
-                if reason is not None:
-                    attempt.stop_reason = reason
-                    attempt.stop = dataclasses.replace(attempt.stop, sent=run.clock.monotonic())
-                    job.emit(EventType.STOPPING, message=STOP_TEXT[reason], cost_so_far_usd=run.cost_so_far())
-                    await self._send(stream, f"{Control.STOP} {reason}")
-            elif attempt.stop_reason != Reason.CANCELLED and attempt.stop.cancel_by is None \
-                    and job.cancel_requested.is_set():
-                # Cancelled while another stop is under way: a short last chance for the results, then the end.
-                attempt.stop = dataclasses.replace(attempt.stop,
-                                                   cancel_by=run.clock.monotonic() + _CANCEL_RECONNECT_SECONDS)
-                job.emit(EventType.STOPPING, message=f"cancelled while stopping; the instance is ended within "
-                         f"{_CANCEL_RECONNECT_SECONDS:.0f} s", cost_so_far_usd=run.cost_so_far())
+            attempt = run.attempt
+            for step in follower.steps(run.clock.monotonic(), attempt, run.limits(),
+                                       cancelled=job.cancel_requested.is_set(),
+                                       pulling=pull is not None and not pull.done()):
+                if step.kind == "lease":
+                    await self._send(stream, Control.LEASE)
+                elif step.kind == "end":
+                    raise run.end_now(str(step.reason))
+                elif step.kind == "give-up":
+                    assert attempt.received is not None
+                    run.lost = attempt.received.missing()
+                    raise StopRequested(str(step.reason))
+                elif step.kind == "refetch":
+                    self._start_refetch(queue, loop)
+                elif step.kind == "pull":
+                    pull = asyncio.ensure_future(self._pull())
+                elif step.kind == "stop":
+                    job.emit(EventType.STOPPING, message=STOP_TEXT[str(step.reason)], cost_so_far_usd=run.cost_so_far())
+                    await self._send(stream, f"{Control.STOP} {step.reason}")
+                else:  # cancel-late
+                    job.emit(EventType.STOPPING, message=f"cancelled while stopping; the instance is ended within "
+                             f"{CANCEL_RECONNECT_SECONDS:.0f} s", cost_so_far_usd=run.cost_so_far())
 
     def _on_record(self, record: Record) -> None:
         """Tell the job view what the record says (the attempt decides what that is)."""
@@ -313,7 +296,7 @@ class RemoteRun:
             if job.cancel_requested.is_set():
                 # Cancelled during an outage: a short last chance to bring the results back, then tear down
                 # (an unconfirmed terminate leaves the state row for `%burst cleanup`).
-                deadline = min(deadline, run.clock.monotonic() + _CANCEL_RECONNECT_SECONDS)
+                deadline = min(deadline, run.clock.monotonic() + CANCEL_RECONNECT_SECONDS)
             try:
                 if last is not None:
                     run.check_budget()  # unreachable at the cap or the maximum duration: end it now

@@ -1,8 +1,8 @@
 """The pure pieces of a job's run (issue 11), driven by a clock of the test's own: no real time passes.
 
-When to stop (stop_policy.Limits over a Meter), what each agent record means (attempt.Attempt.take), how the job
-ended (outcome.decide_result) and its cap (job.decide_cap). The jobs that carry them out, against real
-processes, are in test_magic_jobs.py, test_api.py and tests/faults/.
+When to stop (stop_policy.Limits over a Meter), what each agent record means (attempt.Attempt.take), what the stream
+loop does on each tick (follow.Follower), how the job ended (outcome.decide_result) and its cap (job.decide_cap).
+The jobs that carry them out, against real processes, are in test_magic_jobs.py, test_api.py and tests/faults/.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from burst_jupyter.errors import (
     SyncError,
 )
 from burst_jupyter.events import EventType
+from burst_jupyter.follow import CANCEL_RECONNECT_SECONDS, Follower, Step
 from burst_jupyter.job import JobStatus, cost_of, decide_cap
 from burst_jupyter.meter import Meter
 from burst_jupyter.outcome import decide_result
@@ -299,3 +300,89 @@ def test_the_result_carries_what_came_back_and_an_unknown_bill_stays_unknown() -
     result = decide_result("j", attempt, None, None, pull=[], cap=Decimal(1), lost=None)
     assert (result.status, result.total_cost_usd, result.notes) == (JobStatus.COMPLETED, None, ["kept yours"])
     assert result.result is attempt.shown
+
+
+# -- the stream loop's steps --------------------------------------------------------------------------------
+
+
+def kinds(steps: list[Step]) -> list[tuple[str, str | None]]:
+    return [(s.kind, s.reason) for s in steps]
+
+
+def test_the_lease_is_renewed_every_quarter_of_it_and_pulls_wait_for_the_cell_and_each_other() -> None:
+    clock = Clock()
+    follower = Follower.start(lease_seconds=40, sync_every=30, now=clock.monotonic())
+    attempt = Attempt()
+
+    def steps(*, pulling: bool = False) -> list[tuple[str, str | None]]:
+        return kinds(follower.steps(clock.monotonic(), attempt, limits(clock, cap="1000"), cancelled=False,
+                                    pulling=pulling))
+
+    assert steps() == []
+    clock.advance(10)
+    assert steps() == [("lease", None)]
+    assert steps() == []
+    clock.advance(20)
+    assert steps() == [("lease", None)]  # not started yet: nothing to pull
+    attempt.take({"k": "started"})
+    assert steps(pulling=True) == []  # the last pull is still under way
+    assert steps() == [("pull", None)]
+    assert steps() == []
+    clock.advance(10)
+    assert steps() == [("lease", None)]
+    assert Follower.start(lease_seconds=0, sync_every=None, now=0).lease_every is None
+    assert Follower.start(lease_seconds=600, sync_every=None, now=0).lease_every == 20.0
+
+
+def test_the_stop_is_sent_once_and_a_late_cancel_gets_a_last_chance() -> None:
+    clock = Clock()
+    follower = Follower.start(lease_seconds=None, sync_every=None, now=clock.monotonic())
+    attempt = Attempt()
+    clock.advance(26.0)  # the budget stop (test_the_budget_stop_comes_when_only_the_reserve_is_left...)
+    assert kinds(follower.steps(clock.monotonic(), attempt, limits(clock), cancelled=False, pulling=False)) == [
+        ("stop", "budget")]
+    assert attempt.stop_reason == "budget" and attempt.stop == StopState(sent=clock.monotonic())
+    assert follower.steps(clock.monotonic(), attempt, limits(clock), cancelled=False, pulling=False) == []
+    assert kinds(follower.steps(clock.monotonic(), attempt, limits(clock), cancelled=True, pulling=False)) == [
+        ("cancel-late", None)]
+    assert attempt.stop.cancel_by == clock.monotonic() + CANCEL_RECONNECT_SECONDS
+    assert follower.steps(clock.monotonic(), attempt, limits(clock), cancelled=True, pulling=False) == []
+    attempt.take({"k": "note", "m": "stopping: budget"})
+    clock.mono += CANCEL_RECONNECT_SECONDS + 0.01  # the answer came, the results did not
+    assert kinds(follower.steps(clock.monotonic(), attempt, limits(clock), cancelled=True, pulling=False)) == [
+        ("end", "cancelled")]
+
+
+def test_a_stop_the_agent_never_confirms_ends_the_instance_and_the_lease_still_goes_first() -> None:
+    clock = Clock()
+    follower = Follower.start(lease_seconds=4, sync_every=None, now=clock.monotonic())
+    attempt = Attempt()
+    assert kinds(follower.steps(clock.monotonic(), attempt, limits(clock), cancelled=True, pulling=False)) == [
+        ("stop", "cancelled")]
+    clock.mono += STOP_GRACE_SECONDS + 0.01
+    assert kinds(follower.steps(clock.monotonic(), attempt, limits(clock), cancelled=True, pulling=False)) == [
+        ("lease", None), ("end", "unconfirmed")]
+
+
+def test_once_the_cell_is_over_only_the_results_remain() -> None:
+    clock = Clock()
+    follower = Follower.start(lease_seconds=None, sync_every=1, now=clock.monotonic())
+    attempt = Attempt()
+    attempt.take({"k": "started"})
+    attempt.take({"k": "exit", "reason": "ok", "rc": 0})
+    clock.advance(26.0)
+    assert follower.steps(clock.monotonic(), attempt, limits(clock), cancelled=False, pulling=False) == []
+    assert attempt.stop_reason is None  # no stop for a cell that ended: its results are on their way
+    # Some could not be written here: asked again when due, never past the cap.
+    attempt.received = Received(unwritten=["out/big.bin"])
+    follower.refetch_at = clock.monotonic() + 5
+    assert follower.steps(clock.monotonic(), attempt, limits(clock, cap="1000"), cancelled=False,
+                          pulling=False) == []
+    clock.mono += 5
+    assert kinds(follower.steps(clock.monotonic(), attempt, limits(clock, cap="1000"), cancelled=False,
+                                pulling=False)) == [("refetch", None)]
+    assert follower.refetch_at is None
+    assert kinds(follower.steps(clock.monotonic(), attempt, limits(clock), cancelled=False, pulling=False)) == [
+        ("give-up", "budget")]
+    assert kinds(follower.steps(clock.monotonic(), attempt, limits(clock, cap="1000"), cancelled=True,
+                                pulling=False)) == [("give-up", "cancelled")]
