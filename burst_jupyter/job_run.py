@@ -54,7 +54,7 @@ class JobRun:
     recorded: bool = False  # the state store has this job's row (intent first, then one per attempt)
     said: set[str] = field(default_factory=set)  # notes on results already shown in the job view
     lost: str | None = None  # what never came back when the job had to end with its instance unreachable
-    sync_up_seconds: float = 0.0
+    sync_up_seconds: float = 0.0  # the last upload's time: the results' way back is kept at least as long
     # One results transfer at a time writes into the local rw folders: a --sync-every pull or the final results.
     sync_lock: threading.Lock = field(default_factory=threading.Lock)
 
