@@ -53,6 +53,7 @@ REGISTRY: dict[str, ProviderDeclaration] = {d.name: d for d in (
     _declared("vast_declared"),
     _declared("runpod_declared"),
     _declared("thunder_declared"),
+    _declared("lambda_cloud_declared"),
 )}
 
 

@@ -147,6 +147,7 @@ def start_sshd(
     workdir: Path,
     *,
     port: int | None = None,
+    host: str = "127.0.0.1",
     host_key_types: tuple[str, ...] = ("ed25519",),
     home: Path | None = None,
     path: Path | None = None,
@@ -157,7 +158,8 @@ def start_sshd(
     ``host_key_types`` are ssh-keygen -t names; the first one's key is ``host_key_pub`` and is in known_hosts.
     ``home``, when given, is created and becomes HOME and the working directory of every command; ``path`` (with
     ``home``) is put first on PATH (a fake ``nvidia-smi`` for a rented GPU box). ``env`` is set in every session
-    (``SetEnv``): what a provider injects into its instances (the instance id, a key scoped to it)."""
+    (``SetEnv``): what a provider injects into its instances (the instance id, a key scoped to it). ``host`` is
+    the loopback address to listen on (a fake that gives each instance an address of its own and port 22)."""
     if not SSHD.exists():
         # Never a green run with the sshd tests skipped: `./dev test` installs it, or says it is missing.
         pytest.fail(f"OpenSSH server not installed ({SSHD} missing); apt-get install openssh-server")
@@ -179,7 +181,7 @@ def start_sshd(
         listen_port = port or _free_port()
         config = workdir / "sshd_config"
         config.write_text(
-            f"ListenAddress 127.0.0.1:{listen_port}\n"
+            f"ListenAddress {host}:{listen_port}\n"
             + "".join(f"HostKey {path}\n" for path in host_keys)
             + f"AuthorizedKeysFile {workdir / 'authorized_keys'}\n"
             + f"PidFile {workdir / 'sshd.pid'}\n"
@@ -194,14 +196,14 @@ def start_sshd(
         log_path = workdir / "sshd.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
-        if _wait_for_banner(listen_port, proc):
+        if _wait_for_banner(host, listen_port, proc):
             break
         proc.wait()
         if port is not None or attempt == 4:  # a fixed port cannot be retried; a random one lost a race
             raise RuntimeError(f"sshd did not start:\n{log_path.read_text()}")
     known_hosts = workdir / "known_hosts"
     server = SSHServer(
-        host="127.0.0.1",
+        host=host,
         port=listen_port,
         user=user,
         host_key_pub=host_key_pubs[0],
@@ -215,7 +217,7 @@ def start_sshd(
     )
     known_hosts.write_text(server.known_hosts_line())
     server.ssh_config_path.write_text(
-        f"Host {server.alias}\n  HostName 127.0.0.1\n  Port {listen_port}\n  User {user}\n"
+        f"Host {server.alias}\n  HostName {host}\n  Port {listen_port}\n  User {user}\n"
         f"  IdentityFile {client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {known_hosts}\n"
         "  StrictHostKeyChecking yes\n  BatchMode yes\n"
     )
@@ -244,11 +246,11 @@ def _need_pam(user: str) -> bool:
     return False
 
 
-def _wait_for_banner(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> bool:
+def _wait_for_banner(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            with socket.create_connection((host, port), timeout=1) as s:
                 if s.recv(64).startswith(b"SSH-2.0-"):
                     return True
         except OSError:

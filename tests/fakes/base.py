@@ -91,8 +91,10 @@ class FakeMachine:
     """One rented box: a real sshd that starts after ``boot_delay``, with its own home."""
 
     def __init__(self, root: Path, *, boot_delay: float, fail: bool = False, gpus: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, start: list[str] | None = None) -> None:
+                 env: dict[str, str] | None = None, start: list[str] | None = None,
+                 listen: tuple[str, int] | None = None) -> None:
         self.root = root
+        self.listen = listen  # (address, port) for its sshd; None: 127.0.0.1 on a free port
         self.home = root / "home"
         self.gpus = gpus  # what its nvidia-smi reports, one name per GPU
         self.env = dict(env or {})  # what the provider injects into every session (its id, a key scoped to it)
@@ -115,8 +117,9 @@ class FakeMachine:
             if self.destroyed:
                 return
             bin_dir = self._fake_nvidia_smi()
+            where = {"host": self.listen[0], "port": self.listen[1]} if self.listen else {}
             self.server = self._stack.enter_context(start_sshd(self.root / "sshd", home=self.home, path=bin_dir,
-                                                               env=self.env))
+                                                               env=self.env, **where))
             self._write_keys()
             if self.start:
                 env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(self.home), **self.env}
@@ -228,21 +231,24 @@ class FakeMachines:
         self.all: list[FakeMachine] = []
 
     def create(self, *, boot_delay: float, fail: bool = False, gpu: tuple[str, str] | None = None,
-               count: int = 1, env: dict[str, str] | None = None, start: list[str] | None = None) -> FakeMachine:
-        """A machine booting after ``boot_delay``; ``gpu`` is (provider, that provider's GPU spelling); ``env`` is
-        set in its SSH sessions and its ``start`` command."""
-        names: tuple[str, ...] = ()
+               count: int = 1, env: dict[str, str] | None = None, start: list[str] | None = None,
+               model: str | None = None, listen: tuple[str, int] | None = None) -> FakeMachine:
+        """A machine booting after ``boot_delay``; ``gpu`` is (provider, that provider's GPU spelling), or ``model``
+        a canonical name; ``env`` is set in its SSH sessions and its ``start`` command; ``listen`` is where its
+        sshd listens (default: 127.0.0.1, a free port)."""
+        from burst_jupyter.providers.catalog import CATALOG
+
+        canonical = model
         if gpu is not None:
             from burst_jupyter.providers import REGISTRY
-            from burst_jupyter.providers.catalog import CATALOG
 
             provider, spelling = gpu
             canonical = REGISTRY[provider].gpus.identify(spelling)
-            names = (CATALOG[canonical].nvidia_smi[0],) * count if canonical else ()
+        names = (CATALOG[canonical].nvidia_smi[0],) * count if canonical else ()
         with self._lock:
             self._count += 1
             machine = FakeMachine(self.root / f"m{self._count}", boot_delay=boot_delay, fail=fail, gpus=names,
-                                  env=env, start=start)
+                                  env=env, start=start, listen=listen)
             self.all.append(machine)
         return machine
 
