@@ -215,10 +215,10 @@ def test_a_count_or_limit_of_zero_negative_or_infinite(ip: Any, burst_home: Path
     assert refused(ip, burst_home, seeded, f"--provider local --max-cost 1 {options}").startswith(expected)
 
 
-@pytest.mark.parametrize("provider", ["vast", "thunder"])
+@pytest.mark.parametrize("provider", ["vast", "thunder", "lambda"])
 def test_zero_gpus_rents_nothing_at_a_marketplace(ip: Any, burst_home: Path, seeded: list[Any], markets: Markets,
                                                   provider: str) -> None:
-    """Vast and Thunder would round 0 up and rent one GPU."""
+    """Vast, Thunder and Lambda would round 0 up and rent one GPU."""
     line = refused(ip, burst_home, seeded, f"--provider {provider} --gpu ANY --gpus 0 --max-cost 1")
     assert line.startswith("--gpus: must be 1 to 16, not 0")
     with pytest.raises(UsageError, match=r"^--gpus must be 1 to 16, not 0"):

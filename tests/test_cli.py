@@ -207,6 +207,7 @@ def test_providers_without_keys_say_what_to_set(capsys: Capsys) -> None:
         "vast: not configured (set VAST_API_KEY)",
         "runpod: not configured (set RUNPOD_API_KEY)",
         "thunder: not configured (set TNR_API_TOKEN)",
+        "lambda: not configured (set LAMBDA_API_KEY)",
     ]
     assert main(["offers", "--gpu", "RTX_4090"]) == 2
     assert "no marketplace is configured" in capsys.readouterr().err
@@ -240,7 +241,7 @@ def test_the_job_log_round_trips_events_and_skips_a_torn_line(burst_home: Path) 
 def test_providers_offers_and_a_dry_run(markets: Markets, burst_home: Path, capsys: Capsys) -> None:
     assert main(["providers", "status"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["vast", "runpod", "thunder"]
+    assert [line.split(":")[0] for line in lines] == ["vast", "runpod", "thunder", "lambda"]
     assert all(": available, " in line for line in lines)
     assert "lowest RTX_4090 = $0.298/hr" in lines[0] and "lowest RTX_4090 = $0.34/hr" in lines[1]
 

@@ -95,7 +95,7 @@ def test_a_running_job_in_list_and_show_has_the_same_keys_as_a_finished_one(burs
 @pytest.mark.ssh
 def test_providers_and_offers(markets: Markets, capsys: Capsys) -> None:
     providers = cli_json(capsys, "providers", "status")
-    assert [p["provider"] for p in providers] == ["vast", "runpod", "thunder"]
+    assert [p["provider"] for p in providers] == ["vast", "runpod", "thunder", "lambda"]
     assert all(p["configured"] and p["reachable"] for p in providers)
     assert money(providers[0]["lowest"]["RTX_4090"]["price_usd_per_hour"]) == Decimal("0.298")
     assert providers[0]["lowest"]["RTX_4090"]["offers"] >= 1

@@ -233,7 +233,7 @@ def test_unknown_hyphenated_key_suggests_hyphenated_name(tmp_path: Path, project
 
 def test_unknown_key_without_match_lists_known_keys(tmp_path: Path, project: Path) -> None:
     user = write(tmp_path / "user.toml", "[burst]\nprovider = 'ssh'\n")
-    known = r"known keys: provider, max-cost, max-duration, .*weekly-budget, .*thunder$"
+    known = r"known keys: provider, max-cost, max-duration, .*weekly-budget, .*thunder, lambda$"
     with pytest.raises(ConfigError, match=rf"unknown key 'burst'; {known}"):
         load_settings(cwd=project, user_file=user)
 

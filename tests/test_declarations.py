@@ -62,7 +62,7 @@ def test_gpu_spellings_know_the_catalog_only_and_keep_its_order() -> None:
 
 
 def test_the_default_preference_is_the_declared_one() -> None:
-    assert preference() == Settings().prefer == ["runpod", "thunder", "vast"]
+    assert preference() == Settings().prefer == ["runpod", "thunder", "lambda", "vast"]
     assert sorted(preference()) == sorted(MARKETS)
 
 

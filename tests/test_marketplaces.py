@@ -63,6 +63,35 @@ def job_instance(job: Any) -> str:
     return next(e.instance_id for e in job.events if e.type is EventType.PROVISIONED)
 
 
+def test_auto_rents_lambda_when_it_is_cheapest_and_leaves_no_key_in_the_account(ip: Any, markets: Markets,
+                                                                                 tmp_path: Path,
+                                                                                 burst_home: Path) -> None:
+    lam = markets.lambda_cloud
+    lam.instance_types["gpu_1x_h100_pcie"]["price_cents_per_hour"] = 150  # under Thunder's $1.89 H100
+    write(tmp_path / "out" / "old.txt", "before")
+    result, streams = run_cell(ip, cell("--gpu H100 --max-cost 1 --mount ./out:out:rw --pull answer", """
+        open("out/new.txt", "w").write("made on lambda")
+        answer = 6 * 7
+    """))
+    ok(result, streams)
+    job = last_job()
+    assert ip.user_ns["answer"] == 42 and (tmp_path / "out" / "new.txt").read_text() == "made on lambda"
+    selected = next(e for e in job.events if e.type is EventType.OFFER_SELECTED)
+    assert (selected.provider, selected.cost_per_hour_usd) == ("lambda", Decimal("1.5"))
+    (launch,) = [r for r in lam.requests if r.path.endswith("/instance-operations/launch")]
+    assert {"key": "burst-owner", "value": job.plan.tag} in launch.body["tags"]
+    assert launch.body["name"] == f"{job.plan.tag}/{job.id}"
+    (key_name,) = launch.body["ssh_key_names"]
+    assert key_name.startswith(f"{job.plan.tag}-{job.id}-")
+    deleted = [r for r in lam.requests if r.method == "DELETE" and r.path.startswith("/api/v1/ssh-keys/")]
+    assert len(deleted) == 1 and lam.leaked() == [], "the job's key outlived its instance in the account"
+    assert [k["name"] for k in lam.keys.values()] == ["my-laptop"]  # the user's own key is never touched
+    row = only_row(burst_home, job.id)
+    assert (row.provider, row.status, row.rate_usd_per_hour) == ("lambda", "completed", Decimal("1.5"))
+    assert state_row(burst_home, job.id).state == "terminated"
+    assert not (burst_home / "keys" / job.id).exists()
+
+
 def test_no_secret_reaches_the_instance(ip: Any, markets: Markets) -> None:
     result, streams = run_cell(ip, cell("--gpu RTX_4090 --max-cost 1 --pull env,argv", """
         import os, sys
@@ -165,7 +194,7 @@ def test_no_offer_fits_is_one_clear_error(ip: Any, markets: Markets) -> None:
 def test_providers_status_and_offers_text(ip: Any, markets: Markets) -> None:
     status = repr(ip.run_line_magic("burst", "providers"))
     assert "vast: available, " in status and "lowest RTX_4090 = $0.298/hr" in status
-    assert "runpod: available" in status and "thunder: available" in status
+    assert "runpod: available" in status and "thunder: available" in status and "lambda: available" in status
     browser = ip.run_line_magic("burst", "offers --gpu RTX_4090 --max-price 0.5")
     text = repr(browser)
     rows = [line.split()[0] for line in text.splitlines()[2:] if line.strip()]

@@ -1,7 +1,8 @@
 """A GPU model name means the whole card (issue 10): an offer reporting less memory than the model has (part of a
 card, or a misreport) is left out unless ``--memory`` asks for less. Each marketplace fake serves such an offer, in
 its own units: Vast ``gpu_ram`` in MB (FakeVast's default ask 4105, a "4090" with 12282 MB), RunPod ``memoryInGb``
-of a GPU type, Thunder ``vramGB`` of a spec (reference/provider-apis.md 1.3, 2.1, 3).
+of a GPU type, Thunder ``vramGB`` of a spec, Lambda the GB in an instance type's ``gpu_description``
+(reference/provider-apis.md 1.3, 2.1, 3, 4.3).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from burst_checks import cell, ledger_rows, run_cell
 from fakes.base import FakeCloud
+from fakes.lambda_cloud import FakeLambda
 from fakes.runpod import FakeRunPod
 from fakes.thunder import FakeThunder
 from fakes.vast import FakeVast
@@ -22,6 +24,7 @@ from marketplaces import Markets
 
 from burst_jupyter.providers._http import RetryPolicy
 from burst_jupyter.providers.base import Offer, OfferQuery
+from burst_jupyter.providers.lambda_cloud import LambdaProvider
 from burst_jupyter.providers.runpod import RunPodProvider
 from burst_jupyter.providers.thunder import ThunderProvider
 from burst_jupyter.providers.vast import VastProvider
@@ -39,11 +42,16 @@ def thunder_h100_reports(fake: FakeThunder, memory: int) -> None:
     fake.specs["h100_x1_production"]["vramGB"] = memory
 
 
+def lambda_h100_reports(fake: FakeLambda, memory: int) -> None:
+    fake.instance_types["gpu_1x_h100_pcie"]["gpu_description"] = f"H100 ({memory} GB PCIe)"
+
+
 # provider name, its fake, how the fake is made to serve part of a card, the GPU, and the memory it then reports
 CASES: dict[str, tuple[type[FakeCloud], Callable[[Any], None], str, int]] = {
     "vast": (FakeVast, lambda fake: None, "RTX_4090", 12),  # ask 4105 is in FakeVast's default book
     "runpod": (FakeRunPod, lambda fake: runpod_4090_reports(fake, 12), "RTX_4090", 12),
     "thunder": (FakeThunder, lambda fake: thunder_h100_reports(fake, 40), "H100", 40),
+    "lambda": (FakeLambda, lambda fake: lambda_h100_reports(fake, 40), "H100", 40),
 }
 
 
@@ -58,7 +66,7 @@ def market(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
 
 
 def search(name: str, fake: Any, query: OfferQuery) -> list[Offer]:
-    kinds = {"vast": VastProvider, "runpod": RunPodProvider, "thunder": ThunderProvider}
+    kinds = {"vast": VastProvider, "runpod": RunPodProvider, "thunder": ThunderProvider, "lambda": LambdaProvider}
 
     async def go() -> list[Offer]:
         provider = kinds[name](api_key="test-key", client=fake.client(), retry=FAST, ssh_user=getpass.getuser())

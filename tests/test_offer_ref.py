@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from burst_checks import cell, last_job, ok, run_cell, usage_line
-from marketplaces import GPU, RUNPOD_GPU, THUNDER_SPEC, Markets
+from marketplaces import GPU, LAMBDA_OFFER, RUNPOD_GPU, THUNDER_SPEC, Markets
 
 from burst_jupyter.events import EventType
 from burst_jupyter.offer_book import ProviderLine
@@ -18,8 +18,10 @@ from burst_jupyter.offer_book import ProviderLine
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 
 # One offer of each marketplace's fake, as the browser shows it: Vast ask 4101 ($0.352/h, not the cheapest
-# 4090, so `auto` would never pick it), RunPod's RTX 4090 type (spaces in its id), Thunder's production H100.
-SHOWN = {"vast": "vast:4101", "runpod": "runpod:NVIDIA_GeForce_RTX_4090", "thunder": f"thunder:{THUNDER_SPEC}"}
+# 4090, so `auto` would never pick it), RunPod's RTX 4090 type (spaces in its id), Thunder's production H100,
+# Lambda's H100 PCIe in one of its two regions (an id of type and region).
+SHOWN = {"vast": "vast:4101", "runpod": "runpod:NVIDIA_GeForce_RTX_4090", "thunder": f"thunder:{THUNDER_SPEC}",
+         "lambda": LAMBDA_OFFER}
 
 
 def dry_run(ip: Any, options: str) -> Any:
@@ -28,7 +30,7 @@ def dry_run(ip: Any, options: str) -> Any:
     return result.result
 
 
-@pytest.mark.parametrize("provider", ["vast", "runpod", "thunder"])
+@pytest.mark.parametrize("provider", ["vast", "runpod", "thunder", "lambda"])
 def test_the_offer_alone_rents_exactly_it(ip: Any, markets: Markets, provider: str) -> None:
     result, streams = run_cell(ip, cell(f"--offer {SHOWN[provider]} --max-cost 1", "print('ran on the offer')"))
     ok(result, streams)
@@ -44,7 +46,7 @@ def test_every_offer_the_browser_shows_can_be_pasted_alone(ip: Any, markets: Mar
 
     for gpus in (1, 2):
         shown = burst.offers("ANY", gpus=gpus).offers
-        assert {o.provider for o in shown} == {"vast", "runpod", "thunder"}
+        assert {o.provider for o in shown} == {"vast", "runpod", "thunder", "lambda"}
         for offer in shown:
             would = dry_run(ip, f"--offer {offer.ref}").offer
             assert (would.provider, would.offer_id, would.gpus, would.price_usd_per_hour) == (

@@ -80,6 +80,26 @@ def launch_at_runpod(job_id: str) -> str:
     return asyncio.run(launch())
 
 
+def launch_at_lambda(job_id: str, public_key: str) -> str:
+    """An instance made through Lambda's own launch with this install's tag and a job key registered for it, its
+    reply then lost (no state row): the instance and the key are both leaks."""
+    from burst_jupyter.connections import Connections
+    from burst_jupyter.providers import ProviderConfig, build_provider
+    from burst_jupyter.providers.base import OfferQuery
+
+    async def launch() -> str:
+        provider: Any = build_provider(ProviderConfig(name="lambda"), connections=Connections(), home=home_dir())
+        try:
+            offer = (await provider.offers(OfferQuery(gpu_model="H100")))[0]
+            made = await provider.launch(offer, JobSpec(cell="pass"), job_id=job_id, tag=install_tag(home_dir()),
+                                         ssh_public_key=public_key)
+            return str(made.instance_id)
+        finally:
+            await provider.aclose()
+
+    return asyncio.run(launch())
+
+
 def runpod_status(markets: Markets, pod_id: str) -> str:
     pod = markets.runpod.pod(pod_id)
     assert pod is not None
@@ -116,7 +136,7 @@ def test_a_leak_is_listed_by_a_dry_run_then_ended_and_billed_once(markets: Marke
     listed = line_of(out, leak)
     for part in ("vast", "lost-1", "$0.40", "30m", "$0.20", "would end: leaked, not in the state store"):
         assert part in listed, listed
-    assert "asked vast, runpod, thunder" in out
+    assert "asked vast, runpod, thunder, lambda" in out
     assert not gone(markets, leak) and ledger_rows(burst_home) == []
 
     assert cli.main(["cleanup"]) == 0
@@ -132,6 +152,21 @@ def test_a_leak_is_listed_by_a_dry_run_then_ended_and_billed_once(markets: Marke
     again = burst.cleanup()
     assert again.findings == () and again.ok and "nothing to end" in repr(again)
     assert len(ledger_rows(burst_home)) == 1
+
+
+def test_a_lambda_leak_is_ended_and_its_account_key_deleted(markets: Markets, burst_home: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    leak = launch_at_lambda("lost-lambda", Path(f"{key}.pub").read_text().strip())
+    assert len(markets.lambda_cloud.leaked()) == 1
+
+    assert cli.main(["cleanup"]) == 0
+    out = capsys.readouterr().out
+    assert "ended 1 of 1 instance(s)" in out and "ended: leaked" in line_of(out, leak)
+    assert markets.lambda_cloud.running() == [] and markets.lambda_cloud.leaked() == []
+    (row,) = ledger_rows(burst_home)
+    assert (row.job_id, row.provider, row.instance_id, row.status) == ("lost-lambda", "lambda", leak, "leaked")
 
 
 def test_a_launch_in_flight_protects_its_instance_and_ended_rows_do_not(markets: Markets, burst_home: Path,

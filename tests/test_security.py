@@ -103,8 +103,8 @@ def canaries() -> Canaries:
     def make(what: str) -> str:
         return f"canary{what}{secrets.token_hex(12)}"
 
-    return Canaries({name: make(name) for name in ("vast", "runpod", "thunder")}, make("AKID"), make("SECRET"),
-                    make("TOKEN"))
+    return Canaries({name: make(name) for name in ("vast", "runpod", "thunder", "lambda")}, make("AKID"),
+                    make("SECRET"), make("TOKEN"))
 
 
 @pytest.fixture
@@ -218,10 +218,11 @@ CELL = """
 
 #: (provider, GPU, how the job ends): a job on each marketplace, ending each way a job can.
 JOBS = [("vast", "RTX_4090", "completes"), ("runpod", "RTX_4090", "is cancelled"), ("thunder", "H100", "fails"),
-        ("vast", "RTX_4090", "is handed to the reaper")]
+        ("vast", "RTX_4090", "is handed to the reaper"), ("lambda", "H100", "completes")]
 
 
-@pytest.mark.parametrize(("provider", "gpu", "ending"), JOBS, ids=[e.split()[-1] for _, _, e in JOBS])
+@pytest.mark.parametrize(("provider", "gpu", "ending"), JOBS,
+                         ids=[e.split()[-1] + ("-on-lambda" if p == "lambda" else "") for p, _, e in JOBS])
 def test_no_secret_reaches_anything_a_job_leaves(ip: Any, markets: Markets, canaries: Canaries,
                                                  canary_store: Store, burst_home: Path, tmp_path: Path,
                                                  provider: str, gpu: str, ending: str) -> None:

@@ -96,7 +96,7 @@ def test_eight_launches_against_a_cap_that_fits_five_run_exactly_five(
             f" for this job > {format_usd(JOB_CAP * FITS)} cap{named}"), said
     # Only the winners rented: one instance each at the fakes, one state row each, one ledger row each.
     created = {name: len(cloud.bills()) for name, cloud in markets.all.items()}
-    assert created == {"vast": 0, "runpod": FITS, "thunder": 0}
+    assert created == {"vast": 0, "runpod": FITS, "thunder": 0, "lambda": 0}
     assert state_row_count(burst_home) == FITS
     rows = ledger_rows(burst_home)
     assert sorted(row.name or "" for row in rows) == winners

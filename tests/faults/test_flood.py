@@ -73,7 +73,7 @@ def test_a_flood_on_this_machine(ip: Any, tmp_path: Path, burst_home: Path, faul
     assert (leaked, lost, open_reservations(burst_home)) == (0, 0, [])
 
 
-@pytest.mark.parametrize("provider", ["vast", "runpod", "thunder"])
+@pytest.mark.parametrize("provider", ["vast", "runpod", "thunder", "lambda"])
 def test_a_flood_on_a_marketplace(ip: Any, markets: Markets, tmp_path: Path, burst_home: Path, provider: str,
                                   fault_ledger: FaultLedger) -> None:
     lost = 0

@@ -32,7 +32,8 @@ from burst_jupyter.spec import JobSpec
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 
 CAP = Decimal(1)
-GPU = {"vast": "RTX_4090", "runpod": "RTX_4090", "thunder": "H100"}  # what each fake sells (tests/fakes/*.py)
+# What each fake sells (tests/fakes/*.py).
+GPU = {"vast": "RTX_4090", "runpod": "RTX_4090", "thunder": "H100", "lambda": "H100"}
 PROVIDERS = list(GPU)
 
 
@@ -148,7 +149,7 @@ def test_an_endless_429_storm_on_search_fails_clearly_and_rents_nothing(markets:
     fault_ledger.check_clouds("6 429 storm", markets, CAP, faults=storm)
 
 
-@pytest.mark.parametrize("provider", ["runpod", "thunder"])
+@pytest.mark.parametrize("provider", ["runpod", "thunder", "lambda"])
 def test_a_429_storm_outlasting_one_requests_retries_while_booting_is_waited_out(
         provider: str, markets: Markets, fault_ledger: FaultLedger, burst_home: Path) -> None:
     """The storm starts once the instance exists and outlasts one request's tries (6): that status poll gives up,

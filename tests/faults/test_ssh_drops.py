@@ -28,7 +28,7 @@ from burst_jupyter.spec import JobSpec
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 
 CAP = Decimal(1)
-GPU = {"vast": "RTX_4090", "runpod": "RTX_4090", "thunder": "H100"}
+GPU = {"vast": "RTX_4090", "runpod": "RTX_4090", "thunder": "H100", "lambda": "H100"}
 LINES = 45
 CUTS = (8, 20, 33)  # the lines after which the connection is cut
 

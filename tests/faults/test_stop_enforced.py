@@ -34,7 +34,7 @@ from burst_jupyter.stop_policy import STOP_GRACE_SECONDS
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(180)]
 
-PROVIDERS = ["vast", "runpod", "thunder"]
+PROVIDERS = ["vast", "runpod", "thunder", "lambda"]
 RATE = Decimal(36)
 TRIALS = 2
 # Writes into its rw mount, then runs until stopped. On the stop (the agent has confirmed it by then: its note comes

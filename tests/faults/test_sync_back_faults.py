@@ -80,7 +80,7 @@ def lost_user_files(out: Path, expected: dict[str, str]) -> int:
     return sum(1 for name, text in expected.items() if not (out / name).is_file() or (out / name).read_text() != text)
 
 
-@pytest.mark.parametrize("provider", ["vast", "runpod", "thunder"])
+@pytest.mark.parametrize("provider", ["vast", "runpod", "thunder", "lambda"])
 def test_17_disk_full_keeps_the_instance_until_space_is_freed(ip: Any, markets: Markets, tmp_path: Path,
                                                               burst_home: Path, provider: str,
                                                               fault_ledger: FaultLedger) -> None:
