@@ -146,10 +146,10 @@ class LedgerTable:
 
     def _key_function(self, key: GroupKey) -> Callable[[LedgerRow | Reservation], str]:
         def value(line: LedgerRow | Reservation) -> str:
-            settled = isinstance(line, LedgerRow)
             if key == "day":
-                return (line.started_at if settled else line.created_at).astimezone(self.tz).date().isoformat()
-            if key == "status" and not settled:
+                at = line.started_at if isinstance(line, LedgerRow) else line.created_at
+                return at.astimezone(self.tz).date().isoformat()
+            if key == "status" and not isinstance(line, LedgerRow):
                 return _RUNNING
             return str(getattr(line, key) or "")
 
@@ -230,7 +230,7 @@ class LedgerTable:
     def _grid(self) -> tuple[tuple[_Column, ...], list[list[str]], list[str]]:
         """Column specs, body cells and totals cells: everything both renderers need, as text."""
         columns, body, totals = self._full_grid()
-        dropped = () if self.retried else ("attempt", "attempts")
+        dropped: tuple[str, ...] = () if self.retried else ("attempt", "attempts")
         if not self.reservations:
             dropped += ("reserved now",)
         keep = [i for i, column in enumerate(columns) if column.title not in dropped]

@@ -37,8 +37,12 @@ class GpuModel:
         return smi_name.strip() in self.nvidia_smi
 
 
+def _spellings(spelled: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (spelled,) if isinstance(spelled, str) else spelled
+
+
 def _m(name: str, mem: int, smi: str | tuple[str, ...]) -> GpuModel:
-    return GpuModel(name, mem, (smi,) if isinstance(smi, str) else smi)
+    return GpuModel(name, mem, _spellings(smi))
 
 
 CATALOG: dict[str, GpuModel] = {
@@ -110,7 +114,7 @@ class GpuSpellings:
             raise ValueError(f"GPU spellings for {', '.join(unknown)}: not in the catalog")
         # In catalog order, whatever order they were written in: ``identify`` without a memory size takes the
         # first model that has the spelling, and ``of(ANY)`` lists them in this order.
-        self._names = {m: (names[m],) if isinstance(names[m], str) else tuple(names[m]) for m in CATALOG if m in names}
+        self._names = {m: _spellings(names[m]) for m in CATALOG if m in names}
 
     def of(self, name: str | None) -> tuple[str, ...]:
         """How this provider spells a canonical name; every GPU it knows for ``ANY``/None."""
