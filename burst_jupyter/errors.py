@@ -30,6 +30,7 @@ __all__ = [
     "SyncError",
     "UnsafeResults",
     "VariableError",
+    "flat_message",
     "one_line",
 ]
 
@@ -160,3 +161,9 @@ def one_line(error: BaseException, *, about: str | None = None) -> str:
     text = str(error)
     line = text.splitlines()[0] if text else type(error).__name__
     return line.removeprefix(f"{about}: ") if about else line
+
+
+def flat_message(error: BaseException) -> str:
+    """An error's whole message on one line, its whitespace collapsed (its type's name if empty): paramiko's and
+    the socket layer's messages can span lines, and each line of them may matter."""
+    return " ".join(str(error).split()) or type(error).__name__

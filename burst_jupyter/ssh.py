@@ -2,9 +2,9 @@
 
 Every ``start`` opens a new exec channel on the same connection, so a whole job (agent, files, variables, the
 event stream, lease renewals) costs one TCP connection and one handshake. The connection behaves like the
-user's ``ssh``: it reads ``~/.ssh/config``, offers the same keys (key files, then ssh-agent) and checks host keys
-against ``known_hosts`` (:mod:`burst_jupyter.known_hosts`), with trust-on-first-use only when the endpoint asks
-for it.
+user's ``ssh``: it reads ``~/.ssh/config`` (:mod:`burst_jupyter.ssh_config`), offers the same keys (key files,
+then ssh-agent: :mod:`burst_jupyter.ssh_login`) and checks host keys against ``known_hosts``
+(:mod:`burst_jupyter.known_hosts`), with trust-on-first-use only when the endpoint asks for it.
 
 Import this module only when an SSH endpoint is used: it imports paramiko (and with it cryptography), which
 would slow ``%load_ext`` down.
@@ -12,24 +12,22 @@ would slow ``%load_ext`` down.
 
 from __future__ import annotations
 
-import base64
-import getpass
-import os
 import shlex
 import socket
 import subprocess
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import paramiko
 
-from .errors import AuthFailed, ConfigError, ConnectFailed, ProviderError
+from .errors import ConfigError, ConnectFailed, ProviderError, flat_message
 from .known_hosts import check_host_key, prefer_known_key_types, read_known_hosts
 from .runner import ErrorTail, RemoteProcess
+from .ssh_config import SSHTarget, resolve_target
+from .ssh_login import authenticate
 
 if TYPE_CHECKING:
     from .providers.base import Endpoint
@@ -40,39 +38,8 @@ __all__ = ["SSHRunner"]
 # channel at 20 MiB/s on a 100 ms link to a far-away GPU; 8 MiB allows 80 MiB/s, about what paramiko decrypts
 # (~145 MiB/s on loopback, 2026-05), and costs memory only while a reader falls behind.
 _WINDOW_SIZE = 8 * 1024 * 1024
-# OpenSSH's ServerAliveInterval/ServerAliveCountMax defaults are "off"; a job needs to notice a dead network
-# (lost Wi-Fi, a suspended laptop) within a minute rather than TCP's ~15 minutes, and NAT boxes drop idle flows.
-_ALIVE_INTERVAL = 15
-_ALIVE_COUNT_MAX = 3
-# The keys ssh tries when neither -i nor IdentityFile names one, in OpenSSH's order (those paramiko can use).
-_DEFAULT_KEYS = ("id_rsa", "id_ecdsa", "id_ed25519")
 # Bound on how long a channel that ended oddly waits to learn whether its connection is dying.
 _SETTLE_SECONDS = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """An endpoint after ~/.ssh/config: everything needed to connect."""
-
-    alias: str  # the host as the user wrote it; may be a config alias
-    hostname: str
-    port: int
-    user: str
-    key_files: tuple[Path, ...]  # the endpoint's key first, then IdentityFile lines, else the default keys
-    explicit_key: Path | None
-    identities_only: bool
-    proxy_command: str | None
-    known_hosts: Path
-    alive_interval: int
-    alive_count_max: int
-
-    def __str__(self) -> str:
-        return f"{self.user}@{self.alias}:{self.port}"
-
-    @property
-    def known_hosts_name(self) -> str:
-        # How OpenSSH names a host in known_hosts: the real host name, with the port only when it is not 22.
-        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
 
 
 class _ProxyCommand:
@@ -239,7 +206,7 @@ class SSHRunner:
         """
         if endpoint.host is None:
             raise ConfigError("the local endpoint needs no SSH connection; use LocalRunner")
-        target = _resolve(endpoint, ssh_config, known_hosts)
+        target = resolve_target(endpoint, ssh_config, known_hosts)
         known = read_known_hosts(target)
         proxy = _ProxyCommand(target.proxy_command) if target.proxy_command else None
         try:
@@ -260,10 +227,10 @@ class SSHRunner:
                 if transport.is_active():
                     detail = f"no answer within {timeout:g}s"
                 else:
-                    detail = f"proxy command: {proxy.last_error()}" if proxy else _one_line(exc)
+                    detail = f"proxy command: {proxy.last_error()}" if proxy else flat_message(exc)
                 raise ConnectFailed(f"cannot reach {target}: SSH handshake failed ({detail})") from exc
             check_host_key(host_key, target, known, endpoint.trust_on_first_use)
-            _authenticate(transport, target)
+            authenticate(transport, target)
         except BaseException:
             transport.close()
             if proxy:
@@ -286,13 +253,13 @@ class SSHRunner:
             raise ProviderError(f"{self.description} refused a new SSH channel: {exc.text}") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             self._raise_if_lost()
-            raise ConnectFailed(f"cannot open an SSH channel to {self.description}: {_one_line(exc)}") from exc
+            raise ConnectFailed(f"cannot open an SSH channel to {self.description}: {flat_message(exc)}") from exc
         try:
             channel.exec_command(shlex.join(argv))
         except (paramiko.SSHException, OSError, EOFError) as exc:
             channel.close()
             self._raise_if_lost()
-            raise ProviderError(f"{self.description} refused to run {argv[0]!r}: {_one_line(exc)}") from exc
+            raise ProviderError(f"{self.description} refused to run {argv[0]!r}: {flat_message(exc)}") from exc
         return _SSHProcess(self, channel)
 
     def is_active(self) -> bool:
@@ -312,7 +279,7 @@ class SSHRunner:
             elif isinstance(cause, EOFError):
                 self._lost_reason = "closed by the remote end"
             else:
-                self._lost_reason = _one_line(cause)
+                self._lost_reason = flat_message(cause)
         raise ConnectFailed(f"lost the SSH connection to {self.description}: {self._lost_reason}")
 
     def close(self) -> None:
@@ -344,74 +311,7 @@ class SSHRunner:
         self._transport.close()
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _resolve(endpoint: Endpoint, ssh_config: Path | None, known_hosts: Path | None) -> _Target:
-    assert endpoint.host is not None
-    default_path = Path.home() / ".ssh" / "config"
-    path = ssh_config or Path(os.environ.get("BURST_SSH_CONFIG") or default_path)
-    rented = endpoint.known_hosts is not None
-    try:
-        # A rented instance is an address the provider gave us: the user's ~/.ssh/config does not describe it.
-        config = paramiko.SSHConfig.from_path(str(path)) if path.exists() and not rented else paramiko.SSHConfig()
-        options = config.lookup(endpoint.host)
-    except (OSError, paramiko.SSHException) as exc:
-        raise ConfigError(f"cannot read the ssh config {path}: {_one_line(exc)}") from exc
-
-    hostname: str = options.get("hostname", endpoint.host)
-    try:
-        # Endpoint.port cannot tell an explicit 22 from the default, so 22 lets the config's Port through.
-        port = endpoint.port if endpoint.port != 22 else int(options.get("port", 22))
-        alive_interval = int(options.get("serveraliveinterval", _ALIVE_INTERVAL))
-        alive_count_max = int(options.get("serveralivecountmax", _ALIVE_COUNT_MAX))
-    except ValueError as exc:
-        raise ConfigError(f"{path}, Host {endpoint.host}: {exc}") from exc
-    user: str = endpoint.user or options.get("user") or getpass.getuser()
-
-    explicit = Path(endpoint.key_path).expanduser() if endpoint.key_path else None
-    configured = [Path(p).expanduser() for p in options.get("identityfile", [])]
-    # Like ssh: the default keys only when neither -i (the endpoint's key) nor IdentityFile names one.
-    key_files = [explicit, *configured] if explicit else configured
-    if not key_files:
-        key_files = [Path.home() / ".ssh" / name for name in _DEFAULT_KEYS]
-
-    proxy: str | None = options.get("proxycommand")
-    jump: str | None = options.get("proxyjump")
-    if proxy is None and jump and jump.lower() != "none":
-        # paramiko has no ProxyJump; ssh itself does it this way (-W through the last hop, -J for the ones before).
-        *before, last = jump.split(",")
-        # The hops must resolve the same aliases; but -F also drops /etc/ssh/ssh_config, so only when needed.
-        config_arg = ["-F", str(path)] if path != default_path and path.exists() else []
-        hops = ["-J", ",".join(before)] if before else []
-        proxy = shlex.join(["ssh", *config_arg, *hops, "-W", f"[{hostname}]:{port}", f"ssh://{last}"])
-    if proxy is not None and proxy.lower() == "none":
-        proxy = None
-
-    if rented:
-        known_hosts = Path(str(endpoint.known_hosts))  # pinned per instance (Endpoint.known_hosts says why)
-    elif known_hosts is None:
-        configured_known = options.get("userknownhostsfile", "").split()
-        known_hosts = Path(configured_known[0] if configured_known else "~/.ssh/known_hosts").expanduser()
-
-    return _Target(
-        alias=endpoint.host,
-        hostname=hostname,
-        port=port,
-        user=user,
-        key_files=tuple(key_files),
-        explicit_key=explicit,
-        # Only the job's own key goes to a rented machine: the user's keys are none of its business.
-        identities_only=rented or options.get("identitiesonly", "no").lower() == "yes",
-        proxy_command=proxy,
-        known_hosts=known_hosts,
-        alive_interval=alive_interval,
-        alive_count_max=alive_count_max,
-    )
-
-
-def _open_socket(target: _Target, timeout: float) -> socket.socket:
+def _open_socket(target: SSHTarget, timeout: float) -> socket.socket:
     try:
         sock = socket.create_connection((target.hostname, target.port), timeout=timeout)
     except socket.gaierror as exc:
@@ -421,105 +321,7 @@ def _open_socket(target: _Target, timeout: float) -> socket.socket:
     except ConnectionRefusedError as exc:
         raise ConnectFailed(f"cannot reach {target}: connection refused") from exc
     except OSError as exc:
-        raise ConnectFailed(f"cannot reach {target}: {exc.strerror or _one_line(exc)}") from exc
+        raise ConnectFailed(f"cannot reach {target}: {exc.strerror or flat_message(exc)}") from exc
     # Commands and replies are small writes; Nagle would hold each one back for the previous one's ACK.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-# --- login -----------------------------------------------------------------------------------------------------
-
-
-def _authenticate(transport: Any, target: _Target) -> None:
-    try:
-        agent = paramiko.Agent()  # no SSH_AUTH_SOCK, or a stale one: an agent without keys
-    except paramiko.SSHException:  # something on SSH_AUTH_SOCK that does not speak the agent protocol
-        agent = None
-    try:
-        keys, skipped = _candidate_keys(target, agent.get_keys() if agent else ())
-        tried: list[str] = []
-        for label, key in keys:
-            try:
-                remaining: list[str] = transport.auth_publickey(target.user, key)
-            except paramiko.BadAuthenticationType as exc:
-                offers = ", ".join(exc.allowed_types)
-                raise AuthFailed(f"{target} does not take SSH keys (it offers: {offers})") from exc
-            except paramiko.AuthenticationException:
-                tried.append(label)
-                continue
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                # sshd hangs up after MaxAuthTries (default 6) refused keys.
-                tried.append(label)
-                raise AuthFailed(_refused(target, tried, skipped, f"; then it hung up ({_one_line(exc)})")) from exc
-            if not transport.is_authenticated():
-                raise AuthFailed(f"{target} wants more than a key ({', '.join(remaining)}); burst logs in with keys")
-            return
-        if not keys:
-            raise AuthFailed(
-                f"no SSH key to offer {target}: give the endpoint a key_path, set IdentityFile in ~/.ssh/config, "
-                f"add a key to ssh-agent or create ~/.ssh/id_ed25519" + "".join(f"; {s}" for s in skipped)
-            )
-        raise AuthFailed(_refused(target, tried, skipped))
-    finally:
-        if agent:
-            agent.close()
-
-
-def _refused(target: _Target, tried: list[str], skipped: list[str], tail: str = "") -> str:
-    return f"{target} refused the login of user {target.user} with {', '.join(tried)}{tail}" + "".join(
-        f"; {s}" for s in skipped
-    )
-
-
-def _candidate_keys(target: _Target, agent_keys: tuple[Any, ...]) -> tuple[list[tuple[str, Any]], list[str]]:
-    """The keys to offer, in ssh's order: key files (through the agent when a file is encrypted but the agent
-    holds it), then the agent's other keys unless IdentitiesOnly. Also says which key files could not be used."""
-    by_blob = {k.asbytes(): k for k in agent_keys}
-    keys: list[tuple[str, Any]] = []
-    skipped: list[str] = []
-    seen: set[bytes] = set()
-    for path in target.key_files:
-        try:
-            key = paramiko.PKey.from_path(path)
-            label = str(path)
-        except FileNotFoundError as exc:
-            if path == target.explicit_key:
-                raise AuthFailed(f"cannot use key {path}: no such file") from exc
-            if path not in (Path.home() / ".ssh" / name for name in _DEFAULT_KEYS):
-                skipped.append(f"no key file {path}")
-            continue
-        except Exception as exc:  # cryptography and paramiko raise ValueError, TypeError, SSHException, ...
-            reason = _key_problem(exc)
-            key = by_blob.get(_public_blob(path))
-            label = f"{path} (through ssh-agent)"
-            if key is None and path == target.explicit_key:
-                raise AuthFailed(f"cannot use key {path}: {reason}") from exc
-            if key is None:
-                skipped.append(f"cannot use key {path}: {reason}")
-                continue
-        if key.asbytes() not in seen:
-            seen.add(key.asbytes())
-            keys.append((f"{label} ({key.fingerprint})", key))
-    if not target.identities_only:
-        for key in agent_keys:
-            if key.asbytes() not in seen:
-                seen.add(key.asbytes())
-                comment = f" {key.comment}" if key.comment else ""
-                keys.append((f"agent key {key.fingerprint}{comment}", key))
-    return keys, skipped
-
-
-def _key_problem(exc: BaseException) -> str:
-    if isinstance(exc, TypeError):  # cryptography: "Key is password-protected, but password was not provided"
-        return "it is encrypted and burst cannot ask for a passphrase; load it into ssh-agent with ssh-add"
-    if isinstance(exc, OSError):
-        return exc.strerror or _one_line(exc)
-    return "not a private key in a format paramiko reads (OpenSSH, or PEM RSA/ECDSA)"
-
-
-def _public_blob(private_key_path: Path) -> bytes | None:
-    """The key blob from ``<path>.pub``, so an encrypted key file can be matched with an agent key."""
-    try:
-        return base64.b64decode(Path(f"{private_key_path}.pub").read_text().split()[1], validate=True)
-    except (OSError, IndexError, ValueError):
-        return None
