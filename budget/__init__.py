@@ -8,8 +8,11 @@ Example:
 
 from __future__ import annotations
 
-from .enforcer import Budget, BudgetSnapshot, Cap, CapUsage, Period, Reservation, period_bounds
+from .caps import BudgetSnapshot, Cap, CapUsage
+from .enforcer import Budget
 from .ledger import LedgerRow, format_usd
+from .periods import Period, period_bounds
+from .reservations import Reservation
 from .table import GroupKey, LedgerGroup, LedgerTable
 
 __all__ = [

@@ -27,7 +27,7 @@ from .ledger import LedgerRow, format_usd, require_aware
 if TYPE_CHECKING:
     import pandas
 
-    from .enforcer import Reservation
+    from .reservations import Reservation
 
 __all__ = ["GROUP_KEYS", "GroupKey", "LedgerGroup", "LedgerTable"]
 

@@ -188,7 +188,7 @@ def load_settings(*, cwd: Path | None = None, user_file: Path | None = None, pro
 def budget_caps(settings: Settings) -> list[Cap]:
     """``daily-budget`` and ``weekly-budget`` as caps for the jobs of the session that read them, each saying where
     it comes from. They are never stored: an edit holds from the next session on, and a project's cap stays in its
-    folder (budget/enforcer.py: the lowest cap in force holds).
+    folder (budget/caps.py: the lowest cap in force holds).
     """
     from .budget import Cap, Period
 
