@@ -149,7 +149,8 @@ def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float 
         >>> burst.offers(gpu="RTX_4090", max_price=1.0)   # doctest: +SKIP
     """
     from .providers.catalog import CATALOG, canonical_gpu
-    from .widgets.offer_browser import OfferBrowser, OfferFilter
+    from .widgets.offer_browser import OfferBrowser
+    from .widgets.offer_table import OfferFilter
 
     problem = gpus_problem(gpus)
     if problem is not None:

@@ -13,7 +13,8 @@ from burst_jupyter.errors import RateLimited
 from burst_jupyter.offer_book import SearchResult
 from burst_jupyter.providers.base import Offer
 from burst_jupyter.widgets import OfferBrowser, OfferFilter
-from burst_jupyter.widgets.offer_browser import offer_rows, sort_offers
+from burst_jupyter.widgets.offer_controls import cell_html
+from burst_jupyter.widgets.offer_table import offer_rows, sort_offers
 from burst_jupyter.widgets.render import WIDGET_VIEW_MIMETYPE, no_math
 
 SCRIPT = "<script>alert(1)</script>"
@@ -238,7 +239,7 @@ def test_hostile_remote_text_is_escaped_and_cleaned() -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "vast:&lt;img_src=x_onerror=alert(1)&gt;" in html  # the --offer word: whitespace made "_"
     view.select(evil)
-    with_cell = view._cell_html(view.cell_text())
+    with_cell = cell_html(view.cell_text())
     assert "<img" not in with_cell and "<b>x" not in with_cell and "\x1b" not in with_cell
     assert "--offer &#x27;vast:&lt;img_src=x_onerror=alert(1)&gt;&#x27;" in with_cell  # quoted: one word still
     assert "\x1b" not in html and "\x07" not in html

@@ -5,6 +5,7 @@ Importing this package does not import ipywidgets; each view imports it when its
 
 from burst_jupyter.widgets.budget_bars import BudgetBars, BudgetSnapshot, PeriodSnapshot
 from burst_jupyter.widgets.job_view import JobView, JobViewState
-from burst_jupyter.widgets.offer_browser import OfferBrowser, OfferFilter
+from burst_jupyter.widgets.offer_browser import OfferBrowser
+from burst_jupyter.widgets.offer_table import OfferFilter
 
 __all__ = ["BudgetBars", "BudgetSnapshot", "JobView", "JobViewState", "OfferBrowser", "OfferFilter", "PeriodSnapshot"]

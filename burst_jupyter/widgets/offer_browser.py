@@ -12,21 +12,17 @@ extension such as ipylab). ``insert()`` run in a cell does add one, below that c
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 from collections.abc import Callable, Iterator, Sequence
-from decimal import Decimal, InvalidOperation
 from html import escape
 from typing import TYPE_CHECKING, Any
 
 from burst_jupyter.offer_book import SearchResult
-from burst_jupyter.spec import MAX_GPUS
+from burst_jupyter.widgets.offer_controls import OfferControls, cell_html
 from burst_jupyter.widgets.offer_table import (
     COLUMNS,
     NUMERIC,
     SORT_KEYS,
     OfferFilter,
-    OfferRow,
     error_line,
     offer_key,
     offer_rows,
@@ -41,25 +37,7 @@ from burst_jupyter.widgets.render import LiveView, ipython_kernel_present, no_ma
 if TYPE_CHECKING:
     from burst_jupyter.providers.base import Offer
 
-__all__ = ["COLUMNS", "SORT_KEYS", "OfferBrowser", "OfferFilter", "OfferRow", "offer_rows", "sort_offers"]
-
-_NO_CHOICE = -1  # the offer dropdown's "nothing chosen" value (None would blank the dropdown instead)
-_ALL = "all"
-_COPY_HINT = "Copy, then paste it into a new cell: a click in a widget cannot add a cell in JupyterLab or Notebook 7"
-_COPIED = "copied: paste it into a new cell (Ctrl+V, or ⌘V on a Mac)"
-_NOT_COPIED = "this browser did not allow copying: the text is selected, press Ctrl+C (⌘C)"
-# Runs in the browser on a click, without the kernel (which may be busy running a cell): the clipboard API where
-# the page is a secure context (https, localhost), else the older execCommand("copy") on the selected text. It
-# says itself whether the copy happened; the kernel never learns of the click and claims nothing.
-_COPY_JS = (
-    "(function(b){var box=b.closest('.burst-cell'),t=box.querySelector('textarea'),"
-    "n=box.querySelector('.burst-cell-note');"
-    f"function said(ok){{n.textContent=ok?{json.dumps(_COPIED)}:{json.dumps(_NOT_COPIED)};"
-    "n.dataset.copied=ok?'yes':'no';if(!ok){t.focus();t.select();}}"
-    "function old(){t.focus();t.select();var ok=false;try{ok=document.execCommand('copy');}catch(e){}said(ok);}"
-    "if(navigator.clipboard&&window.isSecureContext){navigator.clipboard.writeText(t.value)"
-    ".then(function(){said(true);},old);}else{old();}})(this)"
-)
+__all__ = ["OfferBrowser"]
 
 
 class OfferBrowser(LiveView):
@@ -116,7 +94,7 @@ class OfferBrowser(LiveView):
         self._busy = False
         self._generation = 0
         self._syncing = False  # true while the view writes its own controls: their observers must not search
-        self._parts: _BrowserWidgets | None = None
+        self._parts: OfferControls | None = None
         self._shown_cell: str | None = None
         if result is None:
             self._run_search(initial, refresh=False)
@@ -339,124 +317,27 @@ class OfferBrowser(LiveView):
     # --- the live widget ------------------------------------------------------------------------------------------
 
     def _build_widget(self) -> Any:
-        import ipywidgets as w  # lazy: keeps `import burst_jupyter` and %load_ext free of ipywidgets
-
-        wide = {"description_width": "initial"}
-        f = self._filter
-        p = self._parts = _BrowserWidgets(
-            gpu=w.Combobox(
-                description="GPU",
-                options=self._gpu_choices,
-                value=f.gpu or "",
-                placeholder="any",
-                ensure_option=False,
-                continuous_update=False,
-                style=wide,
-                layout=w.Layout(width="14em"),
-            ),
-            gpus=w.BoundedIntText(
-                description="GPUs", value=f.gpus, min=1, max=MAX_GPUS, style=wide, layout=w.Layout(width="7em")
-            ),
-            max_price=w.Text(
-                description="max $/h",
-                value="" if f.max_price is None else f"{f.max_price:f}",
-                placeholder="any",
-                continuous_update=False,
-                style=wide,
-                layout=w.Layout(width="10em"),
-            ),
-            provider=w.Dropdown(
-                description="provider",
-                options=[_ALL, *self._providers],
-                value=f.provider or _ALL,
-                style=wide,
-                layout=w.Layout(width="12em"),
-            ),
-            min_reliability=w.FloatSlider(
-                description="min reliability",
-                value=f.min_reliability or 0.0,
-                min=0.0,
-                max=1.0,
-                step=0.01,
-                readout_format=".0%",
-                continuous_update=False,
-                style=wide,
-            ),
-            spot=w.Checkbox(description="spot", value=f.spot, indent=False, layout=w.Layout(width="5em")),
-            sort=w.Dropdown(
-                description="sort by",
-                options=[(label, key) for key, label in SORT_KEYS.items()],
-                value=self._sort_key,
-                style=wide,
-                layout=w.Layout(width="13em"),
-            ),
-            refresh=w.Button(description="Refresh", icon="refresh", tooltip="Ask every provider again"),
-            status=w.HTML(),
-            table=w.HTML(),
-            errors=w.HTML(),
-            choice=w.Dropdown(
-                description="offer",
-                options=[("— choose an offer —", _NO_CHOICE)],
-                value=_NO_CHOICE,
-                style=wide,
-                layout=w.Layout(width="34em"),
-            ),
-            launch=w.Button(
-                description="Launch",
-                icon="rocket",
-                button_style="primary",
-                tooltip="Run the given cell on the chosen offer now",
-                layout=w.Layout(display=None if self._on_launch else "none"),
-            ),
-            cell=w.HTML(),
+        p = self._parts = OfferControls.build(
+            self._filter,
+            sort_key=self._sort_key,
+            gpu_choices=self._gpu_choices,
+            providers=self._providers,
+            launchable=self._on_launch is not None,
         )
-        for control in (p.gpu, p.gpus, p.max_price, p.provider, p.min_reliability, p.spot):
+        for control in p.filters():
             control.observe(self._on_filter_change, names="value")
         p.sort.observe(self._on_sort_change, names="value")
         p.choice.observe(self._on_choice_change, names="value")
         p.refresh.on_click(lambda _b: self.refresh())
         p.launch.on_click(lambda _b: self.launch())
-        return w.VBox(
-            [
-                w.HBox([p.gpu, p.gpus, p.max_price, p.provider]),
-                w.HBox([p.min_reliability, p.spot, p.sort, p.refresh]),
-                p.status,
-                p.table,
-                p.errors,
-                w.HBox([p.choice, p.launch]),
-                p.cell,
-            ]
-        )
-
-    def _filter_from_controls(self) -> OfferFilter | str:
-        """The filter the controls show, or what is wrong with them."""
-        p = self._parts
-        assert p is not None
-        gpu = p.gpu.value.strip().upper().replace(" ", "_").replace("-", "_") or None
-        price_text = p.max_price.value.strip().lstrip("$").strip()
-        max_price = None
-        if price_text:
-            try:
-                max_price = Decimal(price_text)
-            except InvalidOperation:
-                return f"max $/h: {one_line(price_text, 20)!r} is not a number"
-            if not max_price.is_finite() or max_price <= 0:
-                return f"max $/h: {one_line(price_text, 20)!r} must be more than 0"
-        reliability = round(float(p.min_reliability.value), 2)
-        return OfferFilter(
-            gpu=gpu,
-            gpus=int(p.gpus.value),
-            max_price=max_price,
-            provider=None if p.provider.value == _ALL else p.provider.value,
-            min_reliability=reliability or None,
-            spot=bool(p.spot.value),
-        )
+        return p.layout()
 
     def _on_filter_change(self, _change: Any) -> None:
         if self._syncing:
             return
         try:
-            new = self._filter_from_controls()
+            assert self._parts is not None  # the controls call this: they are built
+            new = self._parts.read_filter()
         except Exception as exc:  # a widget callback must never raise into the kernel's comm handler
             new = f"filter: {error_line(exc)}"
         if isinstance(new, str):
@@ -486,16 +367,10 @@ class OfferBrowser(LiveView):
     def _write_controls(self) -> None:
         """Make the filter controls show ``self._filter`` (after ``update_filter`` from code)."""
         p = self._parts
-        if p is None or self._filter_from_controls() == self._filter:
+        if p is None or p.read_filter() == self._filter:
             return
-        f = self._filter
         with self._writing_controls():
-            p.gpu.value = f.gpu or ""
-            p.gpus.value = f.gpus
-            p.max_price.value = "" if f.max_price is None else f"{f.max_price:f}"
-            p.provider.value = f.provider if f.provider in self._providers else _ALL
-            p.min_reliability.value = f.min_reliability or 0.0
-            p.spot.value = f.spot
+            p.show_filter(self._filter, self._providers)
 
     def _render_widget(self) -> None:
         p = self._parts
@@ -504,11 +379,8 @@ class OfferBrowser(LiveView):
         offers = self.offers
         selected = self.selected
         keys = [offer_key(o) for o in offers]
-        choice = keys.index(self._selected) if selected is not None and self._selected in keys else _NO_CHOICE
-        options = [("— choose an offer —", _NO_CHOICE)] + [
-            (f"{i + 1}. {r.provider} · {r.gpu} ×{r.gpus} · {r.price}/h · {r.offer_id}", i)
-            for i, r in enumerate(offer_rows(offers))
-        ]
+        choice = keys.index(self._selected) if selected is not None and self._selected in keys else None
+        rows = offer_rows(offers)
         with contextlib.ExitStack() as stack, self._writing_controls():
             for part in p.all():
                 stack.enter_context(part.hold_sync())
@@ -521,42 +393,8 @@ class OfferBrowser(LiveView):
             cell = self.cell_text()
             if cell != self._shown_cell:  # a new value would also wipe the browser's "copied" note
                 self._shown_cell = cell
-                p.cell.value = self._cell_html(cell)
+                p.cell.value = cell_html(cell)
             p.sort.value = self._sort_key
-            if tuple(p.choice.options) != tuple(options):
-                p.choice.options = options
-            p.choice.value = choice
+            p.show_choices(rows, choice)
             p.refresh.disabled = self._busy
             p.launch.disabled = self._on_launch is None or selected is None
-
-    @staticmethod
-    def _cell_html(cell: str) -> str:
-        rows = cell.count("\n") + 1
-        return no_math(
-            '<div class="burst-cell">'
-            f'<textarea readonly rows="{rows}" spellcheck="false" style="width:100%;box-sizing:border-box;'
-            f'font-family:monospace;resize:vertical">{escape(cell)}</textarea>'
-            f'<button class="burst-copy jupyter-button" onclick="{escape(_COPY_JS)}">Copy %%burst cell</button> '
-            f'<span class="burst-cell-note">{escape(_COPY_HINT)}</span></div>'
-        )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _BrowserWidgets:
-    gpu: Any
-    gpus: Any
-    max_price: Any
-    provider: Any
-    min_reliability: Any
-    spot: Any
-    sort: Any
-    refresh: Any
-    status: Any
-    table: Any
-    errors: Any
-    choice: Any
-    launch: Any
-    cell: Any
-
-    def all(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
