@@ -79,6 +79,7 @@ class Kind:
     STARTED = "started"  # pid: the cell's process
     PROGRESS = "progress"  # p: percent, m: a message (burst.progress in the cell)
     RESULT = "result"  # data: the cell's value, as display formats
+    DISPLAY = "display"  # data: what the cell displayed (display(), a figure), in its place among the prints
     ERROR = "error"  # ename, evalue, tb: the cell raised
     NOTE = "note"  # m: a stop under way (STOPPING and the reason), or a step of the dead-man's switch
     SETUP_ERROR = "setup-error"  # m: the job could not be staged
@@ -403,6 +404,9 @@ def cell_main(jobdir: str) -> int:
     ns["burst"] = BurstHelper(writer, str(manifest.get("job_id")), jobdir)
     shell = RemoteShell(ns)
     ns["get_ipython"] = lambda: shell
+    displays = CellDisplays(writer)
+    ns["display"] = displays.display  # a builtin in a notebook too
+    displays.install()
     sys.path.insert(0, os.getcwd())
 
     def report(exc: BaseException) -> None:
@@ -431,6 +435,7 @@ def cell_main(jobdir: str) -> int:
             if value is not None:
                 # What the notebook would show, as data: the value itself never travels back unasked.
                 writer.send(b"r", json.dumps(_display_data(value)).encode())
+        displays.show_figures()  # what is left open, after the value: as the inline backend does
     except SystemExit as exc:
         code = exc.code
         rc = code if isinstance(code, int) else (0 if code is None else 1)
@@ -469,18 +474,23 @@ def _safe_str(value: object, show: Callable[[object], str] = str) -> str:
         return "<unrepresentable %s: %s>" % (type(value).__name__, exc)
 
 
-# The display formats of a cell's value that travel back (as Jupyter writes them: text, images in base64), and
-# the method that gives each. Others (JavaScript, SVG, Markdown with raw HTML) could act in the notebook: not sent.
-_DISPLAY_METHODS = (("text/html", "_repr_html_"), ("image/png", "_repr_png_"), ("image/jpeg", "_repr_jpeg_"))
+# The display formats of a cell's value that travel back (as Jupyter writes them: text, images in base64, JSON as
+# a value), and the method that gives each. Others (JavaScript, SVG) could act in the notebook: not sent. The
+# client shows HTML in a sandboxed frame and Markdown with its raw HTML and script links taken out.
+_DISPLAY_METHODS = (("text/html", "_repr_html_"), ("text/markdown", "_repr_markdown_"),
+                    ("application/json", "_repr_json_"), ("image/png", "_repr_png_"), ("image/jpeg", "_repr_jpeg_"))
 
 
-def _display_data(value: object) -> dict[str, str]:
-    """What the notebook would show for ``value``: its repr and the display formats it offers, each bounded."""
+def _display_data(value: object, bundle: object = None) -> dict[str, object]:
+    """What the notebook would show for ``value``: its repr and the display formats it offers, each bounded.
+    ``bundle``: the formats already given (``display(..., raw=True)``)."""
     import base64
 
-    data = {"text/plain": _safe_str(value, repr)}
-    bundle: object = None
-    if hasattr(value, "_repr_mimebundle_"):
+    data: dict[str, object] = {"text/plain": _safe_str(value, repr)}
+    figure = _figure_png(value)
+    if figure is not None:
+        bundle = {"image/png": figure}
+    elif bundle is None and hasattr(value, "_repr_mimebundle_"):
         try:
             bundle = value._repr_mimebundle_()
         except Exception:
@@ -498,11 +508,116 @@ def _display_data(value: object) -> dict[str, str]:
             shown = shown[0]  # (data, metadata)
         if isinstance(shown, bytes):
             shown = base64.b64encode(shown).decode("ascii")
-        if isinstance(shown, str) and len(shown) <= _MAX_DISPLAY:
+        if mime == "application/json" and shown is not None:
+            try:
+                size = len(json.dumps(shown))
+            except (TypeError, ValueError):
+                continue
+            if size <= _MAX_DISPLAY:
+                data[mime] = shown
+        elif isinstance(shown, str) and len(shown) <= _MAX_DISPLAY:
             data[mime] = shown
-    if len(data["text/plain"]) > _MAX_RECORD:
-        data["text/plain"] = data["text/plain"][:_MAX_RECORD] + "... (%d characters in all)" % len(data["text/plain"])
+    if isinstance(bundle, dict) and isinstance(bundle.get("text/plain"), str):
+        data["text/plain"] = bundle["text/plain"]
+    text = str(data["text/plain"])
+    if len(text) > _MAX_RECORD:
+        data["text/plain"] = text[:_MAX_RECORD] + "... (%d characters in all)" % len(text)
     return data
+
+
+def _figure_png(value: object) -> bytes | None:
+    """A matplotlib figure as the inline backend draws it; None for anything else (or a figure that fails to)."""
+    figure = sys.modules.get("matplotlib.figure")
+    if figure is None or not isinstance(value, figure.Figure):
+        return None
+    import io
+
+    out = io.BytesIO()
+    try:
+        value.savefig(out, format="png", bbox_inches="tight")
+    except Exception:
+        return None
+    return out.getvalue()
+
+
+class CellDisplays:
+    """What the cell displays, sent as it happens (one display bundle per object, in order with its prints):
+    ``display()`` (a builtin here as in a notebook, and IPython's own once the cell imports IPython) and matplotlib
+    figures, at ``plt.show()`` or left open at the cell's end, as the inline backend does. Neither IPython nor
+    matplotlib is needed: nothing is imported until the cell imports them, and without them text is shown."""
+
+    BACKEND = "burst_inline_figures"  # a module only in sys.modules: matplotlib loads it by name
+
+    def __init__(self, writer: FrameWriter) -> None:
+        self.writer = writer
+
+    def display(self, *objs: object, raw: bool = False, **_: object) -> None:
+        for obj in objs:
+            given = obj if raw and isinstance(obj, dict) else None
+            self.writer.send(b"d", json.dumps(_display_data(obj, given)).encode())
+
+    def show_figures(self, *_: object, **__: object) -> None:
+        """The inline backend's show(): every open figure, then closed (a figure is shown once)."""
+        if "matplotlib.pyplot" not in sys.modules:
+            return
+        plt = sys.modules["matplotlib.pyplot"]
+        for number in plt.get_fignums():  # type: ignore[attr-defined]
+            self.display(plt.figure(number))  # type: ignore[attr-defined]
+        plt.close("all")  # type: ignore[attr-defined]
+
+    def install(self) -> None:
+        sys.meta_path.insert(0, _AfterImport({
+            "matplotlib": self._inline_figures,
+            "IPython.core.display_functions": self._own_display,  # IPython >= 7.23
+            "IPython.core.display": self._own_display,  # older IPython defines display() here
+        }))
+
+    def _own_display(self, module: object) -> None:
+        if hasattr(module, "display"):
+            module.display = self.display  # type: ignore[attr-defined]
+
+    def _inline_figures(self, matplotlib: object) -> None:
+        """Figures drawn into the notebook, unless the cell's environment asked for a backend of its own."""
+        if os.environ.get("MPLBACKEND", "").lower() != "agg":
+            return
+        import types
+
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # type: ignore[import-not-found,unused-ignore]
+
+        backend = types.ModuleType(self.BACKEND)
+        backend.FigureCanvas = FigureCanvasAgg  # type: ignore[attr-defined]
+        backend.show = self.show_figures  # type: ignore[attr-defined]
+        sys.modules[self.BACKEND] = backend
+        matplotlib.rcParams["backend"] = "module://" + self.BACKEND  # type: ignore[attr-defined]
+
+
+class _AfterImport:
+    """A finder that runs ``hooks[name](module)`` once that module is imported, before its importer sees it."""
+
+    def __init__(self, hooks: dict[str, Callable[[object], None]]) -> None:
+        self.hooks = hooks
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+        then = self.hooks.pop(name, None)  # popped first: the find_spec below asks this finder too
+        if then is None:
+            return None
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def run(module: object) -> None:
+            exec_module(module)
+            try:
+                then(module)
+            except Exception:  # the cell's import works as it would without burst
+                pass
+
+        loader.exec_module = run
+        return spec
 
 
 # ------------------------------------------------------------------------------------------------ money
@@ -739,6 +854,8 @@ class Supervisor:
                 records.append({"k": Kind.PROGRESS, "p": info.get("p"), "m": info.get("m"), "t": t})
             elif kind == b"r":
                 records.append({"k": Kind.RESULT, "data": json.loads(payload), "t": t})
+            elif kind == b"d":
+                records.append({"k": Kind.DISPLAY, "data": json.loads(payload), "t": t})
             elif kind == b"x":
                 err = json.loads(payload)
                 err.update(k=Kind.ERROR, t=t)
