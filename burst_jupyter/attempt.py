@@ -68,6 +68,8 @@ class Attempt:
         if k == Kind.OUT:  # the instance's data, shown inert: a stream of the two, text bounded by the job
             return [Notice(EventType.OUTPUT, {"stream": "stderr" if r.get("s") == "stderr" else "stdout",
                                               "text": str(r.get("d", ""))})]
+        if k == Kind.DISPLAY and isinstance(r.get("data"), dict):  # inert from here on
+            return [Notice(EventType.DISPLAY, {"data": RemoteDisplay(r["data"]).bundle()})]
         if k == Kind.RESULT and isinstance(r.get("data"), dict):
             self.shown = RemoteDisplay(r["data"])
         elif k == Kind.PROGRESS:

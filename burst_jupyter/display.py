@@ -1,4 +1,5 @@
-"""Showing a job in the cell that started it: the JobView, and the remote stdout/stderr as the cell's own streams.
+"""Showing a job in the cell that started it: the JobView, and the remote stdout/stderr and displays (plots, tables)
+as the cell's own.
 
 Two modes:
 
@@ -156,6 +157,10 @@ class CellDisplay:
                 self._keep(event.text or "")
             self.view.handle(event)
             return
+        if event.type is EventType.DISPLAY:
+            self._display(event.data or {}, blocking=blocking)
+            self.view.handle(event)
+            return
         self.view.handle(event)
         if self.text_mode:
             line = self.view.text_line(event)
@@ -234,6 +239,21 @@ class CellDisplay:
         kernel.session.send(kernel.iopub_socket, "update_display_data",
                             content={"data": bundle, "metadata": {}, "transient": {"display_id": self.display_id}},
                             parent=parent, ident=b"update_display_data")
+
+    def _display(self, data: dict[str, Any], *, blocking: bool) -> None:
+        """What the remote cell displayed (already inert), as the cell's own display data; its text in a terminal."""
+        if self.kernel is None:
+            self._write("stdout", f"{data.get('text/plain', '')}\n", blocking=blocking)
+        elif blocking:
+            from IPython.display import publish_display_data
+
+            sys.stdout.flush()  # after what was printed before it
+            sys.stderr.flush()
+            publish_display_data(data)  # type: ignore[no-untyped-call]
+        else:
+            self.kernel.session.send(self.kernel.iopub_socket, "display_data",
+                                     content={"data": data, "metadata": {}, "transient": {}}, parent=self.parent,
+                                     ident=b"display_data")
 
     def _write(self, stream: str, text: str, *, blocking: bool) -> None:
         if not text:

@@ -2,7 +2,7 @@
 
 A job emits, in order: queued, offer_selected, budget_reserved (budget_warning when a cap passes 80%),
 provisioning, provisioned, ssh_ready, protected (which layers guard against a leaked instance), syncing_up, started,
-then output/progress while it runs (synced after each ``--sync-every`` pull), stopping when it is ended early,
+then output/display/progress while it runs (synced after each ``--sync-every`` pull), stopping when it is ended early,
 preempted when the provider took the instance (then provisioning again with ``--retries``), syncing_down,
 terminated, and exactly one final event: completed, failed, cancelled or budget_killed. Money fields are
 ``Decimal``.
@@ -34,6 +34,7 @@ class EventType(str, enum.Enum):
     SYNCING_UP = "syncing_up"
     STARTED = "started"
     OUTPUT = "output"
+    DISPLAY = "display"  # data: what the cell displayed, an inert display bundle (output.RemoteDisplay.bundle)
     PROGRESS = "progress"
     RECONNECTING = "reconnecting"
     SYNCED = "synced"  # a periodic pull of rw mounts (--sync-every) landed
@@ -78,6 +79,8 @@ class JobEvent:
     # output
     stream: str | None = None  # "stdout" | "stderr"
     text: str | None = None
+    # display
+    data: dict[str, Any] | None = None
     # progress
     percent: float | None = None
     # money
@@ -132,6 +135,8 @@ class JobEvent:
         t = self.type
         if t is EventType.OUTPUT:
             return self.text or ""
+        if t is EventType.DISPLAY:
+            return str((self.data or {}).get("text/plain", ""))
         if t is EventType.PROGRESS:
             pct = f"{self.percent:.0f}%" if self.percent is not None else "?"
             return f"progress {pct}" + (f" {self.message}" if self.message else "")

@@ -194,6 +194,11 @@ class Job:
         for name, shown in self._output.feed(stream, text):
             self.emit(EventType.OUTPUT, stream=name, text=shown)
 
+    def remote_display(self, data: dict[str, Any]) -> None:
+        """What the cell displayed (an inert bundle): emitted while within the notebook's bounds, as output is."""
+        if self._output.admit(data):
+            self.emit(EventType.DISPLAY, data=data)
+
     def emit(self, type: EventType, **fields: Any) -> JobEvent:
         if type in _OUTPUT_OVER:
             for name, shown in self._output.finish():  # the kept tail of the output, before the end of the job

@@ -64,7 +64,7 @@ class JobLogWriter:
             return
         try:
             line = json.dumps(event.to_json(), ensure_ascii=False) + "\n"
-            if event.type in (EventType.OUTPUT, EventType.PROGRESS):
+            if event.type in (EventType.OUTPUT, EventType.DISPLAY, EventType.PROGRESS):
                 if len(line) > self._room:
                     return
                 self._room -= len(line)

@@ -1,5 +1,5 @@
-"""What a cell sends back to show, bounded and inert: its printed output (:class:`OutputBounds`) and its value
-(:class:`RemoteDisplay`).
+"""What a cell sends back to show, bounded and inert: its printed output (:class:`OutputBounds`), and its value and
+what it displayed (:class:`RemoteDisplay`).
 
 The instance is a stranger's computer, and a cell may print without end. The notebook gets a bounded head and
 tail of the output with one line saying how much was left out and where the whole of it is; that file is capped
@@ -12,6 +12,8 @@ import base64
 import binascii
 import collections
 import html
+import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -93,6 +95,17 @@ class OutputBounds:
         self.tail: collections.deque[tuple[str, str]] = collections.deque()
         self.tail_cost = 0
         self.left_out = 0  # characters dropped from the tail
+        self.displays_left_out = 0
+
+    def admit(self, bundle: Mapping[str, Any]) -> bool:
+        """Whether a display is shown: while the head has room for it, as for output (its size counts against
+        the head). Past the head a display is left out, and :meth:`finish` says how many were."""
+        cost = len(json.dumps(bundle)) + _EVENT_COST
+        if not self.tail and cost <= self.head_room:
+            self.head_room -= cost
+            return True
+        self.displays_left_out += 1
+        return False
 
     def feed(self, stream: str, text: str) -> list[tuple[str, str]]:
         """What to show now of this piece of output (nothing once the head is spent)."""
@@ -139,6 +152,10 @@ class OutputBounds:
             shown.append(("stderr", f"\n[burst: {self.left_out:,} characters of output left out here "
                                     f"(BURST_NOTEBOOK_OUTPUT_CHARS){where}]\n"))
             self.left_out = 0
+        if self.displays_left_out:
+            shown.append(("stderr", f"\n[burst: {self.displays_left_out:,} displayed outputs (plots, tables) left "
+                                    "out here (BURST_NOTEBOOK_OUTPUT_CHARS)]\n"))
+            self.displays_left_out = 0
         shown.extend(self.tail)
         self.tail.clear()
         self.tail_cost = 0
@@ -153,10 +170,11 @@ _MAX_DISPLAY = 512 * 1024
 
 
 class RemoteDisplay:
-    """A cell's value as the notebook would show it: its repr and display data, as inert data.
+    """A cell's value, or what it displayed, as the notebook would show it: its repr and display data, as inert data.
 
     It is never the value itself (that would need unpickling, which can run code: ``--pull`` it for that). HTML
-    is shown in a sandboxed frame where no script runs; images only as base64 that decodes."""
+    is shown in a sandboxed frame where no script runs; Markdown with its HTML escaped and its script links
+    broken; JSON only as a JSON object or list; images only as base64 that decodes."""
 
     def __init__(self, data: Mapping[str, Any]) -> None:
         def text(mime: str) -> str | None:
@@ -165,17 +183,47 @@ class RemoteDisplay:
 
         self.text = _clean(text("text/plain") or "")
         self.html = text("text/html")
+        self.markdown = text("text/markdown")
+        self.json = _bounded_json(data.get("application/json"))
         self.images = {mime: value for mime in _IMAGES if (value := text(mime)) is not None and _is_base64(value)}
 
     def __repr__(self) -> str:
         return self.text
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
-        bundle = {"text/plain": self.text, **self.images}
+    def bundle(self) -> dict[str, Any]:
+        """What the notebook is given: every format inert."""
+        bundle: dict[str, Any] = {"text/plain": self.text, **self.images}
         if self.html is not None:
             bundle["text/html"] = (f'<iframe sandbox="" srcdoc="{html.escape(self.html, quote=True)}" '
                                    'style="width:100%;height:24em;border:1px solid #ddd;resize:vertical"></iframe>')
+        if self.markdown is not None:
+            bundle["text/markdown"] = _inert_markdown(self.markdown)
+        if self.json is not None:
+            bundle["application/json"] = self.json
         return bundle
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return self.bundle()
+
+
+# A link or image to a scheme that runs or embeds something; broken with a zero-width space before its colon.
+_ACTIVE_SCHEME = re.compile(r"(?i)(javascript|vbscript|data|file)(\s*):")
+
+
+def _inert_markdown(text: str) -> str:
+    """Markdown that renders as the text it says: no raw HTML (a notebook renders a trusted output's HTML, scripts
+    included), no character references that could spell it, no script links."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;")
+    return _ACTIVE_SCHEME.sub("\\1\\2\u200b:", text)
+
+
+def _bounded_json(value: Any) -> dict[str, Any] | list[Any] | None:
+    if not isinstance(value, (dict, list)):
+        return None
+    try:
+        return value if len(json.dumps(value)) <= _MAX_DISPLAY else None
+    except (TypeError, ValueError, RecursionError):
+        return None
 
 
 def _clean(text: str) -> str:

@@ -179,6 +179,8 @@ class RemoteRun:
         for notice in run.attempt.take(record):
             if notice.type is EventType.OUTPUT:
                 job.remote_output(notice.fields["stream"], notice.fields["text"])
+            elif notice.type is EventType.DISPLAY:
+                job.remote_display(notice.fields["data"])
             elif notice.type is EventType.STARTED:
                 job.emit(EventType.STARTED, instance_id=run.on.instance.instance_id if run.on.instance else None)
             elif notice.type is EventType.SYNCING_DOWN:

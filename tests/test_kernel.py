@@ -8,8 +8,10 @@ gate file the test creates, so ordering is proven by cause and effect, never by 
 
 from __future__ import annotations
 
+import base64
 import signal
 import sys
+import venv
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -168,6 +170,81 @@ def test_notebook_functions_and_classes_travel_both_ways(start_kernel: Callable[
     kernel.run_ok(f"{LOCAL} --push f,p --pull y,g,Q\ny = f(p.v)\ndef g():\n    return 5\nclass Q:\n    pass\n")
     shown = kernel.run_ok("print(y, g(), Q.__name__)")
     assert shown.text("stdout") == "4 5 Q\n"
+
+
+# -- what the remote cell displays -----------------------------------------------------------------------------
+
+
+def shown_in_order(execution: Execution) -> list[tuple[str, Any]]:
+    """The cell's streams (joined while one stream runs on) and displays, in IOPub order; the job's view left out."""
+    out: list[tuple[str, Any]] = []
+    for m in execution.iopub:
+        kind, content = m["msg_type"], m["content"]
+        if kind == "stream" and out and out[-1][0] == content["name"]:
+            out[-1] = (content["name"], out[-1][1] + content["text"])
+        elif kind == "stream":
+            out.append((content["name"], content["text"]))
+        elif kind in ("display_data", "execute_result") and WIDGET_VIEW not in content["data"]:
+            out.append((kind, content["data"]))
+    return out
+
+
+def test_displays_plots_and_tables_arrive_as_local_ones_do_in_order(start_kernel: Callable[[], Kernel]) -> None:
+    kernel = start_kernel()
+    cell = kernel.run_ok(f"""{LOCAL}
+from IPython.display import HTML, JSON, Markdown, display
+import matplotlib.pyplot as plt
+import pandas as pd
+print("before")
+display(HTML("<b>bold</b>"), Markdown("# Title <script>alert(1)</script>"))
+plt.plot([1, 2, 3])
+plt.show()
+print("between")
+display(JSON({{"a": [1, 2]}}))
+plt.figure()
+plt.plot([3, 2])
+pd.DataFrame({{"a": [1, 2]}})
+""", timeout=120)
+    shown = shown_in_order(cell)
+    kinds = [(kind, sorted(set(data) - {"text/plain"}) if isinstance(data, dict) else data) for kind, data in shown]
+    assert kinds == [
+        ("stdout", "before\n"),
+        ("display_data", ["text/html"]),
+        ("display_data", ["text/markdown"]),
+        ("display_data", ["image/png"]),  # plt.show(), where it was called
+        ("stdout", "between\n"),
+        ("display_data", ["application/json"]),
+        ("display_data", ["image/png"]),  # the figure left open, at the cell's end
+        ("execute_result", ["text/html"]),  # the DataFrame, as its table
+    ], kinds
+    html, markdown, figure = shown[1][1], shown[2][1], shown[3][1]
+    assert html["text/html"].startswith('<iframe sandbox="" srcdoc="') and "&lt;b&gt;bold" in html["text/html"]
+    assert markdown["text/markdown"].startswith("# Title &lt;script>")  # shown as the text it says, never run
+    assert base64.b64decode(figure["image/png"]).startswith(b"\x89PNG") and figure["text/plain"].startswith("<Figure")
+    assert shown[5][1]["application/json"] == {"a": [1, 2]}
+    table = shown[7][1]
+    assert "dataframe" in table["text/html"] and table["text/plain"] == "   a\n0  1\n1  2"
+
+
+def test_a_python_without_ipython_or_matplotlib_shows_text(start_kernel: Callable[[], Kernel], tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    venv.create(bare, with_pip=False)  # the standard library only
+    kernel = start_kernel()
+    cell = kernel.run_ok(f"""{LOCAL} --python {bare / "bin" / "python"}
+for name in ("IPython", "matplotlib"):
+    try:
+        __import__(name)
+    except ImportError:
+        print("no", name)
+display("shown", {{"a": 1}})
+{{"b": 2}}
+""", timeout=120)
+    assert shown_in_order(cell) == [
+        ("stdout", "no IPython\nno matplotlib\n"),
+        ("display_data", {"text/plain": "'shown'"}),
+        ("display_data", {"text/plain": "{'a': 1}"}),
+        ("execute_result", {"text/plain": "{'b': 2}"}),
+    ]
 
 
 def test_a_background_cells_out_follows_the_job_to_its_end(start_kernel: Callable[[], Kernel]) -> None:

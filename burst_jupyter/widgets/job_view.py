@@ -35,7 +35,7 @@ _LAST_OUTPUT_CHARS = 200
 # several writes ("working", " ", "2", "\n"). Held up to what a shown line can use, so a cell that never ends a
 # line costs no more than that.
 _PENDING_CHARS = _LAST_OUTPUT_CHARS + 1
-_QUIET_EVENTS = frozenset({EventType.OUTPUT, EventType.PROGRESS})
+_QUIET_EVENTS = frozenset({EventType.OUTPUT, EventType.DISPLAY, EventType.PROGRESS})
 _FINAL_BAR_STYLES = {"completed": "success", "failed": "danger", "budget_killed": "danger", "cancelled": "warning"}
 # What each phase means, in words (the event names are the API's; these are what a user reads).
 _PHASES = {
@@ -133,7 +133,7 @@ class JobViewState:
                 self.status = "running"  # data flowing again is the only "reconnected" signal the stream has
             if kind is EventType.OUTPUT:
                 self._output(event.stream or "stdout", event.text or "")
-            else:
+            elif kind is EventType.PROGRESS:
                 self.percent = event.percent if event.percent is not None else self.percent
                 self.progress_message = clean_text(event.message) if event.message else None
         elif kind is EventType.BUDGET_WARNING:
