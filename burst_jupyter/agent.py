@@ -56,7 +56,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from decimal import Decimal, InvalidOperation
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
 
 # Read N bytes of agent source from stdin and run them as __main__: no file needs to exist on the instance.
 BOOT = (
@@ -561,9 +566,9 @@ class CellDisplays:
         if "matplotlib.pyplot" not in sys.modules:
             return
         plt = sys.modules["matplotlib.pyplot"]
-        for number in plt.get_fignums():  # type: ignore[attr-defined]
-            self.display(plt.figure(number))  # type: ignore[attr-defined]
-        plt.close("all")  # type: ignore[attr-defined]
+        for number in plt.get_fignums():
+            self.display(plt.figure(number))
+        plt.close("all")
 
     def install(self) -> None:
         sys.meta_path.insert(0, _AfterImport({
@@ -572,11 +577,11 @@ class CellDisplays:
             "IPython.core.display": self._own_display,  # older IPython defines display() here
         }))
 
-    def _own_display(self, module: object) -> None:
+    def _own_display(self, module: Any) -> None:
         if hasattr(module, "display"):
-            module.display = self.display  # type: ignore[attr-defined]
+            module.display = self.display
 
-    def _inline_figures(self, matplotlib: object) -> None:
+    def _inline_figures(self, matplotlib: Any) -> None:
         """Figures drawn into the notebook, unless the cell's environment asked for a backend of its own."""
         if os.environ.get("MPLBACKEND", "").lower() != "agg":
             return
@@ -588,16 +593,17 @@ class CellDisplays:
         backend.FigureCanvas = FigureCanvasAgg  # type: ignore[attr-defined]
         backend.show = self.show_figures  # type: ignore[attr-defined]
         sys.modules[self.BACKEND] = backend
-        matplotlib.rcParams["backend"] = "module://" + self.BACKEND  # type: ignore[attr-defined]
+        matplotlib.rcParams["backend"] = "module://" + self.BACKEND
 
 
 class _AfterImport:
     """A finder that runs ``hooks[name](module)`` once that module is imported, before its importer sees it."""
 
-    def __init__(self, hooks: dict[str, Callable[[object], None]]) -> None:
+    def __init__(self, hooks: dict[str, Callable[[Any], None]]) -> None:
         self.hooks = hooks
 
-    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+    def find_spec(self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+                  ) -> ModuleSpec | None:
         then = self.hooks.pop(name, None)  # popped first: the find_spec below asks this finder too
         if then is None:
             return None
@@ -609,7 +615,7 @@ class _AfterImport:
             return spec
         exec_module = loader.exec_module
 
-        def run(module: object) -> None:
+        def run(module: ModuleType) -> None:
             exec_module(module)
             try:
                 then(module)

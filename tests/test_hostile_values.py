@@ -16,6 +16,7 @@ import pytest
 from burst_checks import cell, last_job, ledger_rows, local_jobdirs, open_reservations, run_cell, tampered_agent
 
 from burst_jupyter import agent
+from burst_jupyter.attempt import Attempt
 from burst_jupyter.errors import SyncError, VariableError
 from burst_jupyter.job import JobStatus
 
@@ -104,6 +105,30 @@ def test_the_last_expression_comes_back_as_what_the_notebook_shows(ip: Any, tmp_
     # The HTML is shown, but in a sandboxed frame: its script never runs in the notebook.
     html = bundle["text/html"]
     assert html.startswith('<iframe sandbox="" srcdoc="') and "&lt;script&gt;" in html and "<script>" not in html
+
+
+
+def test_what_a_cell_displays_reaches_the_notebook_inert_and_bounded() -> None:
+    """A display record is the instance's data: only the allowed formats pass, each bounded, each inert."""
+    (notice,) = Attempt().take({"k": agent.Kind.DISPLAY, "data": {
+        "text/plain": "x\x1b]52;c;Y2xpcA==\x07y",
+        "text/html": "<script>alert(1)</script>",
+        "text/markdown": "<img src=x onerror=alert(1)> [a](JavaScript:alert(1)) ![b](data:text/html,x) &#60;b&#62;",
+        "application/json": "not an object or a list",
+        "application/javascript": "alert(1)",
+        "image/svg+xml": "<svg onload=alert(1)>",
+        "image/png": "not base64!",
+        "image/jpeg": "A" * (600 * 1024),  # over the bound of one format
+    }})
+    data = notice.fields["data"]
+    assert set(data) == {"text/plain", "text/html", "text/markdown"}
+    assert data["text/plain"] == "xy"  # terminal escapes stripped
+    assert data["text/html"].startswith('<iframe sandbox="" srcdoc="') and "<script>" not in data["text/html"]
+    markdown = data["text/markdown"]
+    assert "<" not in markdown and "&#60;" not in markdown  # no raw HTML, and no reference that spells it
+    assert "javascript:" not in markdown.lower() and "data:" not in markdown
+    big = {"application/json": {"a": ["x" * 1024] * 600}, "text/plain": "big"}
+    assert "application/json" not in Attempt().take({"k": agent.Kind.DISPLAY, "data": big})[0].fields["data"]
 
 
 def _burst_container(mark: Path) -> bytes:

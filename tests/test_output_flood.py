@@ -17,6 +17,7 @@ from kernels import Kernel
 
 from burst_jupyter.errors import UnsafeResults
 from burst_jupyter.job import JobStatus
+from burst_jupyter.output import OutputBounds
 from burst_jupyter.remote import MAX_LINE
 
 pytestmark = pytest.mark.timeout(180)
@@ -161,3 +162,13 @@ def test_a_short_command_that_never_stops_answering_is_cut_off(tmp_path: Path) -
             proc.close()
         finally:
             connections.close_all()
+
+
+def test_displays_past_the_notebook_bound_are_left_out_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cell that displays without end (a plot per step) costs the notebook no more than one that prints."""
+    monkeypatch.setenv("BURST_NOTEBOOK_OUTPUT_CHARS", "20000")
+    bounds = OutputBounds(None)
+    shown = sum(bounds.admit({"text/plain": "x" * 1000}) for _ in range(100))
+    assert 0 < shown < 20
+    (note,) = bounds.finish()
+    assert note[0] == "stderr" and f"{100 - shown} displayed outputs (plots, tables) left out" in note[1]
