@@ -226,6 +226,17 @@ pd.DataFrame({{"a": [1, 2]}})
     assert "dataframe" in table["text/html"] and table["text/plain"] == "   a\n0  1\n1  2"
 
 
+
+def test_a_tqdm_auto_bar_ends_showing_its_final_state(start_kernel: Callable[[], Kernel]) -> None:
+    """tqdm.auto on the instance draws a text bar (no widget can reach the notebook): redrawn with carriage
+    returns, which the notebook folds into one line, and ending complete."""
+    kernel = start_kernel()
+    cell = kernel.run_ok(f"{LOCAL}\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(50)):\n    pass\nprint('done')\n")
+    assert cell.text("stdout") == "done\n"
+    bar = cell.text("stderr")
+    assert bar.endswith("\n") and "50/50" in bar.rstrip("\n").split("\r")[-1]
+
+
 def test_a_python_without_ipython_or_matplotlib_shows_text(start_kernel: Callable[[], Kernel], tmp_path: Path) -> None:
     bare = tmp_path / "bare"
     venv.create(bare, with_pip=False)  # the standard library only
