@@ -227,6 +227,16 @@ pd.DataFrame({{"a": [1, 2]}})
 
 
 
+
+def test_a_background_cells_displays_reach_that_cell(start_kernel: Callable[[], Kernel]) -> None:
+    kernel = start_kernel()
+    first = kernel.run_ok(f"{LOCAL} --background\nprint('bg')\ndisplay({{'shown': 1}})\n")
+    later = kernel.run_ok("print('cell 2:', _.wait(timeout=60).status)")
+    kernel.pump_until(lambda: len(shown_in_order(first)) == 2, timeout=30, what="the background job's display")
+    assert shown_in_order(first) == [("stdout", "bg\n"), ("display_data", {"text/plain": "{'shown': 1}"})]
+    assert later.text() == "cell 2: completed\n" and shown_in_order(later) == [("stdout", "cell 2: completed\n")]
+
+
 def test_a_tqdm_auto_bar_ends_showing_its_final_state(start_kernel: Callable[[], Kernel]) -> None:
     """tqdm.auto on the instance draws a text bar (no widget can reach the notebook): redrawn with carriage
     returns, which the notebook folds into one line, and ending complete."""
