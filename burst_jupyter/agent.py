@@ -334,6 +334,8 @@ class RemoteShell:
     def run_line_magic(self, name: str, line: str, _stack_depth: int = 1) -> object:
         if name == "pip":
             return self.system("%s -m pip %s" % (sys.executable, line))
+        if name == "matplotlib":
+            return None  # figures come back inline already (CellDisplays)
         raise NotImplementedError("%%%s is not available inside a remote burst cell" % name)
 
     def run_cell_magic(self, name: str, line: str, cell: str) -> object:

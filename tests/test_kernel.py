@@ -192,6 +192,7 @@ def shown_in_order(execution: Execution) -> list[tuple[str, Any]]:
 def test_displays_plots_and_tables_arrive_as_local_ones_do_in_order(start_kernel: Callable[[], Kernel]) -> None:
     kernel = start_kernel()
     cell = kernel.run_ok(f"""{LOCAL}
+%matplotlib inline
 from IPython.display import HTML, JSON, Markdown, display
 import matplotlib.pyplot as plt
 import pandas as pd
