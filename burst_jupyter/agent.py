@@ -441,7 +441,7 @@ def cell_main(jobdir: str) -> int:
             value = eval(compile(ast.Expression(last.value), filename, "eval"), ns)
             if value is not None:
                 # What the notebook would show, as data: the value itself never travels back unasked.
-                writer.send(b"r", json.dumps(_display_data(value)).encode())
+                writer.send(b"r", _display_payload(_display_data(value)))
         displays.show_figures()  # what is left open, after the value: as the inline backend does
     except SystemExit as exc:
         code = exc.code
@@ -532,6 +532,17 @@ def _display_data(value: object, bundle: object = None) -> dict[str, object]:
     return data
 
 
+def _display_payload(data: dict[str, object]) -> bytes:
+    """The bundle as one frame within half a frame's bound (its record line must fit the client's bound too, and
+    JSON can spell one character in six): the biggest formats left out until it fits. Its text always stays."""
+    while True:
+        payload = json.dumps(data).encode()
+        others = [mime for mime in data if mime != "text/plain"]
+        if len(payload) <= _MAX_FRAME // 2 or not others:
+            return payload
+        del data[max(others, key=lambda mime: len(json.dumps(data[mime])))]
+
+
 def _figure_png(value: object) -> bytes | None:
     """A matplotlib figure as the inline backend draws it; None for anything else (or a figure that fails to)."""
     figure = sys.modules.get("matplotlib.figure")
@@ -561,7 +572,7 @@ class CellDisplays:
     def display(self, *objs: object, raw: bool = False, **_: object) -> None:
         for obj in objs:
             given = obj if raw and isinstance(obj, dict) else None
-            self.writer.send(b"d", json.dumps(_display_data(obj, given)).encode())
+            self.writer.send(b"d", _display_payload(_display_data(obj, given)))
 
     def show_figures(self, *_: object, **__: object) -> None:
         """The inline backend's show(): every open figure, then closed (a figure is shown once)."""

@@ -15,6 +15,7 @@ import pytest
 from burst_checks import cell, ledger_rows, local_jobdirs, open_reservations, run_cell, tampered_agent
 from kernels import Kernel
 
+from burst_jupyter import agent
 from burst_jupyter.errors import UnsafeResults
 from burst_jupyter.job import JobStatus
 from burst_jupyter.output import OutputBounds
@@ -172,3 +173,13 @@ def test_displays_past_the_notebook_bound_are_left_out_and_counted(monkeypatch: 
     assert 0 < shown < 20
     (note,) = bounds.finish()
     assert note[0] == "stderr" and f"{100 - shown} displayed outputs (plots, tables) left out" in note[1]
+
+
+def test_a_display_the_json_of_which_would_overflow_a_frame_keeps_what_fits() -> None:
+    """Each format is within its bound, but JSON spells a character outside ASCII in six: the biggest formats are
+    left out until the bundle fits a frame (a frame over its bound would stop the cell's later prints)."""
+    wide = "\u4e2d" * (500 * 1024)
+    data: dict[str, object] = {"text/plain": "t", "text/html": wide, "text/markdown": wide + "x", "image/png": "iVBO"}
+    payload = agent._display_payload(data)
+    assert len(payload) <= agent._MAX_FRAME // 2
+    assert json.loads(payload) == {"text/plain": "t", "text/html": wide, "image/png": "iVBO"}  # the Markdown left out
