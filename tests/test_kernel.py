@@ -9,6 +9,7 @@ gate file the test creates, so ordering is proven by cause and effect, never by 
 from __future__ import annotations
 
 import base64
+import re
 import signal
 import sys
 import venv
@@ -176,14 +177,15 @@ def test_notebook_functions_and_classes_travel_both_ways(start_kernel: Callable[
 
 
 def shown_in_order(execution: Execution) -> list[tuple[str, Any]]:
-    """The cell's streams (joined while one stream runs on) and displays, in IOPub order; the job's view left out."""
+    """The cell's stdout (joined while it runs on) and displays, in IOPub order. Left out: the job's view, and
+    stderr, where burst adds notes of its own when a machine is slow (these cells write none)."""
     out: list[tuple[str, Any]] = []
     for m in execution.iopub:
         kind, content = m["msg_type"], m["content"]
-        if kind == "stream" and out and out[-1][0] == content["name"]:
-            out[-1] = (content["name"], out[-1][1] + content["text"])
-        elif kind == "stream":
-            out.append((content["name"], content["text"]))
+        if kind == "stream" and content["name"] == "stdout" and out and out[-1][0] == "stdout":
+            out[-1] = ("stdout", out[-1][1] + content["text"])
+        elif kind == "stream" and content["name"] == "stdout":
+            out.append(("stdout", content["text"]))
         elif kind in ("display_data", "execute_result") and WIDGET_VIEW not in content["data"]:
             out.append((kind, content["data"]))
     return out
@@ -244,8 +246,8 @@ def test_a_tqdm_auto_bar_ends_showing_its_final_state(start_kernel: Callable[[],
     kernel = start_kernel()
     cell = kernel.run_ok(f"{LOCAL}\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(50)):\n    pass\nprint('done')\n")
     assert cell.text("stdout") == "done\n"
-    bar = cell.text("stderr")
-    assert bar.endswith("\n") and "50/50" in bar.rstrip("\n").split("\r")[-1]
+    draws = re.findall(r"[^\r\n]*\d+/50[^\r\n]*[\r\n]?", cell.text("stderr"))  # burst's own notes left out
+    assert draws and draws[-1].startswith("100%|") and " 50/50 " in draws[-1] and draws[-1].endswith("\n"), draws
 
 
 def test_a_python_without_ipython_or_matplotlib_shows_text(start_kernel: Callable[[], Kernel], tmp_path: Path) -> None:
