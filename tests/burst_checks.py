@@ -7,6 +7,7 @@ cell wrote to stdout and stderr, in the order it arrived.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import sqlite3
@@ -14,13 +15,21 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from burst_jupyter.budget import Budget, LedgerRow
+from burst_jupyter.providers._http import RetryPolicy
+from burst_jupyter.providers.base import Offer, OfferQuery, Provider
 from burst_jupyter.state import OwnedInstance, StateStore
+
+T = TypeVar("T")
+P = TypeVar("P", bound=Provider)
+
+#: A provider client's backoff in hundredths of a second: its tests must not wait out real retries.
+FAST_RETRY = RetryPolicy(base_seconds=0.01, max_sleep_seconds=0.02)
 
 
 def db_file(home: Path) -> Path:
@@ -296,3 +305,22 @@ def protocol_gaps(obj: object, protocol: type) -> list[str]:
                 [(p.name, p.kind, p.default is p.empty) for p in have.parameters.values()]:
             gaps.append(f"{name}{have} is not {name}{want}")
     return gaps
+
+
+def run_provider(p: P, work: Callable[[P], Awaitable[T]]) -> T:
+    """``work`` on a provider client in an event loop of its own; the client is closed after, whatever happens."""
+
+    async def go() -> T:
+        try:
+            return await work(p)
+        finally:
+            await p.aclose()
+
+    return asyncio.run(go())
+
+
+async def first_offer(p: Provider, model: str = "H100", gpus: int = 1) -> Offer:
+    """The provider's first offer of ``gpus`` x ``model`` (the test fails if there is none)."""
+    offers = await p.offers(OfferQuery(gpu_model=model, gpus=gpus))
+    assert offers, f"no {model} offer"
+    return offers[0]

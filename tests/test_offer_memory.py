@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from burst_checks import cell, ledger_rows, run_cell
+from burst_checks import FAST_RETRY, cell, ledger_rows, run_cell
 from fakes.base import FakeCloud
 from fakes.lambda_cloud import FakeLambda
 from fakes.runpod import FakeRunPod
@@ -22,14 +22,11 @@ from fakes.thunder import FakeThunder
 from fakes.vast import FakeVast
 from marketplaces import Markets
 
-from burst_jupyter.providers._http import RetryPolicy
 from burst_jupyter.providers.base import Offer, OfferQuery
 from burst_jupyter.providers.lambda_cloud import LambdaProvider
 from burst_jupyter.providers.runpod import RunPodProvider
 from burst_jupyter.providers.thunder import ThunderProvider
 from burst_jupyter.providers.vast import VastProvider
-
-FAST = RetryPolicy(base_seconds=0.01, max_sleep_seconds=0.02)
 
 
 def runpod_4090_reports(fake: FakeRunPod, memory: int) -> None:
@@ -69,7 +66,7 @@ def search(name: str, fake: Any, query: OfferQuery) -> list[Offer]:
     kinds = {"vast": VastProvider, "runpod": RunPodProvider, "thunder": ThunderProvider, "lambda": LambdaProvider}
 
     async def go() -> list[Offer]:
-        provider = kinds[name](api_key="test-key", client=fake.client(), retry=FAST, ssh_user=getpass.getuser())
+        provider = kinds[name](api_key="test-key", client=fake.client(), retry=FAST_RETRY, ssh_user=getpass.getuser())
         try:
             return await provider.offers(query)
         finally:

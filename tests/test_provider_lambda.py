@@ -10,23 +10,21 @@ import base64
 import getpass
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
+from burst_checks import FAST_RETRY, first_offer, run_provider
 from fakes.lambda_cloud import FakeLambda
 
 from burst_jupyter.errors import ApiError, AuthFailed, ConfigError, ConnectFailed, OfferGone
-from burst_jupyter.providers._http import RetryPolicy
 from burst_jupyter.providers.base import Capability, Instance, InstanceState, Offer, OfferQuery, terminate_confirmed
 from burst_jupyter.providers.lambda_cloud import KEY_GRACE_SECONDS, LambdaProvider, api_root, parse_gpu
 from burst_jupyter.spec import JobSpec
 
-T = TypeVar("T")
-FAST = RetryPolicy(base_seconds=0.01, max_sleep_seconds=0.02)
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOqXvQ1tYrXq8ZP1l4y2b5n1m3c2d5e6f7a8b9c0d1e2 burst-0123abcd/job"
 SPEC = JobSpec(cell="print(1)")
 TAG = "burst-0123abcd"
@@ -49,25 +47,11 @@ def fake(tmp_path: Path) -> Iterator[FakeLambda]:
 
 
 def provider(fake: FakeLambda, **kwargs: Any) -> LambdaProvider:
-    options: dict[str, Any] = {"api_key": "test-key", "client": fake.client(), "retry": FAST,
+    options: dict[str, Any] = {"api_key": "test-key", "client": fake.client(), "retry": FAST_RETRY,
                                "ssh_user": getpass.getuser(), "poll_seconds": 0.01, **kwargs}
     return LambdaProvider(**options)
 
 
-def run(p: LambdaProvider, work: Callable[[LambdaProvider], Awaitable[T]]) -> T:
-    async def go() -> T:
-        try:
-            return await work(p)
-        finally:
-            await p.aclose()
-
-    return asyncio.run(go())
-
-
-async def first_offer(p: LambdaProvider, model: str = "H100", gpus: int = 1) -> Offer:
-    offers = await p.offers(OfferQuery(gpu_model=model, gpus=gpus))
-    assert offers, f"no {model} offer"
-    return offers[0]
 
 
 async def launch(p: LambdaProvider, job_id: str, *, tag: str = TAG, key: str = KEY) -> Instance:
@@ -101,7 +85,7 @@ def test_parse_gpu_reads_count_model_and_memory() -> None:
 
 
 def test_one_offer_per_type_and_region_with_capacity_cheapest_first(fake: FakeLambda) -> None:
-    offers = run(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="ANY")))
+    offers = run_provider(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="ANY")))
     # gpu_1x_a10 is a GPU burst does not know; gpu_1x_a100 has no capacity anywhere; 2x and 8x are other counts.
     assert [o.offer_id for o in offers] == ["gpu_1x_a6000@us-east-1", "gpu_1x_h100_pcie@us-east-1",
                                             "gpu_1x_h100_pcie@us-west-1", "gpu_1x_h100_sxm5@us-south-1"]
@@ -124,7 +108,7 @@ def test_exact_gpu_count_memory_picks_the_a100_and_the_1_4_string_price(fake: Fa
                 await p.offers(OfferQuery(gpu_model="A100_40GB")),
                 await p.offers(OfferQuery(gpu_model="H100", gpus=2)))
 
-    eight, forty, two = run(p, work)
+    eight, forty, two = run_provider(p, work)
     assert [(o.offer_id, o.gpus, o.memory_gb, o.price_usd_per_hour) for o in eight] == [
         ("gpu_8x_a100_80gb_sxm4@us-west-1", 8, 80, Decimal("14.32"))]
     assert [(o.gpu_model, o.price_usd_per_hour) for o in forty] == [("A100_40GB", Decimal("1.29"))]
@@ -136,7 +120,7 @@ def test_no_spot_and_a_price_ceiling(fake: FakeLambda) -> None:
         return (await p.offers(OfferQuery(gpu_model="H100", spot=True)),
                 await p.offers(OfferQuery(gpu_model="H100", max_price_usd_per_hour=Decimal("3"))))
 
-    spot, cheap = run(provider(fake), work)
+    spot, cheap = run_provider(provider(fake), work)
     assert spot == [] and [o.offer_id for o in cheap] == ["gpu_1x_h100_pcie@us-east-1", "gpu_1x_h100_pcie@us-west-1"]
 
 
@@ -145,7 +129,7 @@ def test_no_spot_and_a_price_ceiling(fake: FakeLambda) -> None:
 
 def test_launch_registers_the_job_key_and_sends_one_name_and_the_owner_tag(fake: FakeLambda) -> None:
     clock = Clock()
-    inst = run(provider(fake, clock=clock), lambda p: launch(p, "job-1"))
+    inst = run_provider(provider(fake, clock=clock), lambda p: launch(p, "job-1"))
     name = f"{TAG}-job-1-{int(clock.now)}"
     ((key_request,), (launched,)) = requests(fake, "POST", "/ssh-keys"), requests(fake, "POST",
                                                                                      "/instance-operations/launch")
@@ -166,7 +150,7 @@ def test_launch_refuses_an_image_and_a_missing_key_before_registering_anything(f
         with pytest.raises(ConfigError, match="SSH public key"):
             await p.launch(offer, SPEC, job_id="j", tag=TAG, ssh_public_key=None)
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
     assert requests(fake, "POST", "/ssh-keys") == [] and fake.instances == {}
 
 
@@ -180,7 +164,7 @@ def test_capacity_taken_since_the_search_is_offer_gone_and_the_key_is_deleted(fa
         with pytest.raises(OfferGone):
             await launch(p, "j")
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
     assert fake.instances == {} and fake.leaked() == [] and len(fake.keys) == 1  # the user's own key stays
 
 
@@ -191,7 +175,7 @@ def test_a_refused_launch_deletes_its_key_and_says_why(fake: FakeLambda) -> None
         with pytest.raises(ApiError, match=r"does not exist\. \(global/object-does-not-exist\); Check the instance"):
             await p.launch(offer, SPEC, job_id="j", tag=TAG, ssh_public_key=KEY)
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
     assert fake.leaked() == []
 
 
@@ -204,13 +188,13 @@ def test_a_launch_refused_for_the_account_deletes_its_key(fake: FakeLambda) -> N
 
     p = provider(fake, client=httpx.AsyncClient(transport=httpx.MockTransport(inactive)))
     with pytest.raises(AuthFailed, match="account-inactive"):
-        run(p, lambda p: launch(p, "j"))
+        run_provider(p, lambda p: launch(p, "j"))
     assert fake.leaked() == [] and fake.instances == {}
 
 
 def test_a_lost_launch_reply_is_found_by_tag_never_resent_and_its_key_kept(fake: FakeLambda) -> None:
     fake.switches.drop_create_reply = 1
-    inst = run(provider(fake), lambda p: launch(p, "job-lost"))
+    inst = run_provider(provider(fake), lambda p: launch(p, "job-lost"))
     assert len(requests(fake, "POST", "/instance-operations/launch")) == 1 and len(fake.instances) == 1
     assert inst.instance_id in fake.instances and inst.job_id == "job-lost" and inst.tag == TAG
     assert len(fake.leaked()) == 1  # the instance holds it
@@ -224,14 +208,14 @@ def test_a_lost_launch_reply_that_made_nothing_raises(fake: FakeLambda) -> None:
 
     p = provider(fake, client=httpx.AsyncClient(transport=httpx.MockTransport(refuse)))
     with pytest.raises(ConnectFailed, match="may have been carried out"):
-        run(p, lambda p: launch(p, "j"))
+        run_provider(p, lambda p: launch(p, "j"))
     assert len(fake.leaked()) == 1  # nobody knows yet whether an instance holds it: the orphan pass decides
 
 
 def test_a_key_whose_reply_was_lost_is_reused_by_name(fake: FakeLambda) -> None:
     clock = Clock()
     fake.add_key(f"{TAG}-j-{int(clock.now)}", KEY)  # made by a first try whose answer never came
-    inst = run(provider(fake, clock=clock), lambda p: launch(p, "j"))
+    inst = run_provider(provider(fake, clock=clock), lambda p: launch(p, "j"))
     assert fake.instances[inst.instance_id]["ssh_key_names"] == [f"{TAG}-j-{int(clock.now)}"]
     assert len(fake.leaked()) == 1
 
@@ -251,7 +235,7 @@ def test_terminate_is_confirmed_through_terminating_and_terminated_then_the_key_
         assert fake.leaked() != [], "the key went before the instance was confirmed gone"
         assert await terminate_confirmed(p, inst.instance_id, timeout=10) is None
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
     assert fake.leaked() == [] and fake.running() == [] and len(fake.keys) == 1
 
 
@@ -263,13 +247,14 @@ def test_terminate_is_idempotent_and_rides_out_a_500(fake: FakeLambda) -> None:
         assert await terminate_confirmed(p, inst.instance_id, timeout=10) is None
         await p.terminate(inst.instance_id)  # gone: still quiet
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
     assert fake.switches.terminate_failures == 0 and fake.leaked() == []
 
 
 def test_a_fresh_provider_learns_the_key_and_deletes_it_once_the_instance_is_gone(fake: FakeLambda) -> None:
-    inst = run(provider(fake), lambda p: launch(p, "job"))
-    assert run(provider(fake), lambda p: terminate_confirmed(p, inst.instance_id, timeout=10)) is None  # a reaper's
+    inst = run_provider(provider(fake), lambda p: launch(p, "job"))
+    # A fresh provider, as a reaper's is: it was never told the instance's key.
+    assert run_provider(provider(fake), lambda p: terminate_confirmed(p, inst.instance_id, timeout=10)) is None
     assert fake.leaked() == []
 
 
@@ -284,7 +269,7 @@ def test_running_needs_active_and_an_ip_on_port_22(fake: FakeLambda) -> None:
         assert up is not None and up.state is InstanceState.RUNNING and up.price_usd_per_hour == Decimal("2.49")
         return up
 
-    up = run(provider(fake, ssh_user=None), work)
+    up = run_provider(provider(fake, ssh_user=None), work)
     assert (up.endpoint.host, up.endpoint.port, up.endpoint.user) == ("203.0.113.5", 22, "ubuntu")  # type: ignore[union-attr]
     assert up.gpu_model == "H100" and up.job_id == "job" and up.tag == TAG
 
@@ -301,7 +286,7 @@ def test_list_owned_by_tags_or_name_and_not_others(fake: FakeLambda) -> None:
         assert mine.instance_id
         return await p.list_owned(TAG)
 
-    owned = run(provider(fake), work)
+    owned = run_provider(provider(fake), work)
     assert sorted(i.job_id or "" for i in owned) == ["by-name", "by-tags"] and {i.tag for i in owned} == {TAG}
 
 
@@ -318,7 +303,7 @@ def test_the_orphan_pass_deletes_our_unused_keys_past_the_grace_only(fake: FakeL
         (owned,) = await p.list_owned(TAG)
         assert owned.instance_id == inst.instance_id
 
-    run(provider(fake, clock=clock), work)
+    run_provider(provider(fake, clock=clock), work)
     names = fake.leaked()
     assert f"{TAG}-gone-job-{old}" not in names and f"burst-ffffffff-other-{old}" in names
     assert any(n.startswith(f"{TAG}-live-") for n in names) and len(names) == 3
@@ -330,7 +315,7 @@ def test_the_orphan_pass_deletes_our_unused_keys_past_the_grace_only(fake: FakeL
 
 def test_a_bad_key_is_auth_failed_naming_lambdas_code(fake: FakeLambda) -> None:
     with pytest.raises(AuthFailed, match="invalid-api-key"):
-        run(provider(fake, api_key="wrong"), lambda p: p.offers(OfferQuery(gpu_model="H100")))
+        run_provider(provider(fake, api_key="wrong"), lambda p: p.offers(OfferQuery(gpu_model="H100")))
 
 
 def test_the_fake_takes_basic_auth_as_curl_sends_it(fake: FakeLambda) -> None:
@@ -343,7 +328,7 @@ def test_the_fake_takes_basic_auth_as_curl_sends_it(fake: FakeLambda) -> None:
 
 def test_a_cloudflare_429_is_ridden_out(fake: FakeLambda) -> None:
     fake.switches.rate_limit_next = 3
-    offers = run(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="H100")))
+    offers = run_provider(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="H100")))
     assert offers and fake.switches.rate_limit_next == 0
     assert fake.too_many().text == "error code: 1015"
 
@@ -395,5 +380,5 @@ def test_real_ssh_login_on_port_22_with_the_job_key_then_terminate(fake: FakeLam
         assert await terminate_confirmed(p, inst.instance_id, timeout=10) is None
         return inst
 
-    inst = run(provider(fake), work)
+    inst = run_provider(provider(fake), work)
     assert fake.machine(inst.instance_id).processes() == [] and fake.running() == [] and fake.leaked() == []

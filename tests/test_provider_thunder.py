@@ -9,24 +9,21 @@ import getpass
 import json
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
-from burst_checks import protocol_gaps
+from burst_checks import FAST_RETRY, first_offer, protocol_gaps, run_provider
 from fakes.thunder import FakeThunder
 
 from burst_jupyter.errors import ApiError, AuthFailed, ConfigError, NoCapacity, OfferGone
-from burst_jupyter.providers._http import RetryPolicy
 from burst_jupyter.providers.base import Capability, Instance, InstanceState, Offer, OfferQuery, Provider
 from burst_jupyter.providers.thunder import ThunderProvider, api_root
 from burst_jupyter.spec import JobSpec
 
-T = TypeVar("T")
-FAST = RetryPolicy(base_seconds=0.01, max_sleep_seconds=0.02)
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOqXvQ1tYrXq8ZP1l4y2b5n1m3c2d5e6f7a8b9c0d1e2 someone@laptop"
 SPEC = JobSpec(cell="print(1)")
 TAG = "burst-0123abcd"
@@ -41,25 +38,11 @@ def fake(tmp_path: Path) -> Iterator[FakeThunder]:
 
 
 def provider(fake: FakeThunder, **kwargs: Any) -> ThunderProvider:
-    options: dict[str, Any] = {"api_key": "test-key", "client": fake.client(), "retry": FAST,
+    options: dict[str, Any] = {"api_key": "test-key", "client": fake.client(), "retry": FAST_RETRY,
                                "ssh_user": getpass.getuser(), "poll_seconds": 0.05, **kwargs}
     return ThunderProvider(**options)
 
 
-def run(p: ThunderProvider, work: Callable[[ThunderProvider], Awaitable[T]]) -> T:
-    async def go() -> T:
-        try:
-            return await work(p)
-        finally:
-            await p.aclose()
-
-    return asyncio.run(go())
-
-
-async def first_offer(p: ThunderProvider, model: str = "H100", gpus: int = 1) -> Offer:
-    offers = await p.offers(OfferQuery(gpu_model=model, gpus=gpus))
-    assert offers, f"no {model} offer"
-    return offers[0]
 
 
 async def launch(p: ThunderProvider, job_id: str, *, tag: str = TAG, key: str = KEY, model: str = "H100") -> Instance:
@@ -98,7 +81,7 @@ def test_api_root_adds_v1_once() -> None:
 
 
 def test_offers_production_only_canonical_names_decimal_prices(fake: FakeThunder) -> None:
-    offers = run(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="ANY")))
+    offers = run_provider(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="ANY")))
     assert [o.offer_id for o in offers] == ["a100xl_x1_production", "h100_x1_production"]  # cheapest first
     a100, h100 = offers
     assert (a100.gpu_model, h100.gpu_model) == ("A100_80GB", "H100")
@@ -111,14 +94,14 @@ def test_offers_production_only_canonical_names_decimal_prices(fake: FakeThunder
 
 
 def test_offers_add_the_disk_surcharge_past_100_gb(fake: FakeThunder) -> None:
-    offer = run(provider(fake, disk_gb=300), lambda p: first_offer(p))
+    offer = run_provider(provider(fake, disk_gb=300), lambda p: first_offer(p))
     assert offer.price_usd_per_hour == Decimal("1.89") + 200 * Decimal("0.0001")
     assert offer.extra["disk_size_gb"] == 300
 
 
 def test_offers_only_available_specs_and_exact_gpu_count(fake: FakeThunder) -> None:
     def ask(gpus: int) -> list[str]:
-        offers: list[Offer] = run(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="H100", gpus=gpus)))
+        offers: list[Offer] = run_provider(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="H100", gpus=gpus)))
         return [str(o.offer_id) for o in offers]
 
     assert ask(8) == []  # h100_x8_production is "unavailable" in /v1/status
@@ -131,29 +114,29 @@ def test_offers_only_available_specs_and_exact_gpu_count(fake: FakeThunder) -> N
 
 def test_prototyping_only_when_enabled(fake: FakeThunder) -> None:
     both = ("prototyping", "production")
-    offers = run(provider(fake, modes=both), lambda p: p.offers(OfferQuery(gpu_model="ANY")))
+    offers = run_provider(provider(fake, modes=both), lambda p: p.offers(OfferQuery(gpu_model="ANY")))
     assert [o.offer_id for o in offers][:3] == ["a6000_x1_prototyping", "a100xl_x1_prototyping",
                                                 "a100xl_x1_production"]
     assert offers[0].gpu_model == "RTX_A6000" and offers[1].price_usd_per_hour == Decimal("0.78")
     assert offers[1].reliability < offers[2].reliability  # prototyping "may be interrupted"
-    big = run(provider(fake, modes=both), lambda p: p.offers(OfferQuery(gpu_model="ANY", memory_gb=60)))
+    big = run_provider(provider(fake, modes=both), lambda p: p.offers(OfferQuery(gpu_model="ANY", memory_gb=60)))
     assert "a6000_x1_prototyping" not in [o.offer_id for o in big]
     with pytest.raises(ConfigError):
         ThunderProvider(api_key="k", modes=("spot",))
 
 
 def test_spot_and_price_ceiling(fake: FakeThunder) -> None:
-    assert run(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="H100", spot=True))) == []
+    assert run_provider(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="H100", spot=True))) == []
     assert fake.requests == []  # not even asked
     cheap = OfferQuery(gpu_model="ANY", max_price_usd_per_hour=Decimal("1.50"))
-    assert [o.offer_id for o in run(provider(fake), lambda p: p.offers(cheap))] == ["a100xl_x1_production"]
+    assert [o.offer_id for o in run_provider(provider(fake), lambda p: p.offers(cheap))] == ["a100xl_x1_production"]
 
 
 # -- launch, get, list_owned -----------------------------------------------------------------------------------
 
 
 def test_launch_sends_the_job_key_with_the_owner_comment(fake: FakeThunder) -> None:
-    inst = run(provider(fake), lambda p: launch(p, "job-1"))
+    inst = run_provider(provider(fake), lambda p: launch(p, "job-1"))
     (create,) = creates(fake)
     assert create.method == "POST" and create.headers["authorization"] == "Bearer test-key"
     body = create.body
@@ -176,7 +159,7 @@ def test_launch_refuses_an_image_and_a_missing_key_before_renting(fake: FakeThun
         with pytest.raises(ConfigError, match="public key"):
             await p.launch(offer, SPEC, job_id="j", tag=TAG, ssh_public_key=None)
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
     assert creates(fake) == [] and fake.running() == []
 
 
@@ -187,7 +170,7 @@ def test_list_owned_by_key_comment(fake: FakeThunder) -> None:
         await launch(p, "c", tag="burst-other")
         return await p.list_owned(TAG)
 
-    owned = run(provider(fake), work)
+    owned = run_provider(provider(fake), work)
     assert sorted((i.job_id, i.gpu_model) for i in owned) == [("a", "H100"), ("b", "A100_80GB")]
     assert {i.tag for i in owned} == {TAG} and len(fake.running()) == 3
     assert {i.workdir for i in owned} == {".cache/burst/jobs/a", ".cache/burst/jobs/b"}
@@ -198,11 +181,11 @@ def test_get_reads_state_price_and_strings(fake: FakeThunder) -> None:
         inst = await launch(p, "j")
         return inst, await p.get(inst.instance_id)
 
-    launched, got = run(provider(fake), work)
+    launched, got = run_provider(provider(fake), work)
     assert got is not None and got.instance_id == launched.instance_id
     assert got.state is InstanceState.PENDING and got.detail in ("PROVISIONING", "STARTING")
     assert got.price_usd_per_hour == Decimal("1.89") and got.gpu_model == "H100" and got.job_id == "j"
-    assert run(provider(fake), lambda p: p.get("no-such-uuid")) is None
+    assert run_provider(provider(fake), lambda p: p.get("no-such-uuid")) is None
 
 
 def test_get_and_terminate_follow_the_uuid_when_indexes_move(fake: FakeThunder) -> None:
@@ -220,7 +203,7 @@ def test_get_and_terminate_follow_the_uuid_when_indexes_move(fake: FakeThunder) 
         await p.terminate(c.instance_id)
         assert await p.get(c.instance_id) is None and await p.get(a.instance_id) is None
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
     assert fake.running() == [] and len(fake.deleted) == 3
 
 
@@ -233,7 +216,7 @@ def test_terminate_is_idempotent_and_retries_after_a_500(fake: FakeThunder) -> N
         await p.terminate(inst.instance_id)  # gone already: quiet
         await p.terminate("never-existed")
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
     deletes = [r for r in fake.requests if r.path.endswith("/delete")]
     assert len(deletes) == 3 and all(r.body is None for r in deletes)
     assert fake.running() == []
@@ -254,7 +237,7 @@ def test_terminate_finds_the_index_again_after_a_404(fake: FakeThunder) -> None:
         first = await launch(p, "first")
         last = await launch(p, "last")
         p2 = ThunderProvider(api_key="test-key", client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
-                             retry=FAST)
+                             retry=FAST_RETRY)
         try:
             await p2.terminate(last.instance_id)
         finally:
@@ -262,7 +245,7 @@ def test_terminate_finds_the_index_again_after_a_404(fake: FakeThunder) -> None:
         assert moved == ["/v1/instances/1/delete"]
         assert fake.instance(last.instance_id) is None and fake.instance(first.instance_id) is None
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
     assert [r.path for r in fake.requests if r.path.endswith("/delete")] == [
         "/v1/instances/1/delete", "/v1/instances/0/delete"]
 
@@ -272,12 +255,12 @@ def test_terminate_finds_the_index_again_after_a_404(fake: FakeThunder) -> None:
 
 def test_bad_token_is_auth_failed_but_the_catalog_is_public(fake: FakeThunder) -> None:
     bad = provider(fake, api_key="wrong")
-    offers = run(bad, lambda p: p.offers(OfferQuery(gpu_model="H100")))
+    offers = run_provider(bad, lambda p: p.offers(OfferQuery(gpu_model="H100")))
     assert offers
     with pytest.raises(AuthFailed, match="Authentication required"):
-        run(provider(fake, api_key="wrong"), lambda p: p.get("x"))
+        run_provider(provider(fake, api_key="wrong"), lambda p: p.get("x"))
     with pytest.raises(AuthFailed):
-        run(provider(fake, api_key="wrong"), lambda p: p.launch(offers[0], SPEC, job_id="j", tag=TAG,
+        run_provider(provider(fake, api_key="wrong"), lambda p: p.launch(offers[0], SPEC, job_id="j", tag=TAG,
                                                                 ssh_public_key=KEY))
     assert fake.running() == []
 
@@ -286,7 +269,7 @@ def test_rate_limited_then_success(fake: FakeThunder) -> None:
     fake.switches.rate_limit_next = 2
     fake.switches.retry_after = 0.01
     p = provider(fake)
-    assert run(p, lambda p: p.list_owned(TAG)) == []
+    assert run_provider(p, lambda p: p.list_owned(TAG)) == []
     assert p._api.calls == 3
 
 
@@ -301,7 +284,7 @@ def test_capacity_error_is_offer_gone(fake: FakeThunder) -> None:
         with pytest.raises(OfferGone):
             await p.launch(offer, SPEC, job_id="j", tag=TAG, ssh_public_key=KEY)
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
     assert fake.running() == []
 
 
@@ -318,7 +301,7 @@ def test_create_is_never_resent(fake: FakeThunder) -> None:
         assert [i.instance_id for i in await p.list_owned(TAG)] == [lost.instance_id]
         await p.terminate(lost.instance_id)
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
     assert len(creates(fake)) == 2 and fake.running() == []
 
 
@@ -341,7 +324,7 @@ def test_running_needs_an_ip_and_port_0_means_22(fake: FakeThunder) -> None:
         again = await p.get(inst.instance_id)
         assert again is not None and again.endpoint is not None and again.endpoint.port == 22
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
 
 
 def test_boot_failure_is_failed_then_terminated(fake: FakeThunder) -> None:
@@ -353,16 +336,16 @@ def test_boot_failure_is_failed_then_terminated(fake: FakeThunder) -> None:
         assert got is not None and got.state is InstanceState.FAILED and got.detail == "UNKNOWN"
         await p.terminate(inst.instance_id)
 
-    run(provider(fake), work)
+    run_provider(provider(fake), work)
     assert fake.running() == []
 
 
 def test_loopback_server_and_v1_base(fake: FakeThunder) -> None:
     """The real HTTP path (what end-to-end tests use through TNR_API_URL), with a base that already ends in /v1."""
     with fake.serve() as server:
-        p = ThunderProvider(api_key="test-key", base_url=f"{server.url}/v1", retry=FAST)
-        inst = run(p, lambda p: launch(p, "j"))
-        assert run(ThunderProvider(api_key="test-key", base_url=server.url, retry=FAST),
+        p = ThunderProvider(api_key="test-key", base_url=f"{server.url}/v1", retry=FAST_RETRY)
+        inst = run_provider(p, lambda p: launch(p, "j"))
+        assert run_provider(ThunderProvider(api_key="test-key", base_url=server.url, retry=FAST_RETRY),
                    lambda p: p.list_owned(TAG))[0].instance_id == inst.instance_id
     assert {r.path for r in fake.requests} >= {"/v1/instances/create", "/v1/instances/list"}
 
@@ -380,13 +363,13 @@ def test_provisioning_to_running_with_user_override(fake: FakeThunder) -> None:
         assert first is not None
         return first, await wait_running(p, inst.instance_id)
 
-    first, up = run(provider(fake), work)
+    first, up = run_provider(provider(fake), work)
     assert first.state is InstanceState.PENDING and first.detail == "PROVISIONING" and first.endpoint is None
     machine = fake.machine(up.instance_id)
     assert up.state is InstanceState.RUNNING and up.detail == "RUNNING"
     assert up.endpoint is not None and (up.endpoint.host, up.endpoint.port) == ("127.0.0.1", machine.port)
     assert up.endpoint.user == getpass.getuser()
-    default = run(provider(fake, ssh_user=None), lambda p: p.get(up.instance_id))
+    default = run_provider(provider(fake, ssh_user=None), lambda p: p.get(up.instance_id))
     assert default is not None and default.endpoint is not None and default.endpoint.user == "ubuntu"
 
 
@@ -413,5 +396,5 @@ def test_real_ssh_login_with_the_job_key_then_terminate(fake: FakeThunder, tmp_p
         assert await p.get(inst.instance_id) is None
         return inst
 
-    inst = run(provider(fake), work)
+    inst = run_provider(provider(fake), work)
     assert fake.machine(inst.instance_id).processes() == [] and fake.running() == []
