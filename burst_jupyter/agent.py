@@ -104,8 +104,9 @@ class Reason:
     DEADLINE = "deadline"  # the job's maximum duration is over
     LEASE = "lease"  # the client's lease lapsed: it went silent
     BUDGET = "budget"  # the money left is what ending the instance takes
+    IDLE = "idle"  # a machine job ran no cell for its idle_seconds
     AGENT_DIED = "agent-died"  # the supervisor is gone without an exit record (written by an attach)
-    STOPS = frozenset({CANCELLED, DEADLINE, LEASE, BUDGET})
+    STOPS = frozenset({CANCELLED, DEADLINE, LEASE, BUDGET, IDLE})
 
 
 STOPPING = "stopping: "  # a NOTE's text while the cell is being stopped, followed by the Reason
@@ -118,6 +119,17 @@ class Control:
     STOP = "stop"  # ``stop REASON``: stop the cell (a Reason of Reason.STOPS; anything else is a cancel)
     DESTROY = "destroy"  # once the results are in: remove the job, answered on the channel (GONE or STILL_THERE)
 
+
+# A machine job (manifest ``"machine": {"idle_seconds": N}``) runs one persistent Python process, the kernel, in
+# place of a cell; a cell job with ``"on_machine": MACHINE_JOBDIR`` runs its cell in that kernel, so the names one
+# cell defines are there for the next. Files in the machine's job directory, besides a job's:
+KERNEL_SOCKET = "kernel.sock"  # where the kernel listens for cells (mode 0600 in the 0700 job directory)
+KERNEL_EXIT = "kernel.exit"  # {"pid", "rc", "signal", "t"}: the last kernel that died while the machine ran
+KERNEL_PID = "kernel.pid"  # the kernel now running
+BUSY = "busy"  # while a cell runs: that cell's job directory
+ACTIVITY = "activity"  # touched at each cell's start and end: its mtime is when the machine last worked
+STORES = "k"  # k/<KEY>/: a kept mount's files, reused by the machine's later cells (a mount's "keep": KEY)
+KERNEL_DIED = "KernelDied"  # the ename of a cell's ERROR when the kernel died under it
 
 LAPSE_ARCHIVE = "lapse-results.tar"  # what a lapse uploads to the result sink: the same tar ``results`` sends
 VALUES_MAGIC = b"burst-values-1\n"  # the first line of values.out.pkl (write_values), the --pull variables
@@ -397,24 +409,61 @@ def _remote_traceback(exc: BaseException, filename: str) -> list[str]:
 
 
 def cell_main(jobdir: str) -> int:
-    import ast
-    import builtins
-    import linecache
-
+    """A one-off cell: this forked process runs it and ends."""
     manifest = _read_json(os.path.join(jobdir, "job.json"), {})
     assert isinstance(manifest, dict)
-    filename = _cell_filename(manifest)
     writer = FrameWriter(int(os.environ["BURST_EVENT_FD"]))
     sys.stdout = _CellStream(writer, b"o", "<stdout>")
     sys.stderr = _CellStream(writer, b"e", "<stderr>")
+    ns, _, displays = _cell_namespace(writer, str(manifest.get("job_id")), jobdir)
+    return run_cell(jobdir, manifest, ns, writer, displays, _cell_filename(manifest))
+
+
+def _cell_namespace(writer: FrameWriter, job_id: str, jobdir: str
+                    ) -> tuple[dict[str, object], BurstHelper, CellDisplays]:
+    """The namespace cells run in, as a notebook's: ``burst``, ``get_ipython()``, ``display``; figures inline."""
+    import builtins
+
     ns: dict[str, object] = {"__name__": "__main__", "__builtins__": builtins}
-    ns["burst"] = BurstHelper(writer, str(manifest.get("job_id")), jobdir)
+    helper = BurstHelper(writer, job_id, jobdir)
+    ns["burst"] = helper
     shell = RemoteShell(ns)
     ns["get_ipython"] = lambda: shell
     displays = CellDisplays(writer)
     ns["display"] = displays.display  # a builtin in a notebook too
     displays.install()
     sys.path.insert(0, os.getcwd())
+    return ns, helper, displays
+
+
+class _Interrupts:
+    """SIGINT in the kernel: a KeyboardInterrupt in the cell while one runs, nothing between cells (the kernel
+    outlives the stops of its cells). One that comes while a cell is being set up waits for its code to start."""
+
+    def __init__(self) -> None:
+        self.armed = False  # the cell's own code runs
+        self.active = False  # a cell was taken (``busy`` names it)
+        self.pending = False
+
+    def handler(self, signum: int, frame: object) -> None:
+        if self.armed:
+            raise KeyboardInterrupt
+        if self.active:
+            self.pending = True
+
+    def arm(self) -> None:
+        self.armed = True
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+def run_cell(jobdir: str, manifest: dict[str, object], ns: dict[str, object], writer: FrameWriter,
+             displays: CellDisplays, filename: str, interrupts: _Interrupts | None = None) -> int:
+    """Run the cell of ``jobdir`` in ``ns``: pushed values in, its last expression as RESULT, what it displays,
+    its traceback, its pulled values out (values.out.pkl). The exit status: 0, 1, 130 (interrupted) or exit()'s."""
+    import ast
+    import linecache
 
     def report(exc: BaseException) -> None:
         tb = [line[:_MAX_RECORD // 16] for line in _remote_traceback(exc, filename)[-_MAX_TB_LINES:]]
@@ -423,26 +472,32 @@ def cell_main(jobdir: str) -> int:
 
     rc = 0
     try:
-        for name, blob in _load_values(os.path.join(jobdir, "values.pkl")).items():
-            try:
-                ns[name] = pickle.loads(blob)
-            except Exception as exc:
-                raise RuntimeError("pushed variable %r cannot be unpickled here: %s: %s"
-                                   % (name, type(exc).__name__, exc)) from None
-        with open(os.path.join(jobdir, "cell.py"), encoding="utf-8") as f:
-            source = f.read()
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        tree = ast.parse(source, filename)
-        last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-        if last is not None:
-            tree.body.pop()
-        exec(compile(tree, filename, "exec"), ns)
-        if last is not None:
-            value = eval(compile(ast.Expression(last.value), filename, "eval"), ns)
-            if value is not None:
-                # What the notebook would show, as data: the value itself never travels back unasked.
-                writer.send(b"r", _display_payload(_display_data(value)))
-        displays.show_figures()  # what is left open, after the value: as the inline backend does
+        try:
+            if interrupts is not None:
+                interrupts.arm()
+            for name, blob in _load_values(os.path.join(jobdir, "values.pkl")).items():
+                try:
+                    ns[name] = pickle.loads(blob)
+                except Exception as exc:
+                    raise RuntimeError("pushed variable %r cannot be unpickled here: %s: %s"
+                                       % (name, type(exc).__name__, exc)) from None
+            with open(os.path.join(jobdir, "cell.py"), encoding="utf-8") as f:
+                source = f.read()
+            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+            tree = ast.parse(source, filename)
+            last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            if last is not None:
+                tree.body.pop()
+            exec(compile(tree, filename, "exec"), ns)
+            if last is not None:
+                value = eval(compile(ast.Expression(last.value), filename, "eval"), ns)
+                if value is not None:
+                    # What the notebook would show, as data: the value itself never travels back unasked.
+                    writer.send(b"r", _display_payload(_display_data(value)))
+            displays.show_figures()  # what is left open, after the value: as the inline backend does
+        finally:
+            if interrupts is not None:
+                interrupts.armed = False
     except SystemExit as exc:
         code = exc.code
         rc = code if isinstance(code, int) else (0 if code is None else 1)
@@ -454,8 +509,145 @@ def cell_main(jobdir: str) -> int:
     except BaseException as exc:
         report(exc)
         rc = 1
-    _save_pulls(jobdir, manifest.get("pull") or [], ns)
+    try:
+        _save_pulls(jobdir, list(manifest.get("pull") or []), ns)  # type: ignore[call-overload]
+    except Exception as exc:  # values.out.pkl could not be written: say so, as for the cell's own errors
+        report(exc)
+        rc = rc or 1
     return rc
+
+
+# --------------------------------------------------------------------------------------------- the kernel
+# A machine job's one persistent Python process. It takes one cell at a time on its unix socket: the cell's
+# supervisor connects, the kernel says {"pid"} when it is free, the supervisor sends one JSON line {"jobdir"} with
+# the write ends of the cell's stdout, stderr and frame pipes (SCM_RIGHTS), and the kernel answers {"rc"} once the
+# cell has ended and those ends are closed.
+
+_CELL_FDS = 3
+
+
+def _listen(machine: str) -> Any:
+    """The kernel's socket, bound by a relative name (AF_UNIX paths are short; job directories may not be)."""
+    import socket
+
+    here = os.getcwd()
+    os.chdir(machine)
+    try:
+        try:
+            os.unlink(KERNEL_SOCKET)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        mask = os.umask(0o177)
+        try:
+            listener.bind(KERNEL_SOCKET)
+        finally:
+            os.umask(mask)
+        os.chmod(KERNEL_SOCKET, 0o600)
+        listener.listen(16)
+    finally:
+        os.chdir(here)
+    return listener
+
+
+def _receive_cell(conn: Any) -> tuple[dict[str, object], list[int]]:
+    """The cell's request and its three descriptors ({} and whatever came, if it is not one)."""
+    import array
+    import socket
+
+    data, fds = b"", []  # type: ignore[var-annotated]
+    flags = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+    while b"\n" not in data and len(data) < 65536:
+        chunk, ancillary, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(_CELL_FDS * 4), flags)
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+                fds.extend(got)
+        if not chunk:
+            break
+        data += chunk
+    try:
+        request = json.loads(data.partition(b"\n")[0])
+    except ValueError:
+        request = None
+    if not isinstance(request, dict) or not isinstance(request.get("jobdir"), str) or len(fds) != _CELL_FDS:
+        return {}, fds
+    return request, fds
+
+
+def _touch(path: str) -> None:
+    with open(path, "a"):
+        pass
+    os.utime(path)
+
+
+def kernel_main(machine: str) -> int:
+    """The machine's kernel: one namespace for all the cells it is sent, until it is killed."""
+    manifest = _read_json(os.path.join(machine, "job.json"), {})
+    assert isinstance(manifest, dict)
+    own_frames = int(os.environ["BURST_EVENT_FD"])
+    writer = FrameWriter(own_frames)
+    own_stdout, own_stderr = _CellStream(writer, b"o", "<stdout>"), _CellStream(writer, b"e", "<stderr>")
+    sys.stdout, sys.stderr = own_stdout, own_stderr
+    own_fds = os.dup(1), os.dup(2)  # between cells, output goes to the machine's own log
+    ns, helper, displays = _cell_namespace(writer, str(manifest.get("job_id")), machine)
+    interrupts = _Interrupts()
+    signal.signal(signal.SIGINT, interrupts.handler)
+    listener = _listen(machine)
+    busy, activity = os.path.join(machine, BUSY), os.path.join(machine, ACTIVITY)
+    count = 0
+    while True:
+        conn, _ = listener.accept()
+        fds: list[int] = []
+        try:
+            conn.settimeout(30.0)
+            conn.sendall(record_line({"pid": os.getpid()}))  # free: the cell may come
+            request, fds = _receive_cell(conn)
+            jobdir = str(request.get("jobdir"))
+            cell = _read_json(os.path.join(jobdir, "job.json")) if request else None
+            if not isinstance(cell, dict):
+                continue  # the cell was stopped before it was sent (or it was not one)
+            count += 1
+            interrupts.active = True
+            try:
+                with open(busy + ".tmp", "w") as f:
+                    f.write(jobdir)
+                os.replace(busy + ".tmp", busy)
+                _touch(activity)
+                os.dup2(fds[0], 1)
+                os.dup2(fds[1], 2)
+                with writer.lock:
+                    writer.fd = fds[2]
+                helper.job_id, helper.jobdir = str(cell.get("job_id")), jobdir
+                env = cell.get("env")
+                os.environ.update({str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {})
+                os.environ.update(BURST_JOB_ID=helper.job_id, BURST_JOBDIR=jobdir)
+                # Each cell its own name: a traceback through a function an earlier cell defined shows its lines.
+                filename = str(cell.get("cell_file") or "<burst-cell %d>" % count)[:_MAX_NOTE]
+                rc = run_cell(jobdir, cell, ns, writer, displays, filename, interrupts)
+            finally:
+                sys.stdout, sys.stderr = own_stdout, own_stderr
+                with writer.lock:
+                    writer.fd = own_frames
+                os.dup2(own_fds[0], 1)
+                os.dup2(own_fds[1], 2)
+                for fd in fds:
+                    os.close(fd)
+                fds = []
+                interrupts.active = interrupts.pending = False
+                try:
+                    os.unlink(busy)
+                except FileNotFoundError:
+                    pass
+                _touch(activity)
+            conn.sendall(record_line({"rc": rc}))
+        except OSError:
+            pass  # the cell's supervisor is gone: nobody waits for the answer
+        finally:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
 
 
 def _save_pulls(jobdir: str, names: list[str], ns: dict[str, object]) -> None:
@@ -697,8 +889,13 @@ class Supervisor:
         self.money = Money(manifest)
         self.stop_reason: str | None = None
         self.stop_at: float | None = None
-        self.lapsed: str | None = None  # LEASE, DEADLINE or BUDGET when this supervisor itself decided the job ends
-        self.proc: _Child | None = None
+        self.lapsed: str | None = None  # LEASE, DEADLINE, BUDGET or IDLE when this supervisor decided the job ends
+        self.proc: _Child | _KernelCell | None = None
+        machine = manifest.get("machine")
+        self.machine: dict[str, object] | None = machine if isinstance(machine, dict) else None
+        self.idle = int(self.machine.get("idle_seconds") or 0) if self.machine else 0  # type: ignore[call-overload]
+        on_machine = manifest.get("on_machine")
+        self.on_machine: str | None = on_machine if isinstance(on_machine, str) and on_machine else None
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.jobdir, *parts)
@@ -714,25 +911,34 @@ class Supervisor:
         # Written only once the handlers are in place: a `stop` that finds the pid must not kill us.
         with open(self.path("supervisor.pid"), "w") as f:
             f.write(str(os.getpid()))
-        frame_r, frame_w = os.pipe()
-        env = dict(os.environ)
-        env.update(self.manifest.get("env") or {})
-        env.update(BURST_JOB_ID=str(self.manifest.get("job_id")), BURST_JOBDIR=self.jobdir,
-                   BURST_EVENT_FD=str(frame_w), PYTHONUNBUFFERED="1")
-        env.setdefault("MPLBACKEND", "Agg")  # no display on an instance
-        self.proc = self.spawn(env, frame_w)
-        os.close(frame_w)
-        self.log.append([{"k": Kind.STARTED, "pid": self.proc.pid, "t": _now()}])
+        if self.machine is not None:
+            return self.run_machine(wake_r)
+        started = time.monotonic()
         sel = selectors.DefaultSelector()
+        if self.on_machine is not None:
+            self.proc = _KernelCell.connect(self.jobdir, self.on_machine)
+            if self.proc is None:
+                _fail_setup(self.jobdir, "the machine at %s has no Python process (it has ended, or its process "
+                                         "did not come back within %d s)" % (self.on_machine, _KERNEL_WAIT))
+                return self.conclude(started)
+            sel.register(self.proc.sock, selectors.EVENT_READ, "kernel")
+        else:
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            frame_r, frame_w = os.pipe()
+            self.proc = self.spawn(self.child_env(frame_w), out_w, err_w, frame_w, cell_main)
+            for fd in (out_w, err_w, frame_w):
+                os.close(fd)
+            self.proc.stdout_fd, self.proc.stderr_fd, self.proc.frames_fd = out_r, err_r, frame_r
+            self.log.append([{"k": Kind.STARTED, "pid": self.proc.pid, "t": _now()}])
         decoders = {"stdout": codecs.getincrementaldecoder("utf-8")("replace"),
                     "stderr": codecs.getincrementaldecoder("utf-8")("replace")}
         frames = FrameReader()
-        sel.register(frame_r, selectors.EVENT_READ, "frames")
+        sel.register(self.proc.frames_fd, selectors.EVENT_READ, "frames")
         sel.register(self.proc.stdout_fd, selectors.EVENT_READ, "stdout")
         sel.register(self.proc.stderr_fd, selectors.EVENT_READ, "stderr")
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         open_fds = 3
-        started = time.monotonic()
         deadline = float(self.manifest.get("deadline_seconds") or 0)  # 0: none
         lease = int(self.manifest.get("lease_seconds") or 0)
         exited_at: float | None = None
@@ -745,6 +951,12 @@ class Supervisor:
                 fd = key.fd
                 if key.data == "wake":
                     os.read(fd, 512)
+                    continue
+                if key.data == "kernel":
+                    assert isinstance(self.proc, _KernelCell)
+                    records.extend(self.proc.receive(t))
+                    if self.proc.closed:
+                        sel.unregister(fd)
                     continue
                 data = os.read(fd, 65536)
                 if not data:
@@ -772,9 +984,18 @@ class Supervisor:
                         self.request_stop(self.lapsed)
             self.escalate()
         rc = self.proc.wait()
-        _kill_group(self.proc.pid, signal.SIGKILL)  # leftovers of the cell die with the job
+        self.proc.reap()  # leftovers of the cell die with the job
+        if isinstance(self.proc, _KernelCell) and self.proc.died:
+            self.log.append([{"k": Kind.ERROR, "ename": KERNEL_DIED, "evalue": self.proc.death(), "tb": [],
+                              "t": _now()}])
         reason = self.stop_reason or (Reason.OK if rc == 0 else Reason.ERROR)
         self.finish(rc, reason)
+        return self.conclude(started)
+
+    def conclude(self, started: float) -> int:
+        """After the exit record: the watchdog, until the client destroys the job or the dead-man's switch fires."""
+        deadline = float(self.manifest.get("deadline_seconds") or 0)
+        lease = int(self.manifest.get("lease_seconds") or 0)
         # The cell is over: a machine shutting down simply ends the watchdog.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         uploaded = False
@@ -788,6 +1009,125 @@ class Supervisor:
         if self.lapsed is not None:
             self.lapse(self.lapsed, lease, upload=not uploaded)
         return 0
+
+    def child_env(self, frame_w: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.manifest.get("env") or {})
+        env.update(BURST_JOB_ID=str(self.manifest.get("job_id")), BURST_JOBDIR=self.jobdir,
+                   BURST_EVENT_FD=str(frame_w), PYTHONUNBUFFERED="1")
+        env.setdefault("MPLBACKEND", "Agg")  # no display on an instance
+        return env
+
+    def run_machine(self, wake_r: int) -> int:
+        """A machine job: its kernel runs until the machine is stopped, lapses or goes idle; a kernel that dies
+        meanwhile is replaced (its cell, if any, reports the death). What the kernel writes between cells is the
+        machine's own output."""
+        _touch(self.path(ACTIVITY))
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        frame_r, frame_w = os.pipe()
+        env = self.child_env(frame_w)
+        # The write ends stay open here, for the kernels to come: the loop ends on a stop, not on EOF.
+        self.proc = self.spawn_kernel(env, out_w, err_w, frame_w)
+        records: list[dict[str, object]] = [{"k": Kind.STARTED, "pid": self.proc.pid, "t": _now()}]
+        self.log.append(records)
+        sel = selectors.DefaultSelector()
+        decoders = {"stdout": codecs.getincrementaldecoder("utf-8")("replace"),
+                    "stderr": codecs.getincrementaldecoder("utf-8")("replace")}
+        frames = FrameReader()
+        for fd, name in ((frame_r, "frames"), (out_r, "stdout"), (err_r, "stderr")):
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ, name)
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        started = time.monotonic()
+        deadline = float(self.manifest.get("deadline_seconds") or 0)
+        lease = int(self.manifest.get("lease_seconds") or 0)
+        while True:
+            ready = sel.select(0.5)
+            gone = self.proc.poll() is not None  # before reading: what it wrote before it died is read now
+            records = []
+            t = _now()
+            for key, _ in ready:
+                if key.data == "wake":
+                    os.read(key.fd, 512)
+                    continue
+                records.extend(self.drain(key.fd, str(key.data), frames, decoders, t))
+            if gone:
+                for fd, name in ((frame_r, "frames"), (out_r, "stdout"), (err_r, "stderr")):
+                    records.extend(self.drain(fd, name, frames, decoders, t))
+            self.log.append(_coalesce(records))
+            if gone and self.stop_reason is not None:
+                break
+            if gone:
+                self.proc = self.replace_kernel(env, out_w, err_w, frame_w)
+            if self.stop_reason is None:
+                if os.path.exists(self.path("stop")):
+                    with open(self.path("stop")) as f:
+                        self.request_stop(f.read().strip() or Reason.CANCELLED)
+                else:
+                    self.lapsed = self.lapse_reason(started, deadline, lease) or self.idle_reason()
+                    if self.lapsed is not None:
+                        self.request_stop(self.lapsed)
+            self.escalate()
+        rc = self.proc.wait()
+        self.proc.reap()
+        for fd in (out_w, err_w, frame_w, out_r, err_r, frame_r):
+            os.close(fd)
+        for name in (KERNEL_SOCKET, BUSY):
+            try:
+                os.unlink(self.path(name))
+            except FileNotFoundError:
+                pass
+        self.finish(rc, self.stop_reason or Reason.ERROR)
+        return self.conclude(started)
+
+    def drain(self, fd: int, name: str, frames: FrameReader, decoders: dict[str, Any], t: float
+              ) -> list[dict[str, object]]:
+        """Whatever a (non-blocking) pipe of the kernel holds now, as records."""
+        records: list[dict[str, object]] = []
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return records
+            if not data:
+                return records
+            if name == "frames":
+                records.extend(self.frame_records(frames.feed(data), t))
+            else:
+                records.extend(_out_records(name, decoders[name].decode(data), t))
+
+    def spawn_kernel(self, env: dict[str, str], out_w: int, err_w: int, frame_w: int) -> _Child:
+        child = self.spawn(env, out_w, err_w, frame_w, kernel_main)
+        with open(self.path(KERNEL_PID), "w") as f:
+            f.write(str(child.pid))
+        return child
+
+    def replace_kernel(self, env: dict[str, str], out_w: int, err_w: int, frame_w: int) -> _Child:
+        """The kernel died while the machine runs: say how, and start a fresh one (at most one a second)."""
+        old = self.proc
+        assert isinstance(old, _Child) and old.returncode is not None
+        old.reap()  # what its cells started in the background goes with it
+        rc = old.returncode
+        info = {"pid": old.pid, "rc": rc if rc >= 0 else None, "signal": -rc if rc < 0 else None, "t": _now()}
+        _write_json_atomic(self.path(KERNEL_EXIT), info)
+        try:
+            os.unlink(self.path(BUSY))  # its cell, if any, is over
+        except FileNotFoundError:
+            pass
+        _touch(self.path(ACTIVITY))
+        self.log.append([{"k": Kind.NOTE, "m": "the remote Python process ended (%s); a fresh one starts"
+                          % _how_it_ended(info), "t": _now()}])
+        time.sleep(max(0.0, old.spawned + 1.0 - time.monotonic()))
+        fresh = self.spawn_kernel(env, out_w, err_w, frame_w)
+        self.log.append([{"k": Kind.STARTED, "pid": fresh.pid, "t": _now()}])
+        return fresh
+
+    def idle_reason(self) -> str | None:
+        """IDLE when no cell runs and none has started or ended for the machine's idle_seconds."""
+        if not self.idle or os.path.exists(self.path(BUSY)):
+            return None
+        return Reason.IDLE if _now() - _mtime(self.path(ACTIVITY)) > self.idle else None
 
     def lapse_reason(self, started: float, deadline: float, lease: int) -> str | None:
         """LEASE when the client has been silent for the lease, DEADLINE past the job's own hard maximum, BUDGET
@@ -820,16 +1160,14 @@ class Supervisor:
             if reason in (Reason.LEASE, Reason.DEADLINE):
                 return reason
 
-    def spawn(self, env: dict[str, str], frame_w: int) -> _Child:
-        """Fork the cell (no new interpreter to start: this one already has the agent loaded), or fork and exec
-        the command. Its own session, so a stop signal reaches it and its children and nothing else."""
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+    def spawn(self, env: dict[str, str], out_w: int, err_w: int, frame_w: int, main: Callable[[str], int]
+              ) -> _Child:
+        """Fork the cell or the kernel (``main``: no new interpreter to start, this one already has the agent
+        loaded), or fork and exec the command. Its own session, so a stop signal reaches it and its children and
+        nothing else. Its stdout, stderr and frames go to the given write ends (the caller reads the pipes)."""
         pid = os.fork()
         if pid:
-            os.close(out_w)
-            os.close(err_w)
-            return _Child(pid, out_r, err_r)
+            return _Child(pid)
         rc = 1
         try:
             os.setsid()
@@ -837,7 +1175,8 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             # We ignore SIGINT; give the cell Python's default back, so a stop reaches it as KeyboardInterrupt.
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            # The kernel sets its own (a SIGINT between cells must not end it): until then it keeps ignoring it.
+            signal.signal(signal.SIGINT, signal.default_int_handler if main is cell_main else signal.SIG_IGN)
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             os.dup2(out_w, 1)
@@ -848,7 +1187,7 @@ class Supervisor:
             os.environ.clear()
             os.environ.update(env)
             command = self.manifest.get("command")
-            if command:
+            if command and main is cell_main:
                 try:
                     os.execvpe(command[0], list(command), env)
                 except OSError as exc:
@@ -856,7 +1195,7 @@ class Supervisor:
                     rc = 127
             else:
                 sys.argv = [_cell_filename(self.manifest)]
-                rc = cell_main(self.jobdir)
+                rc = main(self.jobdir)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -887,7 +1226,7 @@ class Supervisor:
             self.stop_at = time.monotonic()
             self.log.append([{"k": Kind.NOTE, "m": STOPPING + reason, "t": _now()}])
             if self.proc is not None and self.proc.poll() is None:
-                _kill_group(self.proc.pid, signal.SIGINT)
+                self.proc.signal(signal.SIGINT)
 
     def escalate(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -896,15 +1235,18 @@ class Supervisor:
             # Only the end of the instance is left of the money: no more grace for the cell, whoever stopped it.
             self.lapsed = Reason.BUDGET
             self.request_stop(Reason.BUDGET)
-            _kill_group(self.proc.pid, signal.SIGKILL)
+            self.proc.signal(signal.SIGKILL)
             return
         if self.stop_at is None:
             return
         waited = time.monotonic() - self.stop_at
         if waited > _GRACE_SIGINT + _GRACE_SIGTERM:
-            _kill_group(self.proc.pid, signal.SIGKILL)
-        elif waited > _GRACE_SIGINT:
-            _kill_group(self.proc.pid, signal.SIGTERM)
+            self.proc.signal(signal.SIGKILL)
+        elif waited > _GRACE_SIGINT or (self.machine is not None and not os.path.exists(self.path(BUSY))):
+            # A machine's kernel outlives a SIGINT: once no cell of it runs, it is ended at once.
+            self.proc.signal(signal.SIGTERM)
+        elif isinstance(self.proc, _KernelCell) and not self.proc.interrupted:
+            self.proc.signal(signal.SIGINT)  # the stop came before the kernel had taken the cell: now it has
 
     def finish(self, rc: int, reason: str) -> None:
         _write_exit(self.jobdir, {"k": Kind.EXIT, "rc": rc, "reason": reason, "t": _now()})
@@ -925,6 +1267,8 @@ class Supervisor:
         scratch ``work/`` and keep the results here for a later cleanup."""
         if reason == Reason.LEASE:
             self.say("no word from the client for %d s (the lease lapsed)" % lease)
+        elif reason == Reason.IDLE:
+            self.say("the machine ran no cell for %d s (its idle limit)" % self.idle)
         elif reason == Reason.BUDGET:
             self.say("the job's money ran out (%s); nobody ended the instance" % self.money.describe())
         else:
@@ -1092,11 +1436,13 @@ def _mtime(path: str) -> float:
 
 
 class _Child:
-    """The cell's process as the supervisor sees it: pid, the read ends of its stdout and stderr, its status."""
+    """The cell's (or kernel's) process as the supervisor sees it: pid, the read ends of its pipes, its status."""
 
-    def __init__(self, pid: int, stdout_fd: int, stderr_fd: int) -> None:
-        self.pid, self.stdout_fd, self.stderr_fd = pid, stdout_fd, stderr_fd
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.stdout_fd = self.stderr_fd = self.frames_fd = -1
         self.returncode: int | None = None
+        self.spawned = time.monotonic()
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -1109,6 +1455,184 @@ class _Child:
         if self.returncode is None:
             self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
         return self.returncode
+
+    def signal(self, sig: int) -> None:
+        _kill_group(self.pid, sig)
+
+    def reap(self) -> None:
+        _kill_group(self.pid, signal.SIGKILL)
+
+
+_KERNEL_WAIT = 30  # seconds a cell waits for its machine's kernel to listen (one being replaced)
+
+
+class _KernelCell:
+    """A cell that the machine's kernel runs, as its supervisor sees it (in place of a :class:`_Child`): the read
+    ends of its pipes, the socket to the kernel, the kernel's pid once it has taken the cell, the exit status
+    it answered (or that it died: ``died``)."""
+
+    def __init__(self, jobdir: str, machine: str, sock: Any) -> None:
+        self.jobdir, self.machine, self.sock = jobdir, machine, sock
+        self.pid: int | None = None
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        frame_r, frame_w = os.pipe()
+        self.stdout_fd, self.stderr_fd, self.frames_fd = out_r, err_r, frame_r
+        self.ends = [out_w, err_w, frame_w]  # sent to the kernel, then closed here
+        self.buf = b""
+        self.returncode: int | None = None
+        self.died = False
+        self.closed = False
+        self.interrupted = False
+
+    @classmethod
+    def connect(cls, jobdir: str, machine: str) -> _KernelCell | None:
+        """Connect to the machine's kernel, waiting for one being started; None when there is none."""
+        import socket
+
+        until = time.monotonic() + _KERNEL_WAIT
+        while True:
+            if os.path.exists(os.path.join(machine, "exit.json")) or not os.path.isdir(machine):
+                return None
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            here = os.getcwd()
+            try:
+                os.chdir(machine)  # by a relative name: AF_UNIX paths are short
+                try:
+                    sock.connect(KERNEL_SOCKET)
+                finally:
+                    os.chdir(here)
+                sock.setblocking(False)
+                return cls(jobdir, machine, sock)
+            except OSError:
+                sock.close()
+                if time.monotonic() > until:
+                    return None
+                time.sleep(0.1)
+
+    def receive(self, t: float) -> list[dict[str, object]]:
+        """The kernel's lines: {"pid"} when it is free (the cell is sent then: STARTED), {"rc"} at its end."""
+        try:
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return []
+        except OSError:
+            data = b""
+        records: list[dict[str, object]] = []
+        if not data:
+            self.close()
+            if self.returncode is None:
+                self.returncode, self.died = 1, True
+            return records
+        self.buf += data
+        while b"\n" in self.buf:
+            line, _, self.buf = self.buf.partition(b"\n")
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(message, dict):
+                continue
+            if "pid" in message and self.pid is None and self.returncode is None:
+                self.pid = int(message["pid"])
+                self.send()
+                # No pid a destroy would kill: the process is the machine's, not this job's.
+                records.append({"k": Kind.STARTED, "kernel": self.pid, "on_machine": self.machine, "t": t})
+            elif "rc" in message and self.returncode is None:
+                self.returncode = int(message["rc"])
+        return records
+
+    def send(self) -> None:
+        import array
+        import socket
+
+        request = (json.dumps({"jobdir": self.jobdir}) + "\n").encode()
+        fds = array.array("i", self.ends).tobytes()
+        self.sock.setblocking(True)
+        try:
+            self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError:
+            pass  # the kernel died: its EOF comes next
+        finally:
+            self.sock.setblocking(False)
+            self.drop_ends()
+
+    def drop_ends(self) -> None:
+        for fd in self.ends:
+            os.close(fd)
+        self.ends = []
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.drop_ends()
+            self.sock.close()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self) -> int:
+        """The answer, once the cell's pipes are closed (the kernel is done with them, or dead)."""
+        if self.returncode is None and not self.closed:
+            self.sock.setblocking(True)
+            while self.returncode is None and not self.closed:
+                self.receive(_now())
+        return 1 if self.returncode is None else self.returncode
+
+    def signal(self, sig: int) -> None:
+        """A stop: SIGINT to the kernel (KeyboardInterrupt in the cell), and only while it runs this cell;
+        SIGTERM and SIGKILL to its whole session. A cell the kernel has not taken yet is never sent."""
+        if self.returncode is not None or self.closed:
+            return
+        if self.pid is None:
+            self.returncode = 130
+            self.sock.shutdown(2)  # the kernel, once free, finds no cell; the loop here sees EOF
+            self.drop_ends()
+            return
+        try:
+            with open(os.path.join(self.machine, BUSY)) as f:
+                if f.read() != self.jobdir:
+                    return
+        except OSError:
+            return
+        if sig == signal.SIGINT:
+            try:
+                os.kill(self.pid, sig)
+                self.interrupted = True
+            except OSError:
+                pass
+        else:
+            _kill_group(self.pid, sig)
+
+    def reap(self) -> None:
+        self.close()  # the kernel and what it started are the machine's
+
+    def death(self) -> str:
+        """What the cell's ERROR says of the kernel that died under it (kernel.exit, which the machine writes)."""
+        stop = _read_json(os.path.join(self.machine, "exit.json"))
+        if isinstance(stop, dict) or os.path.exists(os.path.join(self.machine, "stop")):
+            reason = stop.get("reason") if isinstance(stop, dict) else "stopped"
+            return "the machine was stopped (%s) while this cell ran: what earlier cells defined is gone" % reason
+        info = None
+        until = time.monotonic() + 2.0
+        while self.pid is not None and time.monotonic() < until:
+            info = _read_json(os.path.join(self.machine, KERNEL_EXIT))
+            if isinstance(info, dict) and info.get("pid") == self.pid:
+                break
+            info = None
+            time.sleep(0.05)
+        how = _how_it_ended(info, why=True) if isinstance(info, dict) else "ended"
+        return ("the remote Python process died (%s): what earlier cells defined is lost; the next cell starts a "
+                "fresh one" % how)
+
+
+def _how_it_ended(info: dict[str, Any], *, why: bool = False) -> str:
+    """How a kernel ended, from its kernel.exit; ``why``: with the likely cause of a SIGKILL (for the user)."""
+    if info.get("signal") == signal.SIGKILL and why:
+        return "killed by signal 9, e.g. out of memory"
+    if info.get("signal"):
+        return "killed by signal %s" % info["signal"]
+    return "exited with status %s" % info.get("rc")
 
 
 def _kill_group(pid: int, sig: int) -> None:
@@ -1159,18 +1683,30 @@ class SetupError(Exception):
     pass
 
 
-def _place_mounts(jobdir: str, mounts: list[dict[str, object]]) -> list[str]:
-    """Make each mount's remote path a symlink to its staged content. Never overwrite what is already there."""
+def _place_mounts(jobdir: str, mounts: list[dict[str, object]], machine: str | None = None) -> dict[str, str]:
+    """Make each mount's remote path a symlink to its staged content. Never overwrite what is already there.
+
+    For a cell on a machine, relative remote paths are under the machine's ``work/`` (where its kernel runs), and
+    a mount with ``"keep": KEY`` is moved into the machine's store ``k/<KEY>/``, which its later cells reuse (the
+    link stays too). Returns the folder each mount's content is in now (its results are read there)."""
     links = []
+    roots: dict[str, str] = {}
+    work = os.path.join(machine or jobdir, "work")
     for i, m in enumerate(mounts):
         staged = os.path.join(jobdir, "m", str(i))
         os.makedirs(staged, exist_ok=True)
+        key = m.get("keep")
+        if key is not None and machine is not None:
+            staged = _keep(staged, machine, key, m.get("present"))
+        roots[str(i)] = staged
         if m.get("file"):
             staged = os.path.join(staged, str(m["file"]))
         remote = str(m["remote"])
         target = os.path.expanduser(remote) if remote.startswith("~") else remote
         if not os.path.isabs(target):
-            target = os.path.join(jobdir, "work", target)
+            target = os.path.join(work, target)
+        if key is not None and machine is not None and os.path.islink(target) and os.readlink(target) == staged:
+            continue  # an earlier cell's link to the same store
         if os.path.islink(target) and _is_stale_link(target):
             os.unlink(target)
         if os.path.lexists(target):
@@ -1182,9 +1718,67 @@ def _place_mounts(jobdir: str, mounts: list[dict[str, object]]) -> list[str]:
         except OSError as exc:
             raise SetupError("cannot create %s here: %s; use a relative remote path (inside the job's folder) "
                              "or one you can write" % (remote, exc.strerror or exc)) from None
+        if key is not None and machine is not None:
+            # The machine's link: its destroy removes it, never a cell's.
+            kept = _read_json(os.path.join(machine, "links.json"), [])
+            _write_json_atomic(os.path.join(machine, "links.json"), [*(kept if isinstance(kept, list) else []), target])
+            continue
         links.append(target)
         _write_json_atomic(os.path.join(jobdir, "links.json"), links)
-    return links
+    return roots
+
+
+_KEY = re.compile(r"[0-9a-f]{8,64}")
+
+
+def _inside(path: str, root: str) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top + os.sep)
+
+
+def _keep(staged: str, machine: str, key: object, present: object) -> str:
+    """Move what the cell uploaded for a kept mount (only what changed) into the machine's store ``k/<KEY>``,
+    then remove what the store holds beyond ``present`` (the mount's files now, when given). The store's path."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise SetupError("a kept mount's key must be 8 to 64 hex digits, not %r" % (key,))
+    if present is not None and (not isinstance(present, list) or not all(
+            isinstance(p, str) and p and not p.startswith("/") and ".." not in p.split("/") for p in present)):
+        raise SetupError("a kept mount's present files must be relative paths inside it")
+    store = os.path.join(machine, STORES, key)
+    os.makedirs(store, mode=0o700, exist_ok=True)
+    for dirpath, dirnames, filenames in os.walk(staged):
+        rel_dir = os.path.relpath(dirpath, staged)
+        for name in sorted(dirnames) + sorted(filenames):
+            src = os.path.join(dirpath, name)
+            dest = os.path.normpath(os.path.join(store, rel_dir, name))
+            if not _inside(os.path.dirname(dest), store):
+                raise SetupError("%s leads out of the machine's kept copy of this mount"
+                                 % os.path.relpath(dest, store))
+            if os.path.islink(src):
+                raise SetupError("a kept mount cannot carry a link: %s" % os.path.relpath(src, staged))
+            if os.path.isdir(src):
+                if os.path.islink(dest) or (os.path.lexists(dest) and not os.path.isdir(dest)):
+                    os.unlink(dest)
+                os.makedirs(dest, exist_ok=True)
+            else:
+                if os.path.isdir(dest) and not os.path.islink(dest):
+                    shutil.rmtree(dest)
+                os.replace(src, dest)
+    shutil.rmtree(staged, ignore_errors=True)
+    if present is not None:
+        keep = {os.path.normpath(p) for p in present}
+        parents = {os.path.dirname(p) for p in keep}
+        while "" not in parents and parents:
+            parents |= {os.path.dirname(p) for p in parents}
+        for dirpath, dirnames, filenames in os.walk(store, topdown=False):
+            for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                rel = os.path.relpath(os.path.join(dirpath, name), store)
+                if rel not in keep:
+                    os.unlink(os.path.join(dirpath, name))
+            rel_dir = os.path.relpath(dirpath, store)
+            if rel_dir != "." and rel_dir not in keep and rel_dir not in parents and not os.listdir(dirpath):
+                os.rmdir(dirpath)
+    return store
 
 
 _JOB_ID = re.compile(r"-[0-9a-f]{8}$")
@@ -1194,7 +1788,9 @@ def _is_stale_link(path: str) -> bool:
     """A link made by an earlier burst job (``<jobdir>/m/<i>[/file]``) whose job has ended or is gone."""
     parts = os.readlink(path).rstrip("/").split("/")
     for idx in range(len(parts) - 2, 0, -1):
-        if parts[idx] == "m" and parts[idx + 1].isdigit() and _JOB_ID.search(parts[idx - 1]):
+        mount = parts[idx] == "m" and parts[idx + 1].isdigit()
+        kept = parts[idx] == STORES and _KEY.fullmatch(parts[idx + 1]) is not None  # a machine's store
+        if (mount or kept) and _JOB_ID.search(parts[idx - 1]):
             jobdir = "/".join(parts[:idx])
             return not os.path.isdir(jobdir) or os.path.exists(os.path.join(jobdir, "exit.json"))
     return False
@@ -1300,12 +1896,15 @@ def run_main(jobdir: str, stdin: object) -> int:
     with open(os.path.join(jobdir, "lease"), "w"):
         pass
     try:
-        _place_mounts(jobdir, mounts)
+        machine = _machine_of(manifest)
+        roots = _place_mounts(jobdir, mounts, machine)
     except SetupError as exc:
         _fail_setup(jobdir, str(exc))
         return attach_main(jobdir, 0, stdin)
-    snapshots = {str(i): _snapshot(os.path.join(jobdir, "m", str(i)))
-                 for i, m in enumerate(mounts) if m.get("mode") == "rw"}
+    # What the rw mounts hold now, so the results are what the job changed; a kept mount's is in the machine.
+    snapshots = {str(i): _snapshot(roots[str(i)]) for i, m in enumerate(mounts) if m.get("mode") == "rw"}
+    _write_json_atomic(os.path.join(jobdir, "roots.json"),
+                       {i: root for i, root in roots.items() if root != os.path.join(jobdir, "m", i)})
     _write_json_atomic(os.path.join(jobdir, "snapshot.json"), snapshots)
     if manifest.get("require_gpu") is not None:
         problem = _check_gpu(manifest["require_gpu"], int(manifest.get("gpus") or 1))
@@ -1314,6 +1913,19 @@ def run_main(jobdir: str, stdin: object) -> int:
             return attach_main(jobdir, 0, stdin)
     _daemonize(jobdir, lambda: Supervisor(jobdir).run())
     return attach_main(jobdir, 0, stdin)
+
+
+def _machine_of(manifest: dict[str, object]) -> str | None:
+    """The machine job a cell runs on (``on_machine``), checked: None for a job of its own."""
+    machine = manifest.get("on_machine")
+    if machine is None:
+        return None
+    if not isinstance(machine, str) or not os.path.isabs(machine) or ".." in machine.split("/"):
+        raise SetupError("on_machine must be the absolute job directory of a machine, not %r" % (machine,))
+    found = _read_json(os.path.join(machine, "job.json"))
+    if not isinstance(found, dict) or not isinstance(found.get("machine"), dict):
+        raise SetupError("there is no machine at %s" % machine)
+    return os.path.normpath(machine)
 
 
 def _daemonize(jobdir: str, target: object) -> None:
@@ -1474,9 +2086,10 @@ def _sendable(path: str, root: str) -> bool:
 def _add_results(jobdir: str, tar: tarfile.TarFile) -> None:
     """The files the cell changed in rw mounts (``m/<i>/...``) and ``values.out.pkl``."""
     snapshots = _read_json(os.path.join(jobdir, "snapshot.json"), {})
-    assert isinstance(snapshots, dict)
+    roots = _read_json(os.path.join(jobdir, "roots.json"), {})
+    assert isinstance(snapshots, dict) and isinstance(roots, dict)
     for i, before in sorted(snapshots.items()):
-        root = os.path.join(jobdir, "m", i)
+        root = str(roots.get(i) or os.path.join(jobdir, "m", i))  # a kept mount's store is the machine's
         for rel, sig in sorted(_snapshot(root).items()):
             path = os.path.join(root, rel.rstrip("/"))
             if before.get(rel) != sig and _sendable(path, root):
@@ -1518,9 +2131,14 @@ def destroy(jobdir: str) -> bool:
                     pids.append(int(f.read().strip()))
             except (OSError, ValueError):
                 pass
-        started = _started_pid(jobdir)
-        if started:
-            _kill_group(started, signal.SIGKILL)
+        manifest = _read_json(os.path.join(jobdir, "job.json"), {})
+        machine = manifest.get("on_machine") if isinstance(manifest, dict) else None
+        if isinstance(machine, str):
+            _interrupt_kernel(machine, jobdir)  # only this job's cell: the kernel is the machine's
+        else:
+            for started in (_started_pid(jobdir), _read_pid(os.path.join(jobdir, KERNEL_PID))):
+                if started:
+                    _kill_group(started, signal.SIGKILL)
         for pid in pids:
             if _pid_alive(pid):
                 try:
@@ -1528,11 +2146,36 @@ def destroy(jobdir: str) -> bool:
                 except OSError:
                     pass
         links = _read_json(os.path.join(jobdir, "links.json"), [])
+        ours = (os.path.join(jobdir, "m") + os.sep, os.path.join(jobdir, STORES) + os.sep)
         for link in links if isinstance(links, list) else []:
-            if os.path.islink(link) and os.readlink(link).startswith(os.path.join(jobdir, "m")):
+            if os.path.islink(link) and (os.readlink(link) + os.sep).startswith(ours):
                 os.unlink(link)
         shutil.rmtree(jobdir, ignore_errors=True)
     return not os.path.exists(jobdir)
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _interrupt_kernel(machine: str, jobdir: str) -> None:
+    """A KeyboardInterrupt in the machine's kernel if it runs this job's cell (a destroyed cell must not go on)."""
+    try:
+        with open(os.path.join(machine, BUSY)) as f:
+            if f.read() != jobdir:
+                return
+    except OSError:
+        return
+    pid = _read_pid(os.path.join(machine, KERNEL_PID))
+    if pid:
+        try:
+            os.kill(pid, signal.SIGINT)
+        except OSError:
+            pass
 
 
 def _started_pid(jobdir: str) -> int | None:
@@ -1581,6 +2224,8 @@ def list_main(root: str, tag: str) -> int:
             jobdir = os.path.join(root, name)
             info = {"job_id": name, "created": manifest.get("created"),
                     "exit": _read_json(os.path.join(jobdir, "exit.json"))}
+            if manifest.get("on_machine"):
+                info["on_machine"] = manifest["on_machine"]  # a cell: the machine job owns the instance
             sys.stdout.write(json.dumps(info) + "\n")
     return 0
 
