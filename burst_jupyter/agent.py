@@ -30,6 +30,13 @@ Files in the job directory:
     lease  stop  supervisor.pid  links.json  control files
     agent.log                                the supervisor's own log (what the dead-man's switch did)
 
+A kept machine is a job too. Its manifest's ``"machine": {"idle_seconds": N}`` makes the supervisor run one
+persistent Python process (the kernel, :func:`kernel_main`) in place of a cell, replaced when it dies; the
+machine stops itself after N seconds without a cell (Reason.IDLE, a lapse like the lease's). A cell sent to the
+machine is a job of its own (``"on_machine": MACHINE_JOBDIR``) whose supervisor hands its pipes to the kernel
+over ``kernel.sock``: the names one cell defines are there for the next. Its mounts may be kept on the machine
+(``"keep": KEY``, in ``k/<KEY>``), so a cell uploads only what changed. See the protocol section for the files.
+
 The event log is the single source of truth: a client that lost its connection re-attaches at the byte offset
 it had reached, so no output is lost or doubled, and the exit status survives any disconnect.
 """
@@ -1053,8 +1060,13 @@ class Supervisor:
                     continue
                 records.extend(self.drain(key.fd, str(key.data), frames, decoders, t))
             if gone:
+                if self.stop_reason is None:
+                    self.proc.reap()  # what its cells started in the background goes with it
                 for fd, name in ((frame_r, "frames"), (out_r, "stdout"), (err_r, "stderr")):
                     records.extend(self.drain(fd, name, frames, decoders, t))
+                for name, decoder in decoders.items():
+                    records.extend(_out_records(name, decoder.decode(b"", final=True), t))
+                frames = FrameReader()  # a frame it was writing when it died is not the next kernel's
             self.log.append(_coalesce(records))
             if gone and self.stop_reason is not None:
                 break
@@ -1107,7 +1119,6 @@ class Supervisor:
         """The kernel died while the machine runs: say how, and start a fresh one (at most one a second)."""
         old = self.proc
         assert isinstance(old, _Child) and old.returncode is not None
-        old.reap()  # what its cells started in the background goes with it
         rc = old.returncode
         info = {"pid": old.pid, "rc": rc if rc >= 0 else None, "signal": -rc if rc < 0 else None, "t": _now()}
         _write_json_atomic(self.path(KERNEL_EXIT), info)

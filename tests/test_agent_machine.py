@@ -57,13 +57,13 @@ class Machine:
     """A machine job and the cells sent to it, on this machine (the local runner)."""
 
     def __init__(self, root: Path, *, idle: int = 0, mounts: list[Record] | None = None,
-                 files: dict[str, bytes] | None = None) -> None:
+                 files: dict[str, bytes] | None = None, **fields: Any) -> None:
         self.root = root
         self.connections = Connections()
         self.jobdir = root / "machine-0a1b2c3d"
         self.client = self.agent(self.jobdir)
         manifest = {"job_id": self.jobdir.name, "tag": "t", "mounts": mounts or [], "pull": [], "command": None,
-                    "lease_seconds": 600, "machine": {"idle_seconds": idle}}
+                    "lease_seconds": 600, "machine": {"idle_seconds": idle}, **fields}
         self.stream = self.client.start(manifest, bundle(None, files))
         self.cells = 0
         wait_until(lambda: (self.jobdir / agent.KERNEL_SOCKET).exists(), "the kernel to listen", limit=SLACK)
@@ -72,11 +72,11 @@ class Machine:
         return self.connections.agent(Endpoint(), sys.executable, str(jobdir))
 
     def submit(self, source: str, *, mounts: list[Record] | None = None, files: dict[str, bytes] | None = None,
-               pull: list[str] | None = None, raw: list[tarfile.TarInfo] | None = None) -> Cell:
+               pull: list[str] | None = None, raw: list[tarfile.TarInfo] | None = None, lease: int = 600) -> Cell:
         self.cells += 1
         jobdir = self.root / f"cell{self.cells}-{self.cells:08x}"
         manifest = {"job_id": jobdir.name, "tag": "t", "mounts": mounts or [], "pull": pull or [], "command": None,
-                    "lease_seconds": 600, "on_machine": str(self.jobdir)}
+                    "lease_seconds": lease, "on_machine": str(self.jobdir)}
         client = self.agent(jobdir)
         return Cell(jobdir, client, client.start(manifest, bundle(source, files, raw=raw)))
 
@@ -254,6 +254,48 @@ def test_a_kernel_that_exits_mid_cell_is_reported_with_its_status(machine: Machi
     assert machine.run("1 + 1\n").value() == "2"
 
 
+def test_a_cell_stopped_while_it_waits_for_the_kernel_never_runs(machine: Machine, tmp_path: Path) -> None:
+    busy = machine.submit("import time\nwhile True:\n    time.sleep(0.1)\n")
+    wait_until(lambda: (machine.jobdir / agent.BUSY).exists(), "the first cell to run", limit=SLACK)
+    queued = machine.submit(f"open({str(tmp_path / 'ran')!r}, 'w').write('it ran')\n")
+    wait_until(lambda: (queued.jobdir / "supervisor.pid").exists(), "the second cell to wait", limit=SLACK)
+    time.sleep(0.5)
+    queued.client.stop("cancelled")
+    queued.finish()
+    assert queued.exit["rc"] == 130 and queued.exit["reason"] == "cancelled", queued.records
+    assert not any(r["k"] == agent.Kind.STARTED for r in queued.records)
+    busy.client.stop("cancelled")
+    busy.finish()
+    assert busy.error()["ename"] == "KeyboardInterrupt"
+    assert machine.run("'next'\n").value() == "'next'"
+    assert not (tmp_path / "ran").exists()  # the kernel, once free, found the cell gone
+
+
+def test_destroying_a_running_cell_interrupts_it_in_the_kernel(machine: Machine) -> None:
+    machine.run("kept = 5\n")
+    cell = machine.submit("import time\nwhile True:\n    time.sleep(0.1)\n")
+    wait_until(lambda: (machine.jobdir / agent.BUSY).exists(), "the cell to run", limit=SLACK)
+    cell.client.release()
+    assert cell.client.destroy() and not cell.jobdir.exists()
+    wait_until(lambda: not (machine.jobdir / agent.BUSY).exists(), "the kernel to be free", limit=SLACK)
+    assert machine.run("kept\n").value() == "5"
+
+
+def test_what_the_kernel_prints_between_cells_is_the_machines_output(machine: Machine) -> None:
+    cell = machine.run("import threading, time, os\n"
+                       "def later():\n    time.sleep(0.5)\n    print('from a thread, after the cell', flush=True)\n"
+                       "    os.write(1, b'and from C level\\n')\n"
+                       "threading.Thread(target=later).start()\n")
+    assert cell.exit["rc"] == 0 and cell.out() == ""
+
+    def machine_out() -> str:
+        return "".join(r["d"] for r in machine.records() if r["k"] == agent.Kind.OUT)
+
+    wait_until(lambda: "and from C level" in machine_out(), "the machine's log to have the thread's output",
+               limit=SLACK)
+    assert "from a thread, after the cell\n" in machine_out()
+
+
 # -- idle -----------------------------------------------------------------------------------------------------------
 
 
@@ -362,3 +404,40 @@ def test_stopping_the_machine_ends_its_kernel_and_its_destroy_takes_the_stores(t
     m.close()
     assert not m.jobdir.exists()
     wait_until(lambda: not processes_mentioning(str(m.jobdir)), "the machine's processes to end", limit=SLACK)
+
+
+def test_stopping_the_machine_mid_cell_ends_the_cell_and_the_kernel(tmp_path: Path) -> None:
+    m = Machine(tmp_path)
+    try:
+        cell = m.submit("import time\nwhile True:\n    time.sleep(0.1)\n")
+        wait_until(lambda: (m.jobdir / agent.BUSY).exists(), "the cell to run", limit=SLACK)
+        m.client.stop("budget")
+        list(m.stream.records())
+        assert m.stream.exit is not None and m.stream.exit["reason"] == "budget"
+        cell.finish()
+        assert cell.exit["rc"] != 0 and cell.error()["ename"] == "KeyboardInterrupt", cell.records
+        wait_until(lambda: not alive(cell.kernel()), "the kernel to end", limit=SLACK)
+    finally:
+        m.close()
+
+
+def test_the_machines_money_covers_its_cells_and_ends_the_kernel(tmp_path: Path) -> None:
+    """$1 a second with a $3 cap: the agent stops the machine at its cap whoever is (not) watching."""
+    m = Machine(tmp_path, rate_usd_per_hour="3600", cap_usd="3")
+    try:
+        cell = m.submit("import time\nwhile True:\n    time.sleep(0.1)\n")
+        list(m.stream.records())
+        assert m.stream.exit is not None and m.stream.exit["reason"] == "budget"
+        cell.finish()
+        assert cell.exit["rc"] != 0
+        wait_until(lambda: not alive(cell.kernel()), "the kernel to end", limit=SLACK)
+    finally:
+        m.close()
+
+
+def test_a_cell_whose_client_went_silent_is_stopped_and_the_kernel_lives_on(machine: Machine) -> None:
+    machine.run("kept = 'here'\n")
+    cell = machine.submit("import time\nwhile True:\n    time.sleep(0.1)\n", lease=1)
+    cell.finish()
+    assert cell.exit["reason"] == "lease" and cell.error()["ename"] == "KeyboardInterrupt", cell.records
+    assert machine.run("kept\n").value() == "'here'"
