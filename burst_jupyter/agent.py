@@ -602,10 +602,17 @@ def kernel_main(machine: str) -> int:
     interrupts = _Interrupts()
     signal.signal(signal.SIGINT, interrupts.handler)
     listener = _listen(machine)
+    listener.settimeout(1.0)
+    supervisor = os.getppid()
     busy, activity = os.path.join(machine, BUSY), os.path.join(machine, ACTIVITY)
     count = 0
     while True:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # a timeout: is the machine's supervisor still there?
+            if os.getppid() != supervisor:
+                return 0  # it was killed (a destroy): nobody would read this process's output or stop it
+            continue
         fds: list[int] = []
         try:
             conn.settimeout(30.0)
@@ -2147,9 +2154,10 @@ def destroy(jobdir: str) -> bool:
         if isinstance(machine, str):
             _interrupt_kernel(machine, jobdir)  # only this job's cell: the kernel is the machine's
         else:
-            for started in (_started_pid(jobdir), _read_pid(os.path.join(jobdir, KERNEL_PID))):
-                if started:
-                    _kill_group(started, signal.SIGKILL)
+            # A machine's kernel now (an earlier one, replaced, may have left its pid to another process).
+            started = _read_pid(os.path.join(jobdir, KERNEL_PID)) or _started_pid(jobdir)
+            if started:
+                _kill_group(started, signal.SIGKILL)
         for pid in pids:
             if _pid_alive(pid):
                 try:

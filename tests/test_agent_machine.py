@@ -165,11 +165,10 @@ def test_two_cells_share_their_names_in_one_kernel(machine: Machine) -> None:
     assert alive(first.kernel())
     # A cell's destroy removed its own directory and left the machine's process alone.
     assert not first.jobdir.exists() and not second.jobdir.exists()
-    # Only the owner reaches the kernel: a socket file (no abstract name) 0600 in a 0700 directory.
+    # Only the owner reaches the kernel: a socket file (not an abstract name) 0600 in a 0700 directory.
     sock = machine.jobdir / agent.KERNEL_SOCKET
     assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert stat.S_IMODE(machine.jobdir.stat().st_mode) == 0o700
-    assert f"@{sock}".encode() not in Path("/proc/net/unix").read_bytes()
     # The cell ran in the machine's work/, and its activity is what the idle limit reads.
     assert (machine.jobdir / agent.ACTIVITY).exists() and not (machine.jobdir / agent.BUSY).exists()
 
@@ -205,14 +204,13 @@ def test_stop_interrupts_the_cell_and_the_kernel_lives_on(machine: Machine) -> N
     cell = machine.submit("import time\nprint('looping', flush=True)\nwhile True:\n    time.sleep(0.1)\n")
     wait_until(lambda: (cell.jobdir / "events.jsonl").exists() and b"looping" in
                (cell.jobdir / "events.jsonl").read_bytes(), "the cell to loop", limit=SLACK)
-    began = time.monotonic()
     cell.client.stop("cancelled")
     cell.finish()
     assert cell.exit["rc"] == 130 and cell.exit["reason"] == "cancelled", cell.records
     assert cell.error()["ename"] == "KeyboardInterrupt"
-    assert time.monotonic() - began < agent._GRACE_SIGINT  # the interrupt itself ended it, not the escalation
     after = machine.run("kept\n")
     assert after.value() == "'still here'"
+    # The interrupt itself ended the cell: an escalation (SIGTERM) would have ended the kernel too.
     assert after.kernel() == cell.kernel() and machine.kernel_pids() == [cell.kernel()]
 
 
@@ -441,3 +439,14 @@ def test_a_cell_whose_client_went_silent_is_stopped_and_the_kernel_lives_on(mach
     cell.finish()
     assert cell.exit["reason"] == "lease" and cell.error()["ename"] == "KeyboardInterrupt", cell.records
     assert machine.run("kept\n").value() == "'here'"
+
+
+def test_a_kernel_whose_supervisor_was_killed_ends_itself(tmp_path: Path) -> None:
+    """Nothing would read its output or stop it: it does not linger, listening, on a machine nobody runs."""
+    m = Machine(tmp_path)
+    try:
+        pid = m.run("import os\nos.getpid()\n").kernel()
+        os.kill(int((m.jobdir / "supervisor.pid").read_text()), signal.SIGKILL)
+        wait_until(lambda: not alive(pid), "the kernel to end", limit=SLACK)
+    finally:
+        m.close()
