@@ -36,13 +36,14 @@ pytestmark = pytest.mark.timeout(120)
 SLACK = 30.0  # only turns a hang into a failure
 
 
-def bundle(cell: str | None, files: dict[str, bytes] | None = None, *, raw: list[tarfile.TarInfo] | None = None
-           ) -> Any:
+def bundle(cell: str | None, files: dict[str, bytes] | None = None, *, raw: list[tarfile.TarInfo] | None = None,
+           pushed: dict[str, object] | None = None) -> Any:
     """The upload tar as the client writes it: cell.py, values.pkl and each mount's files as m/<i>/REL."""
 
     def write(sink: IO[bytes]) -> None:
         with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            entries = {"values.pkl": pickle.dumps({}, protocol=4), **({"cell.py": cell.encode()} if cell else {}),
+            values = {name: pickle.dumps(value, protocol=4) for name, value in (pushed or {}).items()}
+            entries = {"values.pkl": pickle.dumps(values, protocol=4), **({"cell.py": cell.encode()} if cell else {}),
                        **(files or {})}
             for name, data in entries.items():
                 info = tarfile.TarInfo(name)
@@ -72,13 +73,14 @@ class Machine:
         return self.connections.agent(Endpoint(), sys.executable, str(jobdir))
 
     def submit(self, source: str, *, mounts: list[Record] | None = None, files: dict[str, bytes] | None = None,
-               pull: list[str] | None = None, raw: list[tarfile.TarInfo] | None = None, lease: int = 600) -> Cell:
+               pull: list[str] | None = None, raw: list[tarfile.TarInfo] | None = None, lease: int = 600,
+               pushed: dict[str, object] | None = None) -> Cell:
         self.cells += 1
         jobdir = self.root / f"cell{self.cells}-{self.cells:08x}"
         manifest = {"job_id": jobdir.name, "tag": "t", "mounts": mounts or [], "pull": pull or [], "command": None,
                     "lease_seconds": lease, "on_machine": str(self.jobdir)}
         client = self.agent(jobdir)
-        return Cell(jobdir, client, client.start(manifest, bundle(source, files, raw=raw)))
+        return Cell(jobdir, client, client.start(manifest, bundle(source, files, raw=raw, pushed=pushed)))
 
     def run(self, source: str, **options: Any) -> Cell:
         cell = self.submit(source, **options)
@@ -171,6 +173,26 @@ def test_two_cells_share_their_names_in_one_kernel(machine: Machine) -> None:
     assert stat.S_IMODE(machine.jobdir.stat().st_mode) == 0o700
     # The cell ran in the machine's work/, and its activity is what the idle limit reads.
     assert (machine.jobdir / agent.ACTIVITY).exists() and not (machine.jobdir / agent.BUSY).exists()
+
+
+def test_a_cell_on_a_machine_pushes_pulls_displays_and_plots_as_a_one_off_cell_does(machine: Machine) -> None:
+    first = machine.run("def scale(v):\n    return v * factor\n", pushed={"factor": 3})
+    assert first.exit["rc"] == 0, first.records
+    second = machine.run(
+        "class Table:\n    def _repr_html_(self):\n        return '<table><tr><td>1</td></tr></table>'\n"
+        "display(Table())\n"
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2])\n"
+        "result = scale(14)\nresult\n", pull=["result"])
+    assert second.value() == "42", second.records
+    kinds = [r["k"] for r in second.records if r["k"] in (agent.Kind.DISPLAY, agent.Kind.RESULT)]
+    assert kinds == [agent.Kind.DISPLAY, agent.Kind.RESULT, agent.Kind.DISPLAY]
+    shown = [r["data"] for r in second.records if r["k"] == agent.Kind.DISPLAY]
+    assert "<table>" in shown[0]["text/html"] and "image/png" in shown[1]  # the figure left open, after the value
+    assert "values.out.pkl" in second.results
+    # A traceback through a function an earlier cell defined shows that cell's line.
+    third = machine.run("scale(None)\n", pushed={"factor": {}})
+    tb = "\n".join(third.error()["tb"])
+    assert third.error()["ename"] == "TypeError" and "return v * factor" in tb, tb
 
 
 def test_a_long_job_directory_still_gets_its_socket(tmp_path: Path) -> None:
@@ -448,5 +470,17 @@ def test_a_kernel_whose_supervisor_was_killed_ends_itself(tmp_path: Path) -> Non
         pid = m.run("import os\nos.getpid()\n").kernel()
         os.kill(int((m.jobdir / "supervisor.pid").read_text()), signal.SIGKILL)
         wait_until(lambda: not alive(pid), "the kernel to end", limit=SLACK)
+    finally:
+        m.close()
+
+
+def test_the_mounts_given_at_up_are_the_machines_and_come_back_with_its_results(tmp_path: Path) -> None:
+    m = Machine(tmp_path, mounts=[{"remote": "up", "mode": "rw"}], files={"m/0/seed.txt": b"seed"})
+    try:
+        cell = m.run("open('up/new.txt', 'w').write(open('up/seed.txt').read() + ' grown')\n")
+        assert cell.exit["rc"] == 0 and cell.results == {}, cell.records  # the cell's results hold its own mounts
+        m.client.stop("cancelled")
+        list(m.stream.records())
+        assert m.stream.read_results(_members) == {"m/0/new.txt": b"seed grown"}
     finally:
         m.close()
