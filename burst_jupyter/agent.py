@@ -1002,6 +1002,12 @@ class Supervisor:
         if isinstance(self.proc, _KernelCell) and self.proc.died:
             self.log.append([{"k": Kind.ERROR, "ename": KERNEL_DIED, "evalue": self.proc.death(), "tb": [],
                               "t": _now()}])
+        if isinstance(self.proc, _KernelCell) and rc != 0 and self.stop_reason is None:
+            # Stopped with its machine (the machine's cap, its idle limit, a `stop` of it): the cell ends so.
+            self.stop_reason = _machine_stopping(self.proc.machine)
+            if self.stop_reason is not None:
+                self.log.append([{"k": Kind.NOTE, "m": "the machine was stopped (%s) while this cell ran"
+                                  % self.stop_reason, "t": _now()}])
         reason = self.stop_reason or (Reason.OK if rc == 0 else Reason.ERROR)
         self.finish(rc, reason)
         return self.conclude(started)
@@ -1242,6 +1248,9 @@ class Supervisor:
         if self.stop_reason is None:
             self.stop_reason = reason
             self.stop_at = time.monotonic()
+            if self.machine is not None:
+                with open(self.path("stop"), "w") as f:
+                    f.write(reason)  # its cells read why they were stopped with it
             self.log.append([{"k": Kind.NOTE, "m": STOPPING + reason, "t": _now()}])
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.signal(signal.SIGINT)
@@ -1627,9 +1636,8 @@ class _KernelCell:
 
     def death(self) -> str:
         """What the cell's ERROR says of the kernel that died under it (kernel.exit, which the machine writes)."""
-        stop = _read_json(os.path.join(self.machine, "exit.json"))
-        if isinstance(stop, dict) or os.path.exists(os.path.join(self.machine, "stop")):
-            reason = stop.get("reason") if isinstance(stop, dict) else "stopped"
+        reason = _machine_stopping(self.machine)
+        if reason is not None:
             return "the machine was stopped (%s) while this cell ran: what earlier cells defined is gone" % reason
         info = None
         until = time.monotonic() + 2.0
@@ -1642,6 +1650,17 @@ class _KernelCell:
         how = _how_it_ended(info, why=True) if isinstance(info, dict) else "ended"
         return ("the remote Python process died (%s): what earlier cells defined is lost; the next cell starts a "
                 "fresh one" % how)
+
+
+def _machine_stopping(machine: str) -> str | None:
+    """Why the machine is stopping or has stopped (a Reason), or None while it runs."""
+    try:
+        with open(os.path.join(machine, "stop")) as f:
+            reason = f.read().strip()
+    except OSError:
+        end = _read_json(os.path.join(machine, "exit.json"))
+        return str(end.get("reason")) if isinstance(end, dict) else None
+    return reason if reason in Reason.STOPS else Reason.CANCELLED
 
 
 def _how_it_ended(info: dict[str, Any], *, why: bool = False) -> str:

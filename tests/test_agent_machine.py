@@ -435,7 +435,10 @@ def test_stopping_the_machine_mid_cell_ends_the_cell_and_the_kernel(tmp_path: Pa
         list(m.stream.records())
         assert m.stream.exit is not None and m.stream.exit["reason"] == "budget"
         cell.finish()
-        assert cell.exit["rc"] != 0 and cell.error()["ename"] == "KeyboardInterrupt", cell.records
+        assert cell.exit["rc"] == 130 and cell.exit["reason"] == "budget", cell.records
+        assert cell.error()["ename"] == "KeyboardInterrupt"  # the cell had its interrupt and its grace
+        assert {"k": "note", "m": "the machine was stopped (budget) while this cell ran"} in [
+            {k: v for k, v in r.items() if k != "t"} for r in cell.records]
         wait_until(lambda: not alive(cell.kernel()), "the kernel to end", limit=SLACK)
     finally:
         m.close()
@@ -449,7 +452,7 @@ def test_the_machines_money_covers_its_cells_and_ends_the_kernel(tmp_path: Path)
         list(m.stream.records())
         assert m.stream.exit is not None and m.stream.exit["reason"] == "budget"
         cell.finish()
-        assert cell.exit["rc"] != 0
+        assert cell.exit["rc"] != 0 and cell.exit["reason"] == "budget", cell.records
         wait_until(lambda: not alive(cell.kernel()), "the kernel to end", limit=SLACK)
     finally:
         m.close()
