@@ -99,6 +99,9 @@ class OfferQuery:
     memory_gb: int | None = None
     max_price_usd_per_hour: Decimal | None = None  # for the whole instance
     spot: bool = False  # interruptible capacity only (False: on-demand only)
+    #: Development capacity allowed too (:attr:`Capability.PROTOTYPING`: cheaper, with limits its offers state);
+    #: False: such offers are left out.
+    prototyping: bool = False
     min_reliability: float | None = None  # 0..1
     direct_ssh: bool = True  # a public port 22 (marketplaces): burst speaks SSH straight to the instance
 
@@ -114,7 +117,7 @@ class OfferQuery:
             return False
         if self.max_price_usd_per_hour is not None and offer.price_usd_per_hour > self.max_price_usd_per_hour:
             return False
-        if offer.spot != self.spot:
+        if offer.spot != self.spot or (offer.prototyping and not self.prototyping):
             return False
         return self.min_reliability is None or offer.reliability >= self.min_reliability
 
@@ -132,13 +135,19 @@ class Offer:
     """Something a provider would rent right now, at this price."""
 
     provider: str
-    offer_id: str  # what ``launch`` needs to rent exactly this (Vast ask id, RunPod GPU type, Thunder spec key)
+    offer_id: str  # what ``launch`` needs to rent exactly this (Vast ask id, RunPod GPU type@cloud, Thunder spec key)
     gpu_model: str | None  # canonical name (catalog.py), None for a machine without a GPU
     gpus: int
     price_usd_per_hour: Decimal  # for the whole instance, as the provider quotes it now
     memory_gb: int | None = None  # GPU memory per GPU, GB
     reliability: float = 1.0  # 0..1; the provider's own score where it has one
     spot: bool = False
+    #: Development capacity (Thunder's prototyping mode): offered only to a query that allows it; its limits are
+    #: in ``description``.
+    prototyping: bool = False
+    #: Which of the provider's products it is, where one GPU is sold as several (RunPod's ``secure`` and
+    #: ``community`` cloud, Thunder's ``production`` and ``prototyping`` mode); "" where there is one.
+    tier: str = ""
     description: str = ""
     location: str = ""
     #: Provider-specific details ``launch`` needs (a spot bid, a cloud type); never shown, never compared.
@@ -171,7 +180,9 @@ def _word(offer_id: str) -> str:
 class OfferRef:
     """``--offer PROVIDER:ID[:xN]``: one offer, as the offer browser shows it. Spaces in the id may be typed as
     ``_``; ``:xN`` names an offer of N GPUs (RunPod prices a GPU type per count, and a Thunder spec has one count,
-    so the id alone does not always say how many).
+    so the id alone does not always say how many). An id shown with an ``@PLACE`` (a RunPod cloud, a Lambda
+    region) and typed without it names that offer in every place: the cheapest is rented, the next if it is taken
+    (``runpod:NVIDIA_GeForce_RTX_4090``, the id before RunPod offers were per cloud, still rents a 4090).
 
     Example:
         >>> OfferRef.parse("runpod:NVIDIA GeForce RTX 4090:x2")
@@ -193,8 +204,9 @@ class OfferRef:
         return cls(provider=provider.lower(), offer_id=_word(offer_id), gpus=gpus)
 
     def matches(self, offer: Offer) -> bool:
-        return (offer.provider == self.provider and _word(offer.offer_id) == self.offer_id
-                and (self.gpus is None or offer.gpus == self.gpus))
+        shown = _word(offer.offer_id)
+        same = shown == self.offer_id or ("@" not in self.offer_id and shown.partition("@")[0] == self.offer_id)
+        return offer.provider == self.provider and same and (self.gpus is None or offer.gpus == self.gpus)
 
     def __str__(self) -> str:
         return f"{self.provider}:{self.offer_id}" + (f":x{self.gpus}" if self.gpus is not None else "")

@@ -42,6 +42,7 @@ class Capability(str, enum.Enum):
     RENTED = "rented"
     CUSTOM_IMAGE = "custom_image"  # runs a container image of the user's choice (--image)
     SPOT = "spot"  # interruptible capacity at a lower price
+    PROTOTYPING = "prototyping"  # development capacity at a lower price, with limits its offers state
     STOP = "stop"  # can stop without destroying
     LABELS = "labels"  # instances carry our owner tag at the provider
     SELF_DESTRUCT = "self_destruct"  # the agent can end its own instance with provider-scoped means

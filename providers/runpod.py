@@ -6,6 +6,12 @@ sends them (``api/pod.go``), never inlined into the query text, so no name or ke
 Business errors arrive as ``{"errors": [{"message"}]}`` inside an HTTP 200; HTTP statuses (401 for a bad key,
 429, 5xx) go through :class:`~._http.ApiClient` like every other marketplace.
 
+Secure and community cloud are two products, with their own prices, stock and network (2.1): an offer is a GPU
+type on one cloud, priced by ``lowestPrice(input: {secureCloud})`` for that cloud, its id ``TYPE@secure`` or
+``TYPE@community``, and its pod is created with exactly that ``cloudType`` (never ``ALL``, which lets RunPod place
+the pod on either cloud at either price: issue 13, SkyPilot #4914). Community cloud gives direct SSH only with
+``supportPublicIp: true``, which every create sends.
+
 Ownership: pods have no labels. Each pod is named ``{tag}-{job_id}`` and carries ``BURST_OWNER``/``BURST_JOB_ID``
 env vars; ``list_owned`` filters ``myself.pods`` on our side (2.1 "Orphan tagging"). The per-job SSH key goes in
 as the ``PUBLIC_KEY`` env var, which RunPod's images append to root's authorized_keys (2.1 "Account SSH key").
@@ -13,6 +19,7 @@ as the ``PUBLIC_KEY`` env var, which RunPod's images append to root's authorized
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -41,7 +48,7 @@ from .runpod_declared import DECLARATION, DEFAULT_BASE_URL
 if TYPE_CHECKING:
     from ..spec import JobSpec
 
-__all__ = ["DEFAULT_BASE_URL", "DEFAULT_IMAGE", "RunPodProvider"]
+__all__ = ["CLOUDS", "DEFAULT_BASE_URL", "DEFAULT_IMAGE", "RunPodProvider"]
 
 #: A RunPod image that starts sshd and honours PUBLIC_KEY, with Python 3 for the agent.
 DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
@@ -50,6 +57,10 @@ DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
 #: stock a create more often fails for capacity, and a spot pod is likelier to be reclaimed. These constants only
 #: let ``--min-reliability`` rank RunPod against scored offers; 0.99 sits at a good Vast host's score.
 RELIABILITY = {"High": 0.99, "Medium": 0.99, "Low": 0.9}
+#: cloudType -> how its offers' ids end. ``secureCloud: false`` in ``lowestPrice`` as "community cloud only" is
+#: beyond the reference, which shows only ``secureCloud: true`` (2.1); decided 2026-12-06, as RunPod's own console
+#: and third-party scripts ask for community prices.
+CLOUDS = {"SECURE": "secure", "COMMUNITY": "community"}
 _CAPACITY = ("no longer any instances available", "does not have the resources")  # 2.1; llm-autoeval#3
 _NOT_FOUND = ("not found", "does not exist")  # podTerminate on a gone pod: text UNCONFIRMED, decided 2026-11-23
 
@@ -177,16 +188,13 @@ class RunPodProvider:
 
     def __init__(self, *, api_key: str, base_url: str = DEFAULT_BASE_URL, client: httpx.AsyncClient | None = None,
                  retry: RetryPolicy | None = None, ssh_user: str | None = None, image: str = DEFAULT_IMAGE,
-                 poll_seconds: float = 5.0, cloud_type: str = "ALL", container_disk_gb: int = 20) -> None:
-        if cloud_type not in ("ALL", "SECURE", "COMMUNITY"):
-            raise ValueError(f"cloud_type must be ALL, SECURE or COMMUNITY, not {cloud_type!r}")
+                 poll_seconds: float = 5.0, container_disk_gb: int = 20) -> None:
         # The key only ever travels in the Authorization header (ApiClient), never in a URL or a body.
         self._api = ApiClient(self.name, base_url=base_url, token=api_key, client=client, retry=retry,
                               error_text=_error_text)
         self.ssh_user = ssh_user  # None: root, as on every RunPod image; tests pass the fake sshd's user
         self.image = image
         self.poll_seconds = poll_seconds
-        self.cloud_type = cloud_type
         self.container_disk_gb = container_disk_gb
 
     async def aclose(self) -> None:
@@ -212,46 +220,48 @@ class RunPodProvider:
     # -- offers -------------------------------------------------------------------------------------------------
 
     async def offers(self, query: OfferQuery) -> list[Offer]:
-        """One ``gpuTypes`` query priced for ``query.gpus``; one offer per GPU type in stock that fits.
+        """Per cloud, one ``gpuTypes`` query priced for ``query.gpus``; one offer per GPU type and cloud in stock.
 
-        RunPod rents by GPU type and places the pod itself, so an offer is a type, not a host. Prices are
-        per GPU (``lowestPrice``), times the GPU count. GPU-less pods are a different API: no offers for 0 GPUs.
+        RunPod rents by GPU type and places the pod on a host of the cloud asked for, so an offer is a type on a
+        cloud, not a host. Prices are per GPU (``lowestPrice``), times the GPU count. GPU-less pods are a different
+        API: no offers for 0 GPUs.
         """
         if query.gpus < 1:
             return []
-        secure = {"ALL": None, "SECURE": True, "COMMUNITY": False}[self.cloud_type]
-        data = await self._graphql("gpuTypes", _Q_GPU_TYPES, {"gpuCount": query.gpus, "secureCloud": secure},
-                                   idempotent=True, interactive=True)
+        answers = await asyncio.gather(*(
+            self._graphql("gpuTypes", _Q_GPU_TYPES, {"gpuCount": query.gpus, "secureCloud": cloud == "SECURE"},
+                          idempotent=True, interactive=True) for cloud in CLOUDS))
         found = []
-        for raw in data.get("gpuTypes") or []:
-            try:
-                gpu = _GpuType.model_validate(raw)
-            except ValidationError:
-                continue  # one odd entry must not hide the others
-            offer = self._offer(gpu, query)
-            if offer is not None and query.fits(offer):
-                found.append(offer)
+        for cloud, data in zip(CLOUDS, answers, strict=True):
+            for raw in data.get("gpuTypes") or []:
+                try:
+                    gpu = _GpuType.model_validate(raw)
+                except ValidationError:
+                    continue  # one odd entry must not hide the others
+                offer = self._offer(gpu, cloud, query)
+                if offer is not None and query.fits(offer):
+                    found.append(offer)
         found.sort(key=lambda o: (o.price_usd_per_hour, -o.reliability, o.offer_id))
         return found
 
-    def _offer(self, gpu: _GpuType, query: OfferQuery) -> Offer | None:
+    def _offer(self, gpu: _GpuType, cloud: str, query: OfferQuery) -> Offer | None:
         model = DECLARATION.gpus.identify(gpu.id, memory_gb=gpu.memory_in_gb)
         low = gpu.lowest_price
         stock = low.stock_status if low is not None else None
         if model is None or low is None or stock is None or stock == "None":
             return None
-        if (self.cloud_type == "SECURE" and gpu.secure_cloud is False) or (
-                self.cloud_type == "COMMUNITY" and gpu.community_cloud is False):
+        if (gpu.secure_cloud if cloud == "SECURE" else gpu.community_cloud) is False:
             return None
         per_gpu = low.minimum_bid_price if query.spot else low.uninterruptable_price
         if per_gpu is None or per_gpu <= 0:
             return None
-        return Offer(provider=self.name, offer_id=gpu.id, gpu_model=model, gpus=query.gpus,
+        tier = CLOUDS[cloud]
+        return Offer(provider=self.name, offer_id=f"{gpu.id}@{tier}", gpu_model=model, gpus=query.gpus,
                      price_usd_per_hour=per_gpu * query.gpus, memory_gb=gpu.memory_in_gb,
-                     reliability=RELIABILITY.get(stock, 0.9), spot=query.spot,
-                     description=f"{gpu.display_name or gpu.id} ({self.cloud_type.lower()} cloud, "
-                                 f"stock {stock.lower()})",
-                     extra={"gpu_type_id": gpu.id, "bid_per_gpu": str(per_gpu) if query.spot else None})
+                     reliability=RELIABILITY.get(stock, 0.9), spot=query.spot, tier=tier,
+                     description=f"{gpu.display_name or gpu.id}, {tier} cloud{', spot' if query.spot else ''}, "
+                                 f"stock {stock.lower()}",
+                     extra={"bid_per_gpu": str(per_gpu) if query.spot else None})
 
     # -- launch -------------------------------------------------------------------------------------------------
 
@@ -263,16 +273,20 @@ class RunPodProvider:
         The create is never retried after it may have reached RunPod (``idempotent=False``): a lost reply leaves
         a pod named ``{tag}-{job_id}`` that ``list_owned`` finds. The capacity error raises OfferGone.
         """
-        gpu_type = str(offer.extra.get("gpu_type_id") or offer.offer_id)
+        gpu_type, _, tier = offer.offer_id.rpartition("@")
+        cloud = next((name for name, shown in CLOUDS.items() if shown == tier), None)
+        if not gpu_type or cloud is None:
+            raise ProviderError(f"runpod: offer {offer.offer_id!r} names no cloud (TYPE@secure or TYPE@community)")
         env = [{"key": "BURST_OWNER", "value": tag}, {"key": "BURST_JOB_ID", "value": job_id}]
         if ssh_public_key:
             env.insert(0, {"key": "PUBLIC_KEY", "value": ssh_public_key.strip()})
         pod_input: dict[str, Any] = {
             "name": f"{tag}-{job_id}", "imageName": spec.image or self.image, "gpuTypeId": gpu_type,
-            "gpuCount": offer.gpus, "cloudType": self.cloud_type,  # an enum: the JSON string is its name
+            "gpuCount": offer.gpus, "cloudType": cloud,  # an enum: the JSON string is its name
             "containerDiskInGb": self.container_disk_gb, "volumeInGb": 0,
             "ports": "22/tcp",  # one comma-joined string; a public 22 is what direct SSH needs
-            "supportPublicIp": True, "startSsh": True, "env": env,
+            "supportPublicIp": True,  # community cloud: a public IP for that 22 (2.1); secure cloud has one anyway
+            "startSsh": True, "env": env,
         }
         if watch is not None:
             pod_input["dockerArgs"] = _start_command(boot_command(
@@ -286,7 +300,7 @@ class RunPodProvider:
                                        idempotent=False)
         except _GraphQLError as exc:
             if any(text in exc.message.lower() for text in _CAPACITY):
-                raise OfferGone(f"runpod: no {offer.gpu_model or gpu_type} x{offer.gpus} left to rent "
+                raise OfferGone(f"runpod: no {offer.gpu_model or gpu_type} x{offer.gpus} left on {tier} cloud "
                                 f"(taken since the search): {_one_line(exc.message)}") from None
             raise
         except ProviderError as exc:

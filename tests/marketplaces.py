@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from fakes.base import FakeCloud
 from fakes.lambda_cloud import FakeLambda
-from fakes.runpod import FakeRunPod
+from fakes.runpod import CLOUDS, FakeRunPod
 from fakes.thunder import FakeThunder
 from fakes.vast import FakeVast
 
@@ -83,16 +83,14 @@ def cap_buying(rate: Decimal, provider: str, *, spare: float) -> Decimal:
 
 def set_rate(markets: Markets, provider: str, rate: Decimal) -> str | None:
     """Make ``provider``'s next instance bill ``rate`` $/h. Returns the offer to rent: on Vast an offer of its own
-    (``vast:ID``); RunPod prices ``GPU["runpod"]`` at its create and Thunder an H100 from its table (None); on
+    (``vast:ID``); RunPod prices ``GPU["runpod"]`` on both clouds and Thunder an H100 from its table (None); on
     Lambda the one type and region of :data:`LAMBDA_OFFER` (its prices are whole cents)."""
     if provider == "vast":
         offer = markets.vast.add_offer(dph_total=float(rate), dph_base=float(rate))
         return f"vast:{offer['id']}"
     if provider == "runpod":
-        for gpu in markets.runpod.gpu_types:
-            if gpu["id"] == RUNPOD_GPU:  # a new dict: the fake's types share theirs with DEFAULT_GPU_TYPES
-                gpu["lowestPrice"] = {**gpu["lowestPrice"], 1: {**gpu["lowestPrice"][1],
-                                                                "uninterruptablePrice": float(rate)}}
+        for cloud in CLOUDS:  # either cloud's offer, whichever is ranked first, bills the rate
+            markets.runpod.set_cloud(RUNPOD_GPU, cloud, price=str(rate))
     elif provider == "lambda":
         cents = rate * 100
         assert cents == int(cents), f"Lambda prices in whole cents, not {rate}"

@@ -68,37 +68,55 @@ def creates(fake: FakeRunPod) -> list[dict[str, Any]]:
 # -- offers ----------------------------------------------------------------------------------------------------
 
 
-def test_offers_use_canonical_names_and_decimal_prices_cheapest_first(fake: FakeRunPod) -> None:
+def test_offers_are_per_cloud_with_canonical_names_and_decimal_prices_cheapest_first(fake: FakeRunPod) -> None:
     offers = run(fake, lambda p: p.offers(OfferQuery(gpu_model="ANY")))
-    assert [o.gpu_model for o in offers] == ["RTX_3090", "RTX_4090", "A100_80GB", "H100"]  # MI300X is unknown
+    assert [(o.gpu_model, o.tier, o.price_usd_per_hour) for o in offers] == [  # MI300X is not in our catalog
+        ("RTX_3090", "community", Decimal("0.22")), ("RTX_4090", "community", Decimal("0.34")),
+        ("RTX_3090", "secure", Decimal("0.43")), ("RTX_4090", "secure", Decimal("0.69")),
+        ("A100_80GB", "community", Decimal("1.74")), ("A100_80GB", "secure", Decimal("1.89")),
+        ("H100", "community", Decimal("2.69")), ("H100", "secure", Decimal("2.99"))]
     rtx = offers[1]
-    assert rtx.price_usd_per_hour == Decimal("0.34") and isinstance(rtx.price_usd_per_hour, Decimal)
+    assert isinstance(rtx.price_usd_per_hour, Decimal)
     assert (rtx.provider, rtx.offer_id, rtx.gpus, rtx.memory_gb, rtx.spot) == (
-        "runpod", "NVIDIA GeForce RTX 4090", 1, 24, False)
-    assert rtx.extra["gpu_type_id"] == "NVIDIA GeForce RTX 4090"
+        "runpod", "NVIDIA GeForce RTX 4090@community", 1, 24, False)
+    assert rtx.ref == "runpod:NVIDIA_GeForce_RTX_4090@community" and "community cloud" in rtx.description
     assert offers[-1].reliability < rtx.reliability  # H100 stock is Low
+    # One gpuTypes query per cloud, each priced for that cloud alone.
+    assert sorted(r.body["variables"]["secureCloud"] for r in fake.requests) == [False, True]
 
 
 def test_offer_price_is_per_gpu_times_gpus_and_no_stock_means_no_offer(fake: FakeRunPod) -> None:
     offers = run(fake, lambda p: p.offers(OfferQuery(gpu_model=None, gpus=4)))
-    # RTX 3090 has stock "None" at 4 GPUs; the A100 and H100 list no 4-GPU price at all.
-    assert [(o.gpu_model, o.gpus, o.price_usd_per_hour) for o in offers] == [("RTX_4090", 4, Decimal("1.36"))]
-    assert fake.requests[0].body["variables"]["gpuCount"] == 4
+    # RTX 3090 has stock "None" at 4 GPUs on community and no 4-GPU price on secure; nor have the A100 and H100.
+    assert [(o.gpu_model, o.tier, o.gpus, o.price_usd_per_hour) for o in offers] == [
+        ("RTX_4090", "community", 4, Decimal("1.36")), ("RTX_4090", "secure", 4, Decimal("2.76"))]
+    assert {r.body["variables"]["gpuCount"] for r in fake.requests} == {4}
 
 
-def test_spot_offers_are_priced_at_the_minimum_bid(fake: FakeRunPod) -> None:
+def test_spot_offers_are_priced_at_each_clouds_minimum_bid(fake: FakeRunPod) -> None:
     offers = run(fake, lambda p: p.offers(OfferQuery(gpu_model="RTX_4090", gpus=2, spot=True)))
-    assert [(o.spot, o.price_usd_per_hour, o.extra["bid_per_gpu"]) for o in offers] == [(True, Decimal("0.58"), "0.29")]
+    assert [(o.spot, o.tier, o.price_usd_per_hour, o.extra["bid_per_gpu"]) for o in offers] == [
+        (True, "community", Decimal("0.58"), "0.29"), (True, "secure", Decimal("0.88"), "0.44")]
+
+
+def test_a_cloud_a_type_is_not_sold_on_has_no_offer(fake: FakeRunPod) -> None:
+    fake.gpu_types[0]["communityCloud"] = False  # the RTX 4090: secure cloud only
+    offers = run(fake, lambda p: p.offers(OfferQuery(gpu_model="RTX_4090")))
+    assert [o.offer_id for o in offers] == ["NVIDIA GeForce RTX 4090@secure"]
 
 
 def test_filters_price_memory_model_and_reliability(fake: FakeRunPod) -> None:
-    def prices(**query: Any) -> list[tuple[str | None, Decimal]]:
-        return [(o.gpu_model, o.price_usd_per_hour) for o in run(fake, lambda p: p.offers(OfferQuery(**query)))]
+    def prices(**query: Any) -> list[tuple[str | None, str, Decimal]]:
+        return [(o.gpu_model, o.tier, o.price_usd_per_hour)
+                for o in run(fake, lambda p: p.offers(OfferQuery(**query)))]
 
     assert prices(gpu_model="H100", max_price_usd_per_hour=Decimal("2.5")) == []
-    assert prices(gpu_model="H100", max_price_usd_per_hour=Decimal("2.69")) == [("H100", Decimal("2.69"))]
-    assert prices(memory_gb=48) == [("A100_80GB", Decimal("1.74")), ("H100", Decimal("2.69"))]
-    assert prices(memory_gb=48, min_reliability=0.95) == [("A100_80GB", Decimal("1.74"))]
+    assert prices(gpu_model="H100", max_price_usd_per_hour=Decimal("2.69")) == [("H100", "community", Decimal("2.69"))]
+    assert prices(memory_gb=48) == [("A100_80GB", "community", Decimal("1.74")),
+                                    ("A100_80GB", "secure", Decimal("1.89")),
+                                    ("H100", "community", Decimal("2.69")), ("H100", "secure", Decimal("2.99"))]
+    # Community's A100 and both H100s have Low stock.
+    assert prices(memory_gb=48, min_reliability=0.95) == [("A100_80GB", "secure", Decimal("1.89"))]
 
 
 # -- launch ------------------------------------------------------------------------------------------------------
@@ -112,7 +130,7 @@ def test_launch_names_and_tags_the_pod_and_sends_the_key_as_env_only(fake: FakeR
     assert pod_input["env"] == [{"key": "PUBLIC_KEY", "value": KEY}, {"key": "BURST_OWNER", "value": "burst-abc"},
                                 {"key": "BURST_JOB_ID", "value": "j1"}]
     assert (pod_input["gpuTypeId"], pod_input["gpuCount"], pod_input["cloudType"]) == (
-        "NVIDIA GeForce RTX 4090", 1, "ALL")
+        "NVIDIA GeForce RTX 4090", 1, "COMMUNITY")  # the cheapest offer's cloud, never ALL
     assert (pod_input["ports"], pod_input["supportPublicIp"], pod_input["startSsh"]) == ("22/tcp", True, True)
     assert pod_input["imageName"].startswith("runpod/") and pod_input["volumeInGb"] == 0
     # The key travels in the Authorization header and nowhere else.
@@ -122,6 +140,33 @@ def test_launch_names_and_tags_the_pod_and_sends_the_key_as_env_only(fake: FakeR
         InstanceState.PENDING, None, "j1", "burst-abc", False)
     assert inst.workdir == f"{REMOTE_JOB_ROOT}/j1" and inst.price_usd_per_hour == Decimal("0.34")
     assert [p["id"] for p in fake.running()] == [inst.instance_id]
+
+
+@pytest.mark.parametrize("spot", [False, True])
+def test_a_pod_is_created_on_the_chosen_offers_cloud_at_its_price(fake: FakeRunPod, spot: bool) -> None:
+    async def body(p: RunPodProvider) -> list[tuple[Offer, Instance]]:
+        offers = await p.offers(OfferQuery(gpu_model="RTX_4090", gpus=2, spot=spot))
+        return [(o, await p.launch(o, SPEC, job_id=f"j{i}", tag="t", ssh_public_key=KEY))
+                for i, o in enumerate(offers)]
+
+    rented = run(fake, body)
+    assert [o.tier for o, _ in rented] == ["community", "secure"]
+    for (offer, inst), create in zip(rented, creates(fake), strict=True):
+        assert create["variables"]["input"]["cloudType"] == offer.tier.upper()
+        assert fake.pods[inst.instance_id]["_cloud"] == offer.tier.upper()  # where the fake placed it
+        assert inst.price_usd_per_hour == offer.price_usd_per_hour  # billed (costPerHr) as quoted
+    assert [i.price_usd_per_hour for _, i in rented] == (
+        [Decimal("0.58"), Decimal("0.88")] if spot else [Decimal("0.68"), Decimal("1.38")])
+
+
+def test_cloud_type_all_may_bill_the_other_clouds_price(fake: FakeRunPod) -> None:
+    """What issue 13 saw, kept in the fake: ALL quoted at community's price lands on secure at secure's."""
+    async def body(p: RunPodProvider) -> Any:
+        return await p._graphql("create", 'mutation { podFindAndDeployOnDemand(input: {cloudType: ALL, gpuCount: 1, '
+                                'gpuTypeId: "NVIDIA GeForce RTX 4090", name: "x"}) { id costPerHr } }',
+                                {}, idempotent=False)
+
+    assert run(fake, body)["podFindAndDeployOnDemand"]["costPerHr"] == 0.69
 
 
 def test_spot_launch_rents_interruptible_at_the_bid(fake: FakeRunPod) -> None:
@@ -140,7 +185,7 @@ def test_spot_launch_rents_interruptible_at_the_bid(fake: FakeRunPod) -> None:
 
 def test_image_from_the_spec_wins(fake: FakeRunPod) -> None:
     async def body(p: RunPodProvider) -> Instance:
-        (offer,) = await p.offers(OfferQuery(gpu_model="RTX_4090"))
+        offer = (await p.offers(OfferQuery(gpu_model="RTX_4090")))[0]
         return await p.launch(offer, JobSpec(cell="pass", image="me/img:1"), job_id="j", tag="t", ssh_public_key=None)
 
     run(fake, body)
@@ -162,14 +207,38 @@ def test_capacity_switch_and_no_stock_at_create(fake: FakeRunPod) -> None:
     fake.switches.capacity_errors = 1
     with pytest.raises(OfferGone):
         run(fake, launch_one)
-    stale = Offer(provider="runpod", offer_id="NVIDIA GeForce RTX 3090", gpu_model="RTX_3090", gpus=4,
+    stale = Offer(provider="runpod", offer_id="NVIDIA GeForce RTX 3090@community", gpu_model="RTX_3090", gpus=4,
                   price_usd_per_hour=Decimal("0.88"))
-    with pytest.raises(OfferGone, match="RTX_3090 x4"):
+    with pytest.raises(OfferGone, match="RTX_3090 x4 left on community cloud"):
         run(fake, lambda p: p.launch(stale, SPEC, job_id="j", tag="t", ssh_public_key=KEY))
 
 
+def test_capacity_gone_on_one_cloud_leaves_the_other(fake: FakeRunPod) -> None:
+    """Stock that moved between search and create: community's last 4090s went, secure still has them."""
+    fake.sold_out_on_create = {"COMMUNITY": 1}
+
+    async def body(p: RunPodProvider) -> tuple[list[Offer], Instance]:
+        community, secure = await p.offers(OfferQuery(gpu_model="RTX_4090"))
+        with pytest.raises(OfferGone, match="left on community cloud"):
+            await p.launch(community, SPEC, job_id="j1", tag="t", ssh_public_key=KEY)
+        again = await p.offers(OfferQuery(gpu_model="RTX_4090"))
+        return again, await p.launch(secure, SPEC, job_id="j2", tag="t", ssh_public_key=KEY)
+
+    again, inst = run(fake, body)
+    assert [o.tier for o in again] == ["secure"]  # the search no longer offers what is gone
+    assert inst.price_usd_per_hour == Decimal("0.69") and [p["_cloud"] for p in fake.pods.values()] == ["SECURE"]
+
+
+def test_an_offer_id_without_a_cloud_is_refused_before_any_create(fake: FakeRunPod) -> None:
+    old = Offer(provider="runpod", offer_id="NVIDIA GeForce RTX 4090", gpu_model="RTX_4090", gpus=1,
+                price_usd_per_hour=Decimal("0.34"))
+    with pytest.raises(ProviderError, match="names no cloud"):
+        run(fake, lambda p: p.launch(old, SPEC, job_id="j", tag="t", ssh_public_key=KEY))
+    assert creates(fake) == []
+
+
 def test_other_graphql_errors_carry_runpods_message(fake: FakeRunPod) -> None:
-    bogus = Offer(provider="runpod", offer_id="NVIDIA Imaginary 9000", gpu_model=None, gpus=1,
+    bogus = Offer(provider="runpod", offer_id="NVIDIA Imaginary 9000@secure", gpu_model=None, gpus=1,
                   price_usd_per_hour=Decimal(1))
     with pytest.raises(ProviderError) as err:
         run(fake, lambda p: p.launch(bogus, SPEC, job_id="j", tag="t", ssh_public_key=KEY))
@@ -181,14 +250,14 @@ def test_bad_key_is_auth_failed_without_the_key(fake: FakeRunPod) -> None:
     with pytest.raises(AuthFailed) as err:
         run(fake, lambda p: p.offers(OfferQuery()), api_key="wrong-secret")
     assert "wrong-secret" not in str(err.value)
-    assert len(fake.requests) == 1  # not retried
+    assert len(fake.requests) == 2  # one query per cloud, neither retried
 
 
 @pytest.mark.parametrize("retry_after", [0.01, None])
 def test_429_is_retried_then_succeeds(fake: FakeRunPod, retry_after: float | None) -> None:
     fake.switches.rate_limit_next, fake.switches.retry_after = 2, retry_after
     offers = run(fake, lambda p: p.offers(OfferQuery(gpu_model="RTX_4090")))
-    assert len(offers) == 1 and len(fake.requests) == 3
+    assert len(offers) == 2 and len(fake.requests) == 4  # two 429s, then one query per cloud
 
 
 def test_429_past_the_budget_is_rate_limited(fake: FakeRunPod) -> None:
@@ -207,7 +276,7 @@ def test_lost_create_reply_is_not_retried_and_the_pod_is_found_by_tag(fake: Fake
 
 def test_create_after_a_503_is_not_retried(fake: FakeRunPod) -> None:
     async def body(p: RunPodProvider) -> None:
-        (offer,) = await p.offers(OfferQuery(gpu_model="RTX_4090"))
+        offer = (await p.offers(OfferQuery(gpu_model="RTX_4090")))[0]
         fake.switches.server_errors_next = 1
         await p.launch(offer, SPEC, job_id="j", tag="t", ssh_public_key=KEY)
 
@@ -345,5 +414,5 @@ def test_over_real_http_with_its_own_client(fake: FakeRunPod) -> None:
 
     with fake.serve() as server:
         offers, after = asyncio.run(body())
-    assert [o.price_usd_per_hour for o in offers] == [Decimal("0.34")] and after is None
+    assert [o.price_usd_per_hour for o in offers] == [Decimal("0.34"), Decimal("0.69")] and after is None
     assert fake.running() == []

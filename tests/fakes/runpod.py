@@ -10,10 +10,18 @@ Pods have ``runtime: null`` until their machine (a real sshd, tests/fakes/base.p
 machine's sessions carry ``RUNPOD_POD_ID`` and a pod-scoped ``RUNPOD_API_KEY``, which may stop or terminate that pod
 and nothing else (403 otherwise); :meth:`FakeRunPod.terminated_by` tells which key ended a pod.
 The 429 shape of RunPod GraphQL is UNCONFIRMED: HTTP 429, with ``Retry-After`` when ``switches.retry_after`` is set.
+
+Secure and community cloud are two products: each GPU type has, per cloud, its own on-demand and spot $/GPU-hour
+and its own stock per GPU count (``set_cloud`` changes them). ``lowestPrice(input: {secureCloud})`` answers for one
+cloud, and a create is placed on the ``cloudType`` it names, billed at that cloud's price, or refused with RunPod's
+capacity error when that cloud has no stock (``sold_out_on_create`` takes the last GPUs between search and create).
+A community pod has a public IP only when created with ``supportPublicIp: true`` (2.1); without one its port 22 is
+not public, and direct SSH has nowhere to go.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import re
@@ -28,7 +36,7 @@ import httpx
 
 from .base import DropReply, FakeCloud, FakeMachine, billed, json_response, money, scoped_key
 
-__all__ = ["CAPACITY_ERROR", "DEFAULT_GPU_TYPES", "FakeRunPod"]
+__all__ = ["CAPACITY_ERROR", "CLOUDS", "DEFAULT_GPU_TYPES", "FakeRunPod"]
 
 CAPACITY_ERROR = ("There are no longer any instances available with the requested specifications. "
                   "Please refresh and try again.")
@@ -37,23 +45,41 @@ _OPS = ("podFindAndDeployOnDemand", "podRentInterruptable", "podTerminate", "pod
 _TOKEN = r'\$\w+|"(?:[^"\\]|\\.)*"|[-\w.]+'
 
 
-def _gpu(gpu_id: str, display: str, memory: int, secure: str, community: str, spot: str,
-         stock: dict[int, str]) -> dict[str, Any]:
-    """A gpuTypes entry; ``lowestPrice`` per GPU count is what ``lowestPrice(input: {gpuCount})`` answers."""
-    low = min(Decimal(secure), Decimal(community))
-    return {"id": gpu_id, "displayName": display, "memoryInGb": memory, "secureCloud": True, "communityCloud": True,
-            "securePrice": money(secure), "communityPrice": money(community), "secureSpotPrice": money(spot),
-            "communitySpotPrice": money(spot), "maxGpuCount": max(stock),
-            "lowestPrice": {n: {"uninterruptablePrice": money(low), "minimumBidPrice": money(spot),
-                                "stockStatus": status} for n, status in stock.items()}}
+CLOUDS = ("SECURE", "COMMUNITY")
+
+
+def _cloud(price: str, spot: str, stock: dict[int, str]) -> dict[str, Any]:
+    """One cloud's side of a GPU type: its on-demand and spot $/GPU-hour and its stock by GPU count."""
+    return {"price": Decimal(price), "spot": Decimal(spot), "stock": dict(stock)}
+
+
+def _gpu(gpu_id: str, display: str, memory: int, *, secure: dict[str, Any] | None,
+         community: dict[str, Any] | None) -> dict[str, Any]:
+    """A gpuTypes entry. Secure and community cloud are two products with their own prices and stock (2.1: the
+    type's ``securePrice``/``communityPrice`` and spot prices beside them); ``_clouds`` is the fake's own book,
+    which ``lowestPrice(input: {gpuCount, secureCloud})`` and the creates read."""
+    clouds = {name: cloud for name, cloud in zip(CLOUDS, (secure, community), strict=True) if cloud is not None}
+    counts = [n for cloud in clouds.values() for n in cloud["stock"]]
+    entry: dict[str, Any] = {"id": gpu_id, "displayName": display, "memoryInGb": memory,
+                             "secureCloud": secure is not None, "communityCloud": community is not None,
+                             "maxGpuCount": max(counts), "_clouds": clouds}
+    for name, cloud in clouds.items():
+        entry[f"{name.lower()}Price"] = money(cloud["price"])
+        entry[f"{name.lower()}SpotPrice"] = money(cloud["spot"])
+    return entry
 
 
 DEFAULT_GPU_TYPES: list[dict[str, Any]] = [
-    _gpu("NVIDIA GeForce RTX 4090", "RTX 4090", 24, "0.69", "0.34", "0.29", {1: "High", 2: "High", 4: "Medium"}),
-    _gpu("NVIDIA GeForce RTX 3090", "RTX 3090", 24, "0.43", "0.22", "0.17", {1: "Medium", 2: "Low", 4: "None"}),
-    _gpu("NVIDIA A100-SXM4-80GB", "A100 SXM", 80, "1.89", "1.74", "1.05", {1: "Medium", 2: "Low", 8: "Low"}),
-    _gpu("NVIDIA H100 80GB HBM3", "H100 SXM", 80, "2.99", "2.69", "1.75", {1: "Low", 8: "Low"}),
-    _gpu("AMD Instinct MI300X OAM", "MI300X", 192, "2.49", "2.49", "1.99", {1: "High"}),  # not in our catalog
+    _gpu("NVIDIA GeForce RTX 4090", "RTX 4090", 24, secure=_cloud("0.69", "0.44", {1: "High", 2: "High", 4: "Medium"}),
+         community=_cloud("0.34", "0.29", {1: "High", 2: "Medium", 4: "Low"})),
+    _gpu("NVIDIA GeForce RTX 3090", "RTX 3090", 24, secure=_cloud("0.43", "0.26", {1: "Medium", 2: "Low"}),
+         community=_cloud("0.22", "0.17", {1: "Medium", 2: "Low", 4: "None"})),
+    _gpu("NVIDIA A100-SXM4-80GB", "A100 SXM", 80, secure=_cloud("1.89", "1.19", {1: "Medium", 2: "Low", 8: "Low"}),
+         community=_cloud("1.74", "1.05", {1: "Low"})),
+    _gpu("NVIDIA H100 80GB HBM3", "H100 SXM", 80, secure=_cloud("2.99", "1.99", {1: "Low", 8: "Low"}),
+         community=_cloud("2.69", "1.75", {1: "Low"})),
+    _gpu("AMD Instinct MI300X OAM", "MI300X", 192, secure=_cloud("2.49", "1.99", {1: "High"}),  # not in our catalog
+         community=None),
 ]
 
 
@@ -63,10 +89,13 @@ class FakeRunPod(FakeCloud):
     def __init__(self, root: Path, *, api_key: str = "test-key", gpu_types: list[dict[str, Any]] | None = None
                  ) -> None:
         super().__init__(root, api_key=api_key)
-        self.gpu_types = [dict(g) for g in (gpu_types if gpu_types is not None else DEFAULT_GPU_TYPES)]
+        self.gpu_types = copy.deepcopy(gpu_types if gpu_types is not None else DEFAULT_GPU_TYPES)
         self.pods: dict[str, dict[str, Any]] = {}  # every pod ever created, terminated ones included
         self.pod_machines: dict[str, FakeMachine] = {}
         self.bill_markup = Decimal(1)  # costPerHr = quoted price x this (a host billing above the quote)
+        #: cloud -> the next N creates on it find its last GPUs of that type just taken: a capacity error, and the
+        #: stock of that type on that cloud stays gone from later searches (stock that moved since the search).
+        self.sold_out_on_create: dict[str, int] = {}
         self.cost_as_string = False  # send costPerHr as "0.69" (REST v1's docs example) instead of 0.69
         self._rng = random.Random(0)
 
@@ -86,6 +115,21 @@ class FakeRunPod(FakeCloud):
         with self.lock:
             pod = self.pods.get(pod_id)
             return self._render(pod) if pod is not None else None
+
+    def set_cloud(self, gpu_id: str, cloud: str, *, price: str | None = None, spot: str | None = None,
+                  stock: dict[int, str] | None = None) -> None:
+        """Change one cloud's side of a GPU type: its on-demand or spot $/GPU-hour, or its stock by GPU count."""
+        with self.lock:
+            gpu = next(g for g in self.gpu_types if g["id"] == gpu_id)
+            side = gpu["_clouds"][cloud]
+            if price is not None:
+                side["price"] = Decimal(price)
+                gpu[f"{cloud.lower()}Price"] = money(price)
+            if spot is not None:
+                side["spot"] = Decimal(spot)
+                gpu[f"{cloud.lower()}SpotPrice"] = money(spot)
+            if stock is not None:
+                side["stock"] = dict(stock)
 
     def terminated_by(self, pod_id: str) -> str | None:
         """Which key terminated the pod: "account", "scoped" (its own RUNPOD_API_KEY), or None while it lives."""
@@ -132,8 +176,10 @@ class FakeRunPod(FakeCloud):
                                        "data": None})
         if op == "gpuTypes":
             wanted = _input(query, variables, "gpuTypes").get("id")
-            count = int(_input(query, variables, "lowestPrice").get("gpuCount") or 1)
-            gpus = [{**g, "lowestPrice": _lowest(g, count)} for g in self.gpu_types if wanted in (None, g["id"])]
+            asked = _input(query, variables, "lowestPrice")
+            count, secure = int(asked.get("gpuCount") or 1), asked.get("secureCloud")
+            gpus = [{**g, "lowestPrice": _lowest(g, count, secure)} for g in self.gpu_types
+                    if wanted in (None, g["id"])]
             return _data(op, gpus, tree)
         if op == "myself":
             pods = [self._render(p) for p in self.pods.values() if p["desiredStatus"] != "TERMINATED"]
@@ -166,20 +212,30 @@ class FakeRunPod(FakeCloud):
         gpu = next((g for g in self.gpu_types if g["id"] == inp.get("gpuTypeId")), None)
         if gpu is None:
             return _error(f"There are no GPU types matching {inp.get('gpuTypeId')!r}")
-        if inp.get("cloudType", "ALL") not in ("ALL", "SECURE", "COMMUNITY"):
-            return _error(f'Variable "$input" got invalid value {inp.get("cloudType")!r} at "input.cloudType"; '
+        cloud_type = inp.get("cloudType", "ALL")
+        if cloud_type not in ("ALL", *CLOUDS):
+            return _error(f'Variable "$input" got invalid value {cloud_type!r} at "input.cloudType"; '
                           'Value does not exist in "CloudTypeEnum" enum.')
         if not isinstance(inp.get("ports", ""), str):
             return _error('Variable "$input" got invalid value at "input.ports"; String cannot represent a list')
         count = int(inp.get("gpuCount") or 1)
-        low = _lowest(gpu, count)
+        # ALL lets RunPod place the pod on either cloud. Where it does is UNCONFIRMED (2026-12-06); the fake puts it
+        # on secure cloud when secure has stock, at secure's price, as issue 13 saw ($0.34 quoted, $0.69 billed).
+        def in_stock(name: str) -> bool:
+            return name in gpu["_clouds"] and _in_stock(gpu["_clouds"][name], count)
+
+        cloud = next((c for c in CLOUDS if in_stock(c)), None) if cloud_type == "ALL" else cloud_type
+        if cloud is not None and self.sold_out_on_create.get(cloud, 0) > 0:
+            self.sold_out_on_create[cloud] -= 1
+            gpu["_clouds"][cloud]["stock"] = dict.fromkeys(gpu["_clouds"][cloud]["stock"], "None")
         if (self.switches.take("take_offer_on_create") or self.switches.take("capacity_errors")
-                or low["stockStatus"] in (None, "None")):
+                or cloud is None or not in_stock(cloud)):
             return _error(CAPACITY_ERROR)
+        side = gpu["_clouds"][cloud]
         spot = op == "podRentInterruptable"
-        per_gpu = Decimal(str(inp.get("bidPerGpu") if spot else low["uninterruptablePrice"]))
-        if spot and per_gpu < Decimal(str(low["minimumBidPrice"])):
-            return _error(f"Your bid of ${per_gpu}/GPU is below the minimum bid of ${low['minimumBidPrice']}/GPU.")
+        per_gpu = Decimal(str(inp.get("bidPerGpu"))) if spot else side["price"]
+        if spot and per_gpu < side["spot"]:
+            return _error(f"Your bid of ${per_gpu}/GPU is below the minimum bid of ${side['spot']}/GPU.")
         pod_id = "".join(self._rng.choices(string.ascii_lowercase + string.digits, k=14))
         env = [f"{e['key']}={e['value']}" for e in inp.get("env") or []]
         pod = {"id": pod_id, "name": inp.get("name") or "", "imageName": inp.get("imageName"), "env": env,
@@ -191,7 +247,9 @@ class FakeRunPod(FakeCloud):
                            "gpuDisplayName": gpu["displayName"]},
                "lastStatusChange": f"Rented by User: {time.ctime()}"}
         self.pods[pod_id] = pod
-        pod["_gpu"] = str(gpu["id"])
+        pod["_gpu"], pod["_cloud"] = str(gpu["id"]), cloud
+        # Community cloud gives a pod a public IP only when asked (2.1: direct SSH there needs supportPublicIp).
+        pod["_public_ip"] = cloud == "SECURE" or inp.get("supportPublicIp") is True
         pod["_scoped_key"], pod["_terminated_by"] = scoped_key(), None  # its in-pod RUNPOD_API_KEY; who ended it
         pod["_created_at"], pod["_terminated_at"] = time.time(), None  # its bill (see bills())
         self._boot(pod, fail=self.switches.take("boot_fails"), gpu=pod["_gpu"])
@@ -220,7 +278,7 @@ class FakeRunPod(FakeCloud):
         runtime = None
         if pod["desiredStatus"] == "RUNNING" and machine.ready:
             runtime = {"uptimeInSeconds": int(time.time() - machine.created_at), "ports": [
-                {"ip": machine.host, "isIpPublic": True, "privatePort": 22, "publicPort": machine.port,
+                {"ip": machine.host, "isIpPublic": pod["_public_ip"], "privatePort": 22, "publicPort": machine.port,
                  "type": "tcp"}]}
         cost = pod["costPerHr"]
         shown = {k: v for k, v in pod.items() if not k.startswith("_")}
@@ -244,10 +302,24 @@ def _project(value: Any, tree: dict[str, Any] | None) -> Any:
     return {key: _project(value.get(key), sub) for key, sub in tree.items()}
 
 
-def _lowest(gpu: dict[str, Any], count: int) -> dict[str, Any]:
-    prices = gpu.get("lowestPrice") or {}
-    found = prices.get(count) or prices.get(str(count))
-    return dict(found) if found else {"uninterruptablePrice": None, "minimumBidPrice": None, "stockStatus": None}
+def _in_stock(side: dict[str, Any], count: int) -> bool:
+    return side["stock"].get(count, "None") != "None"
+
+
+def _lowest(gpu: dict[str, Any], count: int, secure: bool | None) -> dict[str, Any]:
+    """``lowestPrice(input: {gpuCount, secureCloud})``: one cloud's on-demand and spot $/GPU-hour and stock for
+    ``count`` GPUs. ``secureCloud: false`` reads as community cloud only and an absent one as either cloud (the
+    cheaper in stock): neither is in the reference, which shows only ``secureCloud: true``; decided 2026-12-06."""
+    clouds = gpu["_clouds"]
+    names = list(clouds) if secure is None else [CLOUDS[0] if secure else CLOUDS[1]]
+    sides = [clouds[n] for n in names if n in clouds and count in clouds[n]["stock"]]
+    if secure is None:
+        sides = sorted(sides, key=lambda side: (not _in_stock(side, count), side["price"]))[:1]
+    if not sides:
+        return {"uninterruptablePrice": None, "minimumBidPrice": None, "stockStatus": None}
+    (side,) = sides
+    return {"uninterruptablePrice": money(side["price"]), "minimumBidPrice": money(side["spot"]),
+            "stockStatus": side["stock"][count]}
 
 
 def _literal(token: str, variables: dict[str, Any]) -> Any:
