@@ -136,10 +136,11 @@ def cleanup(*, dry_run: bool = False) -> Report:
 
 def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float | str | None = None,
            provider: str | None = None, min_reliability: float | None = None, spot: bool = False,
-           cell: str | None = None, max_cost: Decimal | float | str | None = None,
+           prototyping: bool = False, cell: str | None = None, max_cost: Decimal | float | str | None = None,
            refresh: bool = False) -> OfferBrowser:
     """Browse live offers across the configured marketplaces: filters, a sortable table, refresh.
-    ``refresh`` asks every provider again instead of reusing offers from the last 30 s.
+    ``refresh`` asks every provider again instead of reusing offers from the last 30 s; ``prototyping`` also shows
+    development capacity (Thunder's prototyping mode), as ``--prototyping`` allows a job to rent it.
 
     The browser shows a ready ``%%burst`` cell for the chosen offer, copied in one click; ``.insert()`` on the
     browser, run in a cell, adds it below that cell. With ``cell`` (Python source) a Launch button runs it on the
@@ -159,7 +160,7 @@ def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float 
     namespace = _caller_namespace(1)
     initial = OfferFilter(gpu=canonical_gpu(gpu) if gpu else None, gpus=gpus,
                           max_price=None if max_price is None else parse_money(max_price, what="max_price"),
-                          provider=provider, min_reliability=min_reliability, spot=spot)
+                          provider=provider, min_reliability=min_reliability, spot=spot, prototyping=prototyping)
     configured = list(session.marketplaces())
 
     def search(f: OfferFilter, again: bool) -> Any:
@@ -174,7 +175,8 @@ def offers(gpu: str | None = None, *, gpus: int = 1, max_price: Decimal | float 
 
         assert cell is not None
         spec = JobSpec.build(cell=cell, provider=offer.provider, offer=offer.ref,
-                             gpu_model=offer.gpu_model, gpus=offer.gpus, spot=offer.spot, name="from-offers",
+                             gpu_model=offer.gpu_model, gpus=offer.gpus, spot=offer.spot,
+                             prototyping=offer.prototyping, name="from-offers",
                              **({} if max_cost is None else {"max_cost_usd": parse_money(max_cost)}))
         job = session.submit(spec, namespace=namespace)
         view = CellDisplay(job, get_ipython())

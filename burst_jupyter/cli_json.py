@@ -58,7 +58,8 @@ def offer_json(offer: Offer) -> dict[str, Any]:
     return {"offer": offer.ref, "provider": offer.provider, "offer_id": offer.offer_id,
             "gpu_model": offer.gpu_model, "gpus": offer.gpus, "memory_gb": offer.memory_gb,
             "price_usd_per_hour": offer.price_usd_per_hour, "price_usd_per_gpu_hour": offer.price_per_gpu_hour,
-            "reliability": offer.reliability, "spot": offer.spot, "location": offer.location,
+            "reliability": offer.reliability, "spot": offer.spot, "prototyping": offer.prototyping,
+            "tier": offer.tier, "location": offer.location,
             "description": offer.description}
 
 

@@ -155,7 +155,8 @@ def _offers(args: argparse.Namespace) -> Any:
 
     max_price = None if args.max_price is None else parse_money(args.max_price, what="--max-price")
     browser = api.offers(args.gpu, gpus=args.gpus, max_price=max_price, provider=args.provider,
-                         min_reliability=args.min_reliability, spot=args.spot, refresh=args.refresh)
+                         min_reliability=args.min_reliability, spot=args.spot, prototyping=args.prototyping,
+                         refresh=args.refresh)
     if args.sort != browser.sort_key:
         browser.sort_by(args.sort)
     return browser

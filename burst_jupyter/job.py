@@ -120,6 +120,7 @@ class JobPlan:
         spec = self.spec
         return OfferQuery(gpu_model=spec.gpu_model, gpus=spec.gpus, memory_gb=spec.memory_gb,
                           max_price_usd_per_hour=spec.max_price_usd_per_hour, spot=spec.spot,
+                          prototyping=spec.prototyping or spec.offer is not None,  # naming an offer allows it
                           min_reliability=spec.min_reliability)
 
     async def search(self, *, refresh: bool = False) -> tuple[list[Offer], dict[str, str]]:

@@ -116,6 +116,9 @@ JOB_OPTIONS: tuple[Option, ...] = (
            field="max_duration_minutes", metavar="MINUTES", setting="max_duration_minutes", trait=True),
     Option("spot", "flag", f"Rent interruptible capacity (cheaper, may be preempted): {offering(Capability.SPOT)}.",
            field="spot"),
+    Option("prototyping", "flag", "Also rent development capacity, cheaper with limits its offers state (Thunder's "
+           "prototyping mode: CUDA-level virtualisation; long-running GPU processes may be interrupted): "
+           f"{offering(Capability.PROTOTYPING)}. --offer naming such an offer allows it.", field="prototyping"),
     Option("min_reliability", "float", "Skip offers the provider scores below this.", field="min_reliability",
            metavar="0..1", setting="min_reliability"),
     Option("offer", "text", "Rent exactly this offer (from the offer browser: %%burst offers, burst offers).",
@@ -173,7 +176,7 @@ DEFAULT_HELP: dict[str, str] = {o.setting: o.default_help for o in JOB_OPTIONS i
 
 #: The options an offer search takes (``%burst offers``, ``burst offers``), with their defaults there.
 OFFER_SEARCH: dict[str, Any] = {"gpu": None, "gpus": 1, "max_price": None, "provider": None,
-                                "min_reliability": None, "spot": False}
+                                "min_reliability": None, "spot": False, "prototyping": False}
 
 
 def by_name(name: str) -> Option:

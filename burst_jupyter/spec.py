@@ -175,6 +175,7 @@ class JobSpec(BaseModel):
     pull: list[str] = Field(default_factory=list, description=HELP["pull"])
     provider: str = Field("auto", description=HELP["provider"])
     spot: bool = Field(False, description=HELP["spot"])
+    prototyping: bool = Field(False, description=HELP["prototyping"])
     min_reliability: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description=HELP["min_reliability"])
     offer: str | None = Field(None, description=HELP["offer"])
     provision_timeout_seconds: float | None = Field(None, gt=0, allow_inf_nan=False,

@@ -1,7 +1,11 @@
 """The ``thunder`` provider: Thunder Compute's REST API (reference/provider-apis.md, section 3).
 
 Thunder sells fixed specs keyed ``{gpu}_x{count}_{mode}`` (``h100_x1_production``) at list prices
-(``GET /v1/pricing``); ``/v1/specs`` says what each spec is and ``/v1/status`` whether it can be had now. There
+(``GET /v1/pricing``); ``/v1/specs`` says what each spec is and ``/v1/status`` whether it can be had now. Each mode
+is a product of its own, with its own price and capacity: production, a dedicated machine, and prototyping, about
+half the price, with CUDA-level virtualisation and GPU processes that "may be interrupted" (reference 3). A
+prototyping offer says so (:attr:`Offer.prototyping`, its limits in the description) and fits only a query that
+allows it (``--prototyping``). There
 are no labels, no spot bids and no billed-rate readback, and the instance list is a map keyed by a small index
 that is not stable: the instance id here is the ``uuid``, and its index is looked up again before every delete.
 
@@ -46,9 +50,12 @@ from .thunder_declared import DECLARATION, DEFAULT_URL
 if TYPE_CHECKING:
     from ..spec import JobSpec
 
-__all__ = ["DEFAULT_URL", "MODES", "ThunderProvider", "api_root"]
+__all__ = ["DEFAULT_URL", "MODES", "PROTOTYPING_LIMITS", "ThunderProvider", "api_root"]
 
 MODES = ("prototyping", "production")
+#: What a prototyping offer's description says of it (reference 3: thunder-cli's disclaimer, the docs' "Development
+#: mode"): a user choosing it must see why it is cheaper.
+PROTOTYPING_LIMITS = "CUDA-level virtualisation; long-running GPU processes may be interrupted"
 INCLUDED_DISK_GB = 100  # "(disk - 100) x disk_gb" (reference 3, thunder-cli utils/pricing.go)
 DEFAULT_VCPUS = 4  # included vCPUs when a spec lists no vcpuOptions (thunder-cli)
 CATALOG_SECONDS = 60.0  # how long get() reuses the pricing and specs tables
@@ -178,10 +185,10 @@ def _created(raw: Mapping[str, Any]) -> dt.datetime:
 class ThunderProvider:
     """Thunder Compute: fixed specs at list prices, rented by spec key, reached over SSH as ``ubuntu``.
 
-    ``ssh_user`` overrides ``ubuntu`` (the tests' fake machines log in as the test user). ``modes`` picks what
-    is offered; by default production only, because prototyping virtualises CUDA (a job's own CUDA libraries
-    may misbehave under it) and its GPU processes "may be interrupted" (thunder-cli), while burst promises a
-    known price for a cell that runs to the end. ``("prototyping", "production")`` adds the cheaper mode.
+    ``ssh_user`` overrides ``ubuntu`` (the tests' fake machines log in as the test user). Both modes are offered;
+    prototyping only to a query that allows it (:attr:`OfferQuery.prototyping`), because it virtualises CUDA (a
+    job's own CUDA libraries may misbehave under it) and its GPU processes "may be interrupted" (thunder-cli),
+    while burst otherwise promises a cell that runs to the end.
     """
 
     name: ClassVar[str] = DECLARATION.name
@@ -190,14 +197,10 @@ class ThunderProvider:
 
     def __init__(self, *, api_key: str, base_url: str = DEFAULT_URL, client: httpx.AsyncClient | None = None,
                  retry: RetryPolicy | None = None, ssh_user: str | None = None, poll_seconds: float = 5.0,
-                 modes: tuple[str, ...] = ("production",), disk_gb: int = 100, template: str = "base") -> None:
-        unknown = [m for m in modes if m not in MODES]
-        if unknown or not modes:
-            raise ConfigError(f"thunder: modes must be among {', '.join(MODES)} (got {', '.join(modes) or 'none'})")
+                 disk_gb: int = 100, template: str = "base") -> None:
         self._api = ApiClient(self.name, base_url=api_root(base_url), token=api_key, client=client, retry=retry)
         self.ssh_user = ssh_user
         self.poll_seconds = poll_seconds
-        self.modes = tuple(modes)
         self.disk_gb = max(disk_gb, INCLUDED_DISK_GB)  # 100 GB is the smallest disk the specs allow
         self.template = template
         self._catalog: tuple[float, dict[str, Any], dict[str, Any]] | None = None  # (when, pricing, specs)
@@ -222,7 +225,7 @@ class ThunderProvider:
         return self._catalog[1], self._catalog[2]
 
     async def offers(self, query: OfferQuery) -> list[Offer]:
-        """One offer per available spec of exactly ``query.gpus`` GPUs in ``self.modes``, cheapest first.
+        """One offer per available spec of exactly ``query.gpus`` GPUs, in either mode, cheapest first.
 
         Exactly: a job asking for 1 GPU is not quietly moved to a 2-GPU machine at twice the price when the
         1-GPU spec is out. Spot queries get nothing: Thunder has no interruptible capacity for sale.
@@ -245,7 +248,7 @@ class ThunderProvider:
 
     def _offer(self, key: str, spec: Mapping[str, Any], pricing: Mapping[str, Any]) -> Offer | None:
         parsed = _parse_key(key, spec)
-        if parsed is None or parsed[2] not in self.modes:
+        if parsed is None or parsed[2] not in MODES:
             return None
         gpu_type, count, mode = parsed
         memory = _memory_gb(gpu_type, count, spec)
@@ -259,9 +262,11 @@ class ThunderProvider:
         if price is None:
             return None
         name = spec.get("displayName") or gpu_type
+        limits = f"; {PROTOTYPING_LIMITS}" if mode == "prototyping" else ""
         return Offer(provider=self.name, offer_id=key, gpu_model=model, gpus=count, price_usd_per_hour=price,
                      memory_gb=memory, reliability=RELIABILITY[mode], spot=False,
-                     description=f"{count} x {name} ({mode}, {vcpus} vCPU, {disk} GB disk)",
+                     prototyping=mode == "prototyping", tier=mode,
+                     description=f"{count} x {name} ({mode}, {vcpus} vCPU, {disk} GB disk{limits})",
                      extra={"gpu_type": gpu_type, "num_gpus": count, "mode": mode, "cpu_cores": vcpus,
                             "disk_size_gb": disk})
 

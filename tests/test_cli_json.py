@@ -107,8 +107,10 @@ def test_providers_and_offers(markets: Markets, capsys: Capsys) -> None:
     assert money(first["price_usd_per_hour"]) == Decimal("0.298") and money(first["price_usd_per_gpu_hour"])
     assert len({frozenset(o) for o in found["offers"]}) == 1  # every offer has the same keys
     assert {o["provider"] for o in found["offers"]} == {"vast", "runpod"}
-    # "offer" is what --offer takes: RunPod's GPU type in one word
-    assert "runpod:NVIDIA_GeForce_RTX_4090" in {o["offer"] for o in found["offers"]}
+    # "offer" is what --offer takes: RunPod's GPU type and cloud in one word; the cloud is its tier
+    runpod = next(o for o in found["offers"] if o["provider"] == "runpod")
+    assert (runpod["offer"], runpod["tier"], runpod["prototyping"]) == (
+        "runpod:NVIDIA_GeForce_RTX_4090@community", "community", False)
     by_reliability = cli_json(capsys, "offers", "--gpu", "RTX_4090", "--sort", "reliability")
     scores = [o["reliability"] for o in by_reliability["offers"]]
     assert scores == sorted(scores, reverse=True)

@@ -30,6 +30,8 @@ def offer(
     memory: int | None = 24,
     reliability: float = 0.99,
     spot: bool = False,
+    prototyping: bool = False,
+    tier: str = "",
     location: str = "US",
     description: str = "",
 ) -> Offer:
@@ -42,6 +44,8 @@ def offer(
         memory_gb=memory,
         reliability=reliability,
         spot=spot,
+        prototyping=prototyping,
+        tier=tier,
         location=location,
         description=description,
     )
@@ -49,7 +53,7 @@ def offer(
 
 # Cheapest whole-instance price is not the cheapest per GPU, and memory/reliability rank differently again.
 CHEAP = offer("vast", "v-1", "0.35", reliability=0.90, location="Quebec, CA")
-PAIR = offer("runpod", "RTX 4090", "0.70", gpus=2, memory=24, reliability=0.999)
+PAIR = offer("runpod", "RTX 4090", "0.70", gpus=2, memory=24, reliability=0.999, tier="secure")
 QUAD = offer("vast", "v-4", "1.10", gpus=4, memory=24, reliability=0.95)
 BIG = offer("thunder", "h100-1", "2.49", gpu="H100", memory=80, reliability=0.97)
 SPOT = offer("vast", "v-9", "0.20", spot=True, reliability=0.80)
@@ -165,6 +169,21 @@ def test_burst_options_for_a_filter_and_for_an_offer() -> None:
     assert OfferFilter().to_burst_options(odd) == "--offer 'my box:x' --gpu 'RTX_4090 secret' --max-price 1"
 
 
+def test_a_prototyping_offer_is_shown_only_when_allowed_and_its_cell_allows_it() -> None:
+    proto = offer("thunder", "a100xl_x1_prototyping", "0.78", gpu="A100_80GB", memory=80, reliability=0.9,
+                  prototyping=True, tier="prototyping", description="1 x A100 (prototyping, ...; may be interrupted)")
+    search = FakeSearch([*ALL, proto])
+    view = browser(search, initial=OfferFilter(gpu="A100_80GB"))
+    assert view.offers == []  # not allowed: not shown
+    allowed = OfferFilter(gpu="A100_80GB", prototyping=True)
+    view.update_filter(allowed)
+    assert view.offers == [proto] and "prototyping" in view.snapshot_text().splitlines()[2]
+    assert allowed.to_burst_options() == "--gpu A100_80GB --prototyping"
+    assert allowed.to_burst_options(proto) == (
+        "--offer thunder:a100xl_x1_prototyping --gpu A100_80GB --max-price 0.78 --prototyping")
+    assert "prototyping allowed" in allowed.describe()
+
+
 # --- text and HTML snapshots ------------------------------------------------------------------------------------
 
 
@@ -184,13 +203,14 @@ def test_text_lists_offers_cheapest_first() -> None:
         "GB",
         "reliability",
         "spot",
+        "tier",
         "location",
         "--offer",
     ]
     # The last column is what --offer takes, in one word: a RunPod GPU type's spaces become "_".
     assert lines[2].split() == ["vast", "RTX_4090", "1", "$0.35", "$0.35", "24", "90.0%", "Quebec,", "CA", "vast:v-1"]
     assert lines[3].split() == [
-        "runpod", "RTX_4090", "2", "$0.70", "$0.35", "24", "99.9%", "US", "runpod:RTX_4090:x2"
+        "runpod", "RTX_4090", "2", "$0.70", "$0.35", "24", "99.9%", "secure", "US", "runpod:RTX_4090:x2"
     ]
     assert lines[4].split() == ["vast", "RTX_4090", "4", "$1.10", "$0.275", "24", "95.0%", "US", "vast:v-4:x4"]
     assert len(lines) == 5

@@ -21,7 +21,7 @@ from fakes.thunder import FakeThunder
 
 from burst_jupyter.errors import ApiError, AuthFailed, ConfigError, NoCapacity, OfferGone
 from burst_jupyter.providers.base import Capability, Instance, InstanceState, Offer, OfferQuery, Provider
-from burst_jupyter.providers.thunder import ThunderProvider, api_root
+from burst_jupyter.providers.thunder import PROTOTYPING_LIMITS, ThunderProvider, api_root
 from burst_jupyter.spec import JobSpec
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOqXvQ1tYrXq8ZP1l4y2b5n1m3c2d5e6f7a8b9c0d1e2 someone@laptop"
@@ -69,8 +69,9 @@ def creates(fake: FakeThunder) -> list[Any]:
 def test_is_a_provider(fake: FakeThunder) -> None:
     p = provider(fake)
     assert protocol_gaps(p, Provider) == []
-    # Rented, and nothing else: no spot, labels, self-destruct, stop, or image of the user's choice.
-    assert p.capabilities == frozenset({Capability.RENTED})  # rented: it bills from its create request
+    # Rented, with development capacity (prototyping mode), and nothing else: no spot, labels, self-destruct, stop,
+    # or image of the user's choice.
+    assert p.capabilities == frozenset({Capability.RENTED, Capability.PROTOTYPING})
     assert Capability.CUSTOM_IMAGE not in p.capabilities
     asyncio.run(p.aclose())
 
@@ -80,13 +81,14 @@ def test_api_root_adds_v1_once() -> None:
     assert api_root("https://api.thundercompute.com:8443/v1/") == "https://api.thundercompute.com:8443/v1"
 
 
-def test_offers_production_only_canonical_names_decimal_prices(fake: FakeThunder) -> None:
+def test_offers_production_unless_prototyping_is_allowed_canonical_names_decimal_prices(fake: FakeThunder) -> None:
     offers = run_provider(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="ANY")))
     assert [o.offer_id for o in offers] == ["a100xl_x1_production", "h100_x1_production"]  # cheapest first
     a100, h100 = offers
     assert (a100.gpu_model, h100.gpu_model) == ("A100_80GB", "H100")
     assert h100.price_usd_per_hour == Decimal("1.89") and isinstance(h100.price_usd_per_hour, Decimal)
     assert h100.memory_gb == 80 and h100.gpus == 1 and not h100.spot and h100.provider == "thunder"
+    assert not h100.prototyping and h100.tier == "production"
     assert dict(h100.extra) == {"gpu_type": "h100", "num_gpus": 1, "mode": "production", "cpu_cores": 18,
                                 "disk_size_gb": 100}
     # Catalog endpoints are public: no Authorization needed, but the key is only ever sent as a header.
@@ -112,17 +114,40 @@ def test_offers_only_available_specs_and_exact_gpu_count(fake: FakeThunder) -> N
     assert ask(2) == []
 
 
-def test_prototyping_only_when_enabled(fake: FakeThunder) -> None:
-    both = ("prototyping", "production")
-    offers = run_provider(provider(fake, modes=both), lambda p: p.offers(OfferQuery(gpu_model="ANY")))
+def test_prototyping_is_offered_only_when_allowed_marked_with_its_limits(fake: FakeThunder) -> None:
+    allowed = OfferQuery(gpu_model="ANY", prototyping=True)
+    offers = run_provider(provider(fake), lambda p: p.offers(allowed))
     assert [o.offer_id for o in offers][:3] == ["a6000_x1_prototyping", "a100xl_x1_prototyping",
                                                 "a100xl_x1_production"]
-    assert offers[0].gpu_model == "RTX_A6000" and offers[1].price_usd_per_hour == Decimal("0.78")
-    assert offers[1].reliability < offers[2].reliability  # prototyping "may be interrupted"
-    big = run_provider(provider(fake, modes=both), lambda p: p.offers(OfferQuery(gpu_model="ANY", memory_gb=60)))
+    a6000, a100_proto, a100_prod = offers[:3]
+    assert a6000.gpu_model == "RTX_A6000" and a100_proto.price_usd_per_hour == Decimal("0.78")
+    assert a100_prod.price_usd_per_hour == Decimal("1.29")  # each mode at its own price
+    assert (a100_proto.prototyping, a100_proto.tier, a100_prod.prototyping, a100_prod.tier) == (
+        True, "prototyping", False, "production")
+    assert PROTOTYPING_LIMITS in a100_proto.description and PROTOTYPING_LIMITS not in a100_prod.description
+    assert "may be interrupted" in PROTOTYPING_LIMITS and "virtualisation" in PROTOTYPING_LIMITS
+    assert a100_proto.reliability < a100_prod.reliability  # prototyping "may be interrupted"
+    big = run_provider(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="ANY", memory_gb=60,
+                                                                       prototyping=True)))
     assert "a6000_x1_prototyping" not in [o.offer_id for o in big]
-    with pytest.raises(ConfigError):
-        ThunderProvider(api_key="k", modes=("spot",))
+    not_allowed = run_provider(provider(fake), lambda p: p.offers(OfferQuery(gpu_model="ANY")))
+    assert not any(o.prototyping for o in not_allowed) and len(not_allowed) == 2
+
+
+def test_each_mode_has_its_own_capacity(fake: FakeThunder) -> None:
+    """A prototyping create that finds its capacity gone leaves production's, and the search says so after."""
+    fake.sold_out_on_create = {"prototyping": 1}
+
+    async def work(p: ThunderProvider) -> tuple[list[Offer], Any]:
+        proto, prod = (await p.offers(OfferQuery(gpu_model="A100_80GB", prototyping=True)))[:2]
+        with pytest.raises(OfferGone, match="a100xl_x1_prototyping is out of capacity"):
+            await p.launch(proto, SPEC, job_id="j1", tag=TAG, ssh_public_key=KEY)
+        again = await p.offers(OfferQuery(gpu_model="A100_80GB", prototyping=True))
+        return again, await p.launch(prod, SPEC, job_id="j2", tag=TAG, ssh_public_key=KEY)
+
+    again, inst = run_provider(provider(fake), work)
+    assert [o.offer_id for o in again] == ["a100xl_x1_production"]
+    assert inst.price_usd_per_hour == Decimal("1.29") and [r["mode"] for r in fake.running()] == ["production"]
 
 
 def test_spot_and_price_ceiling(fake: FakeThunder) -> None:

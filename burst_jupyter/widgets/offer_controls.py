@@ -52,6 +52,7 @@ class OfferControls:
     provider: Any
     min_reliability: Any
     spot: Any
+    prototyping: Any
     sort: Any
     refresh: Any
     status: Any
@@ -116,6 +117,9 @@ class OfferControls:
                 style=wide,
             ),
             spot=w.Checkbox(description="spot", value=f.spot, indent=False, layout=w.Layout(width="5em")),
+            prototyping=w.Checkbox(description="prototyping", value=f.prototyping, indent=False,
+                                   layout=w.Layout(width="8em"),
+                                   tooltip="also development capacity: cheaper, with limits its offers state"),
             sort=w.Dropdown(
                 description="sort by",
                 options=[(label, key) for key, label in SORT_KEYS.items()],
@@ -151,7 +155,7 @@ class OfferControls:
         return w.VBox(
             [
                 w.HBox([self.gpu, self.gpus, self.max_price, self.provider]),
-                w.HBox([self.min_reliability, self.spot, self.sort, self.refresh]),
+                w.HBox([self.min_reliability, self.spot, self.prototyping, self.sort, self.refresh]),
                 self.status,
                 self.table,
                 self.errors,
@@ -162,7 +166,8 @@ class OfferControls:
 
     def filters(self) -> tuple[Any, ...]:
         """The controls a filter is read from: a change to any of them asks for a new search."""
-        return (self.gpu, self.gpus, self.max_price, self.provider, self.min_reliability, self.spot)
+        return (self.gpu, self.gpus, self.max_price, self.provider, self.min_reliability, self.spot,
+                self.prototyping)
 
     def all(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
@@ -187,6 +192,7 @@ class OfferControls:
             provider=None if self.provider.value == _ALL else self.provider.value,
             min_reliability=reliability or None,
             spot=bool(self.spot.value),
+            prototyping=bool(self.prototyping.value),
         )
 
     def show_filter(self, f: OfferFilter, providers: Sequence[str]) -> None:
@@ -197,6 +203,7 @@ class OfferControls:
         self.provider.value = f.provider if f.provider in providers else _ALL
         self.min_reliability.value = f.min_reliability or 0.0
         self.spot.value = f.spot
+        self.prototyping.value = f.prototyping
 
     def show_choices(self, rows: Sequence[OfferRow], chosen: int | None) -> None:
         """Offer ``rows`` in the choice dropdown, numbered from 1, with the ``chosen`` index (None: no choice)."""

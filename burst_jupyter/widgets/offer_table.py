@@ -39,6 +39,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("memory", "GPU GB"),
     ("reliability", "reliability"),
     ("spot", "spot"),
+    ("tier", "tier"),
     ("location", "location"),
     ("offer_id", "--offer"),
 )
@@ -65,11 +66,12 @@ class OfferFilter:
     provider: str | None = None
     min_reliability: float | None = None
     spot: bool = False
+    prototyping: bool = False  # development capacity allowed too (Thunder's prototyping mode)
 
     def to_burst_options(self, offer: Offer | None = None) -> str:
         """The ``%%burst`` option line for this filter, or, given an offer (one this filter chose), one that rents
         exactly it at no more than its listed price and keeps every filter that chose it:
-        ``--offer REF --gpu G --max-price PRICE [--min-reliability R] [--spot]``.
+        ``--offer REF --gpu G --max-price PRICE [--min-reliability R] [--spot] [--prototyping]``.
         """
         reliability = None if self.min_reliability is None else f"{self.min_reliability:g}"
         if offer is not None:
@@ -79,7 +81,7 @@ class OfferFilter:
                 ("--max-price", f"{offer.price_usd_per_hour:f}"),
                 ("--min-reliability", reliability),
             ]
-            spot = offer.spot
+            spot, prototyping = offer.spot, offer.prototyping
         else:
             parts = [
                 ("--provider", self.provider),
@@ -88,9 +90,9 @@ class OfferFilter:
                 ("--max-price", None if self.max_price is None else f"{self.max_price:f}"),
                 ("--min-reliability", reliability),
             ]
-            spot = self.spot
+            spot, prototyping = self.spot, self.prototyping
         words = [f"{flag} {_token(value)}" for flag, value in parts if value is not None]
-        return " ".join([*words, "--spot"] if spot else words)
+        return " ".join([*words, *(["--spot"] if spot else []), *(["--prototyping"] if prototyping else [])])
 
     def to_query(self) -> OfferQuery:
         """The provider-side query (``provider`` is not part of it: it picks which providers are asked)."""
@@ -101,6 +103,7 @@ class OfferFilter:
             gpus=self.gpus,
             max_price_usd_per_hour=self.max_price,
             spot=self.spot,
+            prototyping=self.prototyping,
             min_reliability=self.min_reliability,
         )
 
@@ -114,6 +117,8 @@ class OfferFilter:
             bits.append(f"≥ {self.min_reliability:.0%} reliable")
         if self.spot:
             bits.append("spot")
+        if self.prototyping:
+            bits.append("prototyping allowed")
         return " · ".join(bits)
 
 
@@ -151,6 +156,7 @@ class OfferRow:
     memory: str
     reliability: str
     spot: str
+    tier: str  # the provider's product: RunPod's secure or community cloud, Thunder's production or prototyping
     location: str
     offer_id: str  # the offer as ``--offer`` takes it: PROVIDER:ID in one word
     description: str
@@ -168,6 +174,7 @@ def offer_rows(offers: Iterable[Offer]) -> list[OfferRow]:
             memory="?" if o.memory_gb is None else str(o.memory_gb),
             reliability=f"{o.reliability * 100:.1f}%",
             spot="spot" if o.spot else "",
+            tier=table_cell(o.tier),
             location=table_cell(o.location),
             offer_id=one_line(o.ref, REF_CHARS),
             description=one_line(o.description, 200),

@@ -14,6 +14,8 @@ What it keeps faithful:
   ``RUNNING`` with ``ip``/``port`` only once the machine's sshd answers (``ip`` null before); ``cpuCores``,
   ``numGpus`` and ``memory`` as strings.
 - Errors as ``{"error", "message", "code"}``: 401 ``unauthorized``, 404 ``not_found``, 400 ``invalid_request``.
+- Modes are products of their own: every spec key names one (``a100xl_x1_prototyping``, ``a100xl_x1_production``)
+  with its own price row and its own availability, and a create in one mode never takes the other's capacity.
 
 Chosen where the reference is silent (2026-11-23): a capacity refusal is HTTP 409
 ``{"error":"no_capacity","message":"No capacity available for <spec key>","code":409}``; a 429 uses the same
@@ -89,6 +91,9 @@ class FakeThunder(FakeCloud):
         self.availability: dict[str, str] = {key: "available" for key in self.specs}
         self.availability["h100_x8_production"] = "unavailable"
         self.ip_lag = 0
+        #: mode -> the next N creates in that mode find their spec just taken: 409, and the spec stays unavailable
+        #: in ``/v1/status`` (capacity that moved between search and create).
+        self.sold_out_on_create: dict[str, int] = {}
         self.instances: dict[str, dict[str, Any]] = {}  # uuid -> record, in creation order (= index order)
         self.deleted: dict[str, dict[str, Any]] = {}
         self._machines: dict[str, FakeMachine] = {}
@@ -171,6 +176,10 @@ class FakeThunder(FakeCloud):
         disk = body.get("disk_size_gb", 100)
         if not isinstance(disk, int) or not spec["storageGB"]["min"] <= disk <= spec["storageGB"]["max"]:
             return _error(400, "invalid_request", "disk_size_gb is out of range")
+        mode = str(body.get("mode"))
+        if self.sold_out_on_create.get(mode, 0) > 0:
+            self.sold_out_on_create[mode] -= 1
+            self.availability[key] = "unavailable"
         if (self.switches.take("capacity_errors") or self.switches.take("take_offer_on_create")
                 or self.availability.get(key) != "available"):
             return _error(409, "no_capacity", f"No capacity available for {key}")
