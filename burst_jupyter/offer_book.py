@@ -6,6 +6,9 @@ job-completion ranking has it), then
 to the higher reliability score. Offers are cached per (provider, query) for a short TTL: the price truth
 decays in minutes, and a notebook re-running a cell should not pay a search round trip each time.
 
+An offer whose instance billed another rate than its quote (:meth:`OfferBook.misquote`) is left out of every
+later search of the session, and each search says so (``SearchResult.left_out``).
+
 A provider that fails (unreachable, rate limited, bad key) does not fail the search: its error is reported next
 to the offers of the others, and the job view and ``%burst providers`` show it. Each provider's answer is awaited
 at most ``timeout`` seconds (an interactive search; the providers' own connect and read timeouts are shorter,
@@ -46,6 +49,7 @@ class SearchResult:
     errors: dict[str, str] = field(default_factory=dict)  # provider -> one line
     seconds: dict[str, float] = field(default_factory=dict)  # provider -> how long its answer took (0: cached)
     elapsed: float = 0.0
+    left_out: list[str] = field(default_factory=list)  # fitting offers not shown, one line each: why
 
     @property
     def best(self) -> Offer | None:
@@ -79,6 +83,7 @@ class OfferBook:
         self._clock = clock
         self._cache: dict[tuple[str, OfferQuery], _Entry] = {}
         self._failed: dict[str, _Failure] = {}  # provider -> its last failure, while it is not asked
+        self._misquoted: dict[tuple[str, str, int, bool], str] = {}  # offer -> why it is not offered again
 
     async def search(self, providers: Mapping[str, Provider], query: OfferQuery, *,
                      refresh: bool = False) -> SearchResult:
@@ -90,15 +95,20 @@ class OfferBook:
             result.seconds[name] = seconds
             if error is not None:
                 result.errors[name] = error
-            found.extend(o for o in offers if query.fits(o))
+            for offer in offers:
+                why = self._misquoted.get(_identity(offer))
+                if why is not None and query.fits(offer):
+                    result.left_out.append(f"{offer.ref} left out for this session: {why}")
+                elif query.fits(offer):
+                    found.append(offer)
         result.offers = rank(found, self.preference)
         result.elapsed = self._clock() - t0
         return result
 
-    def forget(self, offer: Offer) -> None:
-        """Drop a taken offer from every cached answer, so the next search does not offer it again."""
-        for entry in self._cache.values():
-            entry.offers = [o for o in entry.offers if (o.provider, o.offer_id) != (offer.provider, offer.offer_id)]
+    def misquote(self, offer: Offer, why: str) -> None:
+        """An offer whose instance billed another rate than it quoted (``why``: both figures): no search of this
+        session offers it again, as long as the provider lists it."""
+        self._misquoted[_identity(offer)] = why
 
     async def _one(self, name: str, provider: Provider, query: OfferQuery,
                    refresh: bool) -> tuple[list[Offer], str | None, float]:
@@ -127,6 +137,10 @@ class OfferBook:
     def _failing(self, name: str, error: str) -> str:
         self._failed[name] = _Failure(self._clock(), error)
         return error
+
+
+def _identity(offer: Offer) -> tuple[str, str, int, bool]:
+    return offer.provider, offer.offer_id, offer.gpus, offer.spot
 
 
 #: The GPUs ``%burst providers`` prices for each provider (the ones researchers rent most; seeds/000).

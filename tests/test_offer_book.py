@@ -1,4 +1,4 @@
-"""The offer search across providers: ranking, ties, the TTL cache, a failing provider, a taken offer."""
+"""The offer search across providers: ranking, ties, the TTL cache, a failing provider, a misquoted offer."""
 
 from __future__ import annotations
 
@@ -76,10 +76,15 @@ def test_a_failing_provider_is_reported_and_the_others_still_answer() -> None:
     assert result.errors == {"vast": "rate limited: HTTP 429", "thunder": "KeyError: 'pricing'"}  # keyed: named once
 
 
-def test_a_taken_offer_is_forgotten_by_the_cache() -> None:
+def test_a_misquoted_offer_is_left_out_of_every_later_search_and_said() -> None:
     shelf = Shelf("vast", [offer("vast", "0.30"), offer("vast", "0.31", oid="2")])
     book = OfferBook()
     first = asyncio.run(book.search({"vast": shelf}, OfferQuery()))
-    book.forget(first.offers[0])
-    again = asyncio.run(book.search({"vast": shelf}, OfferQuery()))
-    assert [o.offer_id for o in again.offers] == ["2"] and shelf.asked == 1
+    book.misquote(first.offers[0], "quoted $0.30/h, billed $0.60/h")
+    for refresh in (False, True):  # the cached answer and the provider's fresh one alike
+        again = asyncio.run(book.search({"vast": shelf}, OfferQuery(), refresh=refresh))
+        assert [o.offer_id for o in again.offers] == ["2"]
+        assert again.left_out == ["vast:1 left out for this session: quoted $0.30/h, billed $0.60/h"]
+    assert shelf.asked == 2
+    elsewhere = asyncio.run(OfferBook().search({"vast": shelf}, OfferQuery()))  # another session's book
+    assert [o.offer_id for o in elsewhere.offers] == ["1", "2"] and elsewhere.left_out == []

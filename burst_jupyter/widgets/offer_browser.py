@@ -57,9 +57,9 @@ class OfferBrowser(LiveView):
         >>> browser = OfferBrowser(search=search, initial=flt, providers=["vast", "runpod"])  # doctest: +SKIP
         >>> print(browser)  # doctest: +SKIP
         2 offers from 1 of 2 providers in 0.42 s · RTX_4090 ×1 · all providers
-        provider  GPU       count    $/h  $/GPU-h  GPU GB  reliability  spot  location    --offer
-        vast      RTX_4090      1  $0.35    $0.35      24        99.0%        Quebec, CA  vast:4242
-        vast      RTX_4090      2  $0.80    $0.40      24        97.5%        US          vast:5151:x2
+        provider  GPU       count    $/h  $/GPU-h  GPU GB  reliability  spot  tier  location    --offer
+        vast      RTX_4090      1  $0.35    $0.35      24        99.0%              Quebec, CA  vast:4242
+        vast      RTX_4090      2  $0.80    $0.40      24        97.5%              US          vast:5151:x2
         errors:
           runpod: rate limited (429)
     """
@@ -240,10 +240,11 @@ class OfferBrowser(LiveView):
         return f"{line} · {self._filter.describe()}"
 
     def _notes(self) -> list[tuple[str, bool]]:
-        """(line, is a failure) for the last search's error and the last action's outcome."""
+        """(line, is a failure) for the last search's error, the offers it left out, and the last action's outcome."""
         notes = []
         if self._error is not None:
             notes.append((f"search failed: {self._error}", True))
+        notes.extend((one_line(line, 300), False) for line in self._result.left_out)
         if self._message is not None:
             notes.append((self._message, self._message_failed))
         return notes
