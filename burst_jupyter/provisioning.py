@@ -1,11 +1,18 @@
-"""Renting a machine (:class:`Provisioning`): select the offer and fix the cap, launch (the next offer when one is
-taken or never boots), wait for it to boot and answer SSH, read back the billed rate; retire a machine that
-cannot be used, and after a preemption choose the offers to relaunch on."""
+"""Renting a machine (:class:`Provisioning`): select the offer and fix the cap, launch, wait for it to boot and
+answer SSH, read back the billed rate; retire a machine that cannot be used, and after a preemption choose the
+offers to relaunch on.
+
+Moving on is decided here, never in a provider: an offer taken since the search (a capacity error) or a machine
+that never boots sends the job to the best fitting offer not tried yet, from a search past the offer cache (stock
+moves), on whichever provider or tier it is, until the provisioning deadline (``--provision-timeout``) covers
+every try. A machine that bills another rate than its offer quoted is ended at once, whatever ``--max-price``
+says, and the offer is not offered again in the session."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+from decimal import Decimal
 
 from .errors import (
     BudgetKilled,
@@ -29,7 +36,10 @@ from .providers.base import BootWatch, InstanceState, Offer
 
 __all__ = ["Provisioning"]
 
-_MAX_LAUNCH_ATTEMPTS = 4  # offers tried in turn when one is taken or never boots
+_MAX_LAUNCH_ATTEMPTS = 10  # offers tried in turn, within the deadline, when one is taken or never boots
+#: A billed rate this close to the quote, per GPU, is the same price rounded (a per-GPU price in cents times the
+#: count, a float sum of parts); past it the provider bills something else than it quoted (issue 13).
+_ROUNDING_PER_GPU = Decimal("0.005")
 
 
 class _BootFailed(Exception):
@@ -63,13 +73,14 @@ class Provisioning:
                      message=offer.description or None)
 
     async def launch(self, offers: list[Offer]) -> None:
-        """Rent the best offer; move to the next when one is taken, or never boots and is confirmed gone."""
+        """Rent the chosen offer (``offers[0]``); move on when it is taken, or never boots and is confirmed gone, to
+        the best fitting offer not tried yet (:meth:`_move_on`). One deadline covers every try and each boot."""
         run, job, plan = self.run, self.run.job, self.run.plan
         state = run.parts.state
-        why = ""  # what stopped the last offer tried, said in the error if none could be rented
-        for i, offer in enumerate(offers[:_MAX_LAUNCH_ATTEMPTS]):
-            if i:
-                self._choose(offer)
+        deadline = run.clock.monotonic() + plan.provision_timeout
+        passed: list[str] = []  # the offers tried and passed, by --offer word
+        offer = offers[0]
+        while True:
             machine = run.on
             intent = run.billing_handoff(run.clock.time())
             if run.recorded:
@@ -85,27 +96,48 @@ class Provisioning:
             try:
                 instance = await machine.launch(plan.spec, tag=plan.tag, at_create=self._at_create)
             except NoCapacity as exc:
-                # Taken between search and create: nothing was made; the next offer may still be there.
-                if plan.offers is not None:
-                    plan.offers.forget(offer)
-                why = f"{offer.provider}: {one_line(exc, about=offer.provider)}"
-                run.note(f"{why}; trying the next offer")
+                # Taken between search and create: nothing was made, nothing bills.
                 await asyncio.to_thread(state.mark_abandoned, job.id)
+                offer = await self._move_on(offer, f"{offer.ref} has no capacity now "
+                                                   f"({one_line(exc, about=offer.provider)})", passed, deadline)
                 continue
             await asyncio.to_thread(state.record_launched, job.id, instance.instance_id,
                                     dataclasses.replace(run.handoff(), **machine.handoff(run.attempt.number)))
             job.emit(EventType.PROVISIONED, provider=machine.name, instance_id=instance.instance_id,
                      gpu=instance.gpu_model, cost_per_hour_usd=instance.price_usd_per_hour, max_cost_usd=run.cap)
             try:
-                await self._wait_ready()
+                self._check_billed_rate()  # the create's own answer may carry it (RunPod's costPerHr)
+                await self._wait_ready(deadline)
                 return
             except _BootFailed as exc:
                 why = f"{machine.name} instance {instance.instance_id} {exc}"
                 run.note(f"{why}; ending it")
                 await self.retire("boot-failed", str(exc))
                 run.attempt = run.attempt.next()
-        tried = min(len(offers), _MAX_LAUNCH_ATTEMPTS)
-        raise NoCapacity(f"tried {tried} offer{'s' if tried > 1 else ''}; none could be rented (the last: {why})")
+                offer = await self._move_on(offer, f"{offer.ref}: {why}", passed, deadline)
+
+    async def _move_on(self, gone: Offer, why: str, passed: list[str], deadline: float) -> Offer:
+        """After ``gone`` failed (``why``): search again past the offer cache (the stock that failed may be gone
+        everywhere, or back) and choose the best fitting offer not tried yet that what is left of the cap can start
+        and stop, on any provider or tier; say what was tried and why the job moves on. Raises NoCapacity, naming
+        every offer tried, when none is left, the tries are used up or the provisioning deadline is past."""
+        run, plan = self.run, self.run.plan
+        passed.append(gone.ref)
+        tried = f"tried {len(passed)} offer{'s' if len(passed) > 1 else ''} ({', '.join(passed)})"
+        if len(passed) >= _MAX_LAUNCH_ATTEMPTS or run.clock.monotonic() >= deadline:
+            raise NoCapacity(f"{tried}; none could be rented within --provision-timeout "
+                             f"{plan.provision_timeout:.0f} s (the last: {why})")
+        offers, errors = await plan.search(refresh=True)
+        left = run.cap - run.spent
+        fitting = [o for o in offers if o.ref not in passed
+                   and _affordable(left, o, plan.providers[o.provider].teardown_seconds)]
+        if not fitting:
+            elsewhere = "".join(f"; {name}: {text}" for name, text in errors.items())
+            raise NoCapacity(f"{tried}; none could be rented and no other offer fits (the last: {why}){elsewhere}")
+        chosen = fitting[0]
+        run.note(f"{why}; moving on to {chosen.ref} at {format_rate(chosen.price_usd_per_hour)}/h")
+        self._choose(chosen)
+        return chosen
 
     async def retire(self, status: str, why: str) -> None:
         """A machine this job can no longer use (never booted, preempted): ended and billed on a ledger row of its
@@ -145,11 +177,10 @@ class Provisioning:
         self._choose(offers[0])
         return offers
 
-    async def _wait_ready(self) -> None:
-        """Poll the provider until the instance runs, then SSH until it answers: one overall timeout."""
+    async def _wait_ready(self, deadline: float) -> None:
+        """Poll the provider until the instance runs, then SSH until it answers, by the provisioning deadline."""
         run, job, machine = self.run, self.run.job, self.run.on
         provider, timeout = machine.provider, run.plan.provision_timeout
-        deadline = run.clock.monotonic() + timeout
         delay = min(1.0, provider.poll_seconds)
         last = ""
         while machine.running.state is not InstanceState.RUNNING or machine.running.endpoint is None:
@@ -181,23 +212,30 @@ class Provisioning:
         await self._wait_ssh(deadline)
 
     def _check_billed_rate(self) -> None:
-        """The rate actually billed, read back: above --max-price or the cap, the instance is ended at once."""
+        """The rate actually billed, read back. Not the quote (past rounding): the instance is ended at once,
+        whatever --max-price says, billed at that rate, and the offer is not offered again in this session. Above
+        --max-price or the cap: ended at once too."""
         run, machine = self.run, self.run.on
-        instance = machine.running
+        instance, offer = machine.running, machine.offer
         billed = instance.price_usd_per_hour
-        if billed == machine.rate:
+        if billed <= 0 or billed == machine.rate:  # 0: this record does not say (a provider's unknown rate)
             return
-        quoted, machine.rate = machine.rate, billed
+        quoted, machine.rate = offer.price_usd_per_hour, billed  # the ledger row bills what the provider bills
         spec, name = run.plan.spec, machine.name
+        figures = (f"{name} instance {instance.instance_id} bills {format_rate(billed)}/h; {offer.ref} quoted "
+                   f"{format_rate(quoted)}/h")
+        if abs(billed - quoted) > _ROUNDING_PER_GPU * max(offer.gpus, 1):
+            if run.plan.offers is not None:
+                run.plan.offers.misquote(offer, f"quoted {format_rate(quoted)}/h, billed {format_rate(billed)}/h")
+            raise ProvisioningFailed(f"{figures}: the instance was ended at once, and this offer is not offered "
+                                     f"again in this session")
         if spec.max_price_usd_per_hour is not None and billed > spec.max_price_usd_per_hour:
             ceiling = format_rate(spec.max_price_usd_per_hour)
-            raise ProvisioningFailed(f"{name} bills {format_rate(billed)}/h for {instance.instance_id} (quoted "
-                                     f"{format_rate(quoted)}/h), above --max-price {ceiling}/h; the instance was ended")
+            raise ProvisioningFailed(f"{figures}, above --max-price {ceiling}/h; the instance was ended")
         try:
             check_cap(run.cap, billed, machine.provider.teardown_seconds)
         except ConfigError as exc:
-            raise ProvisioningFailed(f"{name} bills {format_rate(billed)}/h for {instance.instance_id} (quoted "
-                                     f"{format_rate(quoted)}/h): {exc}; the instance was ended") from None
+            raise ProvisioningFailed(f"{figures}: {exc}; the instance was ended") from None
         run.note(f"{name} bills {format_rate(billed)}/h (quoted {format_rate(quoted)}/h)")
         run.job.emit(EventType.PROVISIONED, provider=name, instance_id=instance.instance_id,
                      cost_per_hour_usd=billed, max_cost_usd=run.cap)
@@ -232,3 +270,12 @@ class Provisioning:
         left = run.limits().seconds_left()
         return BootWatch(lease_seconds=run.plan.spec.lease_seconds,
                          end_by=0.0 if left is None else run.clock.time() + max(left, 0.0))
+
+
+def _affordable(left: Decimal, offer: Offer, teardown_seconds: float) -> bool:
+    """Whether what is left of the cap can start and stop a job on ``offer`` (:func:`check_cap`)."""
+    try:
+        check_cap(left, offer.price_usd_per_hour, teardown_seconds)
+    except ConfigError:
+        return False
+    return True

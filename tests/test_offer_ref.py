@@ -18,9 +18,9 @@ from burst_jupyter.offer_book import ProviderLine
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 
 # One offer of each marketplace's fake, as the browser shows it: Vast ask 4101 ($0.352/h, not the cheapest
-# 4090, so `auto` would never pick it), RunPod's RTX 4090 type (spaces in its id), Thunder's production H100,
-# Lambda's H100 PCIe in one of its two regions (an id of type and region).
-SHOWN = {"vast": "vast:4101", "runpod": "runpod:NVIDIA_GeForce_RTX_4090", "thunder": f"thunder:{THUNDER_SPEC}",
+# 4090, so `auto` would never pick it), RunPod's RTX 4090 type on secure cloud (spaces in its id; not the cheaper
+# community one), Thunder's production H100, Lambda's H100 PCIe in one of its two regions (type and region).
+SHOWN = {"vast": "vast:4101", "runpod": "runpod:NVIDIA_GeForce_RTX_4090@secure", "thunder": f"thunder:{THUNDER_SPEC}",
          "lambda": LAMBDA_OFFER}
 
 
@@ -39,6 +39,18 @@ def test_the_offer_alone_rents_exactly_it(ip: Any, markets: Markets, provider: s
     assert (selected.provider, selected.gpu) == (provider, GPU[provider])
     spec = last_job().plan.spec  # what was asked: the provider came from the offer's prefix
     assert (spec.offer, spec.provider) == (SHOWN[provider], provider)
+    if provider == "runpod":
+        assert [p["_cloud"] for p in markets.runpod.pods.values()] == ["SECURE"]  # the cloud it names, no other
+
+
+def test_a_runpod_id_from_before_clouds_rents_the_cheapest_cloud_and_moves_on_to_the_other(
+        ip: Any, markets: Markets) -> None:
+    """``runpod:TYPE`` (no ``@cloud``, as offers were named before issue 13) names the type on either cloud."""
+    assert dry_run(ip, f"--offer runpod:{RUNPOD_GPU.replace(' ', '_')}").offer.tier == "community"
+    markets.runpod.sold_out_on_create = {"COMMUNITY": 1}
+    result, streams = run_cell(ip, cell(f"--offer runpod:{RUNPOD_GPU.replace(' ', '_')} --max-cost 1", "print(1)"))
+    ok(result, streams)
+    assert [p["_cloud"] for p in markets.runpod.pods.values()] == ["SECURE"]
 
 
 def test_every_offer_the_browser_shows_can_be_pasted_alone(ip: Any, markets: Markets) -> None:
@@ -57,7 +69,7 @@ def test_every_offer_the_browser_shows_can_be_pasted_alone(ip: Any, markets: Mar
 def test_a_quoted_id_with_spaces_is_one_word(ip: Any, markets: Markets) -> None:
     for quoted in (f'"runpod:{RUNPOD_GPU}"', f"'runpod:{RUNPOD_GPU}:x2'"):
         would = dry_run(ip, f"--offer {quoted} --max-cost 1").offer
-        assert (would.provider, would.offer_id) == ("runpod", RUNPOD_GPU)
+        assert (would.provider, would.offer_id) == ("runpod", f"{RUNPOD_GPU}@community")
     assert would.gpus == 2 and would.price_usd_per_hour == 2 * Decimal("0.34")
     assert markets.creates() == 0
 
