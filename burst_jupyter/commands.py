@@ -169,7 +169,7 @@ def _print_offers(browser: Any, args: argparse.Namespace) -> int:
 
         result = browser.result
         print(dumps({"offers": [offer_json(o) for o in sort_offers(result.offers, args.sort)],
-                     "errors": result.errors, "error": browser.error}))
+                     "left_out": result.left_out, "errors": result.errors, "error": browser.error}))
     else:
         print(browser.snapshot_text())
     return 0

@@ -29,7 +29,7 @@ CELLS = [
     'display(b, include=["text/html"])  # what a front end without widgets shows',
     "b.insert()",
 ]
-REF = "runpod:" + RUNPOD_GPU.replace(" ", "_")
+REF = "runpod:" + RUNPOD_GPU.replace(" ", "_") + "@community"  # the cheaper cloud's offer
 PAIRED = "$5 off, $9 back"  # a location: remote text MathJax would typeset as "5 off, " in math
 ARTIFACTS = Path(__file__).parent / "artifacts"  # kept after the run (git ignores it), unlike pytest's tmp
 
@@ -139,4 +139,5 @@ def test_choose_copy_insert_and_run_an_offer(server: Server, markets: Markets) -
                    what="the inserted cell's job to end")
         assert re.search(r"\bcompleted\b", out) and "runpod" in out, out
     assert js_errors == at_load, js_errors
-    assert [p["_gpu"] for p in markets.runpod.pods.values()] == [RUNPOD_GPU], "not exactly the chosen offer"
+    assert [(p["_gpu"], p["_cloud"]) for p in markets.runpod.pods.values()] == [(RUNPOD_GPU, "COMMUNITY")], (
+        "not exactly the chosen offer")

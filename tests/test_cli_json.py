@@ -101,7 +101,7 @@ def test_providers_and_offers(markets: Markets, capsys: Capsys) -> None:
     assert providers[0]["lowest"]["RTX_4090"]["offers"] >= 1
 
     found = cli_json(capsys, "offers", "--gpu", "RTX_4090", "--max-price", "0.5")
-    assert found["errors"] == {} and found["error"] is None
+    assert found["errors"] == {} and found["error"] is None and found["left_out"] == []
     first = found["offers"][0]
     assert (first["offer"], first["gpu_model"], first["gpus"]) == ("vast:4102", "RTX_4090", 1)
     assert money(first["price_usd_per_hour"]) == Decimal("0.298") and money(first["price_usd_per_gpu_hour"])
