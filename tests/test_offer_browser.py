@@ -178,6 +178,9 @@ def test_a_prototyping_offer_is_shown_only_when_allowed_and_its_cell_allows_it()
     allowed = OfferFilter(gpu="A100_80GB", prototyping=True)
     view.update_filter(allowed)
     assert view.offers == [proto] and "prototyping" in view.snapshot_text().splitlines()[2]
+    # Its limits are said under the table, text and HTML alike, not only in a hover.
+    limits = "thunder:a100xl_x1_prototyping: 1 x A100 (prototyping, ...; may be interrupted)"
+    assert view.snapshot_text().splitlines()[3] == f"  {limits}" and limits in view.snapshot_html()
     assert allowed.to_burst_options() == "--gpu A100_80GB --prototyping"
     assert allowed.to_burst_options(proto) == (
         "--offer thunder:a100xl_x1_prototyping --gpu A100_80GB --max-price 0.78 --prototyping")

@@ -28,6 +28,7 @@ from burst_jupyter.widgets.offer_table import (
     offer_rows,
     one_line,
     plural,
+    prototyping_lines,
     sort_offers,
     table_cell,
     text_table,
@@ -262,6 +263,7 @@ class OfferBrowser(LiveView):
             rows = offer_rows(self.offers)
             if rows:
                 lines.extend(text_table(rows))
+                lines.extend(f"  {line}" for line in prototyping_lines(self.offers))
                 more = self._more()
                 if more:
                     lines.append(more)
@@ -309,7 +311,8 @@ class OfferBrowser(LiveView):
             )
             body.append(f'<tr title="{escape(row.description)}"{mark}>{cells}</tr>')
         more = self._more()
-        tail = f"<div><i>{escape(more)}</i></div>" if more else ""
+        tail = "".join(f"<div>{escape(line)}</div>" for line in prototyping_lines(offers))
+        tail += f"<div><i>{escape(more)}</i></div>" if more else ""
         return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{tail}"
 
     def _errors_html(self) -> str:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from burst_jupyter.providers.base import Offer, OfferQuery
 
 __all__ = ["CELL_CHARS", "COLUMNS", "NUMERIC", "SORT_KEYS", "OfferFilter", "OfferRow", "error_line", "offer_key",
-           "offer_rows", "one_line", "plural", "sort_offers", "table_cell", "text_table"]
+           "offer_rows", "one_line", "plural", "prototyping_lines", "sort_offers", "table_cell", "text_table"]
 
 #: Sort keys and their labels: price and $/GPU-hour cheapest first, memory and reliability highest first.
 SORT_KEYS: dict[str, str] = {
@@ -181,6 +181,12 @@ def offer_rows(offers: Iterable[Offer]) -> list[OfferRow]:
         )
         for o in offers
     ]
+
+
+def prototyping_lines(offers: Iterable[Offer]) -> list[str]:
+    """Each shown prototyping offer with its description, whose limits must be read wherever it is offered (the
+    table itself only says ``prototyping``)."""
+    return [one_line(f"{o.ref}: {o.description}", 300) for o in offers if o.prototyping]
 
 
 def one_line(text: str, limit: int) -> str:
