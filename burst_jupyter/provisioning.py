@@ -124,13 +124,17 @@ class Provisioning:
         run, plan = self.run, self.run.plan
         passed.append(gone.ref)
         tried = f"tried {len(passed)} offer{'s' if len(passed) > 1 else ''} ({', '.join(passed)})"
-        if len(passed) >= _MAX_LAUNCH_ATTEMPTS or run.clock.monotonic() >= deadline:
+        if run.clock.monotonic() >= deadline:
             raise NoCapacity(f"{tried}; none could be rented within --provision-timeout "
                              f"{plan.provision_timeout:.0f} s (the last: {why})")
+        if len(passed) >= _MAX_LAUNCH_ATTEMPTS:
+            raise NoCapacity(f"{tried}; none could be rented, and {_MAX_LAUNCH_ATTEMPTS} is as many as one job tries "
+                             f"(the last: {why})")
         offers, errors = await plan.search(refresh=True)
         left = run.cap - run.spent
         fitting = [o for o in offers if o.ref not in passed
                    and _affordable(left, o, plan.providers[o.provider].teardown_seconds)]
+        fitting.sort(key=lambda o: f"{o.provider}:{o.offer_id}" in run.tried)  # one lost to a preemption: last
         if not fitting:
             elsewhere = "".join(f"; {name}: {text}" for name, text in errors.items())
             raise NoCapacity(f"{tried}; none could be rented and no other offer fits (the last: {why}){elsewhere}")
