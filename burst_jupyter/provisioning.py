@@ -123,7 +123,8 @@ class Provisioning:
         every offer tried, when none is left, the tries are used up or the provisioning deadline is past."""
         run, plan = self.run, self.run.plan
         passed.append(gone.ref)
-        tried = f"tried {len(passed)} offer{'s' if len(passed) > 1 else ''} ({', '.join(passed)})"
+        earlier = f" ({', '.join(passed[:-1])}, then {passed[-1]})" if len(passed) > 1 else ""
+        tried = f"tried {len(passed)} offer{'s' if len(passed) > 1 else ''}{earlier}"
         if run.clock.monotonic() >= deadline:
             raise NoCapacity(f"{tried}; none could be rented within --provision-timeout "
                              f"{plan.provision_timeout:.0f} s (the last: {why})")
@@ -137,7 +138,7 @@ class Provisioning:
         fitting.sort(key=lambda o: f"{o.provider}:{o.offer_id}" in run.tried)  # one lost to a preemption: last
         if not fitting:
             elsewhere = "".join(f"; {name}: {text}" for name, text in errors.items())
-            raise NoCapacity(f"{tried}; none could be rented and no other offer fits (the last: {why}){elsewhere}")
+            raise NoCapacity(f"{tried}; none could be rented (the last: {why}){elsewhere}")
         chosen = fitting[0]
         run.note(f"{why}; moving on to {chosen.ref} at {format_rate(chosen.price_usd_per_hour)}/h")
         self._choose(chosen)

@@ -226,8 +226,8 @@ def test_when_no_offer_is_left_the_error_names_every_offer_tried(ip: Any, market
     markets.runpod.sold_out_on_create = {"COMMUNITY": 1, "SECURE": 1}
     result, _ = run_cell(ip, cell("--gpu RTX_4090 --max-cost 1 --provider runpod"))
     line = usage_line(result)
-    assert ("tried 2 offers (runpod:NVIDIA_GeForce_RTX_4090@community, runpod:NVIDIA_GeForce_RTX_4090@secure); "
-            "none could be rented") in line
+    assert ("tried 2 offers (runpod:NVIDIA_GeForce_RTX_4090@community, then runpod:NVIDIA_GeForce_RTX_4090@secure); "
+            "none could be rented (the last: runpod:NVIDIA_GeForce_RTX_4090@secure has no capacity now") in line
     assert markets.runpod.running() == []
 
 
