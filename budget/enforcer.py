@@ -23,6 +23,7 @@ from pathlib import Path
 from ..db import connect, write_transaction
 from ..errors import BudgetExceededError
 from .caps import BudgetSnapshot, Cap, read_snapshot, store_cap, stored_caps
+from .cells import CellRow, insert_cell, select_cells
 from .ledger import LedgerRow, check_usd, ensure_schema, find_row, insert_row, require_aware, select_rows
 from .periods import PERIODS, Calendar, Period
 from .reservations import (
@@ -225,6 +226,16 @@ class Budget:
             drop_reservation(conn, job_id)
         return stored
 
+    def record_cell(self, cell: CellRow) -> None:
+        """A cell that ran on a kept machine, with its share of that machine's row (recorded once per cell)."""
+        with self._write() as conn:
+            insert_cell(conn, cell)
+
+    def cells(self, machine_job_id: str | None = None) -> list[CellRow]:
+        """The cells kept machines ran (or one machine's), in the order they ran."""
+        with self._read() as conn:
+            return select_cells(conn, machine_job_id)
+
     def rows(self, *, since: dt.datetime | None = None) -> list[LedgerRow]:
         """Ledger rows, oldest ``started_at`` first; with ``since``, those that started at or after it."""
         with self._read() as conn:
@@ -234,8 +245,8 @@ class Budget:
         """All rows and the open reservations as a :class:`LedgerTable` (times shown in ``tz``, the system's local
         zone by default)."""
         with self._read() as conn:
-            rows, held = select_rows(conn, since=None), open_reservations(conn)
-        return LedgerTable(rows, reservations=held, tz=tz)
+            rows, held, cells = select_rows(conn, since=None), open_reservations(conn), select_cells(conn)
+        return LedgerTable(rows, reservations=held, cells=cells, tz=tz)
 
     # --- caps ---
 

@@ -119,6 +119,28 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                BEGIN SELECT RAISE(ABORT, 'ledger_rows is append-only: DELETE refused'); END""",
         ),
     ),
+    (
+        3,
+        (
+            # The cells run on a kept machine (%burst up), each with its share of the machine's row (budget/cells.py).
+            """CREATE TABLE ledger_cells (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                machine_job_id TEXT NOT NULL,
+                cell_job_id TEXT NOT NULL UNIQUE,
+                name TEXT,
+                started_at TEXT NOT NULL,
+                ended_at TEXT NOT NULL,
+                output_bytes INTEGER NOT NULL CHECK (output_bytes >= 0),
+                share_usd TEXT NOT NULL,
+                status TEXT NOT NULL
+            )""",
+            "CREATE INDEX ledger_cells_machine ON ledger_cells (machine_job_id)",
+            """CREATE TRIGGER ledger_cells_no_update BEFORE UPDATE ON ledger_cells
+               BEGIN SELECT RAISE(ABORT, 'ledger_cells is append-only: UPDATE refused'); END""",
+            """CREATE TRIGGER ledger_cells_no_delete BEFORE DELETE ON ledger_cells
+               BEGIN SELECT RAISE(ABORT, 'ledger_cells is append-only: DELETE refused'); END""",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = _MIGRATIONS[-1][0]

@@ -27,6 +27,7 @@ from .ledger import LedgerRow, format_usd, require_aware
 if TYPE_CHECKING:
     import pandas
 
+    from .cells import CellRow
     from .reservations import Reservation
 
 __all__ = ["GROUP_KEYS", "GroupKey", "LedgerGroup", "LedgerTable"]
@@ -91,6 +92,7 @@ class LedgerTable:
         rows: Iterable[LedgerRow],
         *,
         reservations: Iterable[Reservation] = (),
+        cells: Iterable[CellRow] = (),
         group_by: GroupKey | None = None,
         tz: dt.tzinfo | None = None,
     ) -> None:
@@ -98,6 +100,8 @@ class LedgerTable:
             raise ValueError(f"group by one of {GROUP_KEYS}, not {group_by!r}")
         self.rows: list[LedgerRow] = list(rows)
         self.reservations: list[Reservation] = list(reservations)  # open: their jobs have not settled
+        # The cells kept machines ran: shown under their machine's row, each with its share (never summed again).
+        self.cells: list[CellRow] = list(cells)
         self.group_by = group_by
         self.tz = tz
 
@@ -159,7 +163,7 @@ class LedgerTable:
 
     def by(self, key: GroupKey) -> LedgerTable:
         """The same rows grouped by ``"day"`` (of ``started_at``, in :attr:`tz`), provider, gpu or status."""
-        return LedgerTable(self.rows, reservations=self.reservations, group_by=key, tz=self.tz)
+        return LedgerTable(self.rows, reservations=self.reservations, cells=self.cells, group_by=key, tz=self.tz)
 
     def since(self, moment: dt.datetime) -> LedgerTable:
         """Only the rows that started (and reservations made) at or after ``moment`` (timezone-aware), keeping the
@@ -167,7 +171,7 @@ class LedgerTable:
         require_aware(moment, "since")
         return LedgerTable([row for row in self.rows if row.started_at >= moment],
                            reservations=[held for held in self.reservations if held.created_at >= moment],
-                           group_by=self.group_by, tz=self.tz)
+                           cells=self.cells, group_by=self.group_by, tz=self.tz)
 
     def to_pandas(self) -> pandas.DataFrame:
         """A DataFrame of the ledger rows (or of the groups); money stays ``Decimal``. Needs pandas, imported here."""
@@ -243,8 +247,13 @@ class LedgerTable:
         actual = _cost_text(self.total, self.unknown, len(self.rows))
         groups = self.groups
         if groups is None:
-            body = [self._detail_cells(row) for row in self.rows]
-            body += [self._open_cells(held) for held in self.reservations]
+            body = []
+            for row in self.rows:
+                body.append(self._detail_cells(row))
+                body += [self._cell_cells(cell) for cell in self.cells if cell.machine_job_id == row.job_id]
+            for held in self.reservations:
+                body.append(self._open_cells(held))
+                body += [self._cell_cells(cell) for cell in self.cells if cell.machine_job_id == held.job_id]
             # No total under "reserved": those reservations were released when each job settled.
             totals = ["total", jobs, attempts, "", "", "", "", "", "", format_usd(self.held), actual, ""]
             return _DETAIL_COLUMNS, body, totals
@@ -283,6 +292,13 @@ class LedgerTable:
             row.status,
         ]
 
+    def _cell_cells(self, cell: CellRow) -> list[str]:
+        """A cell under its kept machine's line: its time, its output, and its share of the machine's bill."""
+        when = cell.started_at.astimezone(self.tz).strftime("%Y-%m-%d %H:%M")
+        name = f"{cell.name or 'cell'} · {_size_text(cell.output_bytes)} out"
+        return [when, f"  cell {cell.cell_job_id}", "", name, "", "", "", _duration_text(cell.duration), "", "",
+                f"({format_usd(cell.share_usd)})", cell.status]
+
     def _open_cells(self, held: Reservation) -> list[str]:
         when = held.created_at.astimezone(self.tz).strftime("%Y-%m-%d %H:%M")
         return [when, held.job_id, "", held.name or "", held.provider or "", held.gpu or "", "", "", "",
@@ -296,6 +312,16 @@ def _cost_text(known: Decimal, unknown: int, rows: int) -> str:
     if unknown == rows:
         return "unknown"
     return f"{format_usd(known)} + {unknown} unknown"
+
+
+def _size_text(size: int) -> str:
+    """``512 B``, ``1.5 KB``, ``2.0 MB`` (powers of 1000, as disks are sold)."""
+    if size < 1000:
+        return f"{size} B"
+    scaled, units = size / 1000, ["KB", "MB", "GB"]
+    while scaled >= 1000 and len(units) > 1:
+        scaled, units = scaled / 1000, units[1:]
+    return f"{scaled:.1f} {units[0]}"
 
 
 def _duration_text(duration: dt.timedelta | None) -> str:

@@ -20,8 +20,10 @@ if TYPE_CHECKING:
         budget_bars,
         burst,
         cleanup,
+        down,
         jobs,
         ledger,
+        machines,
         offers,
         orphans,
         provider_status,
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
         set_weekly_budget,
         shutdown,
         submit,
+        up,
     )
     from .errors import (
         BudgetExceededError,
@@ -49,8 +52,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     **dict.fromkeys(
-        ["budget_bars", "burst", "cleanup", "jobs", "ledger", "offers", "orphans", "provider_status", "run",
-         "set_daily_budget", "set_weekly_budget", "shutdown", "submit"], "api"),
+        ["budget_bars", "burst", "cleanup", "down", "jobs", "ledger", "machines", "offers", "orphans",
+         "provider_status", "run", "set_daily_budget", "set_weekly_budget", "shutdown", "submit", "up"], "api"),
     **dict.fromkeys(
         ["BudgetExceededError", "BudgetKilled", "BurstError", "ConfigError", "ProviderError", "RemoteError",
          "SyncError", "VariableError"], "errors"),
@@ -65,8 +68,9 @@ _LAZY = {
 __all__ = [
     "BudgetExceededError", "BudgetKilled", "BurstError", "ConfigError", "EventType", "Job", "JobEvent",
     "JobResult", "JobSpec", "JobStatus", "ProviderError", "RemoteError", "SyncError", "VariableError", "budget_bars",
-    "burst", "cleanup", "jobs", "ledger", "load_ipython_extension", "offers", "orphans", "provider_status", "run",
-    "set_daily_budget", "set_weekly_budget", "shutdown", "submit", "unload_ipython_extension",
+    "burst", "cleanup", "down", "jobs", "ledger", "load_ipython_extension", "machines", "offers", "orphans",
+    "provider_status", "run", "set_daily_budget", "set_weekly_budget", "shutdown", "submit", "unload_ipython_extension",
+    "up",
 ]
 
 

@@ -22,6 +22,7 @@ from .spec import JobSpec, gpus_problem, parse_money
 if TYPE_CHECKING:
     from .budget import LedgerTable
     from .job import Job, JobResult
+    from .kept import KeptMachine, MachinesTable
     from .offer_book import ProvidersStatus
     from .reconcile_report import Report
     from .widgets import BudgetBars
@@ -31,8 +32,10 @@ __all__ = [
     "budget_bars",
     "burst",
     "cleanup",
+    "down",
     "jobs",
     "ledger",
+    "machines",
     "offers",
     "orphans",
     "provider_status",
@@ -41,6 +44,7 @@ __all__ = [
     "set_weekly_budget",
     "shutdown",
     "submit",
+    "up",
 ]
 
 
@@ -78,6 +82,32 @@ async def burst(spec: JobSpec, *, namespace: Mapping[str, Any] | None = None) ->
     """``job = await burst(JobSpec(...))``: start a job from async code; then ``async for e in
     job.stream_events()`` and ``await job``."""
     return Session.current().submit(spec, namespace=namespace if namespace is not None else _caller_namespace(1))
+
+
+def up(*, idle: float | None = None, name: str | None = None, timeout: float | None = None,
+       **options: Any) -> KeptMachine:
+    """Rent a machine and keep it across cells (``%burst up``): one persistent Python process, to which every
+    ``%%burst`` cell without placement options of its own is sent, so what one cell defines the next one sees.
+    ``options`` are JobSpec fields (``gpu_model="RTX_4090", max_cost_usd=5, mount_local=[...]``); ``idle`` is
+    the minutes without a cell after which it is brought down (default 15), by this kernel or, with this kernel
+    gone, by its agent. Returns once its Python process runs; ``burst.down()`` brings it down."""
+    from .options import FLAGS, IDLE_MINUTES
+
+    fields = dict(options, idle_minutes=IDLE_MINUTES if idle is None else idle)
+    if name is not None:
+        fields["name"] = name
+    return Session.current().up(JobSpec.build(FLAGS, **fields), timeout=timeout)
+
+
+def down(name: str | None = None, *, timeout: float | None = None) -> list[JobResult]:
+    """Bring a kept machine down (all of them without ``name``): its rw mounts synced back, destroyed, confirmed
+    gone, settled on the ledger with each cell's share."""
+    return Session.current().down(name, timeout=timeout)
+
+
+def machines() -> MachinesTable:
+    """The kept machines of this kernel: where, $/h, spent of cap, idle countdown, cells run."""
+    return Session.current().machines_table()
 
 
 def ledger() -> LedgerTable:

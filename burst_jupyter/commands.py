@@ -243,11 +243,62 @@ def _jobs(args: argparse.Namespace) -> Any:
     return api.jobs()
 
 
-def _down(args: argparse.Namespace) -> None:
+def _shutdown(args: argparse.Namespace) -> None:
     from . import api
 
     handed = api.shutdown()
     print(f"burst: handed {len(handed)} job(s) to the reaper" + (f": {', '.join(handed)}" if handed else ""))
+
+
+def _up_options(p: argparse.ArgumentParser, where: Where) -> None:
+    add_options(p, for_line("up"))
+
+
+def _up(args: argparse.Namespace) -> Any:
+    from .options import FLAGS, IDLE_MINUTES, job_fields
+    from .session import Session
+    from .spec import JobSpec
+
+    fields = job_fields(args, "up")
+    fields.setdefault("idle_minutes", IDLE_MINUTES)
+    return Session.current().up(JobSpec.build(FLAGS, **fields))
+
+
+def _shown_machine(kept: Any) -> Any:
+    """``%burst up`` shows the machine's view, which follows it (its cells, its spend) until it is down."""
+    from IPython import get_ipython
+
+    from .display import CellDisplay
+
+    CellDisplay(kept.job, get_ipython()).follow_in_background()
+    return kept.job
+
+
+def _down_options(p: argparse.ArgumentParser, where: Where) -> None:
+    p.add_argument("name", nargs="?", metavar="NAME", help="the machine (default: every kept machine)")
+
+
+def _down(args: argparse.Namespace) -> None:
+    from .errors import one_line
+    from .money import format_usd
+    from .session import Session
+
+    results = Session.current().down(args.name)
+    if not results:
+        print("burst: no kept machine is up")
+    for result in results:
+        cost = "cost not known yet (burst ledger)" if result.total_cost_usd is None else \
+            f"settled {format_usd(result.total_cost_usd)}"
+        n = len(result.files)
+        files = f"synced back {n} file{'' if n == 1 else 's'} · " if n else ""
+        error = f" · {one_line(result.error)}" if result.error is not None else ""
+        print(f"burst: machine job {result.job_id} down · {files}{cost}{error}")
+
+
+def _machines(args: argparse.Namespace) -> Any:
+    from .session import Session
+
+    return Session.current().machines_table()
 
 
 def _cleanup(args: argparse.Namespace) -> Any:
@@ -279,8 +330,15 @@ COMMANDS: tuple[Command, ...] = (
             printed=_status),
     Command("kill", "end a job early: sync back, terminate, settle", _kill, _kill_options, ("burst",),
             printed=_status),
-    Command("down", "hand every job of this kernel to a detached reaper (sync back, terminate, settle)", _down,
-            where=("%burst",)),
+    Command("up", "rent a machine and keep it across cells: %%burst cells without placement options run in its "
+            "one Python process, so names persist (--idle MINUTES, --name, --max-cost for all its cells)", _up,
+            _up_options, where=("%burst",), shown=_shown_machine),
+    Command("down", "bring a kept machine down (NAME, or all): sync back, destroy, confirm gone, settle", _down,
+            _down_options, where=("%burst",)),
+    Command("machines", "the kept machines of this kernel: where, $/h, spent of cap, idle countdown, cells",
+            _machines, where=("%burst",)),
+    Command("shutdown", "hand every job of this kernel to a detached reaper (sync back, terminate, settle)",
+            _shutdown, where=("%burst",)),
     Command("cleanup", "end what no live job owns: jobs of processes that are gone (synced back, settled) and "
             "instances a marketplace lists with this install's tag that no job knows (--dry-run lists them with "
             "their $/h and cost so far)", _cleanup, _cleanup_options, printed=_print_cleanup),

@@ -2,7 +2,7 @@
 
 A graceful shutdown or restart gives atexit about 2.5 s before SIGTERM and then SIGKILL; ipykernel installs no
 SIGTERM handler, so without ours SIGTERM runs no atexit at all. The hooks (atexit, SIGTERM/SIGHUP, and the
-explicit ``burst.shutdown()`` / ``%burst down``) do not sync in-line: they mark each job handed off, start the
+explicit ``burst.shutdown()`` / ``%burst shutdown``) do not sync in-line: they mark each job handed off, start the
 reaper in a session of its own and record its pid beside each job in the state store.
 """
 
@@ -32,7 +32,8 @@ def hand_off(session: Session, reason: str) -> list[str]:
     for job in jobs:
         job.handed_off.set()
         job.cancel_requested.set()
-    ours = {j.id for j in jobs}
+    # A cell on a kept machine owns no instance: its machine's job is handed over, and the cell ends with it.
+    ours = {j.id for j in jobs if j.plan.on is None}
     # Also what this process recorded but no longer tracks in memory (a job whose handle was dropped).
     recorded = {o.job_id for o in session.state.owned_by(session.owner) if o.reaper_pid is None}
     ids = sorted(ours | recorded)

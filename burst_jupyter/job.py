@@ -97,6 +97,14 @@ class JobResult:
 
 
 @dataclass(frozen=True)
+class OnMachine:
+    """The kept machine a cell runs on: its name, and the job directory its Python process runs in there."""
+
+    name: str
+    jobdir: str
+
+
+@dataclass(frozen=True)
 class JobPlan:
     """Everything decided before the job is queued (validated input; nothing rented yet)."""
 
@@ -115,6 +123,7 @@ class JobPlan:
     offers: OfferBook | None = None  # marketplaces: the session's cached, concurrent search
     keys_dir: Path | None = None  # where per-job SSH keys live (marketplaces)
     provision_timeout: float = PROVISION_TIMEOUT_SECONDS
+    on: OnMachine | None = None  # a cell on a kept machine (%burst up)
 
     def query(self) -> OfferQuery:
         spec = self.spec
@@ -187,16 +196,19 @@ class Job:
         self.cancel_requested = threading.Event()
         self.handed_off = threading.Event()  # the exit hooks gave this job to a reaper: hands off
         self._show: Callable[[], bool] | None = None  # displays the job's live view (see _ipython_display_)
+        self.output_bytes = 0  # what the remote sent as output and displays (a kept machine's ledger shows it)
 
     # -- produced on the loop thread ------------------------------------------------------------------------
 
     def remote_output(self, stream: str, text: str) -> None:
         """The cell's output, as the instance sent it: emitted while within the notebook's bounds."""
+        self.output_bytes += len(text.encode("utf-8", "replace"))
         for name, shown in self._output.feed(stream, text):
             self.emit(EventType.OUTPUT, stream=name, text=shown)
 
     def remote_display(self, data: dict[str, Any]) -> None:
         """What the cell displayed (an inert bundle): emitted while within the notebook's bounds, as output is."""
+        self.output_bytes += sum(len(str(v)) for v in data.values())
         if self._output.admit(data):
             self.emit(EventType.DISPLAY, data=data)
 
@@ -284,6 +296,12 @@ class Job:
         j · settled $0.00"."""
         events = self.events
         seen = {e.type: e for e in events}
+        if self.plan.on is not None:
+            bits = [f"burst: cell {self.id} interrupted by Ctrl-C (KeyboardInterrupt on the machine)",
+                    f"machine {self.plan.on.name} kept, its state with it"]
+            if result.error is not None and not isinstance(result.error, JobCancelled):
+                bits.append(f"error: {one_line(result.error)}")
+            return JobInterrupted(" · ".join(bits))
         bits = [f"burst: job {self.id} {result.status.value.replace('_', ' ')} by Ctrl-C"]
         if EventType.SYNCING_DOWN in seen:
             bits.append(f"synced back {len(result.files)} file{'' if len(result.files) == 1 else 's'}")

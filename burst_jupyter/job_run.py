@@ -57,6 +57,10 @@ class JobRun:
     sync_up_seconds: float = 0.0  # the last upload's time: the results' way back is kept at least as long
     # One results transfer at a time writes into the local rw folders: a --sync-every pull or the final results.
     sync_lock: threading.Lock = field(default_factory=threading.Lock)
+    # A kept machine (%burst up): its idle limit, when its last cell ended (or it started), cells running on it now.
+    idle_seconds: float | None = None
+    last_activity: float | None = None
+    cells_running: int = 0
 
     @property
     def plan(self) -> JobPlan:
@@ -87,7 +91,21 @@ class JobRun:
     def limits(self) -> Limits:
         """The job's limits now (pure decisions, on the injected clock)."""
         return Limits(meter=self.meter(), first_launch=self.first_launch, max_seconds=self.plan.max_seconds,
-                      teardown_seconds=self.chosen.teardown_seconds, sync_up_seconds=self.sync_up_seconds)
+                      teardown_seconds=self.chosen.teardown_seconds, sync_up_seconds=self.sync_up_seconds,
+                      idle_until=self.idle_until())
+
+    def idle_until(self) -> float | None:
+        """A kept machine with no cell running: when its idle limit ends (wall clock). None: no limit now."""
+        if self.idle_seconds is None or self.cells_running or self.last_activity is None:
+            return None
+        return self.last_activity + self.idle_seconds
+
+    def cell_started(self) -> None:
+        self.cells_running += 1
+
+    def cell_ended(self) -> None:
+        self.cells_running -= 1
+        self.last_activity = self.clock.time()
 
     def note(self, text: str) -> None:
         """One line of this client's own in the job's output."""

@@ -21,8 +21,9 @@ from typing import Any, Literal
 from .providers import REGISTRY, offering
 from .providers.declaration import Capability
 
-__all__ = ["DEFAULT_HELP", "DEFAULT_MAX_RESULTS", "FLAGS", "HARD_MAX_MINUTES", "HELP", "JOB_OPTIONS",
-           "LEASE_SECONDS", "MAX_GPUS", "OFFER_SEARCH", "PROVISION_TIMEOUT_SECONDS", "Option", "add_options",
+__all__ = ["DEFAULT_HELP", "DEFAULT_MAX_RESULTS", "FLAGS", "HARD_MAX_MINUTES", "HELP", "IDLE_MINUTES", "JOB_OPTIONS",
+           "LEASE_SECONDS", "MAX_GPUS", "OFFER_SEARCH", "PLACEMENT", "PROVISION_TIMEOUT_SECONDS", "Option",
+           "add_options",
            "by_name", "for_line", "job_fields"]
 
 #: No job runs longer than this, whatever it asks (architecture: "hard max 12 h").
@@ -40,8 +41,11 @@ PROVISION_TIMEOUT_SECONDS = 900.0
 #: loaded with the first cell); ``names`` is a comma list; ``mounts`` repeats; ``body`` is what a job runs
 #: (``burst submit`` reads it itself); ``flag`` takes no value.
 Kind = Literal["text", "int", "float", "money", "size", "flag", "names", "mounts", "body"]
-#: Which line takes an option: a notebook cell (``%%burst``) or a terminal (``burst submit``).
-Line = Literal["cell", "submit"]
+#: Which line takes an option: a notebook cell (``%%burst``), a terminal (``burst submit``), or a machine kept
+#: across cells (``%burst up``).
+Line = Literal["cell", "submit", "up"]
+#: The default idle limit of a kept machine, minutes.
+IDLE_MINUTES = 15.0
 
 _TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float}
 
@@ -65,7 +69,9 @@ class Option:
     setting: str | None = None
     late: bool = False
     trait: bool = False
-    lines: tuple[Line, ...] = ("cell", "submit")
+    lines: tuple[Line, ...] = ("cell", "submit", "up")
+    # Where the machine is and what it is: a cell that gives one rents a machine of its own, never the kept one.
+    placement: bool = False
 
     @property
     def key(self) -> str:
@@ -103,51 +109,52 @@ class Option:
 JOB_OPTIONS: tuple[Option, ...] = (
     Option("provider", "text", "Where to run: auto (default: the cheapest configured marketplace for a --gpu job, "
            f"else your --host boxes, else this machine), {', '.join(REGISTRY)}.", field="provider",
-           short="-p", setting="provider", trait=True),
+           short="-p", setting="provider", trait=True, placement=True),
     Option("gpu", "text", "GPU model: RTX_4090, H100, A100_80GB, ANY ... (default: no GPU required).",
-           field="gpu_model", also=("--gpu-model",)),
-    Option("gpus", "int", f"Number of GPUs, 1 to {MAX_GPUS} (default 1).", field="gpus", metavar="N"),
-    Option("memory", "int", "Minimum GPU memory per GPU, GB.", field="memory_gb", metavar="GB"),
+           field="gpu_model", also=("--gpu-model",), placement=True),
+    Option("gpus", "int", f"Number of GPUs, 1 to {MAX_GPUS} (default 1).", field="gpus", metavar="N", placement=True),
+    Option("memory", "int", "Minimum GPU memory per GPU, GB.", field="memory_gb", metavar="GB", placement=True),
     Option("max_cost", "money", "Hard cap on this job's bill, USD.", field="max_cost_usd", also=("--max-cost-usd",),
            metavar="USD", setting="max_cost", trait=True),
     Option("max_price", "money", "Ceiling on the hourly price of the machine.", field="max_price_usd_per_hour",
-           metavar="USD_PER_HOUR"),
+           metavar="USD_PER_HOUR", placement=True),
     Option("max_duration", "int", f"Stop the job after this many minutes (at most {HARD_MAX_MINUTES}).",
            field="max_duration_minutes", metavar="MINUTES", setting="max_duration_minutes", trait=True),
     Option("spot", "flag", f"Rent interruptible capacity (cheaper, may be preempted): {offering(Capability.SPOT)}.",
-           field="spot"),
+           field="spot", placement=True),
     Option("prototyping", "flag", "Also rent development capacity, cheaper with limits its offers state (Thunder's "
            "prototyping mode: CUDA-level virtualisation; long-running GPU processes may be interrupted): "
-           f"{offering(Capability.PROTOTYPING)}. --offer naming such an offer allows it.", field="prototyping"),
+           f"{offering(Capability.PROTOTYPING)}. --offer naming such an offer allows it.", field="prototyping", placement=True),
     Option("min_reliability", "float", "Skip offers the provider scores below this.", field="min_reliability",
-           metavar="0..1", setting="min_reliability"),
+           metavar="0..1", setting="min_reliability", placement=True),
     Option("offer", "text", "Rent exactly this offer (from the offer browser: %%burst offers, burst offers).",
-           field="offer", metavar="PROVIDER:ID"),
+           field="offer", metavar="PROVIDER:ID", placement=True),
     Option("provision_timeout", "float", "One limit on boot, image pull and SSH readiness of a rented machine "
            f"(default {PROVISION_TIMEOUT_SECONDS:.0f}).", field="provision_timeout_seconds", metavar="SECONDS",
-           setting="provision_timeout_seconds", late=True),
-    Option("dry_run", "flag", "Show the offer it would rent and the worst-case cost; rent nothing."),
+           setting="provision_timeout_seconds", late=True, placement=True),
+    Option("dry_run", "flag", "Show the offer it would rent and the worst-case cost; rent nothing.",
+           lines=("cell", "submit")),
     Option("rate", "money", "Declared $/h for local and ssh machines (default 0).", field="rate_usd_per_hour",
-           metavar="USD_PER_HOUR", setting="rate", trait=True),
+           metavar="USD_PER_HOUR", setting="rate", trait=True, placement=True),
     Option("mount", "mounts", "Upload a folder (ro), or upload it and sync it back after the run (rw). Repeatable.",
            field="mount_local", short="-m", metavar="LOCAL:REMOTE[:ro|:rw]"),
     Option("push", "names", "Notebook variables to send to the cell.", field="push", metavar="A,B", lines=("cell",)),
     Option("pull", "names", "Variables to bring back into the notebook after the run.", field="pull", metavar="C,D",
            lines=("cell",)),
     Option("host", "names", "SSH hosts ([user@]host[:port] or ~/.ssh/config aliases), taken round-robin; implies "
-           "--provider ssh.", field="ssh_hosts", metavar="H1,H2", setting="hosts", trait=True),
+           "--provider ssh.", field="ssh_hosts", metavar="H1,H2", setting="hosts", trait=True, placement=True),
     Option("trust_new_host", "flag", "Accept and remember an unknown SSH host key (a changed key is always "
-           "refused).", field="ssh_trust_on_first_use", setting="trust_new_hosts", trait=True),
+           "refused).", field="ssh_trust_on_first_use", setting="trust_new_hosts", trait=True, placement=True),
     Option("image", "text", "Container image (marketplace providers only).", field="image", metavar="IMAGE",
-           setting="image", late=True),
+           setting="image", late=True, placement=True),
     Option("python", "text", "Python on the instance (default python3; local: this kernel's).",
-           field="remote_python", metavar="PATH", setting="remote_python", trait=True),
+           field="remote_python", metavar="PATH", setting="remote_python", trait=True, placement=True),
     Option("lease", "int", f"Stop the job if this kernel or process is silent this long (default {LEASE_SECONDS}; "
            "0: never).", field="lease_seconds", metavar="SECONDS", setting="lease_seconds", trait=True),
     Option("retries", "int", "After a preemption, relaunch on the next offer up to N times.", field="retries",
-           metavar="N"),
+           metavar="N", lines=("cell", "submit")),
     Option("sync_every", "int", "Also bring rw mounts back this often while the job runs (a relaunch continues "
-           "from them).", field="sync_every_seconds", metavar="SECONDS"),
+           "from them).", field="sync_every_seconds", metavar="SECONDS", lines=("cell", "submit")),
     Option("max_results", "size", f"Most rw results brought back (default {DEFAULT_MAX_RESULTS // 10**9}GB), e.g. "
            "100GB; past it the transfer stops and the job fails saying what was left out.",
            field="max_results_bytes", metavar="SIZE", trait=True),
@@ -155,11 +162,17 @@ JOB_OPTIONS: tuple[Option, ...] = (
     Option("sink", "text", "Also store rw results in URL/<job id>/: a folder, s3://bucket/prefix or "
            "r2://bucket/prefix; {job_id} in URL places the id itself (IPython expands {name} in magic lines from "
            "the notebook's variables: if one is called job_id, write {{job_id}}).", field="result_sink",
-           metavar="URL", setting="result_sink"),
+           metavar="URL", setting="result_sink",
+           lines=("cell", "submit")),
     Option("background", "flag", "Return a Job handle at once; the view keeps updating.", short="-b",
            lines=("cell",)),
     Option("file", "body", "A Python file to run like a notebook cell.", field="cell_file", short="-f",
            metavar="FILE.py", lines=("submit",)),
+    Option("idle", "float", f"Bring the machine down after this many minutes without a cell (default "
+           f"{IDLE_MINUTES:.0f}); its agent does so with this kernel gone too.", field="idle_minutes",
+           metavar="MINUTES", lines=("up",)),
+    Option("on", "text", "Run this cell on the kept machine of this name (%%burst up --name; %%burst machines "
+           "lists them).", field="on_machine", metavar="NAME", lines=("cell",)),
     Option("command", "body", "A command line, split as a shell would (or give -- PROGRAM ARGS at the end).",
            field="command", short="-c", metavar='"PROGRAM ARGS"', lines=("submit",)),
 )
@@ -177,6 +190,10 @@ DEFAULT_HELP: dict[str, str] = {o.setting: o.default_help for o in JOB_OPTIONS i
 #: The options an offer search takes (``%burst offers``, ``burst offers``), with their defaults there.
 OFFER_SEARCH: dict[str, Any] = {"gpu": None, "gpus": 1, "max_price": None, "provider": None,
                                 "min_reliability": None, "spot": False, "prototyping": False}
+
+
+#: The options that say where a job runs and on what: a ``%%burst`` cell that gives one rents its own machine.
+PLACEMENT: frozenset[str] = frozenset(o.field for o in JOB_OPTIONS if o.placement and o.field)
 
 
 def by_name(name: str) -> Option:

@@ -28,7 +28,7 @@ __all__ = ["decide_result"]
 
 
 def decide_result(job_id: str, attempt: Attempt, error: BaseException | None, total: Decimal | None, *,
-                  pull: list[str], cap: Decimal, lost: str | None) -> JobResult:
+                  pull: list[str], cap: Decimal, lost: str | None, kept: bool = False) -> JobResult:
     """The job's result from its last ``attempt``: ``error`` ended the run (None: it ran to its end or was stopped,
     ``attempt.stop_reason`` says why), ``total`` is the confirmed bill (None: not known yet), ``lost`` is what
     never came back when the job had to end with its instance unreachable."""
@@ -58,6 +58,8 @@ def decide_result(job_id: str, attempt: Attempt, error: BaseException | None, to
         error = ResultsTooLarge(f"results over the limit: not brought back: {received.over_limit}")
     if error is not None:
         result.status, result.error = JobStatus.FAILED, error
+    elif kept and reason in (Reason.CANCELLED, Reason.IDLE) and not lost:
+        pass  # %burst down, or its idle limit: a kept machine's end
     elif reason == Reason.CANCELLED:
         result.status = JobStatus.CANCELLED
         if lost:  # cancelled while results waited for this machine's disk: the ledger says which

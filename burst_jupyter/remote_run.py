@@ -72,7 +72,17 @@ class RemoteRun:
             "gpus": spec.gpus,
             **self._money_manifest(),
             **dead_mans_switch(run.chosen, plan.sink, max_seconds=plan.max_seconds, lease_seconds=spec.lease_seconds),
+            **self._machine_manifest(),
         }
+
+    def _machine_manifest(self) -> dict[str, Any]:
+        """A kept machine's Python process and its idle limit (``%burst up``), or the kept machine a cell runs on."""
+        run, plan = self.run, self.run.plan
+        if run.idle_seconds is not None:
+            return {"machine": {"idle_seconds": int(run.idle_seconds)}}
+        if plan.on is not None:
+            return {"on_machine": plan.on.jobdir}
+        return {}
 
     def _money_manifest(self) -> dict[str, Any]:
         """What the agent needs to hold the cap with nobody watching (decimal strings: money is never a float).
@@ -165,7 +175,7 @@ class RemoteRun:
                 elif step.kind == "refetch":
                     self._start_refetch(queue, loop)
                 elif step.kind == "pull":
-                    pull = asyncio.ensure_future(self._pull())
+                    pull = asyncio.ensure_future(self.pull())
                 elif step.kind == "stop":
                     job.emit(EventType.STOPPING, message=STOP_TEXT[str(step.reason)], cost_so_far_usd=run.cost_so_far())
                     await self._send(stream, f"{Control.STOP} {step.reason}")
@@ -182,6 +192,8 @@ class RemoteRun:
             elif notice.type is EventType.DISPLAY:
                 job.remote_display(notice.fields["data"])
             elif notice.type is EventType.STARTED:
+                if run.idle_seconds is not None and run.last_activity is None:
+                    run.last_activity = run.clock.time()  # a kept machine is ready: its idle time counts from here
                 job.emit(EventType.STARTED, instance_id=run.on.instance.instance_id if run.on.instance else None)
             elif notice.type is EventType.SYNCING_DOWN:
                 job.emit(EventType.SYNCING_DOWN, message=_describe_mounts([m for m in run.plan.mounts if m.rw]))
@@ -265,9 +277,10 @@ class RemoteRun:
 
         threading.Thread(target=read, name=f"burst-{self.run.job.id}-reader", daemon=True).start()
 
-    async def _pull(self) -> None:
-        """A --sync-every pull: the rw changes so far (and into the sink), over a channel of its own beside the
-        stream. A failure costs nothing but this pull: the final results still come back at the end."""
+    async def pull(self) -> None:
+        """A --sync-every pull (or, on a kept machine, after each cell): the rw changes so far (and into the sink),
+        over a channel of its own beside the stream. A failure costs nothing but this pull: the final results still
+        come back at the end."""
         run = self.run
         try:
             got = await asyncio.to_thread(self._fetch_results)

@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .config import Settings, budget_caps, load_settings
 from .errors import ConfigError
 from .handoff import Handoff
-from .job import Job, JobPlan, decide_cap
+from .job import Job, JobPlan, JobResult, OnMachine, decide_cap
 from .job_log import JobLogWriter
 from .lifecycle import Lifecycle
 from .machine import JobParts
 from .meter import WALL_CLOCK, Clock
 from .money import format_rate, format_usd
 from .offer_book import OfferBook, SearchResult
-from .options import JOB_OPTIONS
+from .options import FLAGS, IDLE_MINUTES, JOB_OPTIONS, PLACEMENT
 from .output import output_log_path
 from .paths import burst_home, secure_home
 from .providers import REGISTRY, ProviderConfig, build_provider, is_marketplace, marketplaces, offering
@@ -45,6 +45,8 @@ from .variables import check_pulls, pack_push
 if TYPE_CHECKING:
     from .budget import Budget
     from .connections import Connections
+    from .kept import KeptMachine, MachinesTable
+    from .kept_cell import CellOnMachine
     from .reconcile import Reconciler
     from .state import Owner, StateStore
 
@@ -54,6 +56,10 @@ T = TypeVar("T")
 
 #: The provider names a user can ask for. ``auto`` picks among the configured ones.
 PROVIDER_NAMES = ("auto", *REGISTRY)
+
+
+#: What a kept machine decides for all its cells: a cell on it that gives one is refused, saying so.
+_MACHINE_OWNS = frozenset({"max_cost_usd", "retries", "sync_every_seconds", "result_sink", "lease_seconds"})
 
 
 def _slug(name: str) -> str:
@@ -77,6 +83,7 @@ class Session:
         self.connections: Connections = self.parts.connections
         self.owner: Owner = Owner.current()
         self.jobs: dict[str, Job] = {}
+        self.machines: dict[str, KeptMachine] = {}  # kept across cells (%burst up), by name
         self._rotations: dict[tuple[str, ...], itertools.count[int]] = {}
         self._providers: dict[ProviderConfig, Provider] = {}
         self.offer_book = OfferBook(ttl=self.settings.offer_ttl_seconds, preference=self.settings.prefer)
@@ -141,15 +148,130 @@ class Session:
     # -- jobs -----------------------------------------------------------------------------------------------
 
     def submit(self, spec: JobSpec, *, namespace: Mapping[str, Any] | None = None) -> Job:
-        """Validate ``spec`` (raising :class:`ConfigError` before anything is rented) and start the job."""
-        plan = self.plan(spec, namespace=namespace or {})
+        """Validate ``spec`` (raising :class:`ConfigError` before anything is rented) and start the job: on the
+        kept machine it is meant for (see :meth:`machine_for`), else on a machine of its own."""
+        kept = self.machine_for(spec)
+        if kept is not None:
+            return self._submit_cell(kept, spec, namespace or {})
+        job = self._job(self.plan(spec, namespace=namespace or {}))
+        self._start(Lifecycle(job, self._parts()))
+        return job
+
+    def _parts(self) -> JobParts:
+        return JobParts(install=self.parts, owner=self.owner, clock=self.clock)
+
+    def _job(self, plan: JobPlan) -> Job:
         log = JobLogWriter(job_id=plan.job_id, home=self.home)
         job = Job(plan, self.loop, output_log=output_log_path(log.path.parent, plan.job_id))
         job.add_listener(log)  # `burst show` reads the job from any process
         self.jobs[job.id] = job
-        lifecycle = Lifecycle(job, JobParts(install=self.parts, owner=self.owner, clock=self.clock))
+        return job
+
+    def _start(self, lifecycle: Lifecycle | CellOnMachine) -> None:
         asyncio.run_coroutine_threadsafe(lifecycle.run(), self.loop)
         self.loop.call_soon_threadsafe(self._watch)
+
+    # -- machines kept across cells (%burst up) -------------------------------------------------------------
+
+    def up(self, spec: JobSpec, *, timeout: float | None = None) -> KeptMachine:
+        """Rent a machine and start its persistent Python process (``spec.kept``); returns once it runs. Ctrl-C
+        (or any error) while it comes up brings it down again."""
+        from .kept import KeptMachine
+
+        if not spec.kept:
+            spec = spec.model_copy(update={"idle_minutes": IDLE_MINUTES})
+        name = spec.name if "name" in spec.model_fields_set else self._machine_name()
+        if name in {m.name for m in self.live_machines()}:
+            raise ConfigError(f"machine {name} is up already: send cells to it, or %burst down {name} first")
+        plan = self.plan(spec.model_copy(update={"name": name}), namespace={})
+        job = self._job(plan)
+        lifecycle = Lifecycle(job, self._parts())
+        assert spec.idle_minutes is not None
+        lifecycle.run_state.idle_seconds = spec.idle_minutes * 60.0
+        kept = KeptMachine(name, job, lifecycle.run_state, lifecycle.remote)
+        self.machines[name] = kept
+        self._start(lifecycle)
+        try:
+            kept.wait_ready(timeout)
+        except BaseException:
+            kept.down()
+            raise
+        return kept
+
+    def down(self, name: str | None = None, *, timeout: float | None = None) -> list[JobResult]:
+        """Bring a kept machine down (every one with no ``name``): sync back, destroy, confirm gone, settle."""
+        machines = self.live_machines()
+        if name is not None:
+            machines = [m for m in machines if m.name == name]
+            if not machines:
+                raise ConfigError(f"no machine named {name} is up ({self._up_names()})")
+        return [m.down(timeout) for m in machines]
+
+    def live_machines(self) -> list[KeptMachine]:
+        return [m for m in list(self.machines.values()) if not m.job.done()]
+
+    def machines_table(self) -> MachinesTable:
+        from .kept import MachinesTable
+
+        return MachinesTable(list(self.machines.values()))
+
+    def _machine_name(self) -> str:
+        n = 1
+        while f"m{n}" in self.machines:
+            n += 1
+        return f"m{n}"
+
+    def _up_names(self) -> str:
+        names = [m.name for m in self.live_machines()]
+        return f"up: {', '.join(names)}" if names else "none is up; start one with %burst up"
+
+    def machine_for(self, spec: JobSpec) -> KeptMachine | None:
+        """The kept machine a cell runs on: the one ``--on`` names, else the one that is up, for a cell that gives
+        no placement option of its own (a cell that does rents its own machine, as without one)."""
+        given = spec.model_fields_set & PLACEMENT
+        if spec.on_machine is not None:
+            kept = next((m for m in self.live_machines() if m.name == spec.on_machine), None)
+            if kept is None:
+                raise ConfigError(f"--on {spec.on_machine}: no machine of that name is up ({self._up_names()})")
+            if given:
+                raise ConfigError(f"--on {spec.on_machine} runs the cell on that machine: {FLAGS[min(given)]} is "
+                                  "the machine's, given at %burst up")
+            return kept
+        live = self.live_machines()
+        if spec.cell is None or given or not live:
+            return None
+        if len(live) > 1:
+            raise ConfigError(f"machines {', '.join(m.name for m in live)} are up: say which with --on NAME (or "
+                              "give the cell placement options such as --gpu to rent a machine of its own)")
+        return live[0]
+
+    def _submit_cell(self, kept: KeptMachine, spec: JobSpec, namespace: Mapping[str, Any]) -> Job:
+        """A cell on ``kept``: checked like any cell (before anything is sent), then run in its Python process."""
+        from .kept_cell import CellOnMachine
+
+        theirs = sorted(spec.model_fields_set & _MACHINE_OWNS)
+        if theirs:
+            raise ConfigError(f"{FLAGS[theirs[0]]} is the machine's (give it at %burst up): this cell runs on "
+                              f"machine {kept.name}")
+        assert spec.cell is not None
+        check_pulls(spec.pull, _parse_cell(spec.cell), spec.push)
+        mounts = plan_mounts(spec.mounts)
+        kept.keep(mounts)
+        pushed = pack_push(spec.push, namespace)
+        spec = spec.model_copy(update={"lease_seconds": kept.job.spec.lease_seconds})
+        machine_left = kept.run.limits().seconds_left()
+        seconds = (spec.max_duration_minutes or HARD_MAX_MINUTES) * 60.0
+        job_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
+        machine_plan = kept.run.plan
+        plan = JobPlan(job_id=job_id, spec=spec, providers=machine_plan.providers, configs=machine_plan.configs,
+                       cap_usd=kept.run.cap,
+                       max_seconds=seconds if machine_left is None else min(seconds, machine_left),
+                       mounts=mounts, pushed=pushed, cell=spec.cell, tag=self.tag,
+                       handoff=Handoff(name=spec.name, tag=self.tag, max_results=spec.max_results_bytes),
+                       on=OnMachine(kept.name, kept.jobdir))
+        job = self._job(plan)
+        kept.cells.append(job)
+        self._start(CellOnMachine(job, self._parts(), kept))
         return job
 
     def live_jobs(self) -> list[Job]:

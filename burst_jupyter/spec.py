@@ -188,6 +188,9 @@ class JobSpec(BaseModel):
     sync_every_seconds: int | None = Field(None, ge=5, description=HELP["sync_every_seconds"])
     result_sink: str | None = Field(None, description=HELP["result_sink"])
     max_results_bytes: int = Field(DEFAULT_MAX_RESULTS, description=HELP["max_results_bytes"])
+    idle_minutes: float | None = Field(None, gt=0, le=HARD_MAX_MINUTES, allow_inf_nan=False,
+                                       description=HELP["idle_minutes"])
+    on_machine: str | None = Field(None, description=HELP["on_machine"])
 
     @field_validator("max_results_bytes", mode="before")
     @classmethod
@@ -249,7 +252,10 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_body(self) -> JobSpec:
-        if (self.cell is None) == (self.command is None):
+        if self.kept:
+            if self.cell is not None or self.command is not None or self.push or self.pull:
+                raise ValueError("a kept machine (%burst up) runs no cell of its own: send cells to it")
+        elif (self.cell is None) == (self.command is None):
             raise ValueError("give exactly one of cell= or command=")
         if self.command is not None and (self.push or self.pull):
             raise ValueError("push/pull need a cell, not a command")
@@ -257,6 +263,11 @@ class JobSpec(BaseModel):
         if len(set(remotes)) != len(remotes):
             raise ValueError(f"two mounts share a remote path: {remotes}")
         return self
+
+    @property
+    def kept(self) -> bool:
+        """A machine kept across cells (``%burst up``): its job is the machine's Python process, not a cell."""
+        return self.idle_minutes is not None
 
     @property
     def mounts(self) -> list[Mount]:

@@ -49,6 +49,7 @@ STOP_TEXT = {
     Reason.DEADLINE: "reached its maximum duration",
     Reason.LEASE: "the agent's lease lapsed (the client went silent)",
     Reason.AGENT_DIED: "the agent on the instance died",
+    Reason.IDLE: "ran no cell for its idle limit",
 }
 
 
@@ -71,6 +72,7 @@ class Limits:
     max_seconds: float
     teardown_seconds: float  # the provider's terminate
     sync_up_seconds: float = 0.0  # the last upload's time: the results' way back takes about as long
+    idle_until: float | None = None  # a kept machine with no cell running: wall-clock seconds its idle limit ends
 
     def reserve_seconds(self) -> float:
         """Kept back at the budget stop so the whole bill stays inside the cap: the agent's answer and the results
@@ -89,6 +91,8 @@ class Limits:
             return Reason.DEADLINE
         if self.meter.exhausted(reserve=self.reserve_seconds()):
             return Reason.BUDGET
+        if self.idle_until is not None and self.meter.clock.time() >= self.idle_until:
+            return Reason.IDLE
         return None
 
     def out_of_time_or_money(self, *, cancelled: bool) -> str | None:

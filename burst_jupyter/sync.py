@@ -42,6 +42,10 @@ class MountPlan:
     # record (never uploaded by this version), so every file already here counts as the user's.
     uploaded: dict[str, Signature] | None = None
     rules: dict[str, str] = field(default_factory=dict)  # the ignore files the upload obeyed (ignore.excluded)
+    # On a kept machine (``%burst up``): the store this mount keeps there across cells, and each file as it last
+    # reached that store (as uploaded or as synced back). A file still as recorded is not sent again.
+    keep: str | None = None
+    sent: dict[str, Signature] | None = None
 
     @property
     def rw(self) -> bool:
@@ -61,7 +65,23 @@ class MountPlan:
         entry: dict[str, Any] = {"remote": self.mount.remote, "mode": self.mount.mode}
         if self.is_file:
             entry["file"] = self.local.name
+        if self.keep is not None:
+            # What the store must hold once this upload is in: a file deleted here is deleted there.
+            entry.update(keep=self.keep, present=sorted(self._listing()))
         return entry
+
+    def _listing(self) -> list[str]:
+        """The files an upload of this mount sends (ignore rules applied), as paths below it."""
+        if self.is_file:
+            return [self.local.name]
+        return [e.rel for e in iter_entries(self.local) if not e.is_dir and (not e.is_symlink or e.path.is_file())]
+
+    def unchanged(self, rel: str, path: Path) -> Signature | None:
+        """The signature this file last reached the kept machine with, when it is still that file (size and
+        mtime): not sent again. None: send it."""
+        recorded = (self.sent or {}).get(rel)
+        now = file_signature(path) if recorded is not None else None
+        return recorded if now is not None and recorded is not None and now[:2] == recorded[:2] else None
 
     @property
     def root(self) -> Path:
@@ -111,12 +131,15 @@ def write_bundle(
             prefix = f"m/{plan.index}"
             plan.uploaded, plan.rules = {}, {}
             if plan.is_file:
-                plan.uploaded[plan.local.name] = _add_file(tar, plan.local, f"{prefix}/{plan.local.name}")
+                name = plan.local.name
+                plan.uploaded[name] = plan.unchanged(name, plan.local) or _add_file(tar, plan.local, f"{prefix}/{name}")
                 continue
             for entry in iter_entries(plan.local, rules_read=plan.rules):
                 arcname = f"{prefix}/{entry.rel}"
                 if entry.is_dir:
                     tar.add(entry.path, arcname=arcname, recursive=False)
+                elif (kept := plan.unchanged(entry.rel, entry.path)) is not None:
+                    plan.uploaded[entry.rel] = kept  # already on the kept machine, as it is here
                 elif not entry.is_symlink:
                     plan.uploaded[entry.rel] = _add_file(tar, entry.path, arcname)
                 elif (target := entry.path.resolve()).is_file():

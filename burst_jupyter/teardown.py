@@ -17,9 +17,9 @@ from .keys import remove_job_key
 from .outcome import decide_result
 from .providers.base import Instance
 
-__all__ = ["Teardown"]
+__all__ = ["FINAL_EVENT", "Teardown"]
 
-_FINAL_EVENT = {
+FINAL_EVENT = {
     JobStatus.COMPLETED: EventType.COMPLETED,
     JobStatus.FAILED: EventType.FAILED,
     JobStatus.CANCELLED: EventType.CANCELLED,
@@ -59,7 +59,7 @@ class Teardown:
         elif run.spent > 0:
             total, confirmed = run.spent, True  # every attempt ended before the job did: still billed
         result = decide_result(job.id, run.attempt, error, total if confirmed else None, pull=job.spec.pull,
-                               cap=run.cap, lost=run.lost)
+                               cap=run.cap, lost=run.lost, kept=job.spec.kept)
         if not rented:
             # Nothing is rented now: what earlier attempts cost is on their own ledger rows already, and a reaper
             # knows nothing of this reservation, so release it here.
@@ -74,7 +74,7 @@ class Teardown:
             await machine.release()
         if confirmed and run.key is not None and run.plan.keys_dir is not None:
             await asyncio.to_thread(remove_job_key, run.plan.keys_dir, job.id)
-        job.emit(_FINAL_EVENT[result.status], total_cost_usd=result.total_cost_usd,
+        job.emit(FINAL_EVENT[result.status], total_cost_usd=result.total_cost_usd,
                  max_cost_usd=run.cap or run.plan.cap_usd,
                  error=None if result.error is None else one_line(result.error))
         return result

@@ -261,5 +261,6 @@ def test_each_job_field_is_named_by_an_option_both_lines_take() -> None:
     submit = _options(parser("burst"))["submit"]
     cell_line = _options(BurstMagics.burst.parser)[""]
     assert set(OPTIONS) == set(JobSpec.model_fields) - {"cell"}
-    assert [o for o in OPTIONS.values() if o not in submit] == ["--push", "--pull"]  # a notebook's variables
-    assert [o for o in OPTIONS.values() if o not in cell_line] == ["--file", "--command"]  # burst submit's alone
+    # A notebook's variables, a kept machine's idle limit, and the machine a cell runs on: a notebook's alone.
+    assert [o for o in OPTIONS.values() if o not in submit] == ["--push", "--pull", "--idle", "--on"]
+    assert [o for o in OPTIONS.values() if o not in cell_line] == ["--file", "--idle", "--command"]

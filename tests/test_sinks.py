@@ -348,9 +348,9 @@ def test_the_reaper_stores_results_in_the_sink(ip: Any, tmp_path: Path, store: S
     job = result.result
     wait_until(lambda: any(e.type is EventType.OUTPUT and "written" in (e.text or "") for e in job.events),
                "the cell wrote its file")
-    # `%burst down` does what the exit hooks do: hand the job to a detached reaper process, which syncs back,
+    # `%burst shutdown` does what the exit hooks do: hand the job to a detached reaper process, which syncs back,
     # stores in the sink, terminates and settles.
-    down, said = run_cell(ip, "%burst down")
+    down, said = run_cell(ip, "%burst shutdown")
     ok(down, said)
     assert f"handed 1 job(s) to the reaper: {job.id}" in said.text("stdout")
     wait_until(lambda: (row := state_row(burst_home, job.id)) is not None and row.state == "terminated",

@@ -1,0 +1,173 @@
+"""A machine kept across cells (%burst up) on the real local provider and agent: names persist from cell to cell in
+one Python process, a Ctrl-C keeps the machine, a dead process is said and replaced, the machine's money covers
+every cell (the ledger shows the machine and each cell's share), mounts reach it once and then only as they
+change, and it goes down (by %burst down, its idle limit or its cap) leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from burst_checks import ledger_rows, live_instances, local_jobdirs, open_reservations, wait_until
+
+import burst_jupyter as burst
+from burst_jupyter import ConfigError, JobSpec, JobStatus, RemoteError
+from burst_jupyter.session import Session
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def cell(source: str, **fields: object) -> JobSpec:
+    return JobSpec(cell=source, **fields)  # type: ignore[arg-type]
+
+
+def run(source: str, **fields: object) -> burst.JobResult:
+    """A cell on whichever machine is up, to its end (its error raised)."""
+    return burst.run(cell(source, **fields), namespace={})
+
+
+@pytest.fixture
+def session(burst_home: Path) -> Session:
+    return Session.current()
+
+
+def test_two_cells_share_names_in_one_process_and_down_settles_the_machine_with_each_cells_share(
+        session: Session, burst_home: Path) -> None:
+    machine = burst.up(name="box", max_cost_usd="1", rate_usd_per_hour="3.6", idle=5)
+    assert [m.name for m in session.live_machines()] == ["box"]
+    [row] = live_instances(burst_home)  # the machine holds the one instance; its cells hold none
+    assert row.job_id == machine.job.id
+    first = run("import os\nmodel = {'w': 41}\npid = os.getpid()\nprint('loaded')", pull=["pid"])
+    second = run("model['w'] += 1\nprint(model['w'], os.getpid() == pid)\nmodel['w']", pull=["pid"])
+    assert first.values["pid"] == second.values["pid"]  # the same remote process
+    assert repr(second.result) == "42"
+    assert [c.status for c in machine.cells if c.done()] == [first.status, second.status] == [JobStatus.COMPLETED] * 2
+    assert ledger_rows(burst_home) == []  # the machine's row is written when it is down; the cells are shares
+    assert "box" in repr(burst.machines()) and "up" in repr(burst.machines())
+    [down] = burst.down("box")
+    assert down.status is JobStatus.COMPLETED and down.error is None
+    [row] = ledger_rows(burst_home)
+    assert (row.job_id, row.name, row.status) == (machine.job.id, "box", "completed")
+    cells = session.budget.cells(machine.job.id)
+    assert [c.cell_job_id for c in cells] == [first.job_id, second.job_id]
+    assert all(Decimal(0) < c.share_usd <= row.actual_usd for c in cells)
+    assert sum(c.share_usd for c in cells) <= row.actual_usd  # shares of the row, never billed again
+    assert cells[1].output_bytes >= len("42 True\n")
+    text = repr(session.budget.table())
+    assert f"cell {first.job_id}" in text and f"cell {second.job_id}" in text
+    assert local_jobdirs(burst_home) == [] and live_instances(burst_home) == [] and open_reservations(burst_home) == []
+
+
+def test_ctrl_c_interrupts_the_cell_and_keeps_the_machine_with_its_names(session: Session, burst_home: Path) -> None:
+    machine = burst.up(max_cost_usd="1", rate_usd_per_hour="1")
+    run("x = 7")
+    job = burst.submit(cell("import time\nprint('looping', flush=True)\nwhile True: time.sleep(0.05)"),
+                       namespace={})
+    wait_until(lambda: any("looping" in (e.text or "") for e in job.events), "the loop to start")
+    job.cancel()
+    result = job.wait(30)
+    assert result.status is JobStatus.CANCELLED
+    assert "machine" in str(job.interrupted(result)) and "kept" in str(job.interrupted(result))
+    assert machine.up
+    assert repr(run("x * 6").result) == "42"  # the state survived the interrupt
+    burst.down()
+    assert live_instances(burst_home) == []
+
+
+def test_a_killed_remote_process_fails_its_cell_saying_state_is_lost_and_the_next_cell_gets_a_fresh_one(
+        session: Session, burst_home: Path) -> None:
+    machine = burst.up(max_cost_usd="1")
+    run("import os\nbefore = os.getpid()", pull=["before"])
+    with pytest.raises(RemoteError) as died:
+        run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert "lost" in str(died.value) and "signal 9" in str(died.value)
+    after = run("import os\nprint('before' in globals())\npid = os.getpid()", pull=["pid"])
+    assert machine.up
+    assert next(e.text for e in reversed(after_events(after)) if e.text) == "False\n"
+    burst.down()
+
+
+def after_events(result: burst.JobResult) -> list[burst.JobEvent]:
+    return Session.current().jobs[result.job_id].events
+
+
+def test_the_idle_limit_brings_the_machine_down_and_settles_it(session: Session, burst_home: Path) -> None:
+    machine = burst.up(max_cost_usd="1", idle=0.05)  # three seconds
+    run("print('one cell')")
+    result = machine.job.wait(30)
+    assert result.status is JobStatus.COMPLETED
+    [row] = ledger_rows(burst_home)
+    assert row.job_id == machine.job.id
+    assert local_jobdirs(burst_home) == [] and open_reservations(burst_home) == []
+
+
+def test_cell_mounts_reach_the_machine_once_then_only_as_they_change(session: Session, work: Path,
+                                                                    burst_home: Path) -> None:
+    data = work / "data"
+    data.mkdir()
+    (data / "big.bin").write_bytes(b"x" * 200_000)
+    (data / "small.txt").write_text("v1")
+    (data / "gone.txt").write_text("bye")
+    out = work / "out"
+    machine = burst.up(max_cost_usd="1")
+    mounts = [f"{data}:data:ro", f"{out}:out:rw"]
+    show = ("import os\nprint(sorted(os.listdir('data')), open('data/small.txt').read())\n"
+            "open('out/n.txt', 'a').write('+')")
+    run(show, mount_local=mounts)
+    [store] = [k for k in machine.sent if "big.bin" in machine.sent[k]]
+    big_sent = machine.sent[store]["big.bin"]
+    (data / "small.txt").write_text("v2")
+    (data / "gone.txt").unlink()
+    second = run(show, mount_local=mounts)
+    events = "".join(e.text or "" for e in after_events(second))
+    assert "['big.bin', 'small.txt'] v2" in events  # the change is there, the deletion too
+    assert machine.sent[store]["big.bin"] == big_sent  # not sent again
+    assert (out / "n.txt").read_text() == "++"  # each cell's rw changes came back after it
+    burst.down()
+
+
+def test_cells_route_to_the_machine_only_without_placement_options(session: Session, burst_home: Path) -> None:
+    burst.up(name="a", max_cost_usd="1")
+    burst.up(name="b", max_cost_usd="1")
+    with pytest.raises(ConfigError, match="--on NAME"):
+        burst.submit(cell("1"), namespace={})
+    with pytest.raises(ConfigError, match="no machine of that name"):
+        burst.submit(cell("1", on_machine="c"), namespace={})
+    with pytest.raises(ConfigError, match="--max-cost is the machine's"):
+        burst.submit(cell("1", on_machine="a", max_cost_usd="2"), namespace={})
+    on_b = run("import os\nos.environ['BURST_JOBDIR']", on_machine="b")
+    assert "/c/" in repr(on_b.result)
+    own = run("print('alone')", provider="local")  # placement options: a machine of its own
+    assert own.job_id in {r.job_id for r in ledger_rows(burst_home)}
+    burst.down()
+    assert live_instances(burst_home) == [] and session.live_machines() == []
+
+
+def test_the_agent_holds_the_machines_cap_across_cells_on_its_own(session: Session, burst_home: Path,
+                                                                   tmp_path: Path) -> None:
+    # 36 $/h is a cent a second: a cap of 3 cents lasts about three seconds of machine time, however many cells.
+    machine = burst.up(max_cost_usd="0.03", rate_usd_per_hour="36", lease=600)
+    run("x = 1")
+    jobdir = Path(machine.jobdir)
+    manifest = json.loads((jobdir / "job.json").read_text())
+    assert (manifest["cap_usd"], manifest["rate_usd_per_hour"]) == ("0.03", "36")
+    job = burst.submit(cell("import time\nwhile True: time.sleep(0.1)"), namespace={})
+    result = job.wait(30)
+    assert result.status is JobStatus.BUDGET_KILLED
+    down = machine.job.wait(30)
+    assert down.status is JobStatus.BUDGET_KILLED
+    [row] = ledger_rows(burst_home)
+    assert row.actual_usd is not None and row.actual_usd <= Decimal("0.03")
+
+
+def test_kernel_exit_brings_every_machine_down(burst_home: Path) -> None:
+    from burst_jupyter.exit_hooks import hand_off
+
+    session = Session.current()
+    machine = burst.up(max_cost_usd="1")
+    run("x = 1")
+    handed = hand_off(session, "test exit")
+    assert handed == [machine.job.id]
+    wait_until(lambda: local_jobdirs(burst_home) == [] and not live_instances(burst_home), "the reaper", limit=60)
