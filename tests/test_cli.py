@@ -365,7 +365,7 @@ def test_a_notebook_and_a_terminal_route_through_one_table_of_commands(ip: Any) 
     assert terminal["offers"] >= {"--gpu", "--gpu-model", "--gpus", "--max-price", "--provider", "--spot"}
     with pytest.raises(UsageError) as unknown:
         ip.run_line_magic("burst", "lease")
-    assert str(unknown.value) == ("%burst lease: unknown command; try offers, providers, ledger, budget, jobs, up, down, "
-                                  "machines, shutdown, cleanup or help")
+    assert str(unknown.value) == ("%burst lease: unknown command; try offers, providers, ledger, budget, jobs, up, "
+                                  "down, machines, shutdown, cleanup or help")
     assert ip.run_line_magic("burst", "ledger --by provider").groups == ip.run_line_magic("burst",
                                                                                          "ledger provider").groups
