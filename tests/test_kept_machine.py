@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from burst_checks import ledger_rows, live_instances, local_jobdirs, open_reservations, wait_until
+from marketplaces import GPU, Markets
 
 import burst_jupyter as burst
 from burst_jupyter import ConfigError, JobSpec, JobStatus, RemoteError
@@ -171,3 +172,19 @@ def test_kernel_exit_brings_every_machine_down(burst_home: Path) -> None:
     handed = hand_off(session, "test exit")
     assert handed == [machine.job.id]
     wait_until(lambda: local_jobdirs(burst_home) == [] and not live_instances(burst_home), "the reaper", limit=60)
+
+
+def test_on_a_marketplace_two_cells_share_one_machine_with_one_create(markets: Markets, burst_home: Path) -> None:
+    Session.reset_current()  # the fakes' accounts are in this test's environment
+    burst.up(provider="vast", gpu_model=GPU["vast"], max_cost_usd="1")
+    assert markets.creates() == 1
+    run("state = [1]")
+    second = run("state.append(2)\nlen(state)")
+    assert repr(second.result) == "2"
+    assert markets.creates() == 1  # the second cell rented nothing
+    assert len(markets.vast.running()) == 1
+    burst.down()
+    assert markets.vast.running() == []
+    [row] = ledger_rows(burst_home)
+    assert (row.provider, row.status) == ("vast", "completed")
+    assert len(Session.current().budget.cells(row.job_id)) == 2
