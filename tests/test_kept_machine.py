@@ -188,3 +188,67 @@ def test_on_a_marketplace_two_cells_share_one_machine_with_one_create(markets: M
     [row] = ledger_rows(burst_home)
     assert (row.provider, row.status) == ("vast", "completed")
     assert len(Session.current().budget.cells(row.job_id)) == 2
+
+
+def test_an_upload_to_a_kept_store_sends_only_what_changed_and_lists_what_is_there(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from burst_jupyter.spec import parse_mount
+    from burst_jupyter.sync import plan_mounts, write_bundle
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "same.txt").write_text("same")
+    (data / "edited.txt").write_text("v1")
+
+    def upload(sent: dict[str, list[object]] | None) -> tuple[list[str], dict[str, object], dict[str, list[object]]]:
+        [plan] = plan_mounts([parse_mount(f"{data}:data:ro")])
+        plan.keep, plan.sent = "0123456789abcdef", sent
+        entry = plan.manifest()
+        buf = io.BytesIO()
+        write_bundle(buf, [plan], cell="1", pushed={}, compress=False)
+        with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
+            names = sorted(n for n in tar.getnames() if n.startswith("m/0/") and tar.getmember(n).isfile())
+        assert plan.uploaded is not None
+        return names, entry, plan.uploaded
+
+    names, entry, first = upload(None)
+    assert names == ["m/0/edited.txt", "m/0/same.txt"]
+    assert (entry["keep"], entry["present"]) == ("0123456789abcdef", ["edited.txt", "same.txt"])
+    (data / "edited.txt").write_text("v2, longer")
+    (data / "new.txt").write_text("new")
+    names, entry, second = upload(first)
+    assert names == ["m/0/edited.txt", "m/0/new.txt"]  # same.txt is on the machine as it is here
+    assert second["same.txt"] == first["same.txt"] and second["edited.txt"] != first["edited.txt"]
+    (data / "same.txt").unlink()
+    names, entry, _ = upload(second)
+    assert names == [] and entry["present"] == ["edited.txt", "new.txt"]  # the deletion travels as the listing
+
+
+def test_the_ledger_shows_each_cell_under_its_machine_with_its_share_and_sums_only_the_machine(
+        session: Session) -> None:
+    import datetime as dt
+
+    from burst_jupyter.budget.cells import CellRow
+
+    budget, t0 = session.budget, dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.timezone.utc)
+    budget.reserve(job_id="box-1", name="box", provider="vast", gpu="RTX_4090", amount=Decimal("1"))
+    for i, share in enumerate(("0.01", "0.02")):
+        start = t0 + dt.timedelta(minutes=i)
+        budget.record_cell(CellRow(machine_job_id="box-1", cell_job_id=f"c-{i}", name="job",
+                                   started_at=start, ended_at=start + dt.timedelta(seconds=30),
+                                   output_bytes=1500 * (i + 1), share_usd=Decimal(share), status="completed"))
+    budget.record_cell(CellRow(machine_job_id="box-1", cell_job_id="c-0", name="again", started_at=t0, ended_at=t0,
+                               output_bytes=0, share_usd=Decimal("9"), status="failed"))  # once per cell
+    budget.settle("box-1", provider="vast", instance_id="7", gpu="RTX_4090", rate_usd_per_hour=Decimal("0.36"),
+                  started_at=t0, ended_at=t0 + dt.timedelta(minutes=10), actual_usd=Decimal("0.06"),
+                  status="completed", name="box")
+    table = budget.table(tz=dt.timezone.utc)
+    assert table.total == Decimal("0.06")  # the shares are parts of the machine's row
+    text = repr(table)
+    lines = text.splitlines()
+    machine = next(i for i, line in enumerate(lines) if "box-1" in line)
+    assert "cell c-0" in lines[machine + 1] and "1.5 KB out" in lines[machine + 1] and "($0.01)" in lines[machine + 1]
+    assert "cell c-1" in lines[machine + 2] and "($0.02)" in lines[machine + 2]
+    assert "cell c-0" in table._repr_html_()
