@@ -1928,6 +1928,9 @@ def run_main(jobdir: str, stdin: object) -> int:
     with tarfile.open(fileobj=upload, mode="r|*") as tar:  # type: ignore[call-overload]  # gzip or plain
         _extract(tar, jobdir)
     upload.drain()  # the rest of the upload, up to its end marker
+    if isinstance(manifest.get("on_machine"), str):
+        # Named as the client names job directories (relative to the login's home on a marketplace), as main() does.
+        manifest["on_machine"] = os.path.abspath(os.path.expanduser(manifest["on_machine"]))
     _write_json_atomic(os.path.join(jobdir, "job.json"), manifest)
     mounts = manifest.get("mounts") or []
     with open(os.path.join(jobdir, "lease"), "w"):
