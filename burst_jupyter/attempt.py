@@ -93,6 +93,15 @@ class Attempt:
         return []
 
 
+    def machine_stopped(self, reason: str) -> None:
+        """The kept machine this cell ran on was stopped for ``reason`` (its cap, its maximum duration) while the
+        cell ran: that is how the cell ended. The KeyboardInterrupt or the death of the remote process it caused
+        is the effect, not the cause."""
+        self.stop_reason, self.remote_error = reason, None
+        if self.exit_record is not None:
+            self.exit_record = {**self.exit_record, "reason": reason}
+
+
 def agent_died(r: Record) -> bool:
     """The record says the agent's container stopped under it: taken away (a preemption), or a crash."""
     return r.get("k") == Kind.EXIT and r.get("reason") == Reason.AGENT_DIED

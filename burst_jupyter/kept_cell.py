@@ -67,6 +67,9 @@ class CellOnMachine:
             run.attempt.stop_reason, error = error.reason, None
         if isinstance(error, (asyncio.CancelledError, KeyboardInterrupt)):
             run.attempt.stop_reason, error = Reason.CANCELLED, None
+        machine_stop = kept.run.attempt.stop_reason or kept.run.limits().out_of_time_or_money(cancelled=False)
+        if machine_stop in (Reason.BUDGET, Reason.DEADLINE) and run.attempt.stop_reason in (None, machine_stop):
+            run.attempt.machine_stopped(machine_stop)
         ended = run.clock.time()
         share = Decimal(0) if started is None else cost_of(kept.run.on.rate, ended - started)
         if started is not None:
@@ -78,9 +81,10 @@ class CellOnMachine:
                 run.note(f"could not remove this cell's folder on machine {kept.name}: {one_line(exc)}")
             await machine.release()
             kept.remember(run.plan.mounts)
-            if run.attempt.stop_reason in (Reason.BUDGET, Reason.DEADLINE):
-                kept.job.cancel()  # the machine's own limits say the same; it ends now, not a tick later
-            elif any(m.rw for m in kept.run.plan.mounts) and not kept.job.done():
+            # A cell stopped at the cap or the maximum duration leaves the machine to its own limits, which say the
+            # same on the same meter: it ends as what it is (budget killed), not as brought down.
+            if run.attempt.stop_reason not in (Reason.BUDGET, Reason.DEADLINE) and not kept.job.done() \
+                    and any(m.rw for m in kept.run.plan.mounts):
                 await kept.remote.pull()  # the machine's own rw mounts: what this cell changed in them
         result = decide_result(job.id, run.attempt, error, share, pull=job.spec.pull, cap=run.cap, lost=run.lost)
         if started is not None:

@@ -254,18 +254,22 @@ class Session:
             raise ConfigError(f"{FLAGS[theirs[0]]} is the machine's (give it at %burst up): this cell runs on "
                               f"machine {kept.name}")
         assert spec.cell is not None
-        check_pulls(spec.pull, _parse_cell(spec.cell), spec.push)
+        _parse_cell(spec.cell)  # a --pull may name what an earlier cell on the machine defined: not checked here
         mounts = plan_mounts(spec.mounts)
         kept.keep(mounts)
         pushed = pack_push(spec.push, namespace)
-        spec = spec.model_copy(update={"lease_seconds": kept.job.spec.lease_seconds})
-        machine_left = kept.run.limits().seconds_left()
+        update: dict[str, Any] = {"lease_seconds": kept.job.spec.lease_seconds}
+        if "name" not in spec.model_fields_set:
+            update["name"] = "cell"  # in views and the ledger, under its machine
+        spec = spec.model_copy(update=update)
+        # A cell's own maximum duration, within what is left of the machine's (its money is the machine's meter).
+        machine_left = kept.run.plan.max_seconds - (self.clock.time() - (kept.run.first_launch or self.clock.time()))
         seconds = (spec.max_duration_minutes or HARD_MAX_MINUTES) * 60.0
         job_id = f"{_slug(spec.name)}-{secrets.token_hex(4)}"
         machine_plan = kept.run.plan
         plan = JobPlan(job_id=job_id, spec=spec, providers=machine_plan.providers, configs=machine_plan.configs,
                        cap_usd=kept.run.cap,
-                       max_seconds=seconds if machine_left is None else min(seconds, machine_left),
+                       max_seconds=max(min(seconds, machine_left), 0.0),
                        mounts=mounts, pushed=pushed, cell=spec.cell, tag=self.tag,
                        handoff=Handoff(name=spec.name, tag=self.tag, max_results=spec.max_results_bytes),
                        on=OnMachine(kept.name, kept.jobdir))

@@ -14,7 +14,7 @@ from burst_checks import ledger_rows, live_instances, local_jobdirs, open_reserv
 from marketplaces import GPU, Markets
 
 import burst_jupyter as burst
-from burst_jupyter import ConfigError, JobSpec, JobStatus, RemoteError
+from burst_jupyter import ConfigError, EventType, JobSpec, JobStatus, RemoteError
 from burst_jupyter.session import Session
 
 pytestmark = pytest.mark.timeout(90)
@@ -86,12 +86,16 @@ def test_a_killed_remote_process_fails_its_cell_saying_state_is_lost_and_the_nex
     assert "lost" in str(died.value) and "signal 9" in str(died.value)
     after = run("import os\nprint('before' in globals())\npid = os.getpid()", pull=["pid"])
     assert machine.up
-    assert next(e.text for e in reversed(after_events(after)) if e.text) == "False\n"
+    assert stdout_of(after) == "False\n"
     burst.down()
 
 
 def after_events(result: burst.JobResult) -> list[burst.JobEvent]:
     return Session.current().jobs[result.job_id].events
+
+
+def stdout_of(result: burst.JobResult) -> str:
+    return "".join(e.text or "" for e in after_events(result) if e.type is EventType.OUTPUT and e.stream == "stdout")
 
 
 def test_the_idle_limit_brings_the_machine_down_and_settles_it(session: Session, burst_home: Path) -> None:
@@ -122,8 +126,7 @@ def test_cell_mounts_reach_the_machine_once_then_only_as_they_change(session: Se
     (data / "small.txt").write_text("v2")
     (data / "gone.txt").unlink()
     second = run(show, mount_local=mounts)
-    events = "".join(e.text or "" for e in after_events(second))
-    assert "['big.bin', 'small.txt'] v2" in events  # the change is there, the deletion too
+    assert "['big.bin', 'small.txt'] v2" in stdout_of(second)  # the change is there, the deletion too
     assert machine.sent[store]["big.bin"] == big_sent  # not sent again
     assert (out / "n.txt").read_text() == "++"  # each cell's rw changes came back after it
     burst.down()
@@ -148,19 +151,19 @@ def test_cells_route_to_the_machine_only_without_placement_options(session: Sess
 
 def test_the_agent_holds_the_machines_cap_across_cells_on_its_own(session: Session, burst_home: Path,
                                                                    tmp_path: Path) -> None:
-    # 36 $/h is a cent a second: a cap of 3 cents lasts about three seconds of machine time, however many cells.
-    machine = burst.up(max_cost_usd="0.03", rate_usd_per_hour="36", lease=600)
+    # 36 $/h is a cent a second: a cap of 15 cents lasts about 15 seconds of machine time, however many cells.
+    machine = burst.up(max_cost_usd="0.15", rate_usd_per_hour="36", lease_seconds=600)
     run("x = 1")
     jobdir = Path(machine.jobdir)
     manifest = json.loads((jobdir / "job.json").read_text())
-    assert (manifest["cap_usd"], manifest["rate_usd_per_hour"]) == ("0.03", "36")
+    assert (manifest["cap_usd"], manifest["rate_usd_per_hour"]) == ("0.15", "36")
     job = burst.submit(cell("import time\nwhile True: time.sleep(0.1)"), namespace={})
     result = job.wait(30)
     assert result.status is JobStatus.BUDGET_KILLED
     down = machine.job.wait(30)
     assert down.status is JobStatus.BUDGET_KILLED
     [row] = ledger_rows(burst_home)
-    assert row.actual_usd is not None and row.actual_usd <= Decimal("0.03")
+    assert row.actual_usd is not None and row.actual_usd <= Decimal("0.15")
 
 
 def test_kernel_exit_brings_every_machine_down(burst_home: Path) -> None:

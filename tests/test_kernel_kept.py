@@ -89,8 +89,8 @@ def test_an_idle_machine_ends_itself_with_the_kernel_killed(start_kernel: Callab
 def test_the_cap_across_cells_holds_with_the_kernel_killed(start_kernel: Callable[[], Kernel],
                                                            burst_home: Path) -> None:
     kernel = start_kernel()
-    # 36 $/h is a cent a second: four cents are a few seconds of this machine, whatever its cells do.
-    kernel.run_ok("%burst up --provider local --rate 36 --max-cost 0.04 --lease 3600 --idle 60")
+    # 36 $/h is a cent a second: 15 cents are 15 seconds of this machine, whatever its cells do.
+    kernel.run_ok("%burst up --provider local --rate 36 --max-cost 0.15 --lease 3600 --idle 60")
     jobdir = machine_dir(burst_home)
     kernel.run_ok("%%burst\nx = 1")
     forever = kernel.submit("%%burst --background\nimport time\nwhile True: time.sleep(0.1)")
@@ -101,4 +101,4 @@ def test_the_cap_across_cells_holds_with_the_kernel_killed(start_kernel: Callabl
     kernel.wait_dead()
     ends_by_itself(jobdir, "budget")
     manifest = json.loads((jobdir / "job.json").read_text())
-    assert (manifest["cap_usd"], manifest["rate_usd_per_hour"]) == ("0.04", "36")
+    assert (manifest["cap_usd"], manifest["rate_usd_per_hour"]) == ("0.15", "36")
