@@ -71,7 +71,7 @@ def measure(name: str, fn: Callable[[], tuple[float, float]], runs: int) -> tupl
     fn()  # warm the page cache and imports (and, for a mount, its first upload); not counted
     firsts, totals = zip(*(fn() for _ in range(runs)), strict=True)
     first, total = statistics.median(firsts), statistics.median(totals)
-    print(f"  {name:<34} first line {first * 1000:7.1f} ms   total {total * 1000:7.1f} ms", flush=True)
+    print(f"  {name:<38} first line {first * 1000:7.1f} ms   total {total * 1000:7.1f} ms", flush=True)
     return first, total
 
 
