@@ -124,7 +124,8 @@ JOB_OPTIONS: tuple[Option, ...] = (
            field="spot", placement=True),
     Option("prototyping", "flag", "Also rent development capacity, cheaper with limits its offers state (Thunder's "
            "prototyping mode: CUDA-level virtualisation; long-running GPU processes may be interrupted): "
-           f"{offering(Capability.PROTOTYPING)}. --offer naming such an offer allows it.", field="prototyping", placement=True),
+           f"{offering(Capability.PROTOTYPING)}. --offer naming such an offer allows it.", field="prototyping",
+           placement=True),
     Option("min_reliability", "float", "Skip offers the provider scores below this.", field="min_reliability",
            metavar="0..1", setting="min_reliability", placement=True),
     Option("offer", "text", "Rent exactly this offer (from the offer browser: %%burst offers, burst offers).",
