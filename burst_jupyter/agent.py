@@ -158,6 +158,7 @@ _MAX_NOTE = 1000  # characters of a progress message
 _GRACE_SIGINT = 3.0  # seconds a stopped cell gets to handle KeyboardInterrupt before SIGTERM
 _GRACE_SIGTERM = 3.0
 _WATCH_TICK = 0.5  # how often the watchdog looks at the lease once the cell has ended
+_GPU_EVERY = 10.0  # how often a kept machine samples its GPUs' memory and use for its view
 _RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)  # between the tries of a lapse upload or self-destruct call
 _HTTP_TIMEOUT = 60.0
 # Seconds kept back beyond the provider's terminate when the job's money runs out with nobody stopping it: the
@@ -198,6 +199,47 @@ def _pid_alive(pid: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- event log
+
+
+class GpuWatch:
+    """A kept machine's GPUs as nvidia-smi reports them (memory used of total, utilisation), sampled in a thread of
+    their own every _GPU_EVERY seconds, so a slow nvidia-smi never delays the lease or the money. Each change goes
+    into the machine's log as a PROGRESS record's message, which its view shows. No nvidia-smi: nothing."""
+
+    def __init__(self) -> None:
+        self.latest: str | None = None
+        self._said: str | None = None
+        if shutil.which("nvidia-smi"):
+            threading.Thread(target=self._sample, name="burst-gpu", daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            self.latest = gpu_line()
+            time.sleep(_GPU_EVERY)
+
+    def records(self, t: float) -> list[dict[str, object]]:
+        line = self.latest
+        if line is None or line == self._said:
+            return []
+        self._said = line
+        return [{"k": Kind.PROGRESS, "p": None, "m": line, "t": t}]
+
+
+def gpu_line() -> str | None:
+    """``GPU 3.1/24 GB 37%`` for each GPU nvidia-smi lists (at most 16), or None when it says nothing usable."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total,utilization.gpu",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    shown = []
+    for line in out.splitlines()[:16]:
+        try:
+            used, total, util = (float(x) for x in line.split(",")[:3])
+        except ValueError:
+            continue  # "[N/A]" on a GPU that does not report it
+        shown.append("%.1f/%.0f GB %d%%" % (used / 1024, total / 1024, util))
+    return ("GPU " + ", ".join(shown))[:_MAX_NOTE] if shown else None
 
 
 class EventLog:
@@ -1062,11 +1104,12 @@ class Supervisor:
         started = time.monotonic()
         deadline = float(self.manifest.get("deadline_seconds") or 0)
         lease = int(self.manifest.get("lease_seconds") or 0)
+        gpus = GpuWatch()
         while True:
             ready = sel.select(0.5)
             gone = self.proc.poll() is not None  # before reading: what it wrote before it died is read now
-            records = []
             t = _now()
+            records = gpus.records(t)
             for key, _ in ready:
                 if key.data == "wake":
                     os.read(key.fd, 512)

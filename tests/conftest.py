@@ -14,8 +14,9 @@ import pytest
 
 # tests/sshd.py: a real OpenSSH sshd on loopback (fixtures sshd_server and friends), for every SSH test;
 # tests/marketplaces.py: the three provider fakes, served and configured (fixture markets);
-# tests/fault_figures.py: the fault suite's fault_ledger fixture and its table at the end of the run.
-pytest_plugins = ("sshd", "marketplaces", "fault_figures")
+# tests/fault_figures.py: the fault suite's fault_ledger fixture and its table at the end of the run;
+# tests/kernels.py: real ipykernels (fixture start_kernel).
+pytest_plugins = ("sshd", "marketplaces", "fault_figures", "kernels")
 
 
 @pytest.fixture(autouse=True)

@@ -14,12 +14,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
 from typing import Any, TypeVar
 
+import pytest
 from burst_checks import ledger_rows, live_instances, local_jobdirs, state_row
 from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
@@ -282,3 +283,21 @@ def wait_until_clean(burst_home: Path, job_id: str, *, timeout: float = 45) -> L
                 if (burst_home / "logs").is_dir() else ""
             raise AssertionError(f"job {job_id} not cleaned up after {timeout:.0f} s: {found}{logs}")
         time.sleep(0.2)
+
+
+@pytest.fixture
+def start_kernel(tmp_path: Path, burst_home: Path, work: Path) -> Iterator[Callable[[], Kernel]]:
+    """Start kernels with the extension loaded (their own BURST_HOME, in ``work``); closed, and what a failed test
+    left running there killed, at the end."""
+    started: list[Kernel] = []
+
+    def start() -> Kernel:
+        kernel = Kernel(tmp_path, burst_home=burst_home, cwd=work)
+        started.append(kernel)
+        kernel.run_ok("%load_ext burst_jupyter")
+        return kernel
+
+    yield start
+    for kernel in started:
+        kernel.close()
+    kill_processes_mentioning(str(burst_home))  # only what a failed test left running

@@ -6,6 +6,7 @@ change, and it goes down (by %burst down, its idle limit or its cap) leaving not
 from __future__ import annotations
 
 import json
+import os
 from decimal import Decimal
 from pathlib import Path
 
@@ -255,3 +256,17 @@ def test_the_ledger_shows_each_cell_under_its_machine_with_its_share_and_sums_on
     assert "cell c-0" in lines[machine + 1] and "1.5 KB out" in lines[machine + 1] and "($0.01)" in lines[machine + 1]
     assert "cell c-1" in lines[machine + 2] and "($0.02)" in lines[machine + 2]
     assert "cell c-0" in table._repr_html_()
+
+
+def test_the_machines_view_shows_its_gpus_memory_and_use(session: Session, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"  # what nvidia-smi prints for this query on one RTX 4090 (MiB, MiB, %)
+    smi.write_text("#!/bin/sh\necho '3174, 24564, 37'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    machine = burst.up(max_cost_usd="1")
+    wait_until(lambda: any(e.type is EventType.PROGRESS and e.message == "GPU 3.1/24 GB 37%"
+                           for e in machine.job.events), "the machine's GPU line")
+    burst.down()

@@ -13,7 +13,7 @@ import re
 import signal
 import sys
 import venv
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from burst_checks import db_file
 from kernels import (
     Execution,
     Kernel,
-    kill_processes_mentioning,
     leftovers,
     local_job_dirs,
     wait_until_clean,
@@ -49,20 +48,6 @@ while not os.path.exists(gate):
 
 
 
-@pytest.fixture
-def start_kernel(tmp_path: Path, burst_home: Path, work: Path) -> Iterator[Callable[[], Kernel]]:
-    started: list[Kernel] = []
-
-    def start() -> Kernel:
-        kernel = Kernel(tmp_path, burst_home=burst_home, cwd=work)
-        started.append(kernel)
-        kernel.run_ok("%load_ext burst_jupyter")
-        return kernel
-
-    yield start
-    for kernel in started:
-        kernel.close()
-    kill_processes_mentioning(str(burst_home))  # only what a failed test left running
 
 
 def merged(streams: list[tuple[str, str]]) -> list[tuple[str, str]]:

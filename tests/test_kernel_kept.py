@@ -6,29 +6,13 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kernels import Kernel, kill_processes_mentioning, processes_mentioning, wait_for
+from kernels import Kernel, processes_mentioning, wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def start_kernel(tmp_path: Path, burst_home: Path, work: Path) -> Iterator[Callable[[], Kernel]]:
-    started: list[Kernel] = []
-
-    def start() -> Kernel:
-        kernel = Kernel(tmp_path, burst_home=burst_home, cwd=work)
-        started.append(kernel)
-        kernel.run_ok("%load_ext burst_jupyter")
-        return kernel
-
-    yield start
-    for kernel in started:
-        kernel.close()
-    kill_processes_mentioning(str(burst_home))  # only what a failed test left running
 
 
 def machine_dir(burst_home: Path) -> Path:
