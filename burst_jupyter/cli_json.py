@@ -71,12 +71,12 @@ def owned_json(owned: OwnedInstance) -> dict[str, Any]:
 
 
 def ledger_json(table: LedgerTable) -> dict[str, Any]:
-    """Every row (one per attempt), the reservations of jobs not settled yet, and the groups when the table is
-    grouped (``by``)."""
+    """Every row (one per attempt), the reservations of jobs not settled yet, the groups when the table is grouped
+    (``by``), and the cells kept machines ran, each with its share of its machine's row (``machine_job_id``)."""
     groups = table.groups
     return {"by": table.group_by, "total_usd": table.total, "jobs": table.jobs, "unknown_costs": table.unknown,
             "reserved_now_usd": table.held, "rows": list(table.rows), "reservations": list(table.reservations),
-            "groups": groups}
+            "groups": groups, "cells": list(table.cells)}
 
 
 def budget_json(snapshot: BudgetSnapshot) -> dict[str, Any]:

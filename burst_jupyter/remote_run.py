@@ -99,11 +99,14 @@ class RemoteRun:
         """Upload the job and start its agent on the machine, then follow it to its results."""
         run, job, plan, machine = self.run, self.run.job, self.run.plan, self.run.on
         client = await asyncio.to_thread(machine.client)
-        job.emit(EventType.SSH_READY, instance_id=machine.running.instance_id, message=client.runner.description)
-        guard = protection(run.chosen, plan.sink, lease_seconds=plan.spec.lease_seconds, max_seconds=plan.max_seconds)
-        job.emit(EventType.PROTECTED, message=guard.summary, text=guard.describe())
+        if plan.on is None:  # a cell on a kept machine: where it is and what guards it are the machine's, said there
+            job.emit(EventType.SSH_READY, instance_id=machine.running.instance_id, message=client.runner.description)
+            guard = protection(run.chosen, plan.sink, lease_seconds=plan.spec.lease_seconds,
+                               max_seconds=plan.max_seconds)
+            job.emit(EventType.PROTECTED, message=guard.summary, text=guard.describe())
         run.check_cancel()
-        job.emit(EventType.SYNCING_UP, message=_describe_mounts(plan.mounts))
+        if plan.on is None or plan.mounts:
+            job.emit(EventType.SYNCING_UP, message=_describe_mounts(plan.mounts))
         t0 = run.clock.monotonic()
         endpoint = machine.running.endpoint
         compress = endpoint is not None and not endpoint.is_local

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from .reconcile import Reconciler
     from .state import Owner, StateStore
 
-__all__ = ["PROVIDER_NAMES", "DryRun", "Session"]
+__all__ = ["PROVIDER_NAMES", "DryRun", "DryRunOnMachine", "Session"]
 
 T = TypeVar("T")
 
@@ -394,8 +394,12 @@ class Session:
                               f"under {_either(t for _, t in listed)} in the user config)")
         return self.run_sync(self.offer_book.search(chosen, query, refresh=refresh))
 
-    def dry_run(self, spec: JobSpec) -> DryRun:
-        """What the job would rent and its worst case, renting nothing."""
+    def dry_run(self, spec: JobSpec) -> DryRun | DryRunOnMachine:
+        """What the job would rent and its worst case, renting nothing (or, for a cell a kept machine would run,
+        which machine and what it has spent)."""
+        kept = self.machine_for(spec)
+        if kept is not None:
+            return DryRunOnMachine(kept.name, kept.describe())
         plan = self.plan(spec, namespace={}, dry_run=True)
         offers, errors = self.run_sync(plan.search())
         if not offers:
@@ -497,6 +501,19 @@ class DryRun:
         lines += [f"  {name}: {text}" for name, text in self.errors.items()]
         lines.append("nothing was rented (--dry-run)")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DryRunOnMachine:
+    """``--dry-run`` of a cell that a kept machine would run: nothing would be rented."""
+
+    name: str
+    line: dict[str, str]  # as ``%burst machines`` shows it
+
+    def __repr__(self) -> str:
+        m = self.line
+        return (f"would run on kept machine {self.name} ({m['where']}, {m['rate']}, {m['spent']} spent); nothing "
+                "would be rented (--dry-run)")
 
 
 def _parse_cell(cell: str) -> ast.Module:

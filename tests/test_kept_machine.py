@@ -59,6 +59,11 @@ def test_two_cells_share_names_in_one_process_and_down_settles_the_machine_with_
     assert cells[1].output_bytes >= len("42 True\n")
     text = repr(session.budget.table())
     assert f"cell {first.job_id}" in text and f"cell {second.job_id}" in text
+    from burst_jupyter.cli_json import dumps, ledger_json
+
+    shown = json.loads(dumps(ledger_json(session.budget.table())))["cells"]
+    assert [(c["machine_job_id"], c["cell_job_id"]) for c in shown] == [(row.job_id, first.job_id),
+                                                                         (row.job_id, second.job_id)]
     assert local_jobdirs(burst_home) == [] and live_instances(burst_home) == [] and open_reservations(burst_home) == []
 
 
@@ -269,4 +274,11 @@ def test_the_machines_view_shows_its_gpus_memory_and_use(session: Session, tmp_p
     machine = burst.up(max_cost_usd="1")
     wait_until(lambda: any(e.type is EventType.PROGRESS and e.message == "GPU 3.1/24 GB 37%"
                            for e in machine.job.events), "the machine's GPU line")
+    burst.down()
+
+
+def test_a_dry_run_of_a_cell_a_kept_machine_would_run_names_that_machine(session: Session) -> None:
+    burst.up(name="box", max_cost_usd="1")
+    said = repr(session.dry_run(cell("print(1)")))
+    assert said.startswith("would run on kept machine box (local") and "nothing would be rented" in said
     burst.down()
