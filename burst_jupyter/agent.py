@@ -1505,6 +1505,12 @@ def _mtime(path: str) -> float:
         return 0.0
 
 
+def _exit_code(status: int) -> int:
+    """A wait status as subprocess says it: the exit status, or minus the signal that killed the process. (Not
+    os.waitstatus_to_exitcode: it is Python 3.9, and an instance may have 3.8.)"""
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
 class _Child:
     """The cell's (or kernel's) process as the supervisor sees it: pid, the read ends of its pipes, its status."""
 
@@ -1518,12 +1524,12 @@ class _Child:
         if self.returncode is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+                self.returncode = _exit_code(status)
         return self.returncode
 
     def wait(self) -> int:
         if self.returncode is None:
-            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            self.returncode = _exit_code(os.waitpid(self.pid, 0)[1])
         return self.returncode
 
     def signal(self, sig: int) -> None:
