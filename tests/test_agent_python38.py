@@ -1,9 +1,9 @@
 """The agent runs on every Python it accepts (3.8 and later): an instance's image decides which one it finds.
 
-Two checks: the agent's source names no library call newer than 3.8 (always; a list of the ones that were
-tempting), and, where a Python 3.8 is on this machine (pyenv's, or ``python3.8``), a cell, a --pull and a kept
-machine's cells really run under it. os.waitstatus_to_exitcode (3.9) once made every job on a 3.8 instance end as
-"the agent on the instance died" (found 2026-12-06).
+Two checks: the agent's source (and the boot watchdog's) names no library call newer than 3.8 (always; a list of
+the ones that were tempting), and, where a Python 3.8 is on this machine (pyenv's, or ``python3.8``), a cell, a
+--pull and a kept machine's cells really run under it. os.waitstatus_to_exitcode (3.9) once made every job on a
+3.8 instance end as "the agent on the instance died" (found 2026-12-06).
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ NEWER_THAN_38 = {"waitstatus_to_exitcode", "removeprefix", "removesuffix", "send
                  "is_relative_to", "lcm", "randbytes", "bit_count", "pairwise", "batched", "to_thread"}
 
 
-def test_the_agent_names_nothing_newer_than_python_38() -> None:
-    tree = ast.parse(Path(AGENT_FILE).read_text(encoding="utf-8"))
+@pytest.mark.parametrize("what", ["agent", "boot watchdog"])
+def test_what_runs_on_the_instance_names_nothing_newer_than_python_38(what: str) -> None:
+    from burst_jupyter.providers import _boot_watchdog
+
+    source = Path(AGENT_FILE).read_text(encoding="utf-8") if what == "agent" else _boot_watchdog._SOURCE
+    tree = ast.parse(source)
     used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     assert used & NEWER_THAN_38 == set()
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Match)]  # 3.10 syntax
