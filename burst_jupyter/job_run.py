@@ -100,6 +100,15 @@ class JobRun:
             return None
         return self.last_activity + self.idle_seconds
 
+    def idle_text(self) -> str:
+        """When a kept machine with no cell running goes down, as its view says it (local time)."""
+        until = self.idle_until()
+        if until is None:
+            return "a cell is running"
+        import datetime as dt
+
+        return f"idle: down at {dt.datetime.fromtimestamp(until):%H:%M:%S} unless a cell runs"
+
     def cell_started(self) -> None:
         self.cells_running += 1
 

@@ -93,7 +93,7 @@ class CellOnMachine:
                 ended_at=utc(ended), output_bytes=job.output_bytes, share_usd=share, status=result.status.value))
             kept.run.note(f"cell {job.id} {result.status.value} in {ended - started:.1f} s, its share "
                           f"{format_usd(share)}; the machine has spent {format_usd(kept.spent())} of "
-                          f"{format_usd(kept.run.cap)}")
+                          f"{format_usd(kept.run.cap)}; {kept.run.idle_text()}")
         job.emit(FINAL_EVENT[result.status], total_cost_usd=result.total_cost_usd, max_cost_usd=run.cap,
                  error=None if result.error is None else one_line(result.error))
         return result

@@ -195,9 +195,12 @@ class RemoteRun:
             elif notice.type is EventType.DISPLAY:
                 job.remote_display(notice.fields["data"])
             elif notice.type is EventType.STARTED:
-                if run.idle_seconds is not None and run.last_activity is None:
+                first = run.idle_seconds is not None and run.last_activity is None
+                if first:
                     run.last_activity = run.clock.time()  # a kept machine is ready: its idle time counts from here
                 job.emit(EventType.STARTED, instance_id=run.on.instance.instance_id if run.on.instance else None)
+                if first:
+                    run.note(f"machine {run.job.spec.name} is up; {run.idle_text()}")
             elif notice.type is EventType.SYNCING_DOWN:
                 job.emit(EventType.SYNCING_DOWN, message=_describe_mounts([m for m in run.plan.mounts if m.rw]))
             else:

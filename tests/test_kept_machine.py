@@ -107,6 +107,8 @@ def stdout_of(result: burst.JobResult) -> str:
 def test_the_idle_limit_brings_the_machine_down_and_settles_it(session: Session, burst_home: Path) -> None:
     machine = burst.up(max_cost_usd="1", idle=0.05)  # three seconds
     run("print('one cell')")
+    said = "".join(e.text or "" for e in machine.job.events if e.type is EventType.OUTPUT)
+    assert "is up; idle: down at " in said and "completed in" in said and said.count("unless a cell runs") == 2
     result = machine.job.wait(30)
     assert result.status is JobStatus.COMPLETED
     [row] = ledger_rows(burst_home)
