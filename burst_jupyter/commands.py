@@ -264,16 +264,6 @@ def _up(args: argparse.Namespace) -> Any:
     return Session.current().up(JobSpec.build(FLAGS, **fields))
 
 
-def _shown_machine(kept: Any) -> Any:
-    """``%burst up`` shows the machine's view, which follows it (its cells, its spend) until it is down."""
-    from IPython import get_ipython
-
-    from .display import CellDisplay
-
-    CellDisplay(kept.job, get_ipython()).follow_in_background()
-    return kept.job
-
-
 def _down_options(p: argparse.ArgumentParser, where: Where) -> None:
     p.add_argument("name", nargs="?", metavar="NAME", help="the machine (default: every kept machine)")
 
@@ -332,7 +322,7 @@ COMMANDS: tuple[Command, ...] = (
             printed=_status),
     Command("up", "rent a machine and keep it across cells: %%burst cells without placement options run in its "
             "one Python process, so names persist (--idle MINUTES, --name, --max-cost for all its cells)", _up,
-            _up_options, where=("%burst",), shown=_shown_machine),
+            _up_options, where=("%burst",)),
     Command("down", "bring a kept machine down (NAME, or all): sync back, destroy, confirm gone, settle", _down,
             _down_options, where=("%burst",)),
     Command("machines", "the kept machines of this kernel: where, $/h, spent of cap, idle countdown, cells",

@@ -45,9 +45,27 @@ class KeptMachine:
     # Each kept mount's files as they last reached the machine (store key -> relative path -> signature).
     sent: dict[str, dict[str, Signature]] = field(default_factory=dict)
     ready: threading.Event = field(default_factory=threading.Event)
+    _followed: bool = field(default=False, init=False, repr=False)  # its view follows it (shown once)
 
     def __post_init__(self) -> None:
         self.job.add_listener(self._on_event)
+
+    def __repr__(self) -> str:
+        line = self.describe()
+        idle = f" · {line['idle']}" if line["idle"] else ""
+        return (f"kept machine {self.name} · {line['state']} · {line['where']} · {line['rate']} · {line['spent']}"
+                f"{idle} · {line['cells']} cell(s) · job {self.job.id}")
+
+    def _ipython_display_(self) -> None:
+        """In a notebook: the machine's view, which follows it (its cells, its spend, its GPUs) until it is down."""
+        if not self._followed:
+            from IPython import get_ipython
+
+            from .display import CellDisplay
+
+            CellDisplay(self.job, get_ipython()).follow_in_background()
+            self._followed = True
+        self.job._ipython_display_()
 
     def _on_event(self, event: Any) -> None:
         if event.type is EventType.STARTED:
