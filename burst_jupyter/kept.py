@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -78,8 +79,6 @@ class KeptMachine:
     def wait_ready(self, timeout: float | None = None) -> None:
         """Until the machine's Python process runs (raising what ended the machine's job, if it ended first).
         Waits in short slices, so Ctrl-C gets through (the caller brings the machine down then)."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.ready.wait(0.1):
             if self.job.done():

@@ -30,7 +30,7 @@ from .machine import JobParts
 from .meter import WALL_CLOCK, Clock
 from .money import format_rate, format_usd
 from .offer_book import OfferBook, SearchResult
-from .options import FLAGS, IDLE_MINUTES, JOB_OPTIONS, PLACEMENT
+from .options import FLAGS, JOB_OPTIONS, PLACEMENT
 from .output import output_log_path
 from .paths import burst_home, secure_home
 from .providers import REGISTRY, ProviderConfig, build_provider, is_marketplace, marketplaces, offering
@@ -178,15 +178,13 @@ class Session:
         (or any error) while it comes up brings it down again."""
         from .kept import KeptMachine
 
-        if not spec.kept:
-            spec = spec.model_copy(update={"idle_minutes": IDLE_MINUTES})
         name = spec.name if "name" in spec.model_fields_set else self._machine_name()
         if name in {m.name for m in self.live_machines()}:
             raise ConfigError(f"machine {name} is up already: send cells to it, or %burst down {name} first")
         plan = self.plan(spec.model_copy(update={"name": name}), namespace={})
         job = self._job(plan)
         lifecycle = Lifecycle(job, self._parts())
-        assert spec.idle_minutes is not None
+        assert spec.idle_minutes is not None, "a kept machine's spec has its idle limit (%burst up, burst.up)"
         lifecycle.run_state.idle_seconds = spec.idle_minutes * 60.0
         kept = KeptMachine(name, job, lifecycle.run_state, lifecycle.remote)
         self.machines[name] = kept
