@@ -406,9 +406,9 @@ def list_jobs(args: argparse.Namespace) -> int:
         whose = "orphaned" if o.orphaned else f"pid {o.owner.pid}@{o.owner.host}"
         rows.append((o.job_id, o.provider, o.instance_id or "(launching)",
                      format_rate(rate) if rate is not None else "-", o.state, whose))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    from .widgets.render import aligned_rows
+
+    print("\n".join(aligned_rows(rows)))
     return 0
 
 

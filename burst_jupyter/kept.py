@@ -160,12 +160,11 @@ class MachinesTable:
         self.lines = [m.describe() for m in machines]
 
     def __repr__(self) -> str:
+        from .widgets.render import aligned_rows
+
         if not self.lines:
             return "no kept machine (start one with %burst up)"
-        widths = {c: max(len(c), *(len(line[c]) for line in self.lines)) for c in self.COLUMNS}
-        rows = [[c for c in self.COLUMNS], *([line[c] for c in self.COLUMNS] for line in self.lines)]
-        return "\n".join("  ".join(cell.ljust(widths[c]) for cell, c in zip(row, self.COLUMNS, strict=True)).rstrip()
-                         for row in rows)
+        return "\n".join(aligned_rows([self.COLUMNS, *([line[c] for c in self.COLUMNS] for line in self.lines)]))
 
     def _repr_html_(self) -> str:
         import html

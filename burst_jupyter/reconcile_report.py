@@ -69,8 +69,9 @@ class Report:
             cost = "COST SO FAR" if self.dry_run else "COST"
             rows: list[tuple[str, ...]] = [("PROVIDER", "INSTANCE", "JOB", "$/H", "UP FOR", cost, "RESULT")]
             rows += [self._row(f) for f in self.findings]
-            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-            lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+            from .widgets.render import aligned_rows  # the views' package: only when there is a table to show
+
+            lines += ["  " + line for line in aligned_rows(rows)]
         lines += [f"  {name}: could not be asked: {text}" for name, text in self.errors.items()]
         asked = f"asked {', '.join(self.asked)}" if self.asked else "no provider to ask (no marketplace account)"
         if self.protected:

@@ -11,12 +11,13 @@ import abc
 import importlib.util
 import re
 import threading
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 __all__ = [
     "WIDGET_VIEW_MIMETYPE",
     "LiveView",
+    "aligned_rows",
     "bar_style",
     "clean_text",
     "format_duration",
@@ -40,6 +41,12 @@ _NO_MATH_CLASSES = "mathjax_ignore tex2jax_ignore"
 # keeps its text and a link its label, then any other control byte.
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def aligned_rows(rows: Sequence[Sequence[str]]) -> list[str]:
+    """A plain-text table: each column padded to its widest cell, two spaces between, no trailing blanks."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def format_duration(seconds: float) -> str:
