@@ -7,6 +7,7 @@ provider's API)."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -105,8 +106,6 @@ class JobRun:
         until = self.idle_until()
         if until is None:
             return "a cell is running"
-        import datetime as dt
-
         return f"idle: down at {dt.datetime.fromtimestamp(until):%H:%M:%S} unless a cell runs"
 
     def cell_started(self) -> None:

@@ -7,6 +7,7 @@ is decided by :meth:`~burst_jupyter.attempt.Attempt.take`, and when to stop by
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -79,7 +80,8 @@ class RemoteRun:
         """A kept machine's Python process and its idle limit (``%burst up``), or the kept machine a cell runs on."""
         run, plan = self.run, self.run.plan
         if run.idle_seconds is not None:
-            return {"machine": {"idle_seconds": int(run.idle_seconds)}}
+            # Whole seconds, never 0 (the agent reads 0 as no limit): a limit under a second is held as one second.
+            return {"machine": {"idle_seconds": max(1, math.ceil(run.idle_seconds))}}
         if plan.on is not None:
             return {"on_machine": plan.on.jobdir}
         return {}
